@@ -1,0 +1,1 @@
+"""Pretraining data: raw text -> shards -> NSP pairs + MLM masks -> batches."""

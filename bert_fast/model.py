@@ -1,0 +1,197 @@
+"""The thin BERT encoder: embeddings, post-LN layers, pooler, MLM and NSP heads.
+
+Every computation goes through `bert_fast.ops`, which picks eager PyTorch or our kernels; this
+file only holds parameters and wiring. GEMMs whose bias a fused op can absorb run without it
+(`F.linear(x, W)`, then `ops.bias_gelu` / `ops.add_layer_norm` with the bias). Parameter names
+map one-to-one to Hugging Face `BertForPreTraining` (bert_fast/hf.py); Q, K and V are one [3H, H]
+GEMM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bert_fast import ops
+from bert_fast.config import BertConfig
+from bert_fast.inputs import IGNORE_INDEX, check_batch
+
+
+class LayerNorm(nn.Module):
+    """Parameters only (weight, bias); the normalisation itself is an op in bert_fast.ops."""
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.bias = nn.Parameter(torch.zeros(size))
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.norm = LayerNorm(config.hidden_size)
+
+    def forward(self, input_ids, token_type_ids):
+        c = self.config
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return ops.embeddings(
+            input_ids, token_type_ids, position_ids, self.word.weight, self.position.weight,
+            self.token_type.weight, self.norm.weight, self.norm.bias, c.layer_norm_eps,
+            padding_idx=c.pad_token_id, dropout_p=c.hidden_dropout_prob, training=self.training,
+            backend=c.backend)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        h, i = config.hidden_size, config.intermediate_size
+        self.qkv = nn.Linear(h, 3 * h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = LayerNorm(h)
+        self.ffn_in = nn.Linear(h, i)
+        self.ffn_out = nn.Linear(i, h)
+        self.ffn_norm = LayerNorm(h)
+
+    def forward(self, x, attention_mask):
+        c = self.config
+        batch, seq, _ = x.shape
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).view(
+            batch, seq, 3, c.num_attention_heads, c.head_dim).unbind(2)
+        context = ops.attention(q, k, v, attention_mask, dropout_p=c.attention_probs_dropout_prob,
+                                training=self.training, backend=c.backend)
+        x = ops.add_layer_norm(
+            F.linear(context.reshape(batch, seq, -1), self.attn_out.weight), self.attn_norm.weight,
+            self.attn_norm.bias, c.layer_norm_eps, x_bias=self.attn_out.bias, residual=x,
+            dropout_p=c.hidden_dropout_prob, training=self.training, backend=c.backend)
+        inner = ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias,
+                              c.gelu_approximate, backend=c.backend)
+        return ops.add_layer_norm(
+            F.linear(inner, self.ffn_out.weight), self.ffn_norm.weight, self.ffn_norm.bias,
+            c.layer_norm_eps, x_bias=self.ffn_out.bias, residual=x,
+            dropout_p=c.hidden_dropout_prob, training=self.training, backend=c.backend)
+
+
+class BertModel(nn.Module):
+    """Embeddings + encoder + pooler. Returns (sequence output [B, S, H], pooled [B, H])."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """As BERT: normal(0, initializer_range) weights, zero biases, LayerNorm ones/zeros."""
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, 0.0, std)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+        if isinstance(module, LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        if module is getattr(self, "embeddings", None):
+            with torch.no_grad():  # the pad row starts at zero, as in Hugging Face
+                module.word.weight[self.config.pad_token_id].zero_()
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None):
+        check_batch(self.config, self.embeddings.word.weight.device, input_ids, token_type_ids,
+                    attention_mask)
+        return self._encode(input_ids, token_type_ids, attention_mask)
+
+    def _encode(self, input_ids, token_type_ids, attention_mask):
+        """Forward on a batch `check_batch` has already accepted."""
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, attention_mask)
+        pooled = torch.tanh(F.linear(x[:, 0], self.pooler.weight, self.pooler.bias))
+        return x, pooled
+
+
+@dataclass
+class PretrainingOutput:
+    """Losses and metrics are None when the matching labels were not given.
+
+    mlm_logits: [N, V] on the N predicted positions (row-major order of `mlm_labels != -100`)
+    when mlm_labels is given and return_mlm_logits is set; [B, S, V] when mlm_labels is None;
+    otherwise None (the loss never needs them on the fast path)."""
+
+    nsp_logits: torch.Tensor
+    mlm_logits: torch.Tensor | None = None
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    nsp_loss: torch.Tensor | None = None
+    mlm_accuracy: torch.Tensor | None = None
+    nsp_accuracy: torch.Tensor | None = None
+    mlm_predictions: torch.Tensor | None = None
+
+
+class BertForPreTraining(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.bert = BertModel(config)
+        self.mlm_transform = nn.Linear(h, h)
+        self.mlm_norm = LayerNorm(h)
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.nsp = nn.Linear(h, 2)
+        for module in (self.mlm_transform, self.mlm_norm, self.nsp):
+            self.bert._init_weights(module)
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        """The MLM decoder is tied to the word embeddings."""
+        return self.bert.embeddings.word.weight
+
+    def _mlm_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        h = ops.bias_gelu(F.linear(hidden, self.mlm_transform.weight), self.mlm_transform.bias,
+                          c.gelu_approximate, backend=c.backend)
+        return ops.add_layer_norm(h, self.mlm_norm.weight, self.mlm_norm.bias, c.layer_norm_eps,
+                                  backend=c.backend)
+
+    def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None,
+                next_sentence_label=None, return_mlm_logits: bool = False) -> PretrainingOutput:
+        check_batch(self.config, self.decoder_weight.device, input_ids, token_type_ids,
+                    attention_mask, mlm_labels, next_sentence_label)
+        hidden, pooled = self.bert._encode(input_ids, token_type_ids, attention_mask)
+        out = PretrainingOutput(nsp_logits=F.linear(pooled, self.nsp.weight, self.nsp.bias))
+
+        if mlm_labels is None:
+            out.mlm_logits = F.linear(self._mlm_hidden(hidden), self.decoder_weight, self.mlm_bias)
+        else:
+            # The head runs on the predicted positions only (~15% of tokens).
+            predicted = mlm_labels != IGNORE_INDEX
+            labels = mlm_labels[predicted].long()
+            mlm_hidden = self._mlm_hidden(hidden[predicted])
+            out.mlm_loss, correct = ops.mlm_loss(mlm_hidden, self.decoder_weight, self.mlm_bias,
+                                                 labels, backend=self.config.backend)
+            out.mlm_predictions = predicted.sum()
+            out.mlm_accuracy = correct / out.mlm_predictions.clamp(min=1)
+            if return_mlm_logits:
+                out.mlm_logits = F.linear(mlm_hidden, self.decoder_weight, self.mlm_bias)
+            out.loss = out.mlm_loss
+
+        if next_sentence_label is not None:
+            labels = next_sentence_label.long()
+            out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), labels, ignore_index=IGNORE_INDEX)
+            valid = labels != IGNORE_INDEX
+            hits = ((out.nsp_logits.argmax(-1) == labels) & valid).sum()
+            out.nsp_accuracy = hits / valid.sum().clamp(min=1)
+            out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
+        return out

