@@ -23,7 +23,8 @@ def check_tensor(name: str, value, *, ndim: int | None = None, dtypes=None, devi
         raise ValueError(f"{name} is on {value.device}, expected {device}")
     if shape is not None:
         if len(shape) != value.dim() or any(s is not None and s != v for s, v in zip(shape, value.shape)):
-            want = tuple("*" if s is None else s for s in shape)
+            want = ", ".join("*" if s is None else str(s) for s in shape)
+            want = f"({want},)" if len(shape) == 1 else f"({want})"
             raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
     return value
 

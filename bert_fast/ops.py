@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from bert_fast import extension
 from bert_fast.bias_gelu import bias_gelu as _bias_gelu_ext
 from bert_fast.bias_gelu import bias_gelu_reference
+from bert_fast.checks import FLOAT_DTYPES, INT_DTYPES, check_same, check_tensor
 from bert_fast.config import BACKENDS
 
 _warned: set[str] = set()
@@ -61,6 +62,13 @@ def add_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
                    backend: str = "auto") -> torch.Tensor:
     """`LayerNorm(residual + dropout(x + x_bias))` over the last dimension: every post-LN
     sub-layer's ending (x_bias is the preceding GEMM's bias, left out of the GEMM to fuse here)."""
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    hidden = (x.shape[-1],)
+    for name, value in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
+        if value is not None:
+            check_tensor(name, value, shape=hidden, device=x.device)
+    if residual is not None:
+        check_tensor("residual", residual, shape=tuple(x.shape), device=x.device)
     h = x if x_bias is None else x + x_bias
     h = F.dropout(h, dropout_p, training)
     if residual is not None:
@@ -76,6 +84,11 @@ def embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_i
     """`dropout(LayerNorm(word[ids] + token_type[types] + position[pos]))`.
 
     `padding_idx` keeps the pad row's word-embedding gradient at zero, as Hugging Face does."""
+    check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
+    for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        check_tensor(name, value, dtypes=INT_DTYPES, shape=tuple(input_ids.shape))
+    for name, value in (("word", word), ("position", position), ("token_type", token_type)):
+        check_tensor(name, value, ndim=2, shape=(None, word.shape[-1]), device=input_ids.device)
     h = F.embedding(input_ids, word, padding_idx) + F.embedding(token_type_ids, token_type)
     h = h + F.embedding(position_ids, position)
     h = F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias, eps)
@@ -87,6 +100,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     """Bidirectional multi-head attention. q, k, v: [B, S, heads, head_dim]; attention_mask:
     [B, S], nonzero = a real token (keys that are padding get no weight). Returns [B, S, heads,
     head_dim]. Padding queries still get an output (ignored by the losses)."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    for name, value in (("k", k), ("v", v)):
+        check_tensor(name, value, shape=tuple(q.shape))
+    check_same(("q", "k", "v"), (q, k, v), "dtype")
+    check_same(("q", "k", "v"), (q, k, v), "device")
+    check_tensor("attention_mask", attention_mask, shape=tuple(q.shape[:2]), device=q.device)
     # Additive mask with the dtype's most negative value, as Hugging Face builds it: a row of
     # only padding then attends uniformly instead of producing NaN.
     keep = attention_mask[:, None, None, :].to(torch.bool)
@@ -105,6 +124,10 @@ def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lab
     hidden [N, H], weight [V, H] (the tied word embeddings), bias [V], labels [N] (-100 ignored).
     Returns (mean loss over non-ignored rows, number of correct argmax predictions); the loss is
     0, not NaN, when nothing is predicted."""
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[1]), device=hidden.device)
+    check_tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device)
+    check_tensor("labels", labels, dtypes=INT_DTYPES, shape=(hidden.shape[0],), device=hidden.device)
     logits = F.linear(hidden, weight, bias).float()
     valid = labels != -100
     loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
