@@ -40,13 +40,13 @@ def extension():
     cuda_sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*_cuda.cpp"))
     cpp_sources = [p for p in sorted(CSRC.glob("*.cpp")) if p not in cuda_sources]
     rel = lambda paths: [str(p.relative_to(ROOT)) for p in paths]  # noqa: E731
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is torch's choice (C++17 or C++20 by torch version)
     if want_cuda():
         # Ampere and Hopper unless the user says otherwise (TORCH_CUDA_ARCH_LIST).
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
             "bert_fast._C", rel(cpp_sources + cuda_sources), define_macros=[("BERT_FAST_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]})
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})
     return CppExtension("bert_fast._C", rel(cpp_sources), extra_compile_args={"cxx": cxx})
 
 

@@ -1,10 +1,11 @@
 // CUDA binding of torch.ops.bert_fast.bias_gelu: tensors -> the torch-free launcher in
 // bias_gelu.cu, on the current stream, every launch checked. Built only with CUDA.
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include "bias_gelu.h"
+#include "bias_gelu_args.h"
 
 namespace {
 
@@ -19,49 +20,31 @@ int dtype_code(const at::Tensor& t, const char* op) {
   return -1;
 }
 
-void check_inputs(const at::Tensor& x, const at::Tensor& bias, const char* op) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension");
-  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == x.size(-1), op,
-                    ": bias must have shape [", x.size(-1), "], got ", bias.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == bias.scalar_type(), op, ": x and bias dtypes differ");
-  TORCH_CHECK_VALUE(x.device() == bias.device(), op, ": x and bias are on different devices");
-}
-
 void check_launch(int error, const char* op) {
   TORCH_CHECK(error == 0, op, ": CUDA launch failed: ", bert_fast_cuda_error_string(error));
 }
 
 at::Tensor bias_gelu_cuda(const at::Tensor& x, const at::Tensor& bias, bool approximate_tanh) {
-  check_inputs(x, bias, "bias_gelu");
+  const auto a = bert_fast::bias_gelu_args(x, bias, "bias_gelu");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = bias.contiguous();
-  at::Tensor y = at::empty_like(xc);
-  const int64_t cols = xc.size(-1);
-  const int64_t rows = cols == 0 ? 0 : xc.numel() / cols;
-  check_launch(bert_fast_bias_gelu_forward(xc.data_ptr(), bc.data_ptr(), y.data_ptr(), rows, cols,
-                                           dtype_code(xc, "bias_gelu"), approximate_tanh,
-                                           at::cuda::getCurrentCUDAStream().stream()),
+  at::Tensor y = at::empty_like(a.x);
+  check_launch(bert_fast_bias_gelu_forward(a.x.data_ptr(), a.bias.data_ptr(), y.data_ptr(), a.rows,
+                                           a.cols, dtype_code(a.x, "bias_gelu"), approximate_tanh,
+                                           c10::cuda::getCurrentCUDAStream().stream()),
                "bias_gelu");
   return y;
 }
 
 at::Tensor bias_gelu_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
                                    const at::Tensor& bias, bool approximate_tanh) {
-  check_inputs(x, bias, "bias_gelu_backward");
-  TORCH_CHECK_VALUE(grad.sizes() == x.sizes(), "bias_gelu_backward: grad and x shapes differ");
-  TORCH_CHECK_TYPE(grad.scalar_type() == x.scalar_type(), "bias_gelu_backward: grad and x dtypes differ");
+  const auto a = bert_fast::bias_gelu_args(x, bias, "bias_gelu_backward");
+  const at::Tensor g = bert_fast::bias_gelu_grad_arg(grad, x, "bias_gelu_backward");
   const c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor gc = grad.contiguous();
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor bc = bias.contiguous();
-  at::Tensor dx = at::empty_like(xc);
-  const int64_t cols = xc.size(-1);
-  const int64_t rows = cols == 0 ? 0 : xc.numel() / cols;
-  check_launch(bert_fast_bias_gelu_backward(gc.data_ptr(), xc.data_ptr(), bc.data_ptr(),
-                                            dx.data_ptr(), rows, cols,
-                                            dtype_code(xc, "bias_gelu_backward"), approximate_tanh,
-                                            at::cuda::getCurrentCUDAStream().stream()),
+  at::Tensor dx = at::empty_like(a.x);
+  check_launch(bert_fast_bias_gelu_backward(g.data_ptr(), a.x.data_ptr(), a.bias.data_ptr(),
+                                            dx.data_ptr(), a.rows, a.cols,
+                                            dtype_code(a.x, "bias_gelu_backward"), approximate_tanh,
+                                            c10::cuda::getCurrentCUDAStream().stream()),
                "bias_gelu_backward");
   return dx;
 }
