@@ -189,9 +189,10 @@ class BertForPreTraining(nn.Module):
 
         if next_sentence_label is not None:
             labels = next_sentence_label.long()
-            out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), labels, ignore_index=IGNORE_INDEX)
             valid = labels != IGNORE_INDEX
-            hits = ((out.nsp_logits.argmax(-1) == labels) & valid).sum()
-            out.nsp_accuracy = hits / valid.sum().clamp(min=1)
+            count = valid.sum().clamp(min=1)  # an all-ignored batch gives 0, not NaN, as the MLM loss
+            out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), labels, ignore_index=IGNORE_INDEX,
+                                           reduction="sum") / count
+            out.nsp_accuracy = ((out.nsp_logits.argmax(-1) == labels) & valid).sum() / count
             out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
         return out

@@ -90,13 +90,16 @@ def test_mlm_head_runs_on_predicted_positions_only(monkeypatch):
     torch.testing.assert_close(picked, full[batch["mlm_labels"] != -100], rtol=1e-5, atol=1e-5)
 
 
-def test_no_predicted_tokens_gives_zero_mlm_loss_not_nan():
+def test_all_ignored_labels_give_zero_loss_not_nan():
     model = small_model().eval()
     batch = padded_batch(model.config, lengths=[8, 4], seq=8)
     batch["mlm_labels"].fill_(-100)
     out = model(**batch)
     assert out.mlm_loss.item() == 0.0 and out.mlm_predictions.item() == 0
     assert torch.isfinite(out.loss) and out.loss.item() == pytest.approx(out.nsp_loss.item())
+    batch["next_sentence_label"].fill_(-100)
+    out = model(**batch)
+    assert out.nsp_loss.item() == 0.0 and out.loss.item() == 0.0
 
 
 def test_initialisation_follows_bert():
