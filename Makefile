@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny-cpu.yaml
 
-.PHONY: install pretrain test clean
+.PHONY: install pretrain test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ pretrain: install
 
 test: install
 	$(PY) -m pytest
+
+lint: install
+	$(PIP) install --quiet -c constraints.txt ruff
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf build *.egg-info bert_fast/_C*.so

@@ -71,13 +71,13 @@ class BertConfig:
         return HIDDEN_ACTS[self.hidden_act]
 
     @classmethod
-    def from_preset(cls, name: str, **overrides) -> "BertConfig":
+    def from_preset(cls, name: str, **overrides) -> BertConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
     @classmethod
-    def from_dict(cls, values: dict) -> "BertConfig":
+    def from_dict(cls, values: dict) -> BertConfig:
         """Build from a dict, rejecting unknown keys by name (typos must not pass silently)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)

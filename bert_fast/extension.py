@@ -11,7 +11,7 @@ import functools
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load():
     try:
         from bert_fast import _C

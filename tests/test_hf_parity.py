@@ -19,7 +19,7 @@ def test_matches_transformers(backend, hidden_act):
     model = BertForPreTraining(config).eval()
     # Non-trivial LayerNorm and bias values, so a swapped or missing parameter cannot hide.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     reference = hf_reference(model).eval()

@@ -27,7 +27,7 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and LayerNorm parameters, as in BERT."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         (no_decay if p.dim() < 2 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
@@ -72,7 +72,8 @@ def train(config: dict, log_file=None) -> list[dict]:
                       "mlm_acc": mean[3], "nsp_acc": mean[4], "lr": schedule.get_last_lr()[0],
                       "seq_per_s": len(window) * t["micro_batch"] / elapsed}
             records.append(record)
-            bar.set_postfix(loss=f"{mean[0]:.3f}", mlm_acc=f"{mean[3]:.2f}", seq_s=f"{record['seq_per_s']:.0f}")
+            bar.set_postfix(loss=f"{mean[0]:.3f}", mlm_acc=f"{mean[3]:.2f}",
+                            seq_s=f"{record['seq_per_s']:.0f}")
             line = json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()})
             tqdm.write(line, file=log_file)
             window, start = [], time.perf_counter()
