@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# Index dtypes torch.nn.functional.embedding accepts.
+INT_DTYPES = (torch.int64, torch.int32)
 
 
 def check_tensor(name: str, value, *, ndim: int | None = None, dtypes=None, device=None,

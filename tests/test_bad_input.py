@@ -87,3 +87,11 @@ def test_unknown_config_fields():
         BertConfig.from_preset("huge")
     with pytest.raises(ValueError, match=r"unknown BertConfig field\(s\) \['hiden_size'\]"):
         BertConfig.from_dict({"hiden_size": 64})
+
+
+def test_int32_inputs_work_and_small_int_types_are_refused(model):
+    batch = good()
+    int32 = {k: v.to(torch.int32) for k, v in batch.items()}
+    torch.testing.assert_close(model(**int32).loss, model(**batch).loss)
+    with pytest.raises(TypeError, match=r"input_ids must have dtype in \(int64, int32\)"):
+        model(**good(input_ids=batch["input_ids"].to(torch.uint8)))
