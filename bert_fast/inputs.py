@@ -28,7 +28,8 @@ def check_batch(config: BertConfig, device: torch.device, input_ids, token_type_
     if attention_mask is not None:
         named["attention_mask"] = check_tensor(
             "attention_mask", attention_mask, shape=(batch, seq),
-            dtypes=INT_DTYPES + (torch.bool, torch.float32, torch.float16, torch.bfloat16))
+            dtypes=INT_DTYPES + (torch.bool, torch.uint8, torch.int8, torch.float32, torch.float16,
+                                 torch.bfloat16))
     if next_sentence_label is not None:
         named["next_sentence_label"] = check_tensor(
             "next_sentence_label", next_sentence_label, dtypes=INT_DTYPES, shape=(batch,))

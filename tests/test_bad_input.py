@@ -95,3 +95,11 @@ def test_int32_inputs_work_and_small_int_types_are_refused(model):
     torch.testing.assert_close(model(**int32).loss, model(**batch).loss)
     with pytest.raises(TypeError, match=r"input_ids must have dtype in \(int64, int32\)"):
         model(**good(input_ids=batch["input_ids"].to(torch.uint8)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32, torch.float32])
+def test_attention_mask_dtypes_agree(model, dtype):
+    batch = good(attention_mask=torch.tensor([[1] * 8, [1] * 5 + [0] * 3]))
+    expected = model(**batch).loss
+    batch["attention_mask"] = batch["attention_mask"].to(dtype)
+    torch.testing.assert_close(model(**batch).loss, expected)
