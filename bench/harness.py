@@ -1,0 +1,363 @@
+"""The one benchmark harness every `bench/<op>.py` uses; each script only declares its cases,
+inputs and providers.
+
+Timing: on CUDA `triton.testing.do_bench` (median with 20/80 quantiles, gradients of the leaves
+reset between runs); on the CPU a median of repeated `time.perf_counter` runs. Every provider runs
+in the same process on the same inputs as the baseline. A row records time, TFLOP/s and GB/s
+from the formulas the script gives, the share of the device's measured copy bandwidth, the speedup
+over the baseline and the peak extra memory, stamped with device, versions, commit and date.
+Results go to bench/results/<device>/<name>.{json,md,png} (or `--out DIR`).
+
+Modes: `forward` times the provider's call; `backward` times `out.backward(grad)` on a graph
+built once (retain_graph); `full` times both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+MODES = ("forward", "backward", "full")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Unavailable(Exception):
+    """Raised by a provider that cannot run here (peer not installed, needs CUDA, ...)."""
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    for item in out:
+        if isinstance(item, torch.Tensor):
+            return item
+    raise TypeError("a provider must return a tensor or a tuple holding one")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=(),
+            min_time_s: float = 0.2, min_runs: int = 5) -> tuple[float, float, float]:
+    """(median, 20th, 80th percentile) milliseconds of `fn`."""
+    if device.type == "cuda":
+        import triton.testing
+
+        med, lo, hi = triton.testing.do_bench(fn, grad_to_none=list(grad_to_none),
+                                              quantiles=[0.5, 0.2, 0.8])
+        return med, lo, hi
+    fn()  # warm-up (allocations, lazy init)
+    runs: list[float] = []
+    start = time.perf_counter()
+    while len(runs) < min_runs or time.perf_counter() - start < min_time_s:
+        for leaf in grad_to_none:
+            leaf.grad = None
+        t0 = time.perf_counter()
+        fn()
+        runs.append((time.perf_counter() - t0) * 1e3)
+        if len(runs) >= 1000:
+            break
+    runs.sort()
+    q = statistics.quantiles(runs, n=5) if len(runs) > 1 else [runs[0]] * 4
+    return statistics.median(runs), q[0], q[3]
+
+
+@functools.cache
+def copy_bandwidth_gbs(device_str: str) -> float | None:
+    """Measured device-to-device copy GB/s (read + write), the ceiling for memory-bound kernels."""
+    device = torch.device(device_str)
+    if device.type != "cuda":
+        return None
+    n = 1 << 28  # 1 GiB of float32
+    src = torch.empty(n, device=device)
+    dst = torch.empty_like(src)
+    ms, _, _ = time_ms(lambda: dst.copy_(src), device)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+@functools.cache
+def matmul_tflops(device_str: str, dtype_name: str = "bf16", size: int = 8192) -> float | None:
+    """Measured dense matmul TFLOP/s at size^3, the compute ceiling."""
+    device = torch.device(device_str)
+    if device.type != "cuda":
+        return None
+    a = torch.randn(size, size, device=device, dtype=DTYPES[dtype_name])
+    b = torch.randn_like(a)
+    ms, _, _ = time_ms(lambda: a @ b, device)
+    return 2 * size**3 / (ms * 1e-3) / 1e12
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def stamp(device: torch.device, dtype: torch.dtype) -> dict:
+    """What a reader needs to trust (and reproduce) a row."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "device": device_name(device), "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
+        "python": platform.python_version(), "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+@dataclasses.dataclass
+class Benchmark:
+    name: str
+    make_inputs: Callable[[dict, torch.device, torch.dtype], dict]
+    providers: dict[str, Callable[[dict, dict], object]]
+    gpu_cases: list[dict]
+    cpu_cases: list[dict]
+    modes: tuple[str, ...] = MODES
+    flops: Callable[[dict, str], float] | None = None
+    bytes: Callable[[dict, str], float] | None = None
+    cpu_providers: tuple[str, ...] = ("eager",)
+    baseline: str = "eager"
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None
+    description: str = ""
+    args: argparse.Namespace | None = None
+
+    # ---- command line -------------------------------------------------------------------------
+    def parser(self) -> argparse.ArgumentParser:
+        p = argparse.ArgumentParser(prog=f"bench/{self.name}.py", description=self.description)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="default: bf16 on CUDA, fp32 on the CPU")
+        p.add_argument("--cases", choices=("cpu", "gpu"), default=None,
+                       help="which size list to run (default: by device)")
+        p.add_argument("--quick", action="store_true", help="the first two cases only")
+        p.add_argument("--providers", default=None, help="comma-separated subset")
+        p.add_argument("--modes", default=None, help=f"comma-separated subset of {self.modes}")
+        p.add_argument("--out", type=Path, default=None,
+                       help="results folder (default: bench/results/<device>/)")
+        p.add_argument("--strict", action="store_true",
+                       help="a provider error fails the run instead of being recorded")
+        if self.extra_args:
+            self.extra_args(p)
+        return p
+
+    def main(self, argv: list[str] | None = None) -> list[dict]:
+        self.args = self.parser().parse_args(argv)
+        rows = self.run(self.args)
+        return rows
+
+    # ---- running ------------------------------------------------------------------------------
+    def _selected(self, args, device) -> tuple[list[str], list[dict], list[str]]:
+        names = list(self.providers)
+        if args.providers:
+            wanted = args.providers.split(",")
+            unknown = sorted(set(wanted) - set(names))
+            if unknown:
+                raise SystemExit(f"--providers: unknown {unknown}; known: {names}")
+            names = [n for n in names if n in wanted]
+        if device.type != "cuda":
+            dropped = [n for n in names if n not in self.cpu_providers]
+            names = [n for n in names if n in self.cpu_providers]
+            if dropped:
+                print(f"[{self.name}] CPU: running the torch reference only ({', '.join(names)}); "
+                      f"{', '.join(dropped)} need CUDA", flush=True)
+        kind = args.cases or ("gpu" if device.type == "cuda" else "cpu")
+        cases = self.gpu_cases if kind == "gpu" else self.cpu_cases
+        if args.quick:
+            cases = cases[:2]
+        modes = args.modes.split(",") if args.modes else list(self.modes)
+        bad = sorted(set(modes) - set(self.modes))
+        if bad:
+            raise SystemExit(f"--modes: unknown {bad}; this benchmark has {self.modes}")
+        return names, cases, modes
+
+    def _measure(self, provider, inputs, case, mode, device) -> dict:
+        leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+        call = functools.partial(provider, inputs, case)
+        if mode == "forward":
+            fn = call
+        else:
+            out = _first_tensor(call())
+            grad = torch.ones_like(out) if out.dim() == 0 else torch.randn_like(out)
+            if mode == "backward":
+                def fn():
+                    out.backward(grad, retain_graph=True)
+            else:
+                def fn():
+                    _first_tensor(call()).backward(grad)
+        for leaf in leaves:
+            leaf.grad = None
+        peak_mb = None
+        if device.type == "cuda":
+            _sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            fn()
+            _sync(device)
+            peak_mb = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        med, lo, hi = time_ms(fn, device, grad_to_none=leaves)
+        return {"ms": med, "ms_p20": lo, "ms_p80": hi, "peak_mb": peak_mb}
+
+    def run(self, args: argparse.Namespace) -> list[dict]:
+        device = torch.device(args.device)
+        dtype = DTYPES[args.dtype] if args.dtype else (
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
+        names, cases, modes = self._selected(args, device)
+        meta = stamp(device, dtype)
+        bandwidth = copy_bandwidth_gbs(str(device))
+        meta["copy_gbs"] = bandwidth
+        rows: list[dict] = []
+        for case in cases:
+            for mode in modes:
+                base_ms = None
+                for name in names:
+                    row = {**case, "mode": mode, "provider": name, "status": "ok"}
+                    try:
+                        torch.manual_seed(0)
+                        inputs = self.make_inputs(case, device, dtype)
+                        row.update(self._measure(self.providers[name], inputs, case, mode, device))
+                    except Unavailable as why:
+                        row["status"] = f"unavailable: {why}"
+                    except torch.cuda.OutOfMemoryError:
+                        row["status"] = "out of memory"
+                    except Exception as err:  # a broken peer must not cost the other rows
+                        if args.strict:
+                            raise
+                        row["status"] = f"error: {type(err).__name__}: {err}"[:300]
+                    finally:
+                        inputs = None
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    if row["status"] == "ok":
+                        seconds = row["ms"] * 1e-3
+                        if self.flops:
+                            row["tflops"] = self.flops(case, mode) / seconds / 1e12
+                        if self.bytes:
+                            row["gbs"] = self.bytes(case, mode) / seconds / 1e9
+                            if bandwidth:
+                                row["pct_bandwidth"] = 100 * row["gbs"] / bandwidth
+                        if name == self.baseline:
+                            base_ms = row["ms"]
+                    rows.append(row)
+                    print(f"[{self.name}] {_describe(row)}", flush=True)
+                for row in rows:  # speedup over the baseline measured beside it
+                    if row["mode"] == mode and row.get("ms") and base_ms and all(
+                            row.get(k) == v for k, v in case.items()):
+                        row["x_baseline"] = base_ms / row["ms"]
+        out_dir = args.out or BENCH_DIR / "results" / device_slug(device)
+        write_results(out_dir, self.name, meta, rows, baseline=self.baseline)
+        return rows
+
+
+def _describe(row: dict) -> str:
+    parts = [f"{k}={v}" for k, v in row.items() if k not in
+             ("ms", "ms_p20", "ms_p80", "peak_mb", "tflops", "gbs", "pct_bandwidth", "status")]
+    if row["status"] != "ok":
+        return " ".join(parts) + f" -> {row['status']}"
+    extra = "".join(f" {k}={row[k]:.1f}" for k in ("tflops", "gbs") if k in row)
+    return " ".join(parts) + f" -> {row['ms']:.3f} ms{extra}"
+
+
+# ---- output ------------------------------------------------------------------------------------
+def _fmt(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(meta: dict, rows: list[dict], baseline: str) -> str:
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns and k not in ("ms_p20", "ms_p80")]
+    lines = [f"Device: {meta['device']} · dtype {meta['dtype']} · torch {meta['torch']} · triton "
+             f"{meta['triton']} · commit {meta['commit']} · {meta['date']}"
+             + (f" · measured copy bandwidth {meta['copy_gbs']:.0f} GB/s" if meta.get("copy_gbs") else ""),
+             "", f"Times are medians (20th-80th percentile); x_baseline = {baseline} time / this time.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for col in columns:
+            if col == "ms" and "ms" in row:
+                cells.append(f"{row['ms']:.3f} ({row['ms_p20']:.3f}-{row['ms_p80']:.3f})")
+            else:
+                cells.append(_fmt(row.get(col)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, name: str, rows: list[dict]) -> bool:
+    """One panel per mode: time of each provider over the cases. False when matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in rows if r["status"] == "ok"]
+    modes = list(dict.fromkeys(r["mode"] for r in ok))
+    if not modes:
+        return False
+    skip = {"mode", "provider", "status", "ms", "ms_p20", "ms_p80", "peak_mb", "tflops", "gbs",
+            "pct_bandwidth", "x_baseline"}
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 4), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        for provider in dict.fromkeys(r["provider"] for r in ok):
+            pts = [r for r in ok if r["mode"] == mode and r["provider"] == provider]
+            labels = [",".join(f"{v}" for k, v in r.items() if k not in skip) for r in pts]
+            ax.plot(labels, [r["ms"] for r in pts], marker="o", label=provider)
+        ax.set_title(f"{name}: {mode}")
+        ax.set_ylabel("ms (median)")
+        ax.set_yscale("log")
+        ax.tick_params(axis="x", rotation=45, labelsize=7)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_results(out_dir: Path, name: str, meta: dict, rows: list[dict], baseline: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from bert_fast.fileio import atomic_write_text
+
+    atomic_write_text(out_dir / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
+    atomic_write_text(out_dir / f"{name}.md", f"# {name}\n\n" + markdown_table(meta, rows, baseline))
+    plotted = plot(out_dir / f"{name}.png", name, rows)
+    print(f"[{name}] wrote {out_dir}/{name}.json, .md" + (", .png" if plotted else
+          " (no plot: matplotlib is not installed)"), file=sys.stderr)

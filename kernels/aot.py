@@ -1,0 +1,167 @@
+"""Ahead-of-time compilation of Triton kernels for Hopper, without a GPU.
+
+`triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` runs the whole pipeline (TTIR ->
+TTGIR -> LLVM -> PTX -> ptxas -> cubin) on a CPU-only machine, so tests can prove that every kernel
+configuration compiles for sm_90, read its register count and spills, and check that the tensor-core
+path uses Hopper's warpgroup MMA (wgmma in PTX, HGMMA in SASS) rather than the older mma.sync.
+
+Under `TRITON_INTERPRET=1` (how the CPU tests run) `@triton.jit` returns interpreter objects that
+cannot be compiled, so the compilation then happens in a subprocess that imports the kernel's
+module with the interpreter off. Registers come from the cubin (`cuobjdump -res-usage`); spill bytes
+from `ptxas -v` on the same PTX, as Triton's own ptxas call does not report them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+
+
+@dataclasses.dataclass
+class AotReport:
+    name: str
+    registers: int
+    spills: int  # bytes of spill stores + spill loads reported by ptxas
+    shared_bytes: int
+    uses_wgmma: bool
+    num_warps: int
+    num_stages: int
+    constexprs: dict
+
+    def row(self) -> dict:
+        """One flat row for a table (constexprs as a compact string)."""
+        row = dataclasses.asdict(self)
+        row["constexprs"] = " ".join(f"{k}={v}" for k, v in sorted(self.constexprs.items()))
+        return row
+
+
+@dataclasses.dataclass
+class AotSpec:
+    fn: object  # a @triton.jit function, possibly wrapped in autotune/heuristics
+    signature: dict  # non-constexpr argument name -> Triton type ("*fp32", "i32", "fp32", ...)
+    constexprs: dict  # constexpr (and heuristic-set) argument name -> value
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _tool_dir() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def unavailable_reason() -> str | None:
+    """Why AOT compilation for sm_90 cannot run here, or None when it can."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as err:
+        return f"this triton has no AOT compile API ({err})"
+    for tool in ("ptxas", "cuobjdump"):
+        if not (_tool_dir() / tool).exists():
+            return f"triton's NVIDIA backend ships no {tool} in {_tool_dir()}"
+    return None
+
+
+def _unwrap(fn):
+    """The bare jit function under autotune/heuristics wrappers."""
+    while not hasattr(fn, "arg_names") and hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn
+
+
+def _locate(fn) -> tuple[str, str]:
+    fn = _unwrap(fn)
+    raw = getattr(fn, "fn", fn)
+    return raw.__module__, raw.__name__
+
+
+def _interpreting(fn) -> bool:
+    return type(_unwrap(fn)).__name__ == "InterpretedFunction"
+
+
+def _run(tool: str, *args: str) -> str:
+    done = subprocess.run([str(_tool_dir() / tool), *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{tool} {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout + done.stderr
+
+
+def _compile_here(spec: AotSpec, arch: int) -> AotReport:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _unwrap(spec.fn)
+    signature = dict(spec.signature)
+    signature.update({name: "constexpr" for name in spec.constexprs})
+    missing = [name for name in fn.arg_names if name not in signature]
+    if missing:
+        raise ValueError(f"{fn.__name__}: signature/constexprs miss arguments {missing}")
+    src = ASTSource(fn, signature, constexprs=dict(spec.constexprs))
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin, ptx = Path(tmp, "k.cubin"), Path(tmp, "k.ptx")
+        cubin.write_bytes(kernel.asm["cubin"])
+        ptx.write_text(kernel.asm["ptx"])
+        usage = _run("cuobjdump", "-res-usage", str(cubin))
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        ptxas = _run("ptxas", "-v", "--gpu-name", gpu, str(ptx), "-o", str(Path(tmp, "v.cubin")))
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas))
+    return AotReport(name=kernel.metadata.name, registers=registers, spills=spills,
+                     shared_bytes=int(kernel.metadata.shared),
+                     uses_wgmma="wgmma.mma_async" in kernel.asm["ptx"], num_warps=spec.num_warps,
+                     num_stages=spec.num_stages, constexprs=dict(spec.constexprs))
+
+
+def _compile_in_subprocess(specs: list[AotSpec], arch: int) -> list[AotReport]:
+    jobs = [dict(zip(("module", "name"), _locate(s.fn)), signature=s.signature,
+                 constexprs=s.constexprs, num_warps=s.num_warps, num_stages=s.num_stages)
+            for s in specs]
+    # The child sees the parent's sys.path, so kernels defined in test modules import too.
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run([sys.executable, "-m", "bert_fast.kernels.aot", str(arch)],
+                          input=json.dumps(jobs), capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"AOT compile subprocess failed:\n{done.stderr[-4000:]}")
+    return [AotReport(**row) for row in json.loads(done.stdout)]
+
+
+def compile_reports(specs: list[AotSpec], arch: int = 90) -> list[AotReport]:
+    """Compile every spec for `arch` (90 = Hopper) and report registers, spills, shared memory."""
+    if any(_interpreting(s.fn) for s in specs):
+        return _compile_in_subprocess(specs, arch)
+    return [_compile_here(s, arch) for s in specs]
+
+
+def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
+                   arch: int = 90) -> AotReport:
+    return compile_reports([AotSpec(fn, signature, constexprs, num_warps, num_stages)], arch)[0]
+
+
+@functools.cache
+def _module(name: str):
+    return importlib.import_module(name)
+
+
+def _main() -> None:
+    """Subprocess entry: JSON list of jobs on stdin, JSON list of reports on stdout."""
+    arch = int(sys.argv[1])
+    reports = []
+    for job in json.loads(sys.stdin.read()):
+        fn = getattr(_module(job.pop("module")), job.pop("name"))
+        reports.append(dataclasses.asdict(_compile_here(AotSpec(fn, **job), arch)))
+    json.dump(reports, sys.stdout)
+
+
+if __name__ == "__main__":
+    _main()

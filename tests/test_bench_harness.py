@@ -1,0 +1,63 @@
+"""The shared benchmark harness: runs on the CPU, measures the baseline beside each provider and
+writes JSON + markdown that a reader (and the GPU suite) can load."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import harness  # noqa: E402
+
+
+def _bench(providers, cpu_providers):
+    return harness.Benchmark(
+        name="toy",
+        make_inputs=lambda case, device, dtype: {
+            "x": torch.randn(case["n"], device=device, dtype=dtype, requires_grad=True)},
+        providers=providers, gpu_cases=[dict(n=1 << 20)], cpu_cases=[dict(n=64), dict(n=256)],
+        flops=lambda case, mode: 2.0 * case["n"], bytes=lambda case, mode: 8.0 * case["n"],
+        cpu_providers=cpu_providers)
+
+
+def test_rows_ratios_and_files(tmp_path):
+    def unavailable(inputs, case):
+        raise harness.Unavailable("peer not installed")
+
+    bench = _bench({"eager": lambda i, c: (i["x"] * 2).sin(), "twice": lambda i, c: i["x"].sin() * 2,
+                    "peer": unavailable}, cpu_providers=("eager", "twice", "peer"))
+    rows = bench.main(["--out", str(tmp_path), "--modes", "forward,full"])
+    assert len(rows) == 2 * 2 * 3  # cases x modes x providers
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 8 and all(r["ms"] > 0 and r["ms_p20"] <= r["ms"] <= r["ms_p80"] for r in ok)
+    assert all(r["x_baseline"] == 1.0 for r in ok if r["provider"] == "eager")
+    assert all(r["tflops"] > 0 and r["gbs"] > 0 for r in ok)
+    assert {r["status"] for r in rows if r["provider"] == "peer"} == {"unavailable: peer not installed"}
+    saved = json.loads((tmp_path / "toy.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert {"device", "torch", "triton", "commit", "date", "dtype"} <= set(saved["meta"])
+    table = (tmp_path / "toy.md").read_text()
+    assert table.count("\n| ") == 1 + len(rows)  # header + one line per row
+
+
+def test_cpu_runs_only_the_reference_providers(tmp_path, capsys):
+    bench = _bench({"eager": lambda i, c: i["x"] * 2, "triton": lambda i, c: i["x"] * 2},
+                   cpu_providers=("eager",))
+    rows = bench.main(["--out", str(tmp_path), "--quick", "--modes", "backward"])
+    assert {r["provider"] for r in rows} == {"eager"}
+    assert "triton need CUDA" in capsys.readouterr().out
+
+
+def test_errors_are_recorded_or_raised_with_strict(tmp_path):
+    def broken(inputs, case):
+        raise RuntimeError("kernel exploded")
+
+    bench = _bench({"eager": lambda i, c: i["x"] * 2, "broken": broken}, ("eager", "broken"))
+    rows = bench.main(["--out", str(tmp_path), "--modes", "forward", "--quick"])
+    assert rows[1]["status"] == "error: RuntimeError: kernel exploded"
+    with pytest.raises(RuntimeError, match="kernel exploded"):
+        bench.main(["--out", str(tmp_path), "--strict"])
+    with pytest.raises(SystemExit, match="unknown"):
+        bench.main(["--out", str(tmp_path), "--providers", "nope"])
