@@ -4,7 +4,8 @@ Every computation goes through `bert_fast.ops`, which picks eager PyTorch or our
 file only holds parameters and wiring. GEMMs whose bias a fused op can absorb run without it
 (`F.linear(x, W)`, then `ops.bias_gelu` / `ops.add_layer_norm` with the bias). Parameter names
 map one-to-one to Hugging Face `BertForPreTraining` (bert_fast/hf.py); Q, K and V are one [3H, H]
-GEMM.
+GEMM. On the fast backend the encoder unpads the batch once after the embeddings and runs every
+layer on the packed real tokens (bert_fast/padding.py), so padding costs no FLOPs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from bert_fast import ops
 from bert_fast.config import BertConfig
 from bert_fast.inputs import IGNORE_INDEX, check_batch
+from bert_fast.padding import Packing
 
 
 class LayerNorm(nn.Module):
@@ -60,15 +62,21 @@ class BertLayer(nn.Module):
         self.ffn_out = nn.Linear(i, h)
         self.ffn_norm = LayerNorm(h)
 
-    def forward(self, x, attention_mask):
+    def forward(self, x, attention_mask, packing: Packing | None = None):
+        """x: [B, S, hidden], or packed [T, hidden] when `packing` is given (the fast path)."""
         c = self.config
-        batch, seq, _ = x.shape
-        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).view(
-            batch, seq, 3, c.num_attention_heads, c.head_dim).unbind(2)
-        context = ops.attention(q, k, v, attention_mask, dropout_p=c.attention_probs_dropout_prob,
-                                training=self.training, backend=c.backend)
+        # q, k, v stay strided views of the one QKV output: [..., heads, head_dim] each.
+        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).unflatten(
+            -1, (3, c.num_attention_heads, c.head_dim)).unbind(-3)
+        if packing is None:
+            context = ops.attention(q, k, v, attention_mask, dropout_p=c.attention_probs_dropout_prob,
+                                    training=self.training, backend=c.backend)
+        else:
+            context = ops.attention_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen,
+                                           dropout_p=c.attention_probs_dropout_prob,
+                                           training=self.training, check=False, backend=c.backend)
         x = ops.add_layer_norm(
-            F.linear(context.reshape(batch, seq, -1), self.attn_out.weight), self.attn_norm.weight,
+            F.linear(context.flatten(-2), self.attn_out.weight), self.attn_norm.weight,
             self.attn_norm.bias, c.layer_norm_eps, x_bias=self.attn_out.bias, residual=x,
             dropout_p=c.hidden_dropout_prob, training=self.training, backend=c.backend)
         inner = ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias,
@@ -107,19 +115,31 @@ class BertModel(nn.Module):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):
         check_batch(self.config, self.embeddings.word.weight.device, input_ids, token_type_ids,
                     attention_mask)
-        return self._encode(input_ids, token_type_ids, attention_mask)
+        hidden, pooled, packing = self._encode(input_ids, token_type_ids, attention_mask)
+        return (hidden if packing is None else packing.pad(hidden)), pooled
 
     def _encode(self, input_ids, token_type_ids, attention_mask):
-        """Forward on a batch `check_batch` has already accepted."""
+        """Forward on a batch `check_batch` has already accepted: (hidden, pooled, packing).
+
+        When attention runs the varlen kernel (the fast backend), the batch is unpadded once
+        after the embeddings and every layer works on the packed [T, hidden] rows; hidden is
+        then packed and `packing` says where its rows belong (padding positions read as zeros).
+        Otherwise hidden is [B, S, hidden] and packing is None."""
+        c = self.config
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids)
+        packing = ops.attention_packing(attention_mask, tuple(input_ids.shape), c.head_dim, x.dtype,
+                                        x.device, backend=c.backend)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)
+        if packing is not None:
+            x = packing.pack(x)
         for layer in self.layers:
-            x = layer(x, attention_mask)
-        pooled = torch.tanh(F.linear(x[:, 0], self.pooler.weight, self.pooler.bias))
-        return x, pooled
+            x = layer(x, attention_mask, packing)
+        first = x[:, 0] if packing is None else packing.first_tokens(x)
+        pooled = torch.tanh(F.linear(first, self.pooler.weight, self.pooler.bias))
+        return x, pooled, packing
 
 
 @dataclass
@@ -169,16 +189,22 @@ class BertForPreTraining(nn.Module):
                 next_sentence_label=None, return_mlm_logits: bool = False) -> PretrainingOutput:
         check_batch(self.config, self.decoder_weight.device, input_ids, token_type_ids,
                     attention_mask, mlm_labels, next_sentence_label)
-        hidden, pooled = self.bert._encode(input_ids, token_type_ids, attention_mask)
+        hidden, pooled, packing = self.bert._encode(input_ids, token_type_ids, attention_mask)
         out = PretrainingOutput(nsp_logits=F.linear(pooled, self.nsp.weight, self.nsp.bias))
 
         if mlm_labels is None:
+            if packing is not None:
+                hidden = packing.pad(hidden)
             out.mlm_logits = F.linear(self._mlm_hidden(hidden), self.decoder_weight, self.mlm_bias)
         else:
             # The head runs on the predicted positions only (~15% of tokens).
             predicted = mlm_labels != IGNORE_INDEX
             labels = mlm_labels[predicted].long()
-            mlm_hidden = self._mlm_hidden(hidden[predicted])
+            if packing is None:
+                chosen = hidden[predicted]
+            else:
+                chosen = packing.gather(hidden, predicted.flatten().nonzero().squeeze(1))
+            mlm_hidden = self._mlm_hidden(chosen)
             out.mlm_loss, correct = ops.mlm_loss(mlm_hidden, self.decoder_weight, self.mlm_bias,
                                                  labels, backend=self.config.backend)
             out.mlm_predictions = predicted.sum()

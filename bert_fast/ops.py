@@ -8,6 +8,7 @@ backend, so the model code never branches on the device or on what is implemente
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -48,6 +49,26 @@ def _use_extension(backend: str, device: torch.device, op: str) -> bool:
     return False
 
 
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton kernels run on CUDA, and on the CPU only through the interpreter (tests)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _use_triton(backend: str, device: torch.device, op: str) -> bool:
+    """Whether `op` should run its Triton kernel from kernels/. `auto` means CUDA only (the
+    interpreter is for tests, far slower than torch); explicit `fast` where Triton cannot run is
+    an error naming the way out."""
+    chosen = resolve_backend(backend, device)
+    if chosen == "torch":
+        return False
+    if not triton_runs_on(device):
+        raise RuntimeError(
+            f"bert_fast.ops.{op}: backend='fast' needs a CUDA device for its Triton kernel, got "
+            f"{device} (set TRITON_INTERPRET=1 to run it on the CPU for testing, or use "
+            "backend='auto' or 'torch')")
+    return True
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none",
               backend: str = "auto") -> torch.Tensor:
     """`gelu(x + bias)`: the FFN activation after its bias-free first GEMM."""
@@ -69,6 +90,11 @@ def add_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
             check_tensor(name, value, shape=hidden, device=x.device)
     if residual is not None:
         check_tensor("residual", residual, shape=tuple(x.shape), device=x.device)
+    # float64 stays on torch: the kernels compute in float32.
+    if x.dtype != torch.float64 and _use_triton(backend, x.device, "add_layer_norm"):
+        from bert_fast.kernels.layernorm import add_layer_norm as add_layer_norm_triton
+        return add_layer_norm_triton(x, weight, bias, eps, x_bias=x_bias, residual=residual,
+                                     dropout_p=dropout_p if training else 0.0)
     h = x if x_bias is None else x + x_bias
     h = F.dropout(h, dropout_p, training)
     if residual is not None:
@@ -89,6 +115,11 @@ def embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_i
         check_tensor(name, value, dtypes=INT_DTYPES, shape=tuple(input_ids.shape))
     for name, value in (("word", word), ("position", position), ("token_type", token_type)):
         check_tensor(name, value, ndim=2, shape=(None, word.shape[-1]), device=input_ids.device)
+    if word.dtype != torch.float64 and _use_triton(backend, word.device, "embeddings"):
+        from bert_fast.kernels.embeddings import embeddings as embeddings_triton
+        return embeddings_triton(input_ids, token_type_ids, position_ids, word, position, token_type,
+                                 norm_weight, norm_bias, eps, padding_idx=padding_idx,
+                                 dropout_p=dropout_p if training else 0.0)
     h = F.embedding(input_ids, word, padding_idx) + F.embedding(token_type_ids, token_type)
     h = h + F.embedding(position_ids, position)
     h = F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias, eps)
@@ -106,6 +137,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     check_same(("q", "k", "v"), (q, k, v), "dtype")
     check_same(("q", "k", "v"), (q, k, v), "device")
     check_tensor("attention_mask", attention_mask, shape=tuple(q.shape[:2]), device=q.device)
+    if _attention_kernel_runs(backend, q.dtype, q.shape[-1], q.device):
+        from bert_fast.kernels.attention import attention_padded
+
+        # Unpads (one host sync), runs the varlen kernel, re-pads; padding queries get zeros.
+        return attention_padded(q, k, v, attention_mask, dropout_p=dropout_p if training else 0.0)
     # Additive mask with the dtype's most negative value, as Hugging Face builds it: a row of
     # only padding then attends uniformly instead of producing NaN.
     keep = attention_mask[:, None, None, :].to(torch.bool)
@@ -117,17 +153,69 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     return out.transpose(1, 2)
 
 
+def _attention_kernel_runs(backend: str, dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    """The Triton kernel covers head_dim 16/32/64/128 in fp32/fp16/bf16; anything else runs torch."""
+    return (dtype != torch.float64 and head_dim in (16, 32, 64, 128)
+            and _use_triton(backend, device, "attention"))
+
+
+def attention_packing(attention_mask: torch.Tensor | None, shape: tuple[int, int], head_dim: int,
+                      dtype: torch.dtype, device: torch.device, backend: str = "auto"):
+    """A `bert_fast.padding.Packing` of the batch when attention runs the varlen kernel (the
+    encoder then works on packed [T, hidden] rows), else None (it stays padded). One host sync
+    when a mask is given (T and max_seqlen), none without one."""
+    from bert_fast import padding
+
+    if not _attention_kernel_runs(backend, dtype, head_dim, device):
+        return None
+    if attention_mask is None:
+        return padding.dense(*shape, device)
+    return padding.unpad(attention_mask)
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, dropout_p: float = 0.0, training: bool = False,
+                     check: bool = True, backend: str = "auto") -> torch.Tensor:
+    """Attention within each packed sequence: q, k, v [T, heads, head_dim] (rows may be strided
+    views of one QKV output), cu_seqlens [B + 1] int32, max_seqlen >= the longest sequence.
+    Returns [T, heads, head_dim]. `check` validates cu_seqlens' values (a host sync; the encoder
+    skips it for the cu_seqlens `bert_fast.padding.unpad` built). The torch form loops over the
+    sequences."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    for name, value in (("k", k), ("v", v)):
+        check_tensor(name, value, shape=tuple(q.shape))
+    check_same(("q", "k", "v"), (q, k, v), "dtype")
+    check_same(("q", "k", "v"), (q, k, v), "device")
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    p = dropout_p if training else 0.0
+    if _attention_kernel_runs(backend, q.dtype, q.shape[-1], q.device):
+        from bert_fast.kernels.attention import attention_varlen as _attention_varlen
+
+        return _attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, check=check)
+    bounds = cu_seqlens.tolist()
+    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), dropout_p=p)
+            .transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
 def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
              *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-LM decoder + softmax cross-entropy on the predicted positions only.
 
     hidden [N, H], weight [V, H] (the tied word embeddings), bias [V], labels [N] (-100 ignored).
     Returns (mean loss over non-ignored rows, number of correct argmax predictions); the loss is
-    0, not NaN, when nothing is predicted."""
+    0, not NaN, when nothing is predicted. The fast backend runs kernels/mlm_loss.py, which never
+    holds the [N, V] logits."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[1]), device=hidden.device)
     check_tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device)
     check_tensor("labels", labels, dtypes=INT_DTYPES, shape=(hidden.shape[0],), device=hidden.device)
+    # float64 (a test oracle) stays on torch: the kernel computes in float32.
+    if hidden.dtype != torch.float64 and _use_triton(backend, hidden.device, "mlm_loss"):
+        from bert_fast.kernels import mlm_loss as fused  # lazily: triton only where it runs
+
+        loss, correct, _ = fused.mlm_loss(hidden, weight, bias, labels)
+        return loss, correct
     logits = F.linear(hidden, weight, bias).float()
     valid = labels != -100
     loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
