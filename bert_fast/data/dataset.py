@@ -1,0 +1,203 @@
+"""Dataset, distributed sampler, collate and the loader that feeds the training loop.
+
+`PretrainingDataset` plans every shard for an epoch (C++ builder, ~40 bytes per sample) and fills
+samples on demand, a batch at a time (`__getitems__`, so a DataLoader worker builds a whole batch
+in one C++ call). `ResumableSampler` splits a per-epoch permutation across ranks: disjoint and
+complete for any (rank, world_size), resumable from a consumed-samples count. `collate` pads to
+the longest sequence of the batch (the `BertForPreTraining.forward` contract); `collate_packed`
+concatenates the real tokens with `cu_seqlens` for the unpadded fast path. `PretrainingLoader`
+ties them together over epochs and keeps the position that goes into checkpoints.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bert_fast.data import builder
+from bert_fast.data.settings import IGNORE_INDEX, SampleSettings
+from bert_fast.data.shards import PreparedCorpus
+
+
+class PretrainingDataset(Dataset):
+    """Samples of one epoch of a prepared corpus. Masks are keyed by (seed, epoch, sample index),
+    so a sample is the same whichever rank, worker or batch builds it."""
+
+    def __init__(self, corpus: PreparedCorpus | str, settings: SampleSettings, epoch: int = 0,
+                 backend: str = "cpp", threads: int = 1):
+        self.corpus = corpus if isinstance(corpus, PreparedCorpus) else PreparedCorpus(corpus)
+        vocab = self.corpus.vocab_size
+        if settings.vocab_size != vocab:
+            raise ValueError(f"settings.vocab_size={settings.vocab_size}, but the corpus has {vocab} words")
+        self.settings, self.backend, self.threads = settings, backend, threads
+        self.shards = [self.corpus.shard(i) for i in range(self.corpus.num_shards)]
+        self.doc_starts = [s.doc_starts for s in self.shards]
+        self.epoch = None
+        self.set_epoch(epoch)
+
+    @classmethod
+    def settings_for(cls, corpus: PreparedCorpus, **kwargs) -> SampleSettings:
+        """SampleSettings with the corpus's vocab size and special token ids."""
+        ids = {k: v for k, v in corpus.special.items() if k != "unk_id"}
+        return SampleSettings(vocab_size=corpus.vocab_size, **ids, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch == self.epoch:
+            return
+        self.plans = [builder.plan(np.asarray(s.sentences), np.asarray(s.documents), self.settings, epoch,
+                                   self.backend, threads=0) for s in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.plans])]).astype(np.int64)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitems__(self, indices) -> dict[str, np.ndarray]:
+        keys = np.asarray(indices, dtype=np.int64)
+        if keys.ndim != 1 or (len(keys) and (keys.min() < 0 or keys.max() >= len(self))):
+            raise IndexError(f"sample indices must lie in [0, {len(self)})")
+        out = builder.allocate(len(keys), self.settings)
+        shard_of = np.searchsorted(self.offsets, keys, side="right") - 1
+        for shard in np.unique(shard_of):
+            rows = np.flatnonzero(shard_of == shard)
+            s = self.shards[shard]
+            builder.fill(s.tokens, s.word_starts, self.doc_starts[shard],
+                         self.plans[shard][keys[rows] - self.offsets[shard]], keys[rows], rows, self.settings,
+                         self.epoch, out, self.backend, self.threads)
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[0] for k, v in self.__getitems__([index]).items()}
+
+
+class ResumableSampler(Sampler[int]):
+    """This rank's sample indices for one epoch: a seeded permutation of [0, size), positions
+    consumed, consumed + 1, ... dealt round-robin to the ranks. The tail is padded with the first
+    indices (as torch's DistributedSampler does) so every rank gets the same count; with
+    `consumed` set, the stream restarts exactly where a run with the same global order stopped."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1, seed: int = 0, epoch: int = 0,
+                 shuffle: bool = True, consumed: int = 0):
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"size must be an int >= 1, got {size!r}")
+        self.size, self.rank, self.world_size, self.seed, self.shuffle = size, rank, world_size, seed, shuffle
+        self.epoch, self.consumed = epoch, 0
+        self.load_state_dict({"epoch": epoch, "consumed": consumed, "seed": seed})
+
+    def order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size, dtype=np.int64)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.size).astype(np.int64)
+
+    def __len__(self) -> int:
+        return -(-(self.size - self.consumed) // self.world_size)
+
+    def __iter__(self):
+        rest = self.order()[self.consumed:]
+        padded = len(self) * self.world_size
+        if padded > len(rest):
+            rest = np.concatenate([rest, np.resize(self.order(), padded - len(rest))])
+        return iter(rest[self.rank::self.world_size].tolist())
+
+    def set_epoch(self, epoch: int, size: int | None = None) -> None:
+        self.epoch, self.consumed = epoch, 0
+        if size is not None:
+            self.size = size
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"sampler state has seed {state['seed']}, this sampler {self.seed}")
+        consumed = state["consumed"]
+        if not isinstance(consumed, int) or not 0 <= consumed <= self.size:
+            raise ValueError(f"consumed must be an int in [0, {self.size}], got {consumed!r}")
+        self.epoch, self.consumed = state["epoch"], consumed
+
+
+def _padded_length(lengths: np.ndarray, multiple: int) -> int:
+    longest = int(lengths.max())
+    return -(-longest // multiple) * multiple
+
+
+def collate(arrays: dict[str, np.ndarray], pad_to_multiple_of: int = 8) -> dict[str, torch.Tensor]:
+    """Builder output -> BertForPreTraining.forward's batch, padded to the longest sequence
+    (rounded up to `pad_to_multiple_of`, never past max_seq_length). mlm_labels is -100 except
+    at the masked positions."""
+    lengths = arrays["lengths"]
+    width = min(arrays["input_ids"].shape[1], _padded_length(lengths, pad_to_multiple_of))
+    input_ids = torch.from_numpy(arrays["input_ids"][:, :width].astype(np.int64))
+    labels = np.full((len(lengths), width), IGNORE_INDEX, dtype=np.int64)
+    rows, cols = np.nonzero(arrays["mlm_labels"] != IGNORE_INDEX)
+    labels[rows, arrays["mlm_positions"][rows, cols]] = arrays["mlm_labels"][rows, cols]
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": torch.from_numpy(arrays["token_type_ids"][:, :width].astype(np.int64)),
+        "attention_mask": (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long(),
+        "mlm_labels": torch.from_numpy(labels),
+        "next_sentence_label": torch.from_numpy(arrays["nsp_label"].astype(np.int64)),
+    }
+
+
+def collate_packed(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """The unpadded form: the real tokens of the batch back to back, `cu_seqlens` [B + 1] (int32)
+    marking where each sequence starts, `position_ids` restarting at 0 per sequence."""
+    lengths = arrays["lengths"].astype(np.int64)
+    keep = np.arange(arrays["input_ids"].shape[1])[None, :] < lengths[:, None]
+    labels = np.full(arrays["input_ids"].shape, IGNORE_INDEX, dtype=np.int64)
+    rows, cols = np.nonzero(arrays["mlm_labels"] != IGNORE_INDEX)
+    labels[rows, arrays["mlm_positions"][rows, cols]] = arrays["mlm_labels"][rows, cols]
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    return {
+        "input_ids": torch.from_numpy(arrays["input_ids"][keep].astype(np.int64)),
+        "token_type_ids": torch.from_numpy(arrays["token_type_ids"][keep].astype(np.int64)),
+        "position_ids": torch.from_numpy(np.nonzero(keep)[1].astype(np.int64)),
+        "cu_seqlens": torch.from_numpy(cu),
+        "max_seqlen": int(lengths.max()),
+        "mlm_labels": torch.from_numpy(labels[keep]),
+        "next_sentence_label": torch.from_numpy(arrays["nsp_label"].astype(np.int64)),
+    }
+
+
+class PretrainingLoader:
+    """Batches for one rank over successive epochs, built by DataLoader workers ahead of the
+    training step (`workers` processes, `prefetch` batches each; pinned memory on CUDA).
+    `state_dict()` is the position after the last batch handed out; loading it resumes there."""
+
+    def __init__(self, dataset: PretrainingDataset, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, workers: int = 0, prefetch: int = 4, packed: bool = False,
+                 pin_memory: bool | None = None):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        self.dataset, self.batch_size, self.workers, self.prefetch = dataset, batch_size, workers, prefetch
+        self.collate = collate_packed if packed else collate
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.sampler = ResumableSampler(len(dataset), rank, world_size, seed, epoch=dataset.epoch)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.set_epoch(state["epoch"])
+        self.sampler.set_epoch(state["epoch"], len(self.dataset))
+        self.sampler.load_state_dict(state)
+
+    def __iter__(self):
+        """Endless: epoch after epoch, each re-planned (new pairs and masks)."""
+        while True:
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                                collate_fn=self.collate, num_workers=self.workers, pin_memory=self.pin_memory,
+                                prefetch_factor=self.prefetch if self.workers else None, drop_last=False)
+            for batch in loader:
+                self.sampler.consumed = min(self.sampler.size, self.sampler.consumed +
+                                            len(batch["next_sentence_label"]) * self.sampler.world_size)
+                yield batch
+            epoch = self.sampler.epoch + 1
+            self.dataset.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, len(self.dataset))

@@ -1,0 +1,264 @@
+"""`prepare`: text and JSONL -> shards that match an independent tokenization, streaming memory,
+idempotent and crash-safe re-runs, and every bad input named or counted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_fixtures import text_documents, write_text, write_vocab
+from tokenizers import BertWordPieceTokenizer
+
+from bert_fast.data import prepare as prepare_module
+from bert_fast.data.builder import native_available
+from bert_fast.data.corpus import split_sentences
+from bert_fast.data.prepare import PrepareSettings, prepare
+from bert_fast.data.shards import PreparedCorpus
+from bert_fast.fileio import atomic_path
+
+SMALL = PrepareSettings(shard_tokens=1000, batch_chars=4096)
+
+
+@pytest.fixture
+def vocab(tmp_path):
+    path = tmp_path / "vocab.txt"
+    write_vocab(path)
+    return path
+
+
+def all_shards(corpus: PreparedCorpus):
+    """(documents as lists of sentences as token-id lists, word starts) over every shard."""
+    docs, starts = [], []
+    for i in range(corpus.num_shards):
+        s = corpus.shard(i)
+        for d in range(len(s.documents) - 1):
+            doc = []
+            for j in range(s.documents[d], s.documents[d + 1]):
+                doc.append(s.tokens[s.sentences[j]:s.sentences[j + 1]].tolist())
+                starts.append(s.word_starts[s.sentences[j]:s.sentences[j + 1]])
+            docs.append(doc)
+    return docs, np.concatenate(starts)
+
+
+def test_text_round_trip_matches_tokenizers(tmp_path, vocab):
+    documents = text_documents(200, seed=1) + [["Zebra quux unknownword here.", "Second sentence too."]]
+    write_text(tmp_path / "a.txt", documents[:120])
+    write_text(tmp_path / "b.txt", documents[120:])
+    manifest = prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "out", vocab=vocab, settings=SMALL)
+    corpus = PreparedCorpus(tmp_path / "out", vocab=vocab)
+    assert corpus.num_shards == len(manifest["shards"]) > 3
+    assert all(s["tokens"] >= SMALL.shard_tokens for s in manifest["shards"][:-1])
+    tokenizer = BertWordPieceTokenizer(str(vocab), lowercase=True)
+    expected = [[tokenizer.encode(s, add_special_tokens=False).ids for s in doc] for doc in documents]
+    docs, starts = all_shards(corpus)
+    assert docs == expected
+    words = corpus.words
+    flat = np.concatenate([np.array(s, dtype=np.int64) for d in docs for s in d])
+    assert np.array_equal(starts, [not words[t].startswith("##") for t in flat])
+    assert manifest["totals"]["documents"] == len(documents)
+    assert manifest["totals"]["sentences"] == sum(map(len, documents))
+    assert manifest["totals"]["tokens"] == len(flat) and manifest["token_dtype"] == "uint16"
+    assert manifest["vocab"]["cls_id"] == 2 and manifest["vocab"]["size"] == len(words)
+
+
+def test_jsonl_splits_sentences_by_rule(tmp_path, vocab):
+    records = [{"text": "Alpha beta gamma. Delta epsilon! Zeta theta?\nKappa lambda"},
+               {"text": "Sigma omega. tensor matrix"}, {"id": 3}, "not a dict"]
+    lines = [json.dumps(r) for r in records] + ["{broken json"]
+    (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = prepare(tmp_path / "c.jsonl", tmp_path / "out", vocab=vocab, settings=SMALL)
+    docs, _ = all_shards(PreparedCorpus(tmp_path / "out"))
+    # The second record is one sentence ("tensor" starts lowercase, so no split there): dropped.
+    assert [len(d) for d in docs] == [4]
+    assert split_sentences("Sigma omega. tensor matrix") == ["Sigma omega. tensor matrix"]
+    assert split_sentences('He said "Hi." (Then) left.  3 more') == ['He said "Hi."', "(Then) left.", "3 more"]
+    assert manifest["skipped"] == {"bad_json_lines": 3, "short_documents": 1}
+
+
+def test_trains_a_vocab_when_none_is_given(tmp_path):
+    write_text(tmp_path / "a.txt", text_documents(300, seed=2))
+    manifest = prepare(tmp_path / "a.txt", tmp_path / "out", settings=PrepareSettings(vocab_size=200))
+    words = (tmp_path / "out" / "vocab.txt").read_text().splitlines()
+    assert words[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(words) <= 200
+    assert manifest["totals"]["documents"] == 300
+
+
+def shard_files(folder: Path) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
+
+
+def test_rerun_is_idempotent_and_interrupt_resumes(tmp_path, vocab, monkeypatch):
+    write_text(tmp_path / "a.txt", text_documents(300, seed=3))
+    clean = prepare(tmp_path / "a.txt", tmp_path / "clean", vocab=vocab, settings=SMALL)
+    before = shard_files(tmp_path / "clean")
+    assert prepare(tmp_path / "a.txt", tmp_path / "clean", vocab=vocab, settings=SMALL) == clean
+    assert shard_files(tmp_path / "clean") == before, "a finished corpus is left untouched"
+
+    # Interrupt shard 2 half way through writing its second file, as Ctrl-C would.
+    calls, real_write = [], prepare_module._write_array
+
+    def failing_write(path, array):
+        calls.append(path.name)
+        if len(calls) == 10:
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(array.tobytes()[: array.nbytes // 2])
+                raise KeyboardInterrupt
+        real_write(path, array)
+
+    monkeypatch.setattr(prepare_module, "_write_array", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert "shard_00001.json" in names and "shard_00002.json" not in names
+    assert "shard_00002.tokens.npy" in names and "shard_00002.word_starts.npy" not in names
+    assert "manifest.json" not in names
+    assert not [n for n in names if n.endswith(".tmp")], "no temporary file is left behind"
+    with pytest.raises(FileNotFoundError, match="did not finish"):
+        PreparedCorpus(tmp_path / "out")
+
+    monkeypatch.setattr(prepare_module, "_write_array", real_write)
+    kept = {n: t for n, t in shard_files(tmp_path / "out").items() if n.startswith(("shard_00000", "shard_00001"))}
+    calls.clear()
+    resumed = prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL)
+    assert {n: shard_files(tmp_path / "out")[n] for n in kept} == kept, "complete shards are not rewritten"
+    strip = lambda m: {k: v for k, v in m.items() if k != "inputs"}  # noqa: E731
+    assert strip(resumed) == strip(clean), "the resumed corpus equals an uninterrupted one"
+
+
+def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, vocab):
+    write_text(tmp_path / "a.txt", text_documents(200, seed=4))
+    manifest = prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL)
+    victim = tmp_path / "out" / manifest["shards"][1]["files"]["tokens"]["file"]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    corpus = PreparedCorpus(tmp_path / "out")
+    corpus.shard(0)
+    with pytest.raises(ValueError, match=f"checksum mismatch: .*{victim.name} is corrupted"):
+        corpus.shard(1)
+    assert prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL) == manifest
+    PreparedCorpus(tmp_path / "out").shard(1)
+
+
+def test_vocab_that_does_not_match_the_manifest(tmp_path, vocab):
+    write_text(tmp_path / "a.txt", text_documents(20))
+    prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL)
+    other = tmp_path / "other.txt"
+    other.write_text(vocab.read_text() + "extra\n")
+    with pytest.raises(ValueError, match="does not match the vocab the shards"):
+        PreparedCorpus(tmp_path / "out", vocab=other)
+    bad = tmp_path / "bad_vocab.txt"
+    bad.write_text("a\nb\n")
+    with pytest.raises(ValueError, match=r"lacks the special token\(s\) \['\[PAD\]'"):
+        prepare(tmp_path / "a.txt", tmp_path / "out2", vocab=bad)
+
+
+def test_bad_inputs_are_named_or_counted(tmp_path, vocab):
+    with pytest.raises(FileNotFoundError, match="missing.txt does not exist"):
+        prepare(tmp_path / "missing.txt", tmp_path / "out", vocab=vocab)
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no .txt"):
+        prepare(tmp_path / "empty_dir", tmp_path / "out", vocab=vocab)
+    (tmp_path / "empty.txt").write_text("\n\n\n")
+    with pytest.raises(ValueError, match="no documents left"):
+        prepare(tmp_path / "empty.txt", tmp_path / "out", vocab=vocab)
+    (tmp_path / "ones.txt").write_text("Alpha beta.\n\nGamma delta.\n")
+    with pytest.raises(ValueError, match=r"fewer than 2 sentences.*'short_documents': 2"):
+        prepare(tmp_path / "ones.txt", tmp_path / "out", vocab=vocab)
+    with pytest.raises(ValueError, match="shard_tokens must be a positive int"):
+        PrepareSettings(shard_tokens=0)
+
+    good = "Alpha beta gamma.\nDelta epsilon.\n\n"
+    raw = (good + "Zeta \xff theta.\n".replace("\xff", "@") + "Kappa lambda.\n\n" + "Sigma " * 50 + "\nOmega x.\n"
+           + "Tensor matrix.\n\n" + "Single sentence document.\n")
+    raw = raw.encode().replace(b"@", b"\xff\xfe")
+    (tmp_path / "messy.txt").write_bytes(raw)
+    with pytest.warns(UserWarning, match=r"messy.txt: 1 line\(s\) had bytes that are not UTF-8"):
+        manifest = prepare(tmp_path / "messy.txt", tmp_path / "out", vocab=vocab,
+                           settings=PrepareSettings(max_line_chars=100))
+    # The over-long line is dropped and its document keeps 2 sentences; the last has only one.
+    assert manifest["skipped"] == {"non_utf8_lines": 1, "long_lines": 1, "short_documents": 1}
+    assert manifest["totals"]["documents"] == 3
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path, vocab):
+    path = tmp_path / "secret.txt"
+    path.write_text("A b.\nC d.\n")
+    path.chmod(0)
+    with pytest.raises(PermissionError, match="secret.txt is not readable"):
+        prepare(path, tmp_path / "out", vocab=vocab)
+
+
+PEAK = """
+import json, sys
+from bert_fast.data.prepare import PrepareSettings, prepare
+def peak_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak: imports (torch) are not prepare's
+base = peak_kib()
+prepare([sys.argv[1]], sys.argv[2], vocab=sys.argv[3],
+        settings=PrepareSettings(shard_tokens=int(sys.argv[4]), batch_chars=1 << 16))
+print(peak_kib() - base)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset")
+def test_prepare_memory_does_not_grow_with_the_corpus(tmp_path, vocab):
+    """Peak RSS growth during prepare (VmHWM after resetting it; getrusage's ru_maxrss would only
+    show the torch import) at 1x and 4x the input: flat with 20k-token shards, while a single
+    shard holding the whole corpus does grow, which shows the measurement can see growth."""
+    for scale in (1, 4):
+        write_text(tmp_path / f"in{scale}.txt", text_documents(3000 * scale, seed=scale))
+
+    def peak(scale, shard_tokens):
+        result = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / f"in{scale}.txt"),
+                                 str(tmp_path / f"out{scale}_{shard_tokens}"), str(vocab), str(shard_tokens)],
+                                capture_output=True, text=True, check=True)
+        return int(result.stdout.split()[-1])
+
+    small, large, one_shard = peak(1, 20000), peak(4, 20000), peak(4, 10**9)
+    mib = (tmp_path / "in4.txt").stat().st_size / 2**20
+    print(f"peak growth KiB: 1x {small}, 4x {large}, 4x in one shard {one_shard}; 4x input {mib:.1f} MiB")
+    assert large - small < 2048, (small, large)
+    assert one_shard - large > 4096, (large, one_shard)
+
+
+@pytest.mark.skipif(not native_available(), reason="bert_fast._data is not built")
+def test_ascii_fast_path_matches_tokenizers(tmp_path):
+    """The C++ WordPiece (ASCII sentences) gives the `tokenizers` library's ids: a trained vocab,
+    prose, punctuation, control characters, words over 100 characters, unknown pieces; non-ASCII
+    sentences go to `tokenizers` and come back in their places."""
+    from bert_fast.data.prepare import _Tokenizer
+
+    rng = np.random.default_rng(0)
+    prose = [s for d in text_documents(300, seed=5) for s in d]
+    write_text(tmp_path / "a.txt", [prose[i:i + 3] for i in range(0, len(prose), 3)])
+    prepare(tmp_path / "a.txt", tmp_path / "out", settings=PrepareSettings(vocab_size=300))
+    noise = ["".join(map(chr, rng.integers(0, 128, rng.integers(0, 60)))) for _ in range(500)]
+    sentences = prose + noise + ["a" * 101, "Tab\there\x0bvt\x0cff\x1fus\x7fdel", "x" * 100 + "!",
+                                 "Héllo wörld, ñandú 中文.", "(Q&A) e.g. 3.14 -- [ok]?"]
+    rng.shuffle(sentences)
+    tokenizer = _Tokenizer(tmp_path / "out" / "vocab.txt", lowercase=True)
+    assert tokenizer.fast is not None
+    ids, lengths = tokenizer(sentences)
+    ref = tokenizer.tokenizer.encode_batch(sentences, add_special_tokens=False)
+    assert lengths.tolist() == [len(e.ids) for e in ref]
+    assert ids.tolist() == [i for e in ref for i in e.ids]
+    assert (ids == 1).any(), "[UNK] cases were exercised"
+
+
+def test_command_line(tmp_path, vocab, capsys):
+    from bert_fast.cli import main
+
+    write_text(tmp_path / "a.txt", text_documents(30))
+    assert main(["data", "prepare", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out"),
+                 "--vocab", str(vocab), "--shard-tokens", "500"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["documents"] == 30 and summary["shards"] == len(PreparedCorpus(tmp_path / "out").manifest["shards"])
+    assert main(["data", "prepare", "--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o")]) == 1
+    assert "error: input file" in capsys.readouterr().err
