@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from harness import DTYPES, Benchmark, Unavailable
+from harness import compiled as harness_compiled
 
 VOCAB, POSITIONS, TYPES = 30522, 512, 2
 EPS = 1e-12
@@ -53,14 +54,7 @@ def eager(inputs: dict, case: dict):
     return eager_fn(**inputs)
 
 
-_compiled = {}
-
-
-def compiled(inputs: dict, case: dict):
-    if inputs["word"].device.type != "cuda":
-        raise Unavailable("torch.compile is benchmarked on CUDA only")
-    fn = _compiled.setdefault("fn", torch.compile(eager_fn, dynamic=False))
-    return fn(**inputs)
+compiled = harness_compiled(eager_fn)
 
 
 def fused(inputs: dict, case: dict):
@@ -88,7 +82,7 @@ def bytes_moved(case: dict, mode: str) -> float:
 bench = Benchmark(
     name="embeddings",
     make_inputs=make_inputs,
-    providers={"eager": eager, "torch.compile": compiled, "triton": fused},
+    providers={"eager": eager, "triton": fused, "torch.compile": compiled},
     gpu_cases=[dict(batch=b, seq=s, hidden=h) for h in (768, 1024)
                for b, s in ((32, 128), (256, 128), (64, 512))],
     cpu_cases=[dict(batch=4, seq=32, hidden=128)],

@@ -12,13 +12,14 @@
 #   --out DIR        also gather the results into DIR as at most 8 files (suite.json, report.md,
 #                    suite.log, plots.tar.gz, pytest-gpu*.xml)
 #   --budget SECONDS the whole suite's limit (default 300, 120 with --quick)
-#   --wheels DIR     install the wheels found there first (default: wheels/ in the repository)
+#   --wheels DIR     put the wheels found there on the path first (default: .whl/ in the repository)
 #   --dry-run        list the steps and their limits, run nothing
 #
 # Carried wheels, for GPU machines without network (DeepSpeed ships as an sdist, so build a wheel):
-#   pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w wheels/
-#   pip download --only-binary=:all: --python-version 3.12 --no-deps -d wheels/ \
+#   pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl/
+#   pip download --only-binary=:all: --python-version 3.12 --no-deps -d .whl/ \
 #       hjson py-cpuinfo msgpack einops
+# Nothing is installed into the machine's Python: the suite runs the checkout from PYTHONPATH.
 # Results land in bench/results/<device>/ (commit them) and, with --out, in DIR.
 set -uo pipefail
 
@@ -27,7 +28,7 @@ QUICK=0
 DRY=0
 OUT=""
 BUDGET=""
-WHEELS="wheels"
+WHEELS=".whl"
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --quick) QUICK=1 ;;
@@ -43,16 +44,19 @@ done
 [[ -z $BUDGET ]] && BUDGET=$([[ $QUICK == 1 ]] && echo 120 || echo 300)
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_suite.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2; }
 
-PY="${PYTHON:-python}"
+# python3: on the borrowed GPU machines the plain `python3` is the one that holds PyTorch.
+PY="${PYTHON:-python3}"
 Q=""
 [[ $QUICK == 1 ]] && Q="--quick"
-GPU_TEST="TRITON_INTERPRET=0 $PY -m pytest -m gpu -q -rs -p no:cacheprovider"
+# Numerics, not tuning: one config per autotune key (kernels/attention.py), or the sweep spends
+# minutes compiling candidates.
+GPU_TEST="TRITON_INTERPRET=0 BERT_FAST_AUTOTUNE=0 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15"
 
 # name | limit in seconds | run with --quick (1/0) | command. In order of value.
 STEPS=(
     "env|20|1|show_env"
     "install|60|1|install_package"
-    "build-start|5|1|start_build"
+    "build-start|30|1|start_build"
     "ceilings|30|1|$PY bench/ceilings.py"
     "gpu-tests|100|1|$GPU_TEST tests/gpu --ignore=tests/gpu/ext --junitxml=\$RESULTS/pytest-gpu.xml"
     "bench-attention|60|1|$PY bench/attention.py $Q"
@@ -81,22 +85,26 @@ show_env() {
 }
 
 install_package() {
+    # Nothing is installed into the machine's Python: the checkout runs from PYTHONPATH (see
+    # bert_fast/__init__.py) and carried wheels go to a private folder on it.
     if compgen -G "$WHEELS/*.whl" > /dev/null; then
-        $PY -m pip install --no-index --find-links "$WHEELS" "$WHEELS"/*.whl
+        $PY -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$SITE" "$WHEELS"/*.whl
     else
         echo "no wheels in $WHEELS/: DeepSpeed steps and tests will be skipped"
     fi
-    # Python only, at once; the extension builds in the background (start_build).
-    BERT_FAST_EXT=0 $PY -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 3
+    $PY -c 'import bert_fast, bert_fast.kernels.attention; print("bert_fast from", bert_fast.__file__)'
 }
 
 start_build() {
     # This device's architecture only, all cores, into the source tree (the editable install
     # finds bert_fast/_C*.so there).
     local arch
-    arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
+    arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') ||
+        { echo "no CUDA device: the extension's CUDA kernels cannot be built here"; return 1; }
+    # setsid: its own process group, so the step's `timeout` (which signals its whole group)
+    # can never take the build down with it.
     BERT_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
-        nohup $PY setup.py build_ext --inplace > "$RESULTS/build.log" 2>&1 &
+        setsid -w nohup $PY setup.py build_ext --inplace > "$RESULTS/build.log" 2>&1 &
     echo $! > "$RESULTS/build.pid"
     echo "building bert_fast._C for sm_${arch/./} in the background (pid $!)"
 }
@@ -109,6 +117,8 @@ wait_build() {
     $PY -c 'import bert_fast.extension as e; e.require("cuda"); print("bert_fast._C has CUDA kernels")'
 }
 
+SITE=/tmp/bert_fast_site
+export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 DEVICE=$($PY -c 'import sys, torch; sys.path.insert(0, "bench"); import harness; print(harness.device_slug(torch.device("cuda" if torch.cuda.is_available() else "cpu")))')
 RESULTS="bench/results/$DEVICE"
 mkdir -p "$RESULTS"
@@ -116,7 +126,7 @@ LOG="$RESULTS/suite.log"
 STEPS_TSV="$RESULTS/steps.tsv"
 : > "$LOG"
 : > "$STEPS_TSV"
-export RESULTS PY WHEELS
+export RESULTS PY WHEELS SITE
 export -f show_env install_package start_build wait_build
 echo "gpu_suite.sh: budget ${BUDGET}s, results in $RESULTS$([[ -n $OUT ]] && echo ", gathered into $OUT")" | tee -a "$LOG"
 
@@ -145,7 +155,8 @@ for step in "${STEPS[@]}"; do
     (( limit > left )) && limit=$left
     echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
     start=$(date +%s)
-    timeout --kill-after=5 "$limit" bash -c "$cmd" >> "$LOG" 2>&1
+    # SIGINT first: pytest then stops cleanly and still writes its summary and junit XML.
+    timeout --signal=INT --kill-after=10 "$limit" bash -c "$cmd" >> "$LOG" 2>&1
     rc=$?
     seconds=$(( $(date +%s) - start ))
     case $rc in
@@ -157,7 +168,8 @@ for step in "${STEPS[@]}"; do
     printf '%s\t%s\t%s\n' "$name" "$status" "$seconds" >> "$STEPS_TSV"
     gather
 done
-[[ -f $RESULTS/build.pid ]] && kill "$(cat "$RESULTS/build.pid")" 2> /dev/null
+# The build's whole process group (setsid made it the leader): ninja and nvcc too.
+[[ -f $RESULTS/build.pid ]] && { kill -- "-$(cat "$RESULTS/build.pid")" || kill "$(cat "$RESULTS/build.pid")"; } 2> /dev/null
 echo "gpu_suite.sh: done in $(( $(date +%s) - suite_start ))s$([[ $failed == 1 ]] && echo ", some steps failed or were skipped (see $LOG)")" | tee -a "$LOG"
 gather
 exit $failed

@@ -79,6 +79,24 @@ def time_ms(fn: Callable[[], object], device: torch.device, grad_to_none=(),
     return statistics.median(runs), q[0], q[3]
 
 
+def compiled(fn: Callable[..., object]) -> Callable[[dict, dict], object]:
+    """A provider that runs `torch.compile(fn)(**inputs)` (CUDA only): one static-shape compile per
+    case, resetting dynamo between cases so the sweep never reaches its recompile limit (past it,
+    dynamo silently runs eager and the row would measure the wrong thing)."""
+    state: dict = {}
+
+    def provider(inputs: dict, case: dict):
+        if any(t.device.type != "cuda" for t in inputs.values() if isinstance(t, torch.Tensor)):
+            raise Unavailable("torch.compile is benchmarked on CUDA only")
+        key = tuple(sorted(case.items()))
+        if state.get("key") != key:
+            torch._dynamo.reset()
+            state.update(key=key, fn=torch.compile(fn, dynamic=False))
+        return state["fn"](**inputs)
+
+    return provider
+
+
 @functools.cache
 def copy_bandwidth_gbs(device_str: str) -> float | None:
     """Measured device-to-device copy GB/s (read + write), the ceiling for memory-bound kernels."""
@@ -238,6 +256,7 @@ class Benchmark:
         bandwidth = copy_bandwidth_gbs(str(device))
         meta["copy_gbs"] = bandwidth
         rows: list[dict] = []
+        out_dir = args.out or BENCH_DIR / "results" / device_slug(device)
         for case in cases:
             for mode in modes:
                 base_ms = None
@@ -271,11 +290,13 @@ class Benchmark:
                             base_ms = row["ms"]
                     rows.append(row)
                     print(f"[{self.name}] {_describe(row)}", flush=True)
+                    # After every row, so a run stopped at its time limit (bench/gpu_suite.sh gives
+                    # each benchmark one) still leaves what it measured.
+                    write_results(out_dir, self.name, meta, rows, baseline=self.baseline, final=False)
                 for row in rows:  # speedup over the baseline measured beside it
                     if row["mode"] == mode and row.get("ms") and base_ms and all(
                             row.get(k) == v for k, v in case.items()):
                         row["x_baseline"] = base_ms / row["ms"]
-        out_dir = args.out or BENCH_DIR / "results" / device_slug(device)
         write_results(out_dir, self.name, meta, rows, baseline=self.baseline)
         return rows
 
@@ -352,12 +373,16 @@ def plot(path: Path, name: str, rows: list[dict]) -> bool:
     return True
 
 
-def write_results(out_dir: Path, name: str, meta: dict, rows: list[dict], baseline: str) -> None:
+def write_results(out_dir: Path, name: str, meta: dict, rows: list[dict], baseline: str,
+                  final: bool = True) -> None:
+    """JSON + markdown (and, when `final`, the plot)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     from bert_fast.fileio import atomic_write_text
 
     atomic_write_text(out_dir / f"{name}.json", json.dumps({"meta": meta, "rows": rows}, indent=1))
     atomic_write_text(out_dir / f"{name}.md", f"# {name}\n\n" + markdown_table(meta, rows, baseline))
+    if not final:
+        return
     plotted = plot(out_dir / f"{name}.png", name, rows)
     print(f"[{name}] wrote {out_dir}/{name}.json, .md" + (", .png" if plotted else
           " (no plot: matplotlib is not installed)"), file=sys.stderr)

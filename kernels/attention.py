@@ -86,10 +86,16 @@ def kept_configs(kernel: str, configs, head_dim: int, dropout: bool) -> list:
     return fits or [min(configs, key=lambda c: _cost(kernel, c, head_dim))]
 
 
+# BERT_FAST_AUTOTUNE=0 runs only the first kept config: the GPU tests check numerics, not tuning,
+# and their sweep of shapes would otherwise compile every candidate of every key (~200 builds).
+_AUTOTUNE = os.environ.get("BERT_FAST_AUTOTUNE", "1") != "0"
+
+
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        return kept_configs(kernel, configs, args["HEAD_DIM"], args["dropout_p"] > 0)
+        kept = kept_configs(kernel, configs, args["HEAD_DIM"], args["dropout_p"] > 0)
+        return kept if _AUTOTUNE else kept[:1]
     return prune
 
 

@@ -144,15 +144,21 @@ def _ce_rows(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, loss
         EVEN_V=vocab % block == 0, num_warps=num_warps)
 
 
+# `torch.mm(..., out_dtype=)` (16-bit inputs, float32 result) arrived in torch 2.8.
+_HAS_MM_OUT_DTYPE = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 8)
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as float32. cuBLAS accumulates 16-bit products in float32 anyway; `out_dtype` keeps
     that sum instead of rounding each chunk's share of grad_weight to 16 bits. (addmm's out_dtype
     would save a pass but needs its addend in the 16-bit input dtype.)"""
     if a.dtype == torch.float32:
         return torch.mm(a, b)
-    if a.is_cuda:
+    if a.is_cuda and _HAS_MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
-    return torch.mm(a, b).float()  # CPU (tests): aten has no out_dtype kernel there
+    # CPU (tests; aten has no out_dtype kernel there) and torch < 2.8: the chunk's share rounds to
+    # 16 bits, as eager's whole gradient does, and the chunks still sum in float32.
+    return torch.mm(a, b).float()
 
 
 def default_chunk_rows(vocab: int) -> int:

@@ -61,3 +61,9 @@ def test_errors_are_recorded_or_raised_with_strict(tmp_path):
         bench.main(["--out", str(tmp_path), "--strict"])
     with pytest.raises(SystemExit, match="unknown"):
         bench.main(["--out", str(tmp_path), "--providers", "nope"])
+
+
+def test_compiled_provider_is_cuda_only():
+    provider = harness.compiled(lambda x: x * 2)
+    with pytest.raises(harness.Unavailable, match="CUDA only"):
+        provider({"x": torch.ones(3)}, {"n": 3})
