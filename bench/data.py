@@ -1,11 +1,12 @@
 """Data pipeline benchmark (not a kernel bench): prepare throughput and sample building.
 
-    python bench/data.py [--quick] [--scale 4] [--out DIR]
+    python bench/data.py [--quick] [--scale 16] [--out DIR]
 
 - prepare: the embedded docstring corpus repeated `--scale` times, tokenized with its trained
-  WordPiece vocab into shards (MB of text/s, tokens/s), all cores and one core (threads=1 and
-  RAYON_NUM_THREADS=1, in a subprocess), and the tokenizer alone: our C++ ASCII fast path against
-  the `tokenizers` library's encode_batch on the same sentences (identical ids);
+  WordPiece vocab into shards (MB of text/s, per core too, tokens/s), on all cores (a worker
+  process per core, the default) and on one core (workers=1, threads=1 and RAYON_NUM_THREADS=1,
+  in a subprocess), and the tokenizer alone: our C++ ASCII fast path against the `tokenizers`
+  library's encode_batch on the same sentences (identical ids);
 - build: one epoch of NSP samples at seq 128 and 512 (plan + fill + masking) on two corpora, the
   docstrings (short documents, so samples average well under the sequence length) and synthetic
   Wikipedia-like long documents (full samples); samples/s for the C++ builder (all threads, one
@@ -42,7 +43,10 @@ from bert_fast.data.shards import PreparedCorpus, Shard
 
 def timed(fn, repeats: int) -> tuple[float, float, float]:
     """(median, 20th, 80th percentile) seconds over `repeats` runs."""
-    times = sorted(_once(fn) for _ in range(repeats))
+    return summary([_once(fn) for _ in range(repeats)])
+
+
+def summary(times: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return statistics.median(times), q[0], q[3]
 
@@ -64,7 +68,7 @@ import sys, time
 from bert_fast.data.prepare import PrepareSettings, prepare
 start = time.perf_counter()
 prepare([sys.argv[1]], sys.argv[2], vocab=sys.argv[3],
-        settings=PrepareSettings(shard_tokens=1 << 20, threads=1))
+        settings=PrepareSettings(shard_tokens=1 << 20, threads=1, workers=1))
 print(time.perf_counter() - start)
 """
 
@@ -83,21 +87,27 @@ def bench_prepare(scale: int, repeats: int) -> list[dict]:
             return prepare([src], Path(tmp) / "out", vocab=vocab,
                            settings=PrepareSettings(shard_tokens=1 << 20))
 
-        tokens = run()["totals"]["tokens"]
-        t = timed(run, repeats)
-        rows.append(row("prepare", f"prepare, {os.cpu_count()} cores", t, mb=round(mb, 2),
-                        MB_s=mb / t[0], tokens_s=tokens / t[0]))
-        env = dict(os.environ, RAYON_NUM_THREADS="1")
-        one = []
-        for _ in range(repeats):
+        def run_one_core() -> float:
             shutil.rmtree(Path(tmp) / "out1", ignore_errors=True)
+            env = dict(os.environ, RAYON_NUM_THREADS="1")
             out = subprocess.run([sys.executable, "-c", PREPARE_ONE_CORE, str(src), str(Path(tmp) / "out1"),
                                   str(vocab)], env=env, capture_output=True, text=True, check=True)
-            one.append(float(out.stdout.split()[-1]))
-        t1 = (statistics.median(one), min(one), max(one))
+            return float(out.stdout.split()[-1])
+
+        tokens = run()["totals"]["tokens"]
+        every, one = [], []
+        for _ in range(repeats):  # interleaved, so both see the same load on a shared machine
+            every.append(_once(run))
+            one.append(run_one_core())
+        t, t1 = summary(every), summary(one)
+        cores = len(os.sched_getaffinity(0))
+        rows.append(row("prepare", f"prepare, {cores} cores ({cores} workers)", t, mb=round(mb, 2),
+                        MB_s=mb / t[0], MB_s_core=mb / t[0] / cores, tokens_s=tokens / t[0]))
         rows.append(row("prepare", "prepare, 1 core", t1, mb=round(mb, 2), MB_s=mb / t1[0],
-                        tokens_s=tokens / t1[0]))
-        rows += bench_tokenizer(vocab, src, mb, repeats)
+                        MB_s_core=mb / t1[0], tokens_s=tokens / t1[0]))
+        small = Path(tmp) / "tokenize.txt"  # at most 4 copies: encode_batch runs at ~3 MB/s
+        small.write_text("\n\n".join([text.strip()] * min(scale, 4)) + "\n")
+        rows += bench_tokenizer(vocab, small, small.stat().st_size / 1e6, repeats)
     return rows
 
 
@@ -206,7 +216,7 @@ def bench_hf(tokenizer, built, settings, common, repeats) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat, scale 1, seq 128 only")
-    parser.add_argument("--scale", type=int, default=4, help="copies of the corpus for prepare")
+    parser.add_argument("--scale", type=int, default=16, help="copies of the corpus (~0.76 MB) for prepare")
     parser.add_argument("--python-docs", type=int, default=150, help="documents per shard for the reference")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "cpu")
     args = parser.parse_args(argv)
@@ -226,8 +236,8 @@ def main(argv=None) -> int:
         rows += bench_build("synthetic long docs", synthetic, settings, tokenizer, repeats,
                             args.python_docs // 10)
     for r in rows:
-        rate = ", ".join(f"{k}={r[k]:,.{2 if k == 'MB_s' else 0}f}" for k in ("MB_s", "tokens_s", "samples_s")
-                         if r.get(k))
+        rate = ", ".join(f"{k}={r[k]:,.{2 if k.startswith('MB_s') else 0}f}"
+                         for k in ("MB_s", "MB_s_core", "tokens_s", "samples_s") if r.get(k))
         print(f"{r['mode']:8s} {r.get('corpus', ''):20s} {r['provider']:62s} seq={r.get('seq', '-')!s:4s} "
               f"len={r.get('mean_len', '-')!s:6s} {rate or r['status']}")
     meta = stamp(torch.device("cpu"), torch.float32)

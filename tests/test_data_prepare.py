@@ -19,7 +19,7 @@ from bert_fast.data.prepare import PrepareSettings, prepare
 from bert_fast.data.shards import PreparedCorpus
 from bert_fast.fileio import atomic_path
 
-SMALL = PrepareSettings(shard_tokens=1000, batch_chars=4096)
+SMALL = PrepareSettings(shard_tokens=1000, batch_chars=4096, workers=2)  # a pool, whatever the cores
 
 
 @pytest.fixture
@@ -184,6 +184,51 @@ def test_bad_inputs_are_named_or_counted(tmp_path, vocab):
     assert manifest["totals"]["documents"] == 3
 
 
+def messy_inputs(folder: Path) -> list[Path]:
+    """Text with over-long lines (one of spaces), non-UTF-8 bytes, blank lines of whitespace (one
+    U+3000), CRLF, sentences with no tokens, non-ASCII sentences, one-sentence documents and no
+    final newline; JSONL with bad and empty lines."""
+    rng = np.random.default_rng(11)
+    parts = []
+    for i, doc in enumerate(text_documents(150, seed=12)):
+        r = rng.random()
+        lines = doc[:1] if r < 0.1 else list(doc)
+        extra = {1: "Sigma " * 60, 2: " " * 400, 3: "Zeta @ theta.", 4: "\x01\x02", 5: "Café crème brûlée."}
+        if i % 7 in extra:
+            lines.insert(1, extra[i % 7])
+        parts.append("\n".join(lines) + ["\n\n", "\n \n", "\n\n\n", "\r\n\t\r\n", "\n\u3000\n"][i % 5])
+    text = folder / "messy.txt"
+    text.write_bytes("".join(parts).rstrip().encode().replace(b"@", b"\xff\xfe"))
+    records = []
+    for i, doc in enumerate(text_documents(80, seed=13)):
+        records.append("{broken" if i % 9 == 0 else "" if i % 11 == 0 else json.dumps({"text": " ".join(doc)}))
+    jsonl = folder / "c.jsonl"
+    jsonl.write_text("\n".join(records) + "\n")
+    return [text, jsonl, text]
+
+
+def test_workers_and_chunk_size_do_not_change_the_output(tmp_path, vocab):
+    """One process with one chunk per file, a pool of 3 with chunks of ~700 bytes, and a pool of 2
+    with one document per chunk write the same files, byte for byte, and the same warnings."""
+    inputs = messy_inputs(tmp_path)
+    outputs = {}
+    for workers, chunk in ((1, 1 << 20), (3, 700), (2, 1)):
+        settings = PrepareSettings(shard_tokens=300, max_line_chars=300, batch_chars=chunk, workers=workers)
+        out = tmp_path / f"out_{workers}_{chunk}"
+        with pytest.warns(UserWarning) as warned:
+            manifest = prepare(inputs, out, vocab=vocab, settings=settings)
+        files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        outputs[workers, chunk] = files, sorted(str(w.message) for w in warned)
+    (files, warned), *others = outputs.values()
+    assert len(manifest["shards"]) > 5 and len(warned) == 2 and "messy.txt: 21 line(s)" in warned[0]
+    assert set(manifest["skipped"]) == {"non_utf8_lines", "long_lines", "bad_json_lines", "empty_sentences",
+                                        "short_documents"}
+    for other_files, other_warned in others:
+        assert other_files.keys() == files.keys()
+        assert [n for n in files if files[n] != other_files[n]] == []
+        assert other_warned == warned
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file(tmp_path, vocab):
     path = tmp_path / "secret.txt"
@@ -194,15 +239,16 @@ def test_unreadable_file(tmp_path, vocab):
 
 
 PEAK = """
-import json, sys
+import resource, sys
 from bert_fast.data.prepare import PrepareSettings, prepare
-def peak_kib():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+def status_kib(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak: imports (torch) are not prepare's
-base = peak_kib()
+base = status_kib("VmHWM")
 prepare([sys.argv[1]], sys.argv[2], vocab=sys.argv[3],
-        settings=PrepareSettings(shard_tokens=int(sys.argv[4]), batch_chars=1 << 16))
-print(peak_kib() - base)
+        settings=PrepareSettings(shard_tokens=int(sys.argv[4]), batch_chars=1 << 16, workers=int(sys.argv[5])))
+# The largest worker's peak RSS (0 without workers): forked, so it counts pages shared with this one.
+print(status_kib("VmHWM") - base, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 """
 
 
@@ -210,22 +256,28 @@ print(peak_kib() - base)
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc peak-RSS reset")
 def test_prepare_memory_does_not_grow_with_the_corpus(tmp_path, vocab):
     """Peak RSS growth during prepare (VmHWM after resetting it; getrusage's ru_maxrss would only
-    show the torch import) at 1x and 4x the input: flat with 20k-token shards, while a single
-    shard holding the whole corpus does grow, which shows the measurement can see growth."""
+    show the torch import) at 1x and 4x the input, in one process and with 2 worker processes
+    (the parent's and the largest worker's peak): flat with 20k-token shards, while a single shard
+    holding the whole corpus does grow by more than the tolerance (by about its token arrays),
+    which shows the measurement can see growth."""
     for scale in (1, 4):
         write_text(tmp_path / f"in{scale}.txt", text_documents(3000 * scale, seed=scale))
 
-    def peak(scale, shard_tokens):
+    def peak(scale, shard_tokens, workers):
         result = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path / f"in{scale}.txt"),
-                                 str(tmp_path / f"out{scale}_{shard_tokens}"), str(vocab), str(shard_tokens)],
-                                capture_output=True, text=True, check=True)
-        return int(result.stdout.split()[-1])
+                                 str(tmp_path / f"out{scale}_{shard_tokens}_{workers}"), str(vocab),
+                                 str(shard_tokens), str(workers)], capture_output=True, text=True, check=True)
+        return [int(v) for v in result.stdout.split()[-2:]]
 
-    small, large, one_shard = peak(1, 20000), peak(4, 20000), peak(4, 10**9)
     mib = (tmp_path / "in4.txt").stat().st_size / 2**20
-    print(f"peak growth KiB: 1x {small}, 4x {large}, 4x in one shard {one_shard}; 4x input {mib:.1f} MiB")
-    assert large - small < 2048, (small, large)
-    assert one_shard - large > 4096, (large, one_shard)
+    for workers in (1, 2):
+        (small, small_child), (large, large_child) = peak(1, 20000, workers), peak(4, 20000, workers)
+        one_shard = peak(4, 10**9, workers)[0]
+        print(f"{workers} worker(s), peak growth KiB: 1x {small}, 4x {large}, 4x in one shard {one_shard}; "
+              f"largest worker's peak KiB: 1x {small_child}, 4x {large_child}; 4x input {mib:.1f} MiB")
+        assert large - small < 2048, (small, large)
+        assert abs(large_child - small_child) < 2048, (small_child, large_child)
+        assert one_shard - large > 2048, (large, one_shard)
 
 
 @pytest.mark.skipif(not native_available(), reason="bert_fast._data is not built")
@@ -257,8 +309,11 @@ def test_command_line(tmp_path, vocab, capsys):
 
     write_text(tmp_path / "a.txt", text_documents(30))
     assert main(["data", "prepare", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out"),
-                 "--vocab", str(vocab), "--shard-tokens", "500"]) == 0
+                 "--vocab", str(vocab), "--shard-tokens", "500", "--workers", "2"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["documents"] == 30 and summary["shards"] == len(PreparedCorpus(tmp_path / "out").manifest["shards"])
     assert main(["data", "prepare", "--input", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "o")]) == 1
     assert "error: input file" in capsys.readouterr().err
+    assert main(["data", "prepare", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "o"),
+                 "--workers", "-1"]) == 1
+    assert "error: workers must be an int >= 0, got -1" in capsys.readouterr().err

@@ -5,11 +5,14 @@ Input formats (by extension, or `fmt`):
 - JSONL (`.jsonl`, `.json`): one document per line, its `text` field cut into sentences at line
   breaks and by `corpus.split_sentences` (., ! or ? then whitespace then a capital, digit or quote).
 
-It streams: inputs are read line by line (a line longer than `max_line_chars` bytes is skipped
-without being held in memory), tokenized in batches of about `batch_chars` characters (ASCII
-sentences by the C++ WordPiece in csrc/data/wordpiece.cpp, which gives the `tokenizers` library's
-ids ~20x faster; the others by `tokenizers` itself; both on all cores), and written as shards of
-about `shard_tokens` tokens, so memory is bounded by the batch and shard sizes, not the corpus.
+It streams and uses every core: each input file is cut into chunks of about `batch_chars` bytes at
+document boundaries (a blank line in text, any line in JSONL), and a pool of `workers` processes
+reads, splits and tokenizes whole chunks (ASCII sentences by the C++ WordPiece in
+csrc/data/wordpiece.cpp, which gives the `tokenizers` library's ids ~20x faster; the others by
+`tokenizers` itself). The parent takes the chunks back in input order (at most two per worker in
+flight), cuts them into shards of about `shard_tokens` tokens and writes them, so the output does
+not depend on the number of workers, and memory is bounded by the chunk and shard sizes, not the
+corpus. A line longer than `max_line_chars` bytes is skipped without being held in memory.
 Skips are counted, logged, and recorded in the manifest: non-UTF-8 bytes (replaced by U+FFFD, with
 a warning naming the file), over-long lines, bad JSON lines, sentences with no tokens, documents
 with fewer than `min_sentences` sentences. Re-running with the same inputs and settings keeps
@@ -19,13 +22,18 @@ left as it is.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
+import multiprocessing
 import os
 import shutil
+import signal
 import warnings
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -46,6 +54,10 @@ from bert_fast.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger("bert_fast.data")
 SUFFIXES = (".txt", ".jsonl", ".json")
+# What each kept document carries into its shard's counts: its bytes, its empty sentences, and the
+# documents dropped and lines skipped since the previous kept document.
+COUNTS = ("bytes", "empty_sentences", "short_documents", "non_utf8_lines", "long_lines", "bad_json_lines")
+ALWAYS_COUNTED = ("bytes", "empty_sentences")  # in a shard's counts even when 0
 
 
 @dataclass(frozen=True)
@@ -55,12 +67,15 @@ class PrepareSettings:
     min_sentences: int = 2
     lowercase: bool = True
     vocab_size: int = 30522          # when a vocab is trained
-    batch_chars: int = 1 << 20
-    threads: int = 0                 # tokenizer threads (0: all cores); does not change the output
+    batch_chars: int = 1 << 20       # bytes of input per chunk (a worker's unit of work)
+    threads: int = 0                 # tokenizer threads per worker (0: all cores with 1 worker, else 1)
+    workers: int = 0                 # processes (0: all cores); neither changes the output
 
     def __post_init__(self):
-        if not isinstance(self.threads, int) or self.threads < 0:
-            raise ValueError(f"threads must be an int >= 0, got {self.threads!r}")
+        for name in ("threads", "workers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         for name in ("shard_tokens", "max_line_chars", "min_sentences", "vocab_size", "batch_chars"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -95,68 +110,106 @@ def _input_files(inputs, fmt: str) -> list[tuple[Path, str]]:
     return files
 
 
-def read_documents(files, max_line_chars: int, start=(0, 0)):
-    """Yields (sentences, position after the document, skip counts since the previous document)
-    from `files` [(path, kind)], starting at `start` = (file index, byte offset)."""
-    counts = Counter()
-    for index in range(start[0], len(files)):
-        path, kind = files[index]
-        replaced = 0
-        with open(path, "rb") as f:
-            f.seek(start[1] if index == start[0] else 0)
-            doc: list[str] = []
-            while True:
+def _read_range(files, index: int, begin: int, stop: int, max_line_chars: int):
+    """Yields (sentences, position after the document, (non_utf8_lines, long_lines, bad_json_lines)
+    since the previous document) for the documents of file `index` of `files` [(path, kind)] that
+    lie in bytes [begin, stop) (both at document boundaries); a last (None, None, skips) when
+    lines were skipped after the last document."""
+    path, kind = files[index]
+    non_utf8 = long = bad_json = 0
+    doc: list[str] = []
+    with open(path, "rb") as f:
+        f.seek(begin)
+        offset = begin
+        while offset < stop:
+            line = f.readline(max_line_chars + 1)
+            if not line:
+                break
+            start, offset = offset, offset + len(line)
+            if len(line) > max_line_chars and not line.endswith(b"\n"):
+                _to_line_end(f, line)  # drop the rest without holding it
                 offset = f.tell()
-                line = f.readline(max_line_chars + 1)
-                if not line:
-                    break
-                if len(line) > max_line_chars and not line.endswith(b"\n"):
-                    while line and not line.endswith(b"\n"):  # drop the rest without holding it
-                        line = f.readline(1 << 20)
-                    counts["long_lines"] += 1
-                    log.info("%s: skipped a line over %d bytes at byte %d", path, max_line_chars, offset)
+                long += 1
+                log.info("%s: skipped a line over %d bytes at byte %d", path, max_line_chars, start)
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = line.decode("utf-8", errors="replace")
+                non_utf8 += 1
+            if kind == "jsonl":
+                if not text.strip():
                     continue
                 try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    text = line.decode("utf-8", errors="replace")
-                    replaced += 1
-                    counts["non_utf8_lines"] += 1
-                if kind == "jsonl":
-                    if not text.strip():
-                        continue
-                    try:
-                        value = json.loads(text)
-                        body = value["text"] if isinstance(value, dict) else None
-                        if not isinstance(body, str):
-                            raise ValueError("no string 'text' field")
-                    except (ValueError, KeyError) as err:
-                        counts["bad_json_lines"] += 1
-                        log.info("%s: skipped a bad JSONL line at byte %d (%s)", path, offset, err)
-                        continue
-                    sentences = [s for part in body.splitlines() for s in split_sentences(part)]
-                    yield sentences, (index, f.tell()), counts
-                    counts = Counter()
+                    value = json.loads(text)
+                    body = value["text"] if isinstance(value, dict) else None
+                    if not isinstance(body, str):
+                        raise ValueError("no string 'text' field")
+                except (ValueError, KeyError) as err:
+                    bad_json += 1
+                    log.info("%s: skipped a bad JSONL line at byte %d (%s)", path, start, err)
                     continue
-                text = text.strip()
-                if text:
-                    doc.append(text)
-                elif doc:
-                    yield doc, (index, f.tell()), counts
-                    doc, counts = [], Counter()
-            if doc:
-                yield doc, (index + 1, 0), counts
-                counts = Counter()
-        if replaced:
-            warnings.warn(f"{path}: {replaced} line(s) had bytes that are not UTF-8; replaced by U+FFFD",
-                          stacklevel=2)
-    if counts:
-        yield None, (len(files), 0), counts
+                sentences = [s for part in body.splitlines() for s in split_sentences(part)]
+                yield sentences, (index, offset), (non_utf8, long, bad_json)
+                non_utf8 = long = bad_json = 0
+                continue
+            text = text.strip()
+            if text:
+                doc.append(text)
+            elif doc:
+                yield doc, (index, offset), (non_utf8, long, bad_json)
+                doc, non_utf8, long, bad_json = [], 0, 0, 0
+    if doc:  # the file ends without a blank line
+        yield doc, (index + 1, 0), (non_utf8, long, bad_json)
+    elif non_utf8 or long or bad_json:
+        yield None, None, (non_utf8, long, bad_json)
+
+
+def _to_line_end(f, line: bytes = b"") -> None:
+    """Reads on to the end of the line that `line` began (from the current position when empty),
+    1 MiB at a time, so an over-long line is never held in memory."""
+    while not line.endswith(b"\n"):
+        line = f.readline(1 << 20)
+        if not line:
+            return
+
+
+def _chunks(files, start: tuple[int, int], chunk_bytes: int, max_line_chars: int):
+    """(file index, begin, stop) of consecutive pieces of the inputs from `start`: a piece ends at
+    the first document boundary (after a blank line in text, after any line in JSONL, as
+    `_read_range` reads lines) at least `chunk_bytes` after its start, or at the end of its file."""
+    for index in range(start[0], len(files)):
+        path, kind = files[index]
+        size = path.stat().st_size
+        begin = start[1] if index == start[0] else 0
+        with open(path, "rb") as f:
+            while begin < size:
+                f.seek(min(begin + chunk_bytes, size) - 1)
+                _to_line_end(f)
+                while kind == "text":
+                    line = f.readline(max_line_chars + 1)
+                    if not line:
+                        break
+                    if len(line) > max_line_chars and not line.endswith(b"\n"):
+                        _to_line_end(f, line)
+                    elif not line.decode("utf-8", errors="replace").strip():
+                        break
+                stop = f.tell()
+                yield index, begin, stop
+                begin = stop
+
+
+def read_documents(files, max_line_chars: int):
+    """Yields the documents (lists of sentences) of `files` [(path, kind)] in order."""
+    for index, (path, _) in enumerate(files):
+        for sentences, _, _ in _read_range(files, index, 0, path.stat().st_size, max_line_chars):
+            if sentences is not None:
+                yield sentences
 
 
 def _output_settings(settings: PrepareSettings) -> dict:
-    """The settings that decide the output (thread count and batch size do not)."""
-    return {k: v for k, v in asdict(settings).items() if k not in ("threads", "batch_chars")}
+    """The settings that decide the output (threads, workers and chunk size do not)."""
+    return {k: v for k, v in asdict(settings).items() if k not in ("threads", "workers", "batch_chars")}
 
 
 def _fingerprint(files, settings: PrepareSettings, vocab_sha: str) -> str:
@@ -172,9 +225,8 @@ def train_vocab(files, output: Path, settings: PrepareSettings) -> Path:
     from tokenizers import BertWordPieceTokenizer
 
     def texts():
-        for sentences, _, _ in read_documents(files, settings.max_line_chars):
-            if sentences:
-                yield from sentences
+        for sentences in read_documents(files, settings.max_line_chars):
+            yield from sentences
 
     tokenizer = BertWordPieceTokenizer(lowercase=settings.lowercase)
     tokenizer.train_from_iterator(texts(), vocab_size=settings.vocab_size, min_frequency=2,
@@ -235,57 +287,163 @@ class _Tokenizer:
         return ids, lengths
 
 
+@dataclass
+class _Part:
+    """Kept documents of a chunk, tokenized, in input order."""
+    tokens: np.ndarray         # the vocab's dtype [T]
+    lengths: np.ndarray        # int64 [S], tokens per kept sentence
+    doc_sentences: np.ndarray  # int64 [D], kept sentences per document
+    doc_tokens: np.ndarray     # int64 [D]
+    ends: np.ndarray           # int64 [D, 2], input position (file index, byte) after each document
+    counts: np.ndarray         # int64 [D, len(COUNTS)], what each document carries into its shard
+
+    def split(self, n: int) -> tuple[_Part, _Part]:
+        """(the first n documents, the rest)."""
+        s, t = int(self.doc_sentences[:n].sum()), int(self.doc_tokens[:n].sum())
+        return (_Part(self.tokens[:t], self.lengths[:s], self.doc_sentences[:n], self.doc_tokens[:n],
+                      self.ends[:n], self.counts[:n]),
+                _Part(self.tokens[t:], self.lengths[s:], self.doc_sentences[n:], self.doc_tokens[n:],
+                      self.ends[n:], self.counts[n:]))
+
+
+class _ChunkTokenizer:
+    """A worker's job: one chunk of the input -> (its kept documents as a _Part, the counts after
+    its last kept document, the number of non-UTF-8 lines)."""
+
+    def __init__(self, vocab: Path, files, settings: PrepareSettings, threads: int):
+        self.tok = _Tokenizer(vocab, settings.lowercase, threads)
+        self.files, self.settings = files, settings
+
+    def __call__(self, chunk: tuple[int, int, int]) -> tuple[_Part, np.ndarray, int]:
+        docs, ends, skips, tail = [], [], [], np.zeros(len(COUNTS), dtype=np.int64)
+        for sentences, end, skipped in _read_range(self.files, *chunk, self.settings.max_line_chars):
+            if sentences is None:
+                tail[3:] += skipped
+            else:
+                docs.append(sentences)
+                ends.append(end)
+                skips.append(skipped)
+        sentences = list(itertools.chain.from_iterable(docs))
+        ids, lengths = self.tok(sentences) if sentences else (np.zeros(0, self.tok.dtype), np.zeros(0, int))
+        per_doc = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        doc_of = np.repeat(np.arange(len(docs)), per_doc)
+        nonempty = lengths > 0
+        kept = np.bincount(doc_of[nonempty], minlength=len(docs))
+        keep = kept >= self.settings.min_sentences
+        rows = np.zeros((len(docs), len(COUNTS)), dtype=np.int64)
+        # A document's bytes: each sentence's UTF-8 and a line break.
+        rows[:, 0] = [len("\n".join(d).encode()) + 1 if d else 0 for d in docs]
+        rows[:, 1] = per_doc - kept
+        rows[:, 2] = ~keep
+        if docs:
+            rows[:, 3:] = skips
+        # Each row goes to the first kept document at or after it; rows after the last to the tail.
+        owner = np.cumsum(keep) - keep
+        counts = np.zeros((int(keep.sum()) + 1, len(COUNTS)), dtype=np.int64)
+        np.add.at(counts, owner, rows)
+        non_utf8 = int(rows[:, 3].sum() + tail[3])
+        tail += counts[-1]
+        keep_sentence = nonempty & keep[doc_of]
+        doc_tokens = np.bincount(doc_of, weights=lengths, minlength=len(docs)).astype(np.int64)
+        part = _Part(tokens=ids[np.repeat(keep_sentence, lengths)], lengths=lengths[keep_sentence],
+                     doc_sentences=kept[keep], doc_tokens=doc_tokens[keep],
+                     ends=np.array(ends, dtype=np.int64).reshape(-1, 2)[keep], counts=counts[:-1])
+        return part, tail, non_utf8
+
+
+_WORKER: _ChunkTokenizer | None = None  # in a pool process
+
+
+def _start_worker(*args) -> None:
+    global _WORKER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    _WORKER = _ChunkTokenizer(*args)
+
+
+def _work(chunk):
+    return _WORKER(chunk)
+
+
+@contextlib.contextmanager
+def _tokenized(chunks, workers: int, args):
+    """An iterator over (chunk, _ChunkTokenizer(*args)(chunk)) in input order: in this process, or
+    from a pool of `workers` processes with at most two chunks per worker in flight (so results
+    never pile up, whatever the corpus size)."""
+    if workers == 1:
+        job = _ChunkTokenizer(*args)
+        yield ((chunk, job(chunk)) for chunk in chunks)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)  # fork: no re-imports
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=args)
+
+    def result(chunk, future):
+        try:
+            return chunk, future.result()
+        except BrokenProcessPool as err:
+            raise RuntimeError("a prepare worker process died (killed for lack of memory?); the complete "
+                               "shards are kept: run prepare again to resume") from err
+
+    def results():
+        pending = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(_work, chunk)))
+            if len(pending) >= 2 * workers:
+                yield result(*pending.popleft())
+        while pending:
+            yield result(*pending.popleft())
+
+    try:
+        yield results()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _ShardWriter:
     """Collects tokenized documents and writes a shard each time `shard_tokens` are reached."""
 
-    def __init__(self, output: Path, tokenizer: _Tokenizer, settings: PrepareSettings, fingerprint: str,
+    def __init__(self, output: Path, words: list[str], settings: PrepareSettings, fingerprint: str,
                  first_shard: int, stats: Counter):
-        self.output, self.tok, self.settings, self.fingerprint = output, tokenizer, settings, fingerprint
+        self.output, self.settings, self.fingerprint = output, settings, fingerprint
+        self.word_start = np.array([not w.startswith("##") for w in words], dtype=np.uint8)
         self.next_shard, self.stats = first_shard, stats  # stats: totals up to the last written shard
-        self.docs: list[tuple] = []  # (ids, sentence lengths, position, counts) per kept document
+        self.parts: list[_Part] = []
         self.tokens = 0
-        self.carry = Counter()       # counts of dropped documents, credited to the next kept one
+        self.carry = np.zeros(len(COUNTS), dtype=np.int64)  # counts since the last kept document
 
-    def add_batch(self, batch: list[tuple]) -> None:
-        sentences = [s for doc, _, _ in batch for s in doc]
-        ids, lengths = self.tok(sentences)
-        ends = np.cumsum(lengths)
-        s0 = 0
-        for doc, position, counts in batch:
-            s1 = s0 + len(doc)
-            lens = lengths[s0:s1]
-            t0 = int(ends[s0 - 1]) if s0 else 0
-            doc_ids = ids[t0:t0 + int(lens.sum())]
-            s0 = s1
-            self.carry.update(counts)
-            self.carry["bytes"] += sum(len(s.encode()) + 1 for s in doc)
-            kept = lens[lens > 0]
-            self.carry["empty_sentences"] += len(lens) - len(kept)
-            if len(kept) < self.settings.min_sentences:
-                self.carry["short_documents"] += 1
-                continue
-            self.docs.append((doc_ids, kept, position, self.carry))
-            self.carry = Counter()
-            self.tokens += len(doc_ids)
-            if self.tokens >= self.settings.shard_tokens:
-                self.flush()
+    def add(self, part: _Part, tail: np.ndarray) -> None:
+        if not len(part.doc_tokens):
+            self.carry += tail
+            return
+        part.counts[0] += self.carry
+        self.carry = tail
+        while len(part.doc_tokens):
+            reached = self.tokens + np.cumsum(part.doc_tokens)
+            n = int(np.searchsorted(reached, self.settings.shard_tokens)) + 1  # documents up to the size
+            if n > len(reached):
+                self.parts.append(part)
+                self.tokens = int(reached[-1])
+                return
+            head, part = part.split(n)
+            self.parts.append(head)
+            self.flush()
 
     def flush(self) -> None:
-        if not self.docs:
+        if not self.parts:
             return
-        docs, self.docs, self.tokens = self.docs, [], 0
-        tokens = np.concatenate([d[0] for d in docs])
-        lengths = np.concatenate([d[1] for d in docs])
+        parts, self.parts, self.tokens = self.parts, [], 0
+        tokens = np.concatenate([p.tokens for p in parts])
+        lengths = np.concatenate([p.lengths for p in parts])
+        doc_sentences = np.concatenate([p.doc_sentences for p in parts])
         arrays = {
             "tokens": tokens,
-            "word_starts": self.tok.word_start[tokens],
+            "word_starts": self.word_start[tokens],
             "sentences": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            "documents": np.concatenate([[0], np.cumsum([len(d[1]) for d in docs])]).astype(np.int64),
+            "documents": np.concatenate([[0], np.cumsum(doc_sentences)]).astype(np.int64),
         }
-        counts = Counter()
-        for d in docs:
-            counts.update(d[3])
-        counts.update(documents=len(docs), sentences=len(lengths), tokens=len(tokens))
+        summed = sum(p.counts.sum(axis=0) for p in parts)
+        counts = {k: int(v) for k, v in zip(COUNTS, summed) if v or k in ALWAYS_COUNTED}
+        counts.update(documents=len(doc_sentences), sentences=len(lengths), tokens=len(tokens))
         name = shard_name(self.next_shard)
         files = {}
         for key in ARRAYS:
@@ -293,11 +451,11 @@ class _ShardWriter:
             _write_array(path, arrays[key])
             files[key] = {"file": path.name, "sha256": sha256_file(path)}
         self.stats.update(counts)
-        record = {"name": name, "fingerprint": self.fingerprint, "end": list(docs[-1][2]),
+        record = {"name": name, "fingerprint": self.fingerprint, "end": [int(v) for v in parts[-1].ends[-1]],
                   "counts": dict(sorted(counts.items())), "totals": dict(sorted(self.stats.items())),
                   "files": files}
         atomic_write_text(self.output / f"{name}.json", json.dumps(record, indent=1))
-        log.info("wrote %s: %d documents, %d tokens", name, len(docs), len(tokens))
+        log.info("wrote %s: %d documents, %d tokens", name, len(doc_sentences), len(tokens))
         self.next_shard += 1
 
 
@@ -305,6 +463,10 @@ def _write_array(path: Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, array)
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _complete_shards(output: Path, fingerprint: str) -> list[dict]:
@@ -362,24 +524,24 @@ def prepare(inputs, output: str | Path, vocab: str | Path | None = None, fmt: st
             stale.unlink()
     start = tuple(records[-1]["end"]) if records else (0, 0)
     stats = Counter(records[-1]["totals"]) if records else Counter()
-    tokenizer = _Tokenizer(vocab_file, settings.lowercase, settings.threads)
-    writer = _ShardWriter(output, tokenizer, settings, fingerprint, len(records), stats)
-    batch, chars = [], 0
-    for sentences, position, counts in read_documents(files, settings.max_line_chars, start):
-        if sentences is None:
-            writer.carry.update(counts)
-            continue
-        batch.append((sentences, position, counts))
-        chars += sum(map(len, sentences))
-        if chars >= settings.batch_chars:
-            writer.add_batch(batch)
-            batch, chars = [], 0
-    if batch:
-        writer.add_batch(batch)
+    writer = _ShardWriter(output, words, settings, fingerprint, len(records), stats)
+    # Enough workers for the chunks left, each with one tokenizer thread unless it is alone.
+    left = sum(p.stat().st_size for p, _ in files[start[0]:]) - start[1]
+    workers = max(1, min(settings.workers or _cores(), -(-left // settings.batch_chars)))
+    args = (vocab_file, files, settings, settings.threads or (0 if workers == 1 else 1))
+    non_utf8 = Counter()
+    chunks = _chunks(files, start, settings.batch_chars, settings.max_line_chars)
+    with _tokenized(chunks, workers, args) as parts:
+        for (index, _, stop), (part, tail, replaced) in parts:
+            writer.add(part, tail)
+            non_utf8[index] += replaced
+            if stop == files[index][0].stat().st_size and non_utf8[index]:
+                warnings.warn(f"{files[index][0]}: {non_utf8[index]} line(s) had bytes that are not UTF-8; "
+                              "replaced by U+FFFD", stacklevel=2)
     writer.flush()
     records = _complete_shards(output, fingerprint)
     totals = Counter(records[-1]["totals"]) if records else Counter()
-    totals.update(writer.carry)
+    totals.update({k: int(v) for k, v in zip(COUNTS, writer.carry)})
     if not records:
         raise ValueError(f"no documents left in {[str(p) for p, _ in files]}: every document was empty or "
                          f"had fewer than {settings.min_sentences} sentences (skips: {dict(totals)})")
@@ -393,7 +555,7 @@ def prepare(inputs, output: str | Path, vocab: str | Path | None = None, fmt: st
         "inputs": [{"file": str(p), "format": kind, "bytes": p.stat().st_size} for p, kind in files],
         "settings": _output_settings(settings),
         "vocab": {"file": vocab_file.name, "sha256": vocab_sha, "size": len(words), **special_ids(words)},
-        "token_dtype": str(tokenizer.dtype),
+        "token_dtype": str(token_dtype(len(words))),
         "totals": {k: totals[k] for k in ("documents", "sentences", "tokens", "bytes")},
         "skipped": skipped,
         "shards": [{"name": r["name"], **{k: r["counts"][k] for k in ("documents", "sentences", "tokens")},
