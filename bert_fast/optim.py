@@ -217,6 +217,28 @@ class _Fused(torch.optim.Optimizer):
                                                dtype=torch.int64).reshape(-1, 4)
         return self._segments[key]
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        live = [(g, ps) for g in self.param_groups if (ps := self._live(g))]
+        clip = {}  # one global grad-norm clip factor per device, over every live group
+        for group, params in live:
+            group["step"] += 1
+            for ps in self._buckets(params):
+                device = ps[0].device
+                if device not in clip:
+                    clip[device] = self._clip([g for g, _ in live], device)
+                tensors = self._lists(ps, [self._state(p) for p in ps])
+                self._update(group, ps, tensors, clip[device])
+        return loss
+
+    def _update(self, group, ps, tensors, clip) -> None:
+        """One fused update of the bucket `ps` (masters, copies, grads, exp_avg, exp_avg_sq)."""
+        raise NotImplementedError
+
     def load_state_dict(self, state_dict):
         # torch casts loaded floating state to each parameter's dtype; the fused optimizers keep
         # float32 master weights and moments even for bf16/fp16 parameters, so restore those.
@@ -247,42 +269,23 @@ class FusedLAMB(_Fused):
                         adam_w_mode=bool(adam_w_mode), use_nvlamb=bool(use_nvlamb))
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        live = [(g, self._live(g)) for g in self.param_groups]
-        live = [(g, ps) for g, ps in live if ps]
-        if not live:
-            return loss
-        clip = {}
-        for group, params in live:
-            group["step"] += 1
-            b1, b2 = group["betas"]
-            step = group["step"]
-            bc1, bc2 = ((1.0 - b1 ** step, 1.0 - b2 ** step) if group["bias_correction"] else (1.0, 1.0))
-            hp = (b1, b2, group["eps"], group["weight_decay"], bc1, bc2, group["adam_w_mode"])
-            adaptive = group["use_nvlamb"] or group["weight_decay"] != 0
-            for ps in self._buckets(params):
-                device = ps[0].device
-                if device not in clip:
-                    clip[device] = self._clip([g for g, _ in live], device)
-                states = [self._state(p) for p in ps]
-                masters, copies, grads, ms, vs = self._lists(ps, states)
-                layout = self._zero.get(id(ps[0]))
-                if layout is None:
-                    segments, slots = self._whole_segments(ps), len(ps)
-                else:
-                    segments, slots = layout.segments, layout.num_slots
-                norms = torch.ops.bert_fast.lamb_phase1(masters, grads, ms, vs, segments, slots,
-                                                        clip[device], *hp)
-                if layout is not None:
-                    torch.distributed.all_reduce(norms, group=layout.group)
-                step_sizes = lamb_step_sizes(norms, group["lr"], adaptive)
-                torch.ops.bert_fast.lamb_phase2(masters, copies, ms, vs, segments, step_sizes, *hp)
-        return loss
+    def _update(self, group, ps, tensors, clip):
+        masters, copies, grads, ms, vs = tensors
+        b1, b2 = group["betas"]
+        step = group["step"]
+        bc1, bc2 = ((1.0 - b1 ** step, 1.0 - b2 ** step) if group["bias_correction"] else (1.0, 1.0))
+        hp = (b1, b2, group["eps"], group["weight_decay"], bc1, bc2, group["adam_w_mode"])
+        adaptive = group["use_nvlamb"] or group["weight_decay"] != 0
+        layout = self._zero.get(id(ps[0]))
+        if layout is None:
+            segments, slots = self._whole_segments(ps), len(ps)
+        else:
+            segments, slots = layout.segments, layout.num_slots
+        norms = torch.ops.bert_fast.lamb_phase1(masters, grads, ms, vs, segments, slots, clip, *hp)
+        if layout is not None:
+            torch.distributed.all_reduce(norms, group=layout.group)
+        step_sizes = lamb_step_sizes(norms, group["lr"], adaptive)
+        torch.ops.bert_fast.lamb_phase2(masters, copies, ms, vs, segments, step_sizes, *hp)
 
 
 def lamb_step_sizes(norms: torch.Tensor, lr: float, adaptive: bool) -> torch.Tensor:
@@ -314,29 +317,13 @@ class FusedAdamW(_Fused):
         _check_params(params)
         return params
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        live = [(g, self._live(g)) for g in self.param_groups]
-        live = [(g, ps) for g, ps in live if ps]
-        clip = {}
-        for group, params in live:
-            group["step"] += 1
-            b1, b2 = group["betas"]
-            step = group["step"]
-            for ps in self._buckets(params):
-                device = ps[0].device
-                if device not in clip:
-                    clip[device] = self._clip([g for g, _ in live], device)
-                states = [self._state(p) for p in ps]
-                masters, copies, grads, ms, vs = self._lists(ps, states)
-                torch.ops.bert_fast.adamw_step(masters, copies, grads, ms, vs, clip[device], group["lr"],
-                                               b1, b2, group["eps"], group["weight_decay"],
-                                               1.0 - b1 ** step, 1.0 - b2 ** step)
-        return loss
+    def _update(self, group, ps, tensors, clip):
+        masters, copies, grads, ms, vs = tensors
+        b1, b2 = group["betas"]
+        step = group["step"]
+        torch.ops.bert_fast.adamw_step(masters, copies, grads, ms, vs, clip, group["lr"], b1, b2,
+                                       group["eps"], group["weight_decay"], 1.0 - b1 ** step,
+                                       1.0 - b2 ** step)
 
 
 class LAMBReference(torch.optim.Optimizer):

@@ -36,6 +36,7 @@ from bert_fast.kernels.layernorm import (
     DTYPES,
     MAX_HIDDEN,
     _dropout_keep,
+    _layer_norm_row,
     as_rows,
     backward_programs,
     block_config,
@@ -76,14 +77,7 @@ def _embeddings_fwd_kernel(
     h = tl.load(Word + word_id * stride_word_row + cols, mask=mask, other=0.0).to(tl.float32)
     h += tl.load(TokenType + type_id * stride_type_row + cols, mask=mask, other=0.0).to(tl.float32)
     h += tl.load(Position + pos_id * stride_pos_row + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(h, axis=0) / N
-    hc = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / N + eps)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
-    w = tl.load(W + cols, mask=mask).to(tl.float32)
-    b = tl.load(B + cols, mask=mask).to(tl.float32)
-    y = hc * rstd * w + b
+    y = _layer_norm_row(h, cols, mask, N, eps, W, B, Mean, Rstd, row)
     if HAS_DROPOUT:
         keep = _dropout_keep(tl.load(Seed), row * N + cols, dropout_p)
         y = tl.where(keep, y / (1.0 - dropout_p), 0.0)

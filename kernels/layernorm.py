@@ -54,6 +54,20 @@ def _dropout_keep(seed, offsets, dropout_p):
 
 
 @triton.jit
+def _layer_norm_row(h, cols, mask, N, eps, W, B, Mean, Rstd, row):
+    """LayerNorm of one float32 row held in registers: stores its mean and rstd, returns
+    gamma * xhat + beta. Shared with the embeddings kernel."""
+    mean = tl.sum(h, axis=0) / N
+    hc = tl.where(mask, h - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / N + eps)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+    w = tl.load(W + cols, mask=mask).to(tl.float32)
+    b = tl.load(B + cols, mask=mask).to(tl.float32)
+    return hc * rstd * w + b
+
+
+@triton.jit
 def _add_layer_norm_fwd_kernel(
     X,  # [M, N] input (the GEMM output)
     XBias,  # [N] bias added to X before dropout (read only if HAS_X_BIAS)
@@ -86,14 +100,7 @@ def _add_layer_norm_fwd_kernel(
         h = tl.where(keep, h / (1.0 - dropout_p), 0.0)
     if HAS_RESIDUAL:
         h += tl.load(Residual + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(h, axis=0) / N
-    hc = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / N + eps)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
-    w = tl.load(W + cols, mask=mask).to(tl.float32)
-    b = tl.load(B + cols, mask=mask).to(tl.float32)
-    y = hc * rstd * w + b
+    y = _layer_norm_row(h, cols, mask, N, eps, W, B, Mean, Rstd, row)
     tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
