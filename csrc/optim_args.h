@@ -64,8 +64,10 @@ inline std::vector<OptimChunk> make_chunks(const char* op, const at::Tensor& seg
     const int64_t t = s[4 * i], start = s[4 * i + 1], len = s[4 * i + 2], slot = s[4 * i + 3];
     TORCH_CHECK_VALUE(t >= 0 && t < int64_t(params.size()), op, ": segments[", i,
                       "] names tensor ", t, " of ", params.size());
-    TORCH_CHECK_VALUE(start >= 0 && len >= 0 && start + len <= params[t].numel(), op,
-                      ": segments[", i, "] = [", start, ", ", start + len,
+    // Compared without forming start + len, which a corrupt segment could overflow.
+    TORCH_CHECK_VALUE(start >= 0 && len >= 0 && start <= params[t].numel() &&
+                          len <= params[t].numel() - start,
+                      op, ": segments[", i, "] (start ", start, ", length ", len,
                       ") lies outside params[", t, "] of ", params[t].numel(), " elements");
     TORCH_CHECK_VALUE(slot >= 0 && slot < num_slots, op, ": segments[", i, "] slot ", slot,
                       " is outside [0, ", num_slots, ")");

@@ -91,6 +91,25 @@ def test_samples_do_not_depend_on_rank_layout_or_batching(prepared):
         data.__getitems__([len(data)])
 
 
+def test_identical_shards_are_planned_independently(tmp_path):
+    """Two shards holding the same documents must not get the same pairs: planning draws are keyed
+    by the document's index within its shard, so each shard needs its own stream."""
+    write_vocab(tmp_path / "vocab.txt")
+    half = text_documents(60, seed=9, sentences=(2, 10))
+    write_text(tmp_path / "a.txt", half + half)
+    whole = prepare(tmp_path / "a.txt", tmp_path / "whole", vocab=tmp_path / "vocab.txt",
+                    settings=PrepareSettings(shard_tokens=10**9))
+    prepare(tmp_path / "a.txt", tmp_path / "two", vocab=tmp_path / "vocab.txt",
+            settings=PrepareSettings(shard_tokens=whole["totals"]["tokens"] // 2))
+    two = PreparedCorpus(tmp_path / "two")
+    assert two.num_shards == 2
+    shards = [two.shard(i) for i in range(2)]
+    assert all(np.array_equal(shards[0].tokens, s.tokens) and np.array_equal(shards[0].sentences, s.sentences)
+               for s in shards), "the two shards hold the same documents"
+    data = dataset(two, short_seq_prob=0.5)
+    assert not np.array_equal(data.plans[0], data.plans[1])
+
+
 def test_collate_matches_the_model_contract(prepared):
     from bert_fast import BertConfig, BertForPreTraining
 

@@ -84,6 +84,13 @@ def test_trains_a_vocab_when_none_is_given(tmp_path):
     words = (tmp_path / "out" / "vocab.txt").read_text().splitlines()
     assert words[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] and len(words) <= 200
     assert manifest["totals"]["documents"] == 300
+    # Asking for another vocab size trains again (the old vocab would not match the manifest's
+    # settings); the same settings reuse the trained vocab.
+    again = prepare(tmp_path / "a.txt", tmp_path / "out", settings=PrepareSettings(vocab_size=150))
+    assert again["vocab"]["size"] <= 150 < manifest["vocab"]["size"]
+    mtime = (tmp_path / "out" / "vocab.txt").stat().st_mtime_ns
+    assert prepare(tmp_path / "a.txt", tmp_path / "out", settings=PrepareSettings(vocab_size=150)) == again
+    assert (tmp_path / "out" / "vocab.txt").stat().st_mtime_ns == mtime
 
 
 def shard_files(folder: Path) -> dict:
@@ -141,6 +148,11 @@ def test_corrupted_shard_is_detected_and_rebuilt(tmp_path, vocab):
         corpus.shard(1)
     assert prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL) == manifest
     PreparedCorpus(tmp_path / "out").shard(1)
+    # A damaged manifest is named when read, and prepare writes it again.
+    (tmp_path / "out" / "manifest.json").write_text('{"format_version": 1, "shar')
+    with pytest.raises(ValueError, match="manifest.json is not valid JSON"):
+        PreparedCorpus(tmp_path / "out")
+    assert prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL) == manifest
 
 
 def test_vocab_that_does_not_match_the_manifest(tmp_path, vocab):
@@ -317,3 +329,25 @@ def test_command_line(tmp_path, vocab, capsys):
     assert main(["data", "prepare", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "o"),
                  "--workers", "-1"]) == 1
     assert "error: workers must be an int >= 0, got -1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not native_available(), reason="bert_fast._data is not built")
+def test_fast_path_reads_the_vocab_as_tokenizers_does(tmp_path):
+    """A word listed twice takes its last id, a trailing space is trimmed, and only "\\n" ends a
+    line (not \\x85 or \\x0c inside a word), as in `tokenizers`; a non-UTF-8 vocab is named."""
+    from bert_fast.data.prepare import _Tokenizer
+    from bert_fast.data.shards import read_vocab
+
+    path = tmp_path / "vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "a\x85b", "world", "hello", "x ", "c\x0cd", "z"]
+    path.write_bytes(("\r\n".join(words) + "\r\n").encode())
+    assert read_vocab(path) == words
+    tokenizer = _Tokenizer(path, lowercase=True)
+    sentences = ["hello world x z", "z hello", "x"]
+    ids, lengths = tokenizer(sentences)
+    ref = tokenizer.tokenizer.encode_batch(sentences, add_special_tokens=False)
+    assert ids.tolist() == [i for e in ref for i in e.ids] == [8, 7, 9, 11, 11, 8, 9]
+    assert lengths.tolist() == [len(e.ids) for e in ref]
+    path.write_bytes(b"[PAD]\n\xff\n")
+    with pytest.raises(ValueError, match="vocab.txt is not UTF-8"):
+        read_vocab(path)

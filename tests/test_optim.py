@@ -303,6 +303,9 @@ def test_bad_input_raises_naming_the_argument():
     with pytest.raises(ValueError, match="segments"):
         torch.ops.bert_fast.lamb_phase1([w], [w.clone()], [m], [m.clone()], torch.tensor([[0, 2, 5, 0]]), 1,
                                         clip, 0.9, 0.999, 1e-6, 0.0, 1.0, 1.0, True)
+    with pytest.raises(ValueError, match="segments"):  # start + length would overflow int64
+        torch.ops.bert_fast.lamb_phase1([w], [w.clone()], [m], [m.clone()], torch.tensor([[0, 2, 2**63 - 1, 0]]),
+                                        1, clip, 0.9, 0.999, 1e-6, 0.0, 1.0, 1.0, True)
     with pytest.raises(TypeError, match="exp_avg"):
         torch.ops.bert_fast.adamw_step([w], [], [w.clone()], [m.double()], [m.clone()], clip, 1e-3, 0.9,
                                        0.999, 1e-8, 0.0, 1.0, 1.0)

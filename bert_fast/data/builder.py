@@ -98,6 +98,10 @@ def fill(tokens: np.ndarray, word_starts: np.ndarray, doc_starts: np.ndarray, pl
 
     tokens: uint16 or int32 [T]; word_starts: uint8 [T] (1 where a word begins); doc_starts:
     int64 token offsets where documents begin (for `none`'s [SEP]s)."""
+    if not isinstance(settings, SampleSettings):
+        raise TypeError(f"settings must be a SampleSettings, got {type(settings).__name__}")
+    if not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
     if not isinstance(tokens, np.ndarray) or tokens.dtype not in (np.uint16, np.int32) or tokens.ndim != 1:
         raise TypeError("tokens must be a 1-D uint16 or int32 numpy array")
     if not isinstance(word_starts, np.ndarray) or word_starts.shape != tokens.shape:

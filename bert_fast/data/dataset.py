@@ -11,11 +11,14 @@ ties them together over epochs and keeps the position that goes into checkpoints
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bert_fast.data import builder
+from bert_fast.data.rng import DOMAIN_SHARD, stream_key
 from bert_fast.data.settings import IGNORE_INDEX, SampleSettings
 from bert_fast.data.shards import PreparedCorpus
 
@@ -45,10 +48,16 @@ class PretrainingDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         if epoch == self.epoch:
             return
-        self.plans = [builder.plan(np.asarray(s.sentences), np.asarray(s.documents), self.settings, epoch,
-                                   self.backend, threads=0) for s in self.shards]
+        self.plans = [builder.plan(np.asarray(s.sentences), np.asarray(s.documents), self._plan_settings(i),
+                                   epoch, self.backend, threads=0) for i, s in enumerate(self.shards)]
         self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.plans])]).astype(np.int64)
         self.epoch = epoch
+
+    def _plan_settings(self, shard: int) -> SampleSettings:
+        """Planning draws are keyed by the document's index in its shard, so every shard plans with
+        its own seed; with one seed, document d of every shard would draw the same stream (same
+        short-target choice, same random-next decisions)."""
+        return replace(self.settings, seed=stream_key(self.settings.seed, 0, shard, DOMAIN_SHARD) >> 1)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])

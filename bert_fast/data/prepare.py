@@ -220,6 +220,15 @@ def _fingerprint(files, settings: PrepareSettings, vocab_sha: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _vocab_key(files, settings: PrepareSettings) -> str:
+    """What a trained vocab depends on: the inputs and the settings `train_vocab` uses."""
+    import hashlib
+
+    stat = [(str(p), kind, p.stat().st_size, p.stat().st_mtime_ns) for p, kind in files]
+    text = json.dumps([stat, settings.vocab_size, settings.lowercase, settings.max_line_chars])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def train_vocab(files, output: Path, settings: PrepareSettings) -> Path:
     """A WordPiece vocab trained on the inputs with `tokenizers` (streamed), saved as vocab.txt."""
     from tokenizers import BertWordPieceTokenizer
@@ -250,7 +259,9 @@ class _Tokenizer:
         self.words = read_vocab(vocab)
         self.tokenizer = BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
         unk = special_ids(self.words)["unk_id"]
-        self.fast = None if _data is None else _data.WordPiece(self.words, lowercase, unk)
+        # `tokenizers` trims the end of every vocab line; the fast path must see the same words.
+        trimmed = [w.rstrip() for w in self.words]
+        self.fast = None if _data is None else _data.WordPiece(trimmed, lowercase, unk)
         self.dtype = token_dtype(len(self.words))
         self.threads = threads
         self.word_start = np.array([not w.startswith("##") for w in self.words], dtype=np.uint8)
@@ -480,7 +491,7 @@ def _complete_shards(output: Path, fingerprint: str) -> list[dict]:
             record = json.loads(path.read_text())
         except ValueError:
             return records
-        if record.get("fingerprint") != fingerprint:
+        if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
             return records
         for entry in record["files"].values():
             file = output / entry["file"]
@@ -498,22 +509,32 @@ def prepare(inputs, output: str | Path, vocab: str | Path | None = None, fmt: st
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     vocab_file = output / "vocab.txt"
+    trained = output / "vocab.train.json"  # what a trained vocab.txt was trained from
     if vocab is not None:
         words = read_vocab(Path(vocab))
         if not vocab_file.is_file() or sha256_file(vocab_file) != sha256_file(Path(vocab)):
             with atomic_path(vocab_file) as tmp:
                 shutil.copyfile(vocab, tmp)
-    elif not vocab_file.is_file():
-        train_vocab(files, output, settings)
+        trained.unlink(missing_ok=True)
+    else:
+        # A vocab trained on other inputs or with another vocab_size/lowercase is trained again.
+        key = _vocab_key(files, settings)
+        if not vocab_file.is_file() or (trained.is_file() and trained.read_text() != key):
+            trained.unlink(missing_ok=True)
+            train_vocab(files, output, settings)
+            atomic_write_text(trained, key)
     words = read_vocab(vocab_file)
     vocab_sha = sha256_file(vocab_file)
     fingerprint = _fingerprint(files, settings, vocab_sha)
 
     manifest_path = output / "manifest.json"
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") == fingerprint and len(_complete_shards(output, fingerprint)) == len(
-                manifest["shards"]):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError:  # not ours, or damaged: prepared again below
+            manifest = {}
+        if (isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint
+                and len(_complete_shards(output, fingerprint)) == len(manifest["shards"])):
             log.info("%s is already prepared from these inputs; nothing to do", output)
             return manifest
         manifest_path.unlink()

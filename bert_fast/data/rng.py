@@ -13,6 +13,7 @@ MASK64 = (1 << 64) - 1
 GOLDEN = 0x9E3779B97F4A7C15
 DOMAIN_PLAN = 0x504C414E  # "PLAN": choosing segments of a document
 DOMAIN_MASK = 0x4D41534B  # "MASK": choosing masked positions of a sample
+DOMAIN_SHARD = 0x53485244  # "SHRD": a shard's planning seed (Python only, see dataset.py)
 
 
 def mix64(z: int) -> int:

@@ -39,7 +39,15 @@ def read_vocab(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"vocab file {path} does not exist")
-    words = path.read_text(encoding="utf-8").splitlines()
+    # One word per "\n"-ended line, as `tokenizers` reads it (str.splitlines would also split at
+    # \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and \u2029, shifting every later id).
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"vocab file {path} is not UTF-8 ({err})") from None
+    words = [w[:-1] if w.endswith("\r") else w for w in text.split("\n")]
+    if words and words[-1] == "":
+        words.pop()
     if not words:
         raise ValueError(f"vocab file {path} is empty")
     missing = [t for t in SPECIAL_TOKENS if t not in words]
@@ -81,9 +89,14 @@ class PreparedCorpus:
         if not manifest.is_file():
             raise FileNotFoundError(f"{self.folder} has no manifest.json: not a prepared corpus, or its "
                                     "preparation did not finish (run `bert-fast data prepare` again)")
-        self.manifest = json.loads(manifest.read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{manifest}: format version {self.manifest.get('format_version')!r}, this "
+        try:
+            self.manifest = json.loads(manifest.read_text())
+        except ValueError as err:
+            raise ValueError(f"{manifest} is not valid JSON ({err}); run `bert-fast data prepare` "
+                             "again") from None
+        if not isinstance(self.manifest, dict) or self.manifest.get("format_version") != FORMAT_VERSION:
+            version = self.manifest.get("format_version") if isinstance(self.manifest, dict) else None
+            raise ValueError(f"{manifest}: format version {version!r}, this "
                              f"bert_fast reads {FORMAT_VERSION}; prepare the corpus again")
         self.vocab_path = self.folder / self.manifest["vocab"]["file"]
         if vocab is not None and sha256_file(Path(vocab)) != self.manifest["vocab"]["sha256"]:

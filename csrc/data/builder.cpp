@@ -352,9 +352,11 @@ void fill_impl(const Array<Tok>& tokens, const Array<uint8_t>& word_starts, cons
   if (lengths.ndim() != 1 || lengths.shape(0) != B || nsp_label.ndim() != 1 || nsp_label.shape(0) != B) {
     throw std::invalid_argument("lengths and nsp_label must be [batch]");
   }
+  std::vector<char> taken(static_cast<size_t>(B), 0);  // two samples in one row would race
   for (int64_t i = 0; i < m; ++i) {
     const int64_t* r = plan_p + 5 * i;
     if (row_p[i] < 0 || row_p[i] >= B) throw std::invalid_argument("rows: index out of range");
+    if (taken[row_p[i]]++) throw std::invalid_argument("rows: row " + std::to_string(row_p[i]) + " given twice");
     bool ok = 0 <= r[0] && r[0] < r[1] && r[1] <= n_tokens;
     int64_t length = r[1] - r[0] + 2;
     if (s.objective == kNone) {

@@ -32,7 +32,8 @@ class WordPiece {
  public:
   WordPiece(const std::vector<std::string>& vocab, bool lowercase, int32_t unk_id)
       : lowercase_(lowercase), unk_id_(unk_id) {
-    for (size_t i = 0; i < vocab.size(); ++i) ids_.emplace(vocab[i], static_cast<int32_t>(i));
+    // A word listed twice takes its last id, as `tokenizers` reads a vocab file.
+    for (size_t i = 0; i < vocab.size(); ++i) ids_[vocab[i]] = static_cast<int32_t>(i);
   }
 
   // Token ids of every sentence, concatenated, and the count per sentence.
