@@ -15,6 +15,10 @@ starts, and `max_seqlen` sizes the grid (programs past their sequence's end exit
 padding costs nothing. Backward: a preprocess kernel computes delta = rowsum(dO * O), one kernel
 computes dK and dV per key block, another dQ per query block: no atomics, deterministic.
 
+Files: this one holds the forward kernel, launchers, autograd, public functions and reference;
+kernels/attention_bwd.py the backward kernels; kernels/attention_tiles.py the autotune candidates,
+their register-budget pruning and the device helpers both directions share.
+
 References: Dao et al., FlashAttention (2022) and FlashAttention-2 (2023), arXiv:2205.14135 and
 arXiv:2307.08691; the Triton fused-attention tutorial
 (https://triton-lang.org/main/getting-started/tutorials/06-fused-attention.html); flash-attn's
@@ -24,7 +28,6 @@ varlen API (`flash_attn_varlen_func`, https://github.com/Dao-AILab/flash-attenti
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
@@ -33,79 +36,27 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from bert_fast.checks import check_same, check_tensor
+from bert_fast.kernels.attention_bwd import (
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_bwd_preprocess_kernel,
+)
+from bert_fast.kernels.attention_tiles import (  # noqa: F401 (configs re-exported for attention_aot)
+    _INTERPRET,
+    _INTERPRETER_CONFIGS,
+    BWD_KV_CONFIGS,
+    BWD_Q_CONFIGS,
+    FWD_CONFIGS,
+    LN2,
+    LOG2E,
+    _autotuned,
+    _dropout_keep,
+    kept_configs,
+)
 from bert_fast.padding import unpad
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
-# The interpreter's loop-bound fix (numpy >= 2.4) lives in kernels/__init__.py.
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _config(block_m, block_n, num_warps, num_stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps,
-                         num_stages=num_stages)
-
-
-# Hopper candidates at BERT shapes (head_dim 64, seq 128 and 512), also what the AOT builds check.
-FWD_CONFIGS = [_config(m, n, w, s) for m, n, w, s in (
-    (64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3),
-    (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3))]
-# dK/dV: BLOCK_N keys stay on chip while BLOCK_M query tiles stream past.
-BWD_KV_CONFIGS = [_config(m, n, w, s) for m, n, w, s in (
-    (16, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
-    (64, 128, 8, 2))]
-# dQ: BLOCK_M queries stay on chip while BLOCK_N key tiles stream past.
-BWD_Q_CONFIGS = [_config(m, n, w, s) for m, n, w, s in (
-    (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2))]
-# The interpreter (CPU tests) runs one small tile, so short test sequences span several blocks.
-_INTERPRETER_CONFIGS = [_config(16, 16, 4, 1)]
-
-# Register pressure per thread of a config, in tile elements: the [BLOCK_M, BLOCK_N] scores, the
-# float32 accumulators ([BLOCK_M, D] for out and dQ, [BLOCK_N, D] twice for dK and dV) and the tile
-# that streams through the loop (K/V, or Q/dO for dK/dV), whose addresses live in registers.
-# Philox needs room of its own, so dropout gets the smaller budget. The budgets separate the
-# configs whose sm_90 builds spill from those that do not (tests/test_attention.py rebuilds them).
-_TILE_COST = {
-    "fwd": lambda m, n, d: m * n + m * d + n * d,
-    "bwd_dkdv": lambda m, n, d: m * n + 2 * n * d + m * d,
-    "bwd_dq": lambda m, n, d: m * n + m * d + n * d,
-}
-_BUDGET = {False: 160, True: 96}
-
-
-def _cost(kernel: str, config, head_dim: int) -> float:
-    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return _TILE_COST[kernel](m, n, head_dim) / (32 * config.num_warps)
-
-
-def kept_configs(kernel: str, configs, head_dim: int, dropout: bool) -> list:
-    """The configs the autotuner tries: those within budget, else the single cheapest."""
-    fits = [c for c in configs if _cost(kernel, c, head_dim) <= _BUDGET[dropout]]
-    return fits or [min(configs, key=lambda c: _cost(kernel, c, head_dim))]
-
-
-# BERT_FAST_AUTOTUNE=0 runs only the first kept config: the GPU tests check numerics, not tuning,
-# and their sweep of shapes would otherwise compile every candidate of every key (~200 builds).
-_AUTOTUNE = os.environ.get("BERT_FAST_AUTOTUNE", "1") != "0"
-
-
-def _pruner(kernel: str):
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        kept = kept_configs(kernel, configs, args["HEAD_DIM"], args["dropout_p"] > 0)
-        return kept if _AUTOTUNE else kept[:1]
-    return prune
-
-
-_HEURISTICS = {"HAS_DROPOUT": lambda args: args["dropout_p"] > 0.0}
-
-
-@triton.jit
-def _dropout_keep(seed, rng_row, offs_n, dropout_p):
-    """Which of a tile's probabilities dropout keeps: one Philox draw per (query row, key)."""
-    return tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
 
 
 @triton.jit
@@ -198,190 +149,6 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_preprocess_kernel(
-    Out,  # [T, heads, HEAD_DIM]
-    DOut,  # [T, heads, HEAD_DIM]
-    Delta,  # [heads, T] float32
-    stride_o_tok, stride_o_head, stride_do_tok, stride_do_head, stride_delta_head, total_tokens,
-    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """delta = rowsum(dO * O) = rowsum(P * dP), the softmax backward's correction term."""
-    offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    off_h = tl.program_id(1).to(tl.int64)
-    offs_d = tl.arange(0, HEAD_DIM)
-    mask_t = offs_t < total_tokens
-    o = tl.load(Out + offs_t[:, None] * stride_o_tok + off_h * stride_o_head + offs_d[None, :],
-                mask=mask_t[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DOut + offs_t[:, None] * stride_do_tok + off_h * stride_do_head + offs_d[None, :],
-                 mask=mask_t[:, None], other=0.0).to(tl.float32)
-    tl.store(Delta + off_h * stride_delta_head + offs_t, tl.sum(o * do, 1), mask=mask_t)
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q,  # [T, heads, HEAD_DIM]
-    K,  # [T, heads, HEAD_DIM]
-    V,  # [T, heads, HEAD_DIM]
-    DOut,  # [T, heads, HEAD_DIM]
-    DK,  # [T, heads, HEAD_DIM]
-    DV,  # [T, heads, HEAD_DIM]
-    Lse,  # [heads, T] float32
-    Delta,  # [heads, T] float32
-    CuSeqlens,  # [B + 1] int32
-    Seed,  # [1] int64, read only when HAS_DROPOUT
-    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-    stride_do_tok, stride_do_head, stride_dk_tok, stride_dk_head, stride_dv_tok, stride_dv_head,
-    stride_lse_head,
-    num_heads, max_seqlen, seqlen_bucket, qk_scale, sm_scale, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """dV = P_drop^T dO and dK = dS^T Q * scale for one tile of BLOCK_N keys, all queries."""
-    start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = (off_bh % num_heads).to(tl.int64)
-    seq_start = tl.load(CuSeqlens + off_b).to(tl.int64)
-    seqlen = tl.load(CuSeqlens + off_b + 1) - seq_start.to(tl.int32)
-    if start_n * BLOCK_N >= seqlen:
-        return
-    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    keys = seq_start + offs_n
-    mask_n = offs_n < seqlen
-    k = tl.load(K + keys[:, None] * stride_k_tok + off_h * stride_k_head + offs_d[None, :],
-                mask=mask_n[:, None], other=0.0)
-    v = tl.load(V + keys[:, None] * stride_v_tok + off_h * stride_v_head + offs_d[None, :],
-                mask=mask_n[:, None], other=0.0)
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-    Q += seq_start * stride_q_tok + off_h * stride_q_head
-    DOut += seq_start * stride_do_tok + off_h * stride_do_head
-    Lse += off_h * stride_lse_head + seq_start
-    Delta += off_h * stride_lse_head + seq_start
-
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    # Padded query rows get lse = +inf, so their probabilities (and all they add) are exactly 0.
-    # Padded key rows (k = v = 0) are computed but never stored; rows of a product do not mix.
-    for start_m in range(0, seqlen, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < seqlen
-        qt = tl.load(Q + offs_m[None, :] * stride_q_tok + offs_d[:, None],
-                     mask=mask_m[None, :], other=0.0)
-        do = tl.load(DOut + offs_m[:, None] * stride_do_tok + offs_d[None, :],
-                     mask=mask_m[:, None], other=0.0)
-        lse = tl.load(Lse + offs_m, mask=mask_m, other=float("inf")) * LOG2E
-        delta = tl.load(Delta + offs_m, mask=mask_m, other=0.0)
-        pt = tl.math.exp2(tl.dot(k, qt, input_precision=INPUT_PRECISION) * qk_scale - lse[None, :])
-        dpt = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        if HAS_DROPOUT:
-            # The forward's (query, key) draws, generated directly in this tile's [keys, queries] order.
-            rng_col = ((seq_start + offs_m) * num_heads + off_h) * max_seqlen
-            keep = tl.rand(seed, rng_col[None, :] + offs_n[:, None]) >= dropout_p
-            scale = 1.0 / (1.0 - dropout_p)
-            pt_drop = tl.where(keep, pt * scale, 0.0)
-            dpt = tl.where(keep, dpt * scale, 0.0)
-        else:
-            pt_drop = pt
-        dv = tl.dot(pt_drop.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=INPUT_PRECISION)
-    dk = dk * sm_scale
-    tl.store(DK + keys[:, None] * stride_dk_tok + off_h * stride_dk_head + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=mask_n[:, None])
-    tl.store(DV + keys[:, None] * stride_dv_tok + off_h * stride_dv_head + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=mask_n[:, None])
-
-
-@triton.jit
-def _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_k_tok, stride_v_tok, seqlen, lo, hi,
-                       qk_scale, seed, rng_row, dropout_p,
-                       HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASK_N: tl.constexpr,
-                       HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt_ptrs = K + offs_n[None, :] * stride_k_tok + offs_d[:, None]
-        vt_ptrs = V + offs_n[None, :] * stride_v_tok + offs_d[:, None]
-        if MASK_N:
-            kt = tl.load(kt_ptrs, mask=offs_n[None, :] < seqlen, other=0.0)
-            vt = tl.load(vt_ptrs, mask=offs_n[None, :] < seqlen, other=0.0)
-        else:
-            kt = tl.load(kt_ptrs)
-            vt = tl.load(vt_ptrs)
-        p = tl.math.exp2(tl.dot(q, kt, input_precision=INPUT_PRECISION) * qk_scale - lse[:, None])
-        if MASK_N:
-            p = tl.where(offs_n[None, :] < seqlen, p, 0.0)
-        dp = tl.dot(do, vt, input_precision=INPUT_PRECISION)
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, rng_row, offs_n, dropout_p)
-            dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=INPUT_PRECISION)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q,  # [T, heads, HEAD_DIM]
-    K,  # [T, heads, HEAD_DIM]
-    V,  # [T, heads, HEAD_DIM]
-    DOut,  # [T, heads, HEAD_DIM]
-    DQ,  # [T, heads, HEAD_DIM]
-    Lse,  # [heads, T] float32
-    Delta,  # [heads, T] float32
-    CuSeqlens,  # [B + 1] int32
-    Seed,  # [1] int64, read only when HAS_DROPOUT
-    stride_q_tok, stride_q_head, stride_k_tok, stride_k_head, stride_v_tok, stride_v_head,
-    stride_do_tok, stride_do_head, stride_dq_tok, stride_dq_head, stride_lse_head,
-    num_heads, max_seqlen, seqlen_bucket, qk_scale, sm_scale, dropout_p,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """dQ = dS K * scale for one tile of BLOCK_M queries, all keys."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // num_heads
-    off_h = (off_bh % num_heads).to(tl.int64)
-    seq_start = tl.load(CuSeqlens + off_b).to(tl.int64)
-    seqlen = tl.load(CuSeqlens + off_b + 1) - seq_start.to(tl.int32)
-    if start_m * BLOCK_M >= seqlen:
-        return
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    rows = seq_start + offs_m
-    mask_m = offs_m < seqlen
-    q = tl.load(Q + rows[:, None] * stride_q_tok + off_h * stride_q_head + offs_d[None, :],
-                mask=mask_m[:, None], other=0.0)
-    do = tl.load(DOut + rows[:, None] * stride_do_tok + off_h * stride_do_head + offs_d[None, :],
-                 mask=mask_m[:, None], other=0.0)
-    lse = tl.load(Lse + off_h * stride_lse_head + rows, mask=mask_m, other=0.0) * LOG2E
-    delta = tl.load(Delta + off_h * stride_lse_head + rows, mask=mask_m, other=0.0)
-    K += seq_start * stride_k_tok + off_h * stride_k_head
-    V += seq_start * stride_v_tok + off_h * stride_v_head
-    seed = 0
-    rng_row = rows
-    if HAS_DROPOUT:
-        seed = tl.load(Seed)
-        rng_row = (rows * num_heads + off_h) * max_seqlen
-
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    n_full = (seqlen // BLOCK_N) * BLOCK_N
-    dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_k_tok, stride_v_tok, seqlen,
-                            0, n_full, qk_scale, seed, rng_row, dropout_p,
-                            HEAD_DIM, BLOCK_N, False, HAS_DROPOUT, INPUT_PRECISION)
-    if n_full < seqlen:
-        dq = _attn_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_k_tok, stride_v_tok, seqlen,
-                                n_full, seqlen, qk_scale, seed, rng_row, dropout_p,
-                                HEAD_DIM, BLOCK_N, True, HAS_DROPOUT, INPUT_PRECISION)
-    dq = dq * sm_scale
-    tl.store(DQ + rows[:, None] * stride_dq_tok + off_h * stride_dq_head + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=mask_m[:, None])
-
-
-@triton.jit
 def _dropout_mask_kernel(
     Keep,  # [heads, max_seqlen, max_seqlen] per sequence b, int8 (tests only)
     CuSeqlens,  # [B + 1] int32
@@ -404,14 +171,6 @@ def _dropout_mask_kernel(
 
 
 # ----------------------------------------------------------------------------------- launchers
-
-def _autotuned(kernel, name: str, configs):
-    """Autotune + heuristics around a bare @triton.jit kernel, which keeps its own module name so
-    kernels/attention_aot.py can compile it for sm_90."""
-    return triton.autotune(configs, key=["HEAD_DIM", "seqlen_bucket", "dropout_p"],
-                           prune_configs_by={"early_config_prune": _pruner(name)})(
-        triton.heuristics(_HEURISTICS)(kernel))
-
 
 _attn_fwd = _autotuned(_attn_fwd_kernel, "fwd", _INTERPRETER_CONFIGS if _INTERPRET else FWD_CONFIGS)
 _attn_bwd_dkdv = _autotuned(_attn_bwd_dkdv_kernel, "bwd_dkdv",
