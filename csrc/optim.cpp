@@ -152,18 +152,8 @@ at::Tensor lamb_phase1_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            double eps, double weight_decay, double bias_correction1,
                            double bias_correction2, bool adam_w_mode) {
   const char* op = "lamb_phase1";
-  TORCH_CHECK_VALUE(!params.empty(), op, ": params is empty");
-  const at::Tensor& like = params[0];
-  bert_fast::check_list(op, "params", params, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "grads", grads, params.size(), like, c10::nullopt);
-  bert_fast::check_float_dtype(op, "grads", grads[0].scalar_type());
-  bert_fast::check_list(op, "exp_avg", exp_avg, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "exp_avg_sq", exp_avg_sq, params.size(), like, at::kFloat);
-  bert_fast::check_numels(op, "grads", grads, params);
-  bert_fast::check_numels(op, "exp_avg", exp_avg, params);
-  bert_fast::check_numels(op, "exp_avg_sq", exp_avg_sq, params);
-  bert_fast::check_scalar_tensor(op, "clip", clip, like, 1);
-  bert_fast::check_bias_corrections(op, bias_correction1, bias_correction2);
+  bert_fast::check_adam_state(op, params, {}, grads, exp_avg, exp_avg_sq, clip, bias_correction1,
+                              bias_correction2);
   const auto chunks = bert_fast::make_chunks(op, segments, params, num_slots);
   const auto h = lamb_params(beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
                              adam_w_mode);
@@ -225,21 +215,8 @@ void adamw_step_cpu(at::TensorList params, at::TensorList model_params, at::Tens
                     double lr, double beta1, double beta2, double eps, double weight_decay,
                     double bias_correction1, double bias_correction2) {
   const char* op = "adamw_step";
-  TORCH_CHECK_VALUE(!params.empty(), op, ": params is empty");
-  const at::Tensor& like = params[0];
-  bert_fast::check_list(op, "params", params, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "model_params", model_params,
-                        model_params.empty() ? 0 : params.size(), like, c10::nullopt);
-  bert_fast::check_list(op, "grads", grads, params.size(), like, c10::nullopt);
-  bert_fast::check_float_dtype(op, "grads", grads[0].scalar_type());
-  bert_fast::check_list(op, "exp_avg", exp_avg, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "exp_avg_sq", exp_avg_sq, params.size(), like, at::kFloat);
-  bert_fast::check_numels(op, "model_params", model_params, params);
-  bert_fast::check_numels(op, "grads", grads, params);
-  bert_fast::check_numels(op, "exp_avg", exp_avg, params);
-  bert_fast::check_numels(op, "exp_avg_sq", exp_avg_sq, params);
-  bert_fast::check_scalar_tensor(op, "clip", clip, like, 1);
-  bert_fast::check_bias_corrections(op, bias_correction1, bias_correction2);
+  bert_fast::check_adam_state(op, params, model_params, grads, exp_avg, exp_avg_sq, clip,
+                              bias_correction1, bias_correction2);
   const at::ScalarType copy_dtype = model_params.empty() ? at::kFloat : model_params[0].scalar_type();
   if (!model_params.empty()) bert_fast::check_float_dtype(op, "model_params", copy_dtype);
   const bert_fast::AdamWParams h{float(beta2), float(1.0 - beta1), float(1.0 - beta2), float(eps),

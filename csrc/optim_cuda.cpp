@@ -90,17 +90,9 @@ at::Tensor lamb_phase1_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             double weight_decay, double bias_correction1, double bias_correction2,
                             bool adam_w_mode) {
   const char* op = "lamb_phase1";
-  TORCH_CHECK_VALUE(!params.empty(), op, ": params is empty");
+  bert_fast::check_adam_state(op, params, {}, grads, exp_avg, exp_avg_sq, clip, bias_correction1,
+                              bias_correction2);
   const at::Tensor& like = params[0];
-  bert_fast::check_list(op, "params", params, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "grads", grads, params.size(), like, c10::nullopt);
-  bert_fast::check_list(op, "exp_avg", exp_avg, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "exp_avg_sq", exp_avg_sq, params.size(), like, at::kFloat);
-  bert_fast::check_numels(op, "grads", grads, params);
-  bert_fast::check_numels(op, "exp_avg", exp_avg, params);
-  bert_fast::check_numels(op, "exp_avg_sq", exp_avg_sq, params);
-  bert_fast::check_scalar_tensor(op, "clip", clip, like, 1);
-  bert_fast::check_bias_corrections(op, bias_correction1, bias_correction2);
   const int grad_dtype = dtype_code(grads[0].scalar_type(), op, "grads");
   const auto chunks = bert_fast::make_chunks(op, segments, params, num_slots);
   const c10::cuda::CUDAGuard guard(like.device());
@@ -155,20 +147,9 @@ void adamw_step_cuda(at::TensorList params, at::TensorList model_params, at::Ten
                      double beta1, double beta2, double eps, double weight_decay, double bias_correction1,
                      double bias_correction2) {
   const char* op = "adamw_step";
-  TORCH_CHECK_VALUE(!params.empty(), op, ": params is empty");
+  bert_fast::check_adam_state(op, params, model_params, grads, exp_avg, exp_avg_sq, clip,
+                              bias_correction1, bias_correction2);
   const at::Tensor& like = params[0];
-  bert_fast::check_list(op, "params", params, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "model_params", model_params, model_params.empty() ? 0 : params.size(), like,
-                        c10::nullopt);
-  bert_fast::check_list(op, "grads", grads, params.size(), like, c10::nullopt);
-  bert_fast::check_list(op, "exp_avg", exp_avg, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "exp_avg_sq", exp_avg_sq, params.size(), like, at::kFloat);
-  bert_fast::check_numels(op, "model_params", model_params, params);
-  bert_fast::check_numels(op, "grads", grads, params);
-  bert_fast::check_numels(op, "exp_avg", exp_avg, params);
-  bert_fast::check_numels(op, "exp_avg_sq", exp_avg_sq, params);
-  bert_fast::check_scalar_tensor(op, "clip", clip, like, 1);
-  bert_fast::check_bias_corrections(op, bias_correction1, bias_correction2);
   const int grad_dtype = dtype_code(grads[0].scalar_type(), op, "grads");
   const int copy_dtype = model_params.empty() ? BERT_FAST_OPTIM_NONE
                                               : dtype_code(model_params[0].scalar_type(), op, "model_params");
