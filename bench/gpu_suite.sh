@@ -11,7 +11,7 @@
 #   --quick          a ~2-minute subset (--quick benchmark sizes, fewer steps)
 #   --out DIR        also gather the results into DIR as at most 8 files (suite.json, report.md,
 #                    suite.log, plots.tar.gz, pytest-gpu*.xml)
-#   --budget SECONDS the whole suite's limit (default 300, 120 with --quick)
+#   --budget SECONDS the whole suite's limit (default 450, 240 with --quick)
 #   --wheels DIR     put the wheels found there on the path first (default: .whl/ in the repository)
 #   --dry-run        list the steps and their limits, run nothing
 #
@@ -41,7 +41,7 @@ while [[ $# -gt 0 ]]; do
     esac
     shift
 done
-[[ -z $BUDGET ]] && BUDGET=$([[ $QUICK == 1 ]] && echo 120 || echo 300)
+[[ -z $BUDGET ]] && BUDGET=$([[ $QUICK == 1 ]] && echo 240 || echo 450)
 [[ $BUDGET =~ ^[0-9]+$ ]] || { echo "gpu_suite.sh: --budget must be whole seconds, got '$BUDGET'" >&2; exit 2; }
 
 # python3: on the borrowed GPU machines the plain `python3` is the one that holds PyTorch.
@@ -59,11 +59,12 @@ STEPS=(
     "build-start|30|1|start_build"
     "ceilings|30|1|$PY bench/ceilings.py"
     "gpu-tests|100|1|$GPU_TEST tests/gpu --ignore=tests/gpu/ext --junitxml=\$RESULTS/pytest-gpu.xml"
+    "build-wait|150|1|wait_build"
+    "bench-e2e|150|1|$PY bench/e2e.py $Q"
+    "gpu-tests-ext|45|0|$GPU_TEST tests/gpu/ext --junitxml=\$RESULTS/pytest-gpu-ext.xml"
     "bench-attention|60|1|$PY bench/attention.py $Q"
     "bench-mlm_loss|30|1|$PY bench/mlm_loss.py $Q"
     "bench-layernorm|30|0|$PY bench/layernorm.py $Q"
-    "build-wait|150|0|wait_build"
-    "gpu-tests-ext|45|0|$GPU_TEST tests/gpu/ext --junitxml=\$RESULTS/pytest-gpu-ext.xml"
     "bench-optim|30|0|$PY bench/optim.py $Q"
     "bench-embeddings|20|0|$PY bench/embeddings.py $Q"
 )

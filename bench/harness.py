@@ -168,6 +168,8 @@ class Benchmark:
     cpu_providers: tuple[str, ...] = ("eager",)
     baseline: str = "eager"
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
+    # Extra columns of a measured row (seq/s, MFU, ...): derive(case, row, device) -> dict.
+    derive: Callable[[dict, dict, torch.device], dict] | None = None
     description: str = ""
     args: argparse.Namespace | None = None
 
@@ -223,7 +225,7 @@ class Benchmark:
     def _measure(self, provider, inputs, case, mode, device) -> dict:
         leaves = [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
         call = functools.partial(provider, inputs, case)
-        if mode == "forward":
+        if mode not in ("backward", "full"):  # forward, or a whole step (bench/e2e.py, optim.py)
             fn = call
         else:
             out = _first_tensor(call())
@@ -286,6 +288,8 @@ class Benchmark:
                             row["gbs"] = self.bytes(case, mode) / seconds / 1e9
                             if bandwidth:
                                 row["pct_bandwidth"] = 100 * row["gbs"] / bandwidth
+                        if self.derive:
+                            row.update(self.derive(case, row, device))
                         if name == self.baseline:
                             base_ms = row["ms"]
                     rows.append(row)
@@ -302,7 +306,7 @@ class Benchmark:
 
 
 def _describe(row: dict) -> str:
-    parts = [f"{k}={v}" for k, v in row.items() if k not in
+    parts = [f"{k}={_fmt(v)}" for k, v in row.items() if k not in
              ("ms", "ms_p20", "ms_p80", "peak_mb", "tflops", "gbs", "pct_bandwidth", "status")]
     if row["status"] != "ok":
         return " ".join(parts) + f" -> {row['status']}"

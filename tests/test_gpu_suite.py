@@ -32,7 +32,7 @@ def test_dry_run_lists_every_step_and_benchmark():
         if script.name not in NOT_GPU_BENCHES:
             assert f"bench/{script.name}" in full.stdout, f"{script.name} is not in the GPU suite"
     quick = run_suite("--dry-run", "--quick")
-    assert "budget 120s" in quick.stdout and "skip  build-wait" in quick.stdout
+    assert "budget 240s" in quick.stdout and "skip  gpu-tests-ext" in quick.stdout
     assert "bench/attention.py --quick" in quick.stdout
 
 
@@ -68,7 +68,7 @@ def test_gather_makes_few_files(tmp_path):
     assert "| gpu-tests | timed out | 100 |" in report and "## attention" in report
 
 
-KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim"]
+KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "e2e"]
 
 
 @pytest.mark.slow
