@@ -1,32 +1,53 @@
-"""BERT pretraining entry point.
+"""BERT pretraining (masked LM + next-sentence prediction) with DeepSpeed.
 
-    python pretrain.py --config configs/tiny-cpu.yaml [section.key=value ...]
+    deepspeed pretrain.py --config configs/base-phase1.yaml [section.key=value ...]
+    deepspeed --num_gpus 8 pretrain.py --config configs/large-phase1.yaml --resume auto
+    deepspeed --hostfile hosts pretrain.py --config configs/large-phase2.yaml
+    python pretrain.py --config configs/tiny-cpu.yaml          # one process (make pretrain)
 
-Today it trains on one process (the smoke run of `make pretrain`); the DeepSpeed launcher
-(`deepspeed pretrain.py ...`) arrives with the training issue.
+The recipe (configs/*.yaml) holds every setting; dotted overrides change any of them. The DeepSpeed
+config is generated from it, or merged with --deepspeed_config (conflicting settings are errors).
+Exit status: 0 when the steps are done or a SIGTERM/SIGINT stopped the run after saving a
+checkpoint; 1 when training stopped (non-finite loss, collapsed fp16 loss scale); 2 on a bad
+config or checkpoint.
 """
 
 import argparse
 import sys
 
+from bert_fast.train.checkpoint import CheckpointError
 from bert_fast.train.config import load_config
-from bert_fast.train.loop import train
+from bert_fast.train.loop import TrainingStopped, train
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML recipe under configs/")
+    parser.add_argument("--resume", default=None,
+                        help="'auto' (the newest valid checkpoint of the run, if any) or a checkpoint folder")
+    parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
+                        help="a DeepSpeed JSON merged into the generated one")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the DeepSpeed launcher (LOCAL_RANK is read from the environment)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
-    records = train(config)
-    first, last = records[0], records[-1]
-    print(f"done: {last['step']} steps, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
-          f"MLM accuracy {first['mlm_acc']:.3f} -> {last['mlm_acc']:.3f}, "
-          f"NSP accuracy {first['nsp_acc']:.3f} -> {last['nsp_acc']:.3f}")
+    try:
+        records = train(config, resume=args.resume, deepspeed_config_path=args.deepspeed_config)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        print(f"pretrain.py: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:
+        print(f"pretrain.py: training stopped: {err}", file=sys.stderr)
+        return 1
+    if records:
+        first, last = records[0], records[-1]
+        print(f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
+              f"MLM accuracy {first['mlm_acc']:.3f} -> {last['mlm_acc']:.3f}, "
+              f"NSP accuracy {first['nsp_acc']:.3f} -> {last['nsp_acc']:.3f}", flush=True)
     return 0
 
 

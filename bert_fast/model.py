@@ -10,11 +10,10 @@ layer on the packed real tokens (bert_fast/padding.py), so padding costs no FLOP
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bert_fast import ops
 from bert_fast.config import BertConfig
@@ -96,6 +95,10 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        # Recompute each layer in the backward instead of keeping its activations (seq 512 on
+        # small GPUs). Dropout masks replay: checkpoint restores the RNG state, and the attention
+        # kernel draws its seed from torch's generator.
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -136,28 +139,65 @@ class BertModel(nn.Module):
         if packing is not None:
             x = packing.pack(x)
         for layer in self.layers:
-            x = layer(x, attention_mask, packing)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, attention_mask, packing, use_reentrant=False)
+            else:
+                x = layer(x, attention_mask, packing)
         first = x[:, 0] if packing is None else packing.first_tokens(x)
         pooled = torch.tanh(F.linear(first, self.pooler.weight, self.pooler.bias))
         return x, pooled, packing
 
 
-@dataclass
-class PretrainingOutput:
+class PretrainingOutput(dict):
     """Losses and metrics are None when the matching labels were not given.
 
     mlm_logits: [N, V] on the N predicted positions (row-major order of `mlm_labels != -100`)
     when mlm_labels is given and return_mlm_logits is set; [B, S, V] when mlm_labels is None;
-    otherwise None (the loss never needs them on the fast path)."""
+    otherwise None (the loss never needs them on the fast path).
 
-    nsp_logits: torch.Tensor
-    mlm_logits: torch.Tensor | None = None
-    loss: torch.Tensor | None = None
-    mlm_loss: torch.Tensor | None = None
-    nsp_loss: torch.Tensor | None = None
-    mlm_accuracy: torch.Tensor | None = None
-    nsp_accuracy: torch.Tensor | None = None
-    mlm_predictions: torch.Tensor | None = None
+    A dict with attribute access, as transformers' ModelOutput: wrappers that walk a module's
+    outputs to hook their tensors (DeepSpeed ZeRO-3 re-gathers parameters for the backward that
+    way) see through dicts, not through dataclasses."""
+
+    FIELDS = ("nsp_logits", "mlm_logits", "loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy",
+              "mlm_predictions")
+
+    def __init__(self, nsp_logits: torch.Tensor, **values):
+        unknown = sorted(set(values) - set(self.FIELDS))
+        if unknown:
+            raise TypeError(f"PretrainingOutput has no field(s) {unknown}")
+        super().__init__({name: None for name in self.FIELDS}, nsp_logits=nsp_logits)
+        self.update(values)
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value) -> None:
+        if name not in self.FIELDS:
+            raise AttributeError(f"PretrainingOutput has no field {name!r}")
+        self[name] = value
+
+
+def zero3_external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
+    """(module, parameter) pairs where a module's forward reads a parameter of a child whose own
+    forward never runs (this file calls F.linear / ops on `child.weight` so that biases can fuse).
+    DeepSpeed ZeRO-3 gathers a module's parameters around that module's forward, so the training
+    engine registers these with `deepspeed.zero.register_external_parameter`."""
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, (BertEmbeddings, BertLayer)):
+            pairs += [(module, p) for p in module.parameters() if not any(
+                p is q for q in module._parameters.values())]
+        elif isinstance(module, BertForPreTraining):
+            # BertModel._encode and the heads run inside this forward; the decoder is tied to the
+            # word embeddings.
+            for child in (module.mlm_transform, module.mlm_norm, module.nsp, module.bert.pooler):
+                pairs += [(module, p) for p in child.parameters()]
+            pairs.append((module, module.decoder_weight))
+    return pairs
 
 
 class BertForPreTraining(nn.Module):

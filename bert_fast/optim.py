@@ -208,6 +208,7 @@ class _Fused(torch.optim.Optimizer):
             for grads in by_dtype.values():
                 sumsq = sumsq + torch.ops.bert_fast.optim_sumsq(grads).sum()
             norm = sumsq.sqrt()
+        self.grad_norm = norm  # for logging; a device tensor, read only when a log line is written
         return torch.clamp(norm / max_norm, min=1.0)
 
     def _whole_segments(self, ps) -> torch.Tensor:

@@ -324,11 +324,12 @@ def test_replaced_params_are_refused_without_a_layout():
 
 
 @pytest.mark.parametrize("config,setting", [
-    ({"zero_optimization": {"stage": 3}}, "stage=3"),
+    ({"zero_optimization": {"stage": 4}}, "stage=4"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param"),
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer"),
     ({"zero_optimization": {"stage": 2, "offload_param": {"device": "nvme"}}}, "offload_param"),
     ({"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0}, "gradient_clipping"),
-    ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "stage=0"),
+    ({"zero_optimization": {"stage": 3}, "gradient_clipping": 1.0}, "gradient_clipping"),
     ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}}, "compute_grad_norm"),
 ])
 def test_zero_config_refusals_name_the_setting(config, setting, tmp_path):
@@ -349,6 +350,8 @@ def test_zero_config_accepts_exact_settings():
 
     opt = FusedLAMB([torch.zeros(3, requires_grad=True)], max_grad_norm=1.0)
     for config in ({"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}},
+                   {"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}},
+                   {"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}},
                    {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}},
                    {"gradient_clipping": 0.0}):
         check_config(config, opt)

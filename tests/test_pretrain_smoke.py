@@ -14,34 +14,36 @@ from bert_fast.data.synthetic import SyntheticBatches
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_pretrain(*overrides):
+def run_pretrain(tmp_path, *overrides):
     result = subprocess.run(
-        [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", *overrides],
-        cwd=ROOT, capture_output=True, text=True)
+        [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={tmp_path}",
+         *overrides], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    return result, [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return result, [r for r in records if r["kind"] == "train"]
 
 
 @pytest.mark.slow
-def test_make_pretrain_recipe_learns_on_the_embedded_corpus():
+def test_make_pretrain_recipe_learns_on_the_embedded_corpus(tmp_path):
     """The `make pretrain` recipe, shortened to 150 steps: real data flows from the embedded
     corpus (built and cached on first use) through the C++ sample builder and DataLoader, and the
     MLM loss falls well below its start at ln(vocab) ~ 8.9."""
-    result, records = run_pretrain("train.steps=150", "train.log_every=50", "train.warmup_steps=30")
+    result, records = run_pretrain(tmp_path, "train.steps=150", "log.every=50", "schedule.warmup_steps=30")
     assert [r["step"] for r in records] == [50, 100, 150]
     first, last = records[0], records[-1]
     assert first["mlm_loss"] > 7.0 and last["mlm_loss"] < first["mlm_loss"] - 1.0, records
     assert 0.4 < last["nsp_acc"] < 1.0 and last["mlm_acc"] > first["mlm_acc"], records
-    assert "done: 150 steps" in result.stdout
+    assert "done: step 150" in result.stdout
+    assert (tmp_path / "checkpoints" / "step_00000150" / "bert_fast.json").is_file()
 
 
 @pytest.mark.slow
-def test_synthetic_recipe_learns_nsp():
+def test_synthetic_recipe_learns_nsp(tmp_path):
     """The synthetic data, 500 steps at seq 32 (about a minute on 2 cores): the MLM loss leaves the
     unigram plateau (ln 128 = 4.85) for its floor (ln 8 = 2.08) and NSP, which needs attention
     across the two segments, is learned."""
-    _, records = run_pretrain("data.source=synthetic", "data.seq_length=32", "train.steps=500",
-                              "train.warmup_steps=100", "train.log_every=100")
+    _, records = run_pretrain(tmp_path, "data.source=synthetic", "data.seq_length=32", "train.steps=500",
+                              "schedule.warmup_steps=100", "log.every=100")
     assert [r["step"] for r in records] == [100, 200, 300, 400, 500]
     first, last = records[0], records[-1]
     assert first["mlm_loss"] > 7.0 and last["mlm_loss"] < 3.0, records

@@ -122,10 +122,11 @@ def default_corpus(root: Path | None = None) -> Path:
 
 
 def default_prepared(vocab_size: int = 8192, root: Path | None = None) -> Path:
-    """The embedded corpus prepared (vocab trained on it, shards), cached next to corpus.txt."""
+    """The embedded corpus prepared (vocab trained on it, shards), cached next to corpus.txt.
+    Shards of 32k tokens make several, so training can hold the last one out for evaluation."""
     from bert_fast.data.prepare import PrepareSettings, prepare
 
     text = default_corpus(root)
     folder = text.parent / f"prepared-v{vocab_size}"
-    prepare([text], folder, settings=PrepareSettings(vocab_size=vocab_size, shard_tokens=1 << 20))
+    prepare([text], folder, settings=PrepareSettings(vocab_size=vocab_size, shard_tokens=1 << 15))
     return folder

@@ -28,13 +28,20 @@ class PretrainingDataset(Dataset):
     so a sample is the same whichever rank, worker or batch builds it."""
 
     def __init__(self, corpus: PreparedCorpus | str, settings: SampleSettings, epoch: int = 0,
-                 backend: str = "cpp", threads: int = 1):
+                 backend: str = "cpp", threads: int = 1, shards=None):
+        """shards: indices of the corpus's shards to draw from (default all), e.g. all but the
+        last for training and the last for held-out evaluation."""
         self.corpus = corpus if isinstance(corpus, PreparedCorpus) else PreparedCorpus(corpus)
         vocab = self.corpus.vocab_size
         if settings.vocab_size != vocab:
             raise ValueError(f"settings.vocab_size={settings.vocab_size}, but the corpus has {vocab} words")
         self.settings, self.backend, self.threads = settings, backend, threads
-        self.shards = [self.corpus.shard(i) for i in range(self.corpus.num_shards)]
+        indices = list(range(self.corpus.num_shards)) if shards is None else [int(i) for i in shards]
+        if not indices or any(not 0 <= i < self.corpus.num_shards for i in indices):
+            raise ValueError(f"shards must be a non-empty list of indices in [0, {self.corpus.num_shards}), "
+                             f"got {shards!r}")
+        self.shard_ids = indices
+        self.shards = [self.corpus.shard(i) for i in indices]
         self.doc_starts = [s.doc_starts for s in self.shards]
         self.epoch = None
         self.set_epoch(epoch)
@@ -57,6 +64,7 @@ class PretrainingDataset(Dataset):
         """Planning draws are keyed by the document's index in its shard, so every shard plans with
         its own seed; with one seed, document d of every shard would draw the same stream (same
         short-target choice, same random-next decisions)."""
+        shard = self.shard_ids[shard]  # the corpus's index: a subset plans each shard as the whole does
         return replace(self.settings, seed=stream_key(self.settings.seed, 0, shard, DOMAIN_SHARD) >> 1)
 
     def __len__(self) -> int:

@@ -1,11 +1,16 @@
-"""Run configuration: a YAML recipe plus dotted `key=value` overrides from the command line.
+"""Run configuration: a YAML recipe plus dotted `key=value` overrides from the command line, and
+the DeepSpeed JSON derived from it.
 
-Sections: `model` (a preset name + BertConfig overrides), `data`, `train`. Unknown keys are
-errors naming the key, so a typo never silently falls back to a default.
+Sections: `model` (a preset name + BertConfig overrides), `data`, `train`, `optimizer`, `schedule`,
+`precision`, `zero`, `checkpoint`, `eval`, `log`, `export`. Unknown keys are errors naming the
+dotted key, so a typo never silently falls back to a default. The recipe is the single source of
+truth for batch sizes, precision and ZeRO stage: `deepspeed_config` derives DeepSpeed's JSON from
+it, and `merge_deepspeed_config` refuses a user `--deepspeed_config` that disagrees.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -17,41 +22,77 @@ DEFAULTS = {
     # source: "corpus" (the embedded docstring corpus, bert_fast/data/corpus.py), a folder made by
     # `bert-fast data prepare`, or "synthetic" (bert_fast/data/synthetic.py). The other keys are
     # SampleSettings (bert_fast/data/settings.py); vocab_size is that of the vocab trained for "corpus".
+    # eval_source: "heldout" (the last shard of the training corpus, never trained on), "none", or
+    # a prepared folder.
     "data": {"source": "corpus", "seq_length": 128, "objective": "nsp", "mask_prob": 0.15,
              "max_predictions": 0, "short_seq_prob": 0.1, "whole_word_mask": False, "vocab_size": 8192,
-             "workers": 1},
-    "train": {"steps": 300, "micro_batch": 32, "lr": 1e-3, "warmup_steps": 30,
-              "weight_decay": 0.01, "seed": 0, "log_every": 20, "threads": 0},
+             "workers": 1, "eval_source": "heldout"},
+    # global_batch 0: micro_batch x world size (no accumulation). threads 0: torch's default.
+    "train": {"steps": 300, "micro_batch": 32, "global_batch": 0, "seed": 0, "max_grad_norm": 1.0,
+              "activation_checkpointing": False, "threads": 0, "output_dir": "runs/default"},
+    "optimizer": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01},
+    # warmup_ratio > 0 wins over warmup_steps; power 1.0 is linear-like poly, NVIDIA's BERT uses 0.5.
+    "schedule": {"warmup_steps": 0, "warmup_ratio": 0.0, "decay": "poly", "power": 1.0,
+                 "min_lr_ratio": 0.0},
+    # fp16 uses dynamic loss scaling; the loop stops a run that overflows at min_loss_scale.
+    "precision": {"bf16": False, "fp16": False, "initial_scale_power": 16, "loss_scale_window": 1000,
+                  "hysteresis": 2, "min_loss_scale": 1.0},
+    "zero": {"stage": 0},
+    # every 0: only at the end and on a signal. dir "": <train.output_dir>/checkpoints.
+    # init_from: a phase-1 checkpoint whose weights start this run (fresh optimizer and schedule).
+    "checkpoint": {"every": 0, "keep": 3, "dir": "", "init_from": ""},
+    "eval": {"every": 0, "batches": 20},
+    # peak_tflops 0.0: the device's peak from the loop's table (for MFU).
+    "log": {"every": 20, "tensorboard": True, "peak_tflops": 0.0},
+    "export": {"hf_dir": ""},
 }
+OPTIMIZERS = ("lamb", "adamw")
+DECAYS = ("poly", "linear", "constant")
+# Keys that moved sections; named in the error so old recipes and command lines are easy to fix.
+MOVED = {"train.lr": "optimizer.lr", "train.warmup_steps": "schedule.warmup_steps",
+         "train.weight_decay": "optimizer.weight_decay", "train.log_every": "log.every"}
+
+
+def _unknown(name: str) -> ValueError:
+    hint = f" (moved to {MOVED[name]})" if name in MOVED else ""
+    return ValueError(f"unknown config key {name}{hint}")
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
     out = dict(base)
     for key, value in update.items():
+        name = f"{where}.{key}" if where else str(key)
         if where == "model" and key != "preset":
             if key not in BertConfig.__dataclass_fields__:
-                raise ValueError(f"unknown config key {where}.{key}")
+                raise _unknown(name)
             out[key] = value
         elif key not in base:
-            raise ValueError(f"unknown config key {where + '.' if where else ''}{key}")
+            raise _unknown(name)
         elif isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise ValueError(f"config key {where + '.' if where else ''}{key} must be a mapping")
-            out[key] = _merge(base[key], value, key if not where else f"{where}.{key}")
+                raise ValueError(f"config key {name} must be a mapping")
+            out[key] = _merge(base[key], value, name)
         else:
-            out[key] = _coerce(value, base[key], f"{where + '.' if where else ''}{key}")
+            out[key] = _coerce(value, base[key], name)
     return out
 
 
 def _coerce(value, default, name: str):
     """Match the default's type; YAML reads `1e-3` (no dot) as a string, so accept that too."""
-    if isinstance(default, bool) or default is None:
-        ok = isinstance(value, type(default)) or default is None
+    if isinstance(default, list):  # betas: a fixed-length list of floats
+        if (not isinstance(value, list) or len(value) != len(default)
+                or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
+            raise ValueError(f"config key {name} must be a list of {len(default)} floats, got {value!r}")
+        return [float(v) for v in value]
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
     elif isinstance(default, float):
-        try:
-            return float(value) if not isinstance(value, bool) else None
-        except (TypeError, ValueError):
-            ok = False
+        if not isinstance(value, bool):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                pass
+        ok = False
     elif isinstance(default, int):
         ok = isinstance(value, int) and not isinstance(value, bool)
     else:
@@ -62,7 +103,7 @@ def _coerce(value, default, name: str):
 
 
 def parse_override(text: str) -> dict:
-    """`train.lr=3e-4` -> {"train": {"lr": 0.0003}} (the value is parsed as YAML)."""
+    """`optimizer.lr=3e-4` -> {"optimizer": {"lr": 0.0003}} (the value is parsed as YAML)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ValueError(f"override {text!r} must look like section.key=value")
@@ -89,9 +130,59 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
         config = _merge(config, recipe, "")
     for text in overrides:
         config = _merge(config, parse_override(text), "")
-    model_config(config)  # validate the model and data sections now, not after data loading
-    data_settings(config)
+    validate_config(config)  # now, not after minutes of data loading or on rank 37
     return config
+
+
+# (dotted key, lowest allowed, highest allowed or None, whether the low end is included)
+_RANGES = [
+    ("train.steps", 1, None, True), ("train.micro_batch", 1, None, True),
+    ("train.global_batch", 0, None, True), ("train.max_grad_norm", 0, None, True),
+    ("train.threads", 0, None, True), ("data.workers", 0, None, True),
+    ("optimizer.lr", 0, None, True), ("optimizer.eps", 0, None, False),
+    ("optimizer.weight_decay", 0, None, True),
+    ("schedule.warmup_steps", 0, None, True), ("schedule.power", 0, None, False),
+    ("schedule.min_lr_ratio", 0, 1, True),
+    ("precision.initial_scale_power", 0, None, True), ("precision.loss_scale_window", 1, None, True),
+    ("precision.hysteresis", 1, None, True), ("precision.min_loss_scale", 0, None, False),
+    ("checkpoint.every", 0, None, True), ("checkpoint.keep", 1, None, True),
+    ("eval.every", 0, None, True), ("eval.batches", 1, None, True),
+    ("log.every", 1, None, True), ("log.peak_tflops", 0, None, True),
+]
+
+
+def _get(config: dict, dotted: str):
+    section, key = dotted.split(".")
+    return config[section][key]
+
+
+def validate_config(config: dict) -> None:
+    """Raises ValueError naming the key of the first bad value (load_config calls it)."""
+    for name, low, high, closed in _RANGES:
+        value = _get(config, name)
+        if value < low or (value == low and not closed) or (high is not None and value > high):
+            bound = f"{'>=' if closed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+            raise ValueError(f"config key {name} must be {bound}, got {value!r}")
+    if not all(0.0 <= b < 1.0 for b in config["optimizer"]["betas"]):
+        raise ValueError(f"config key optimizer.betas must be in [0, 1), got {config['optimizer']['betas']}")
+    if config["optimizer"]["name"] not in OPTIMIZERS:
+        raise ValueError(f"config key optimizer.name must be one of {OPTIMIZERS}, "
+                         f"got {config['optimizer']['name']!r}")
+    if config["schedule"]["decay"] not in DECAYS:
+        raise ValueError(f"config key schedule.decay must be one of {DECAYS}, "
+                         f"got {config['schedule']['decay']!r}")
+    ratio = config["schedule"]["warmup_ratio"]
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"config key schedule.warmup_ratio must be in [0, 1), got {ratio!r}")
+    if config["precision"]["bf16"] and config["precision"]["fp16"]:
+        raise ValueError("config keys precision.bf16 and precision.fp16 are both true; choose one")
+    if config["zero"]["stage"] not in (0, 1, 2, 3):
+        raise ValueError(f"config key zero.stage must be 0, 1, 2 or 3, got {config['zero']['stage']!r}")
+    model = model_config(config)
+    if config["data"]["seq_length"] > model.max_position_embeddings:
+        raise ValueError(f"config key data.seq_length={config['data']['seq_length']} exceeds the model's "
+                         f"max_position_embeddings={model.max_position_embeddings}")
+    data_settings(config)
 
 
 def data_settings(config: dict):
@@ -99,8 +190,6 @@ def data_settings(config: dict):
     from bert_fast.data.settings import SampleSettings
 
     d = config["data"]
-    if d["workers"] < 0:
-        raise ValueError(f"config key data.workers must be >= 0, got {d['workers']}")
     return SampleSettings(max_seq_length=d["seq_length"], objective=d["objective"], mask_prob=d["mask_prob"],
                           max_predictions=d["max_predictions"], short_seq_prob=d["short_seq_prob"],
                           whole_word_mask=d["whole_word_mask"], seed=config["train"]["seed"])
@@ -109,3 +198,130 @@ def data_settings(config: dict):
 def model_config(config: dict) -> BertConfig:
     values = dict(config["model"])
     return BertConfig.from_preset(values.pop("preset"), **values)
+
+
+def warmup_steps(config: dict) -> int:
+    """schedule.warmup_ratio x train.steps when the ratio is set, else schedule.warmup_steps."""
+    s = config["schedule"]
+    return round(s["warmup_ratio"] * config["train"]["steps"]) if s["warmup_ratio"] > 0 else s["warmup_steps"]
+
+
+def checkpoint_dir(config: dict) -> Path:
+    return Path(config["checkpoint"]["dir"] or Path(config["train"]["output_dir"]) / "checkpoints")
+
+
+def batch_plan(config: dict, world_size: int) -> tuple[int, int, int]:
+    """(micro_batch, accumulation_steps, global_batch); global_batch 0 means micro_batch x world size."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    micro = config["train"]["micro_batch"]
+    per_step = micro * world_size
+    total = config["train"]["global_batch"] or per_step
+    if total % per_step:
+        raise ValueError(f"train.global_batch={total} is not divisible by train.micro_batch x world size = "
+                         f"{per_step} ({micro} x {world_size})")
+    return micro, total // per_step, total
+
+
+def deepspeed_config(config: dict, world_size: int) -> dict:
+    """DeepSpeed's JSON for this run. Gradient clipping is 0: FusedLAMB/FusedAdamW clip with the
+    global norm themselves (bert_fast/zero_lamb.py check_config refuses clipping twice)."""
+    micro, accumulation, total = batch_plan(config, world_size)
+    p = config["precision"]
+    zero = {"stage": config["zero"]["stage"]}
+    if zero["stage"] == 3:  # we export full weights ourselves; gathering 16-bit copies costs memory
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_batch_size": total,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "bf16": {"enabled": p["bf16"]},
+        "fp16": {"enabled": p["fp16"], "loss_scale": 0, "initial_scale_power": p["initial_scale_power"],
+                 "loss_scale_window": p["loss_scale_window"], "hysteresis": p["hysteresis"],
+                 "min_loss_scale": p["min_loss_scale"]},
+        "zero_optimization": zero,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # the loop logs; DeepSpeed's own prints would interleave
+        "wall_clock_breakdown": False,
+    }
+
+
+# DeepSpeed keys the recipe owns, and the recipe key each comes from (for the error message).
+_OWNED = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "accumulation",
+    "bf16.enabled": "precision.bf16",
+    "fp16.enabled": "precision.fp16",
+    "zero_optimization.stage": "zero.stage",
+    "gradient_clipping": "gradient_clipping",
+}
+_WHY = {"gradient_accumulation_steps": " (train.global_batch / (train.micro_batch x world size))",
+        "gradient_clipping": " (the fused optimizer clips with train.max_grad_norm)"}
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(out.get(key), dict) and isinstance(value, dict)
+        out[key] = _deep_merge(out[key], value) if both else value
+    return out
+
+
+def merge_deepspeed_config(generated: dict, user: dict) -> dict:
+    """A user's `--deepspeed_config` over `deepspeed_config(...)`: user keys win unless they contradict
+    a setting the recipe owns (batch sizes, precision, ZeRO stage, clipping), which raises."""
+    if not isinstance(user, dict):
+        raise ValueError(f"--deepspeed_config must be a JSON object, got {type(user).__name__}")
+    user = dict(user)
+    if "bfloat16" in user:  # DeepSpeed's older spelling of "bf16"
+        user["bf16"] = _deep_merge(user.get("bf16", {}), user.pop("bfloat16"))
+    for key in ("optimizer", "scheduler"):
+        if key in user:
+            raise ValueError(f"--deepspeed_config sets {key!r}; the optimizer and schedule come from the "
+                             "config's optimizer and schedule sections")
+    if _lookup(user, "bf16.enabled") is True and _lookup(user, "fp16.enabled") is True:
+        raise ValueError("--deepspeed_config enables both fp16 and bf16; choose one")
+    for key, ours in _OWNED.items():
+        theirs = _lookup(user, key)
+        # "auto" (the Hugging Face convention) means "take the recipe's value".
+        if theirs is None or theirs == "auto":
+            continue
+        if isinstance(theirs, bool) or isinstance(_lookup(generated, key), bool):
+            same = bool(theirs) == bool(_lookup(generated, key))
+        else:
+            same = theirs == _lookup(generated, key)
+        if not same:
+            raise ValueError(f"--deepspeed_config sets {key}={theirs!r} but the config has "
+                             f"{ours}={_lookup(generated, key)!r}{_WHY.get(key, '')}")
+    merged = _deep_merge(generated, user)
+    for key in _OWNED:  # replace any "auto" with the recipe's value
+        if _lookup(user, key) == "auto":
+            *parents, leaf = key.split(".")
+            node = merged
+            for part in parents:
+                node = node[part]
+            node[leaf] = _lookup(generated, key)
+    return merged
+
+
+def load_deepspeed_config(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"DeepSpeed config file {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: top level must be a JSON object")
+    return config

@@ -1,0 +1,344 @@
+"""Training checkpoints: DeepSpeed's state plus ours, written atomically, validated before use.
+
+Layout: `root/step_XXXXXXXX/` holds DeepSpeed's files (model states, ZeRO partitions), one RNG file
+per rank (`rng_rankNNNNN.pt`: python `random`, numpy's global RNG, torch CPU and CUDA) and, written
+last, the manifest `bert_fast.json`: metadata (step, client_state with the run config, world size,
+ZeRO stage, git revision, DeepSpeed version, time) and every file of the folder with its size, plus
+a sha256 for files up to HASH_LIMIT bytes. `root/latest` names the newest tag (DeepSpeed's format).
+
+Guarantees, assuming `root` is on a filesystem every rank sees (one node, or NFS/Lustre/GPFS):
+- Atomic: every rank writes into `root/.partial/<tag>`; after a barrier rank 0 fsyncs, writes the
+  manifest (temp name + rename), then renames the folder to `root/<tag>` in one rename. A crash
+  before that rename leaves only `.partial`, which is never considered; a crash after it leaves a
+  complete checkpoint. Older checkpoints are not touched until the new one is in place; pruning
+  deletes a folder's manifest first, so a half-deleted folder reads as invalid, never as valid.
+- Validated: `validate` refuses a folder without a parseable manifest (a partial save) or with a
+  file missing, of another size, or with another hash (truncated or corrupted).
+- Collective: `save` and `load` must be called by every rank; rank 0 validates and commits and
+  broadcasts its outcome, so every rank raises the same CheckpointError instead of hanging.
+  Without torch.distributed initialised they run as world size 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bert_fast.fileio import atomic_path, atomic_write_text
+
+MANIFEST = "bert_fast.json"
+FORMAT = 1
+HASH_LIMIT = 64 << 20  # bytes; larger files (big optimizer partitions) are checked by size only
+PARTIAL = ".partial"
+_TAG = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, partial, corrupted or incompatible; the message names it."""
+
+
+# ---- distributed helpers (no-ops at world size 1) ----------------------------------------
+
+def _dist():
+    d = torch.distributed
+    return d if d.is_available() and d.is_initialized() else None
+
+
+def _rank() -> int:
+    return _dist().get_rank() if _dist() else 0
+
+
+def _world() -> int:
+    return _dist().get_world_size() if _dist() else 1
+
+
+def _barrier() -> None:
+    if _dist():
+        _dist().barrier()
+
+
+def _from_rank0(obj):
+    if not _dist():
+        return obj
+    box = [obj]
+    _dist().broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ---- files -------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every step_XXXXXXXX folder under root, oldest first (valid or not)."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
+    return sorted(found)
+
+
+# ---- RNG ---------------------------------------------------------------------------------
+
+def _rng_state() -> dict:
+    """Plain tensors, lists and ints only, so the file loads with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
+
+
+# ---- save --------------------------------------------------------------------------------
+
+def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> Path:
+    """Collective. Writes `root/step_{step:08d}` atomically (see the module docstring) and returns
+    it. keep: how many checkpoints to leave under root, newest steps first (the one just written
+    always stays); 0 keeps all."""
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {keep}")
+    try:
+        json.dumps(client_state)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"client_state must be JSON-serialisable: {err}") from None
+    rng = _rng_state()  # before anything below could draw a random number
+    root, tag, rank = Path(root), f"step_{step:08d}", _rank()
+    staging, final = root / PARTIAL / tag, root / tag
+    if rank == 0:
+        if staging.exists():  # left by a save that crashed
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(root / PARTIAL), tag=tag, client_state={}, save_latest=False)
+    with atomic_path(staging / f"rng_rank{rank:05d}.pt") as tmp:
+        torch.save(rng, tmp)
+    for f in staging.iterdir():  # each rank makes its own DeepSpeed files durable
+        if f.is_file() and (rank == 0 or f"_pp_rank_{rank}_" in f.name):
+            _fsync(f)
+    _barrier()
+    error = None
+    if rank == 0:
+        try:
+            meta = {"format": FORMAT, "step": step, "tag": tag, "world_size": _world(),
+                    "zero_stage": int(engine.zero_optimization_stage()),
+                    "deepspeed_version": _deepspeed_version(), "torch_version": torch.__version__,
+                    "git_revision": _git_revision(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "client_state": client_state}
+            _commit(root, staging, final, meta, keep)
+        except Exception as err:  # every rank must learn of it, or they wait at the next barrier
+            error = f"{type(err).__name__}: {err}"
+    error = _from_rank0(error)
+    if error is not None:
+        raise CheckpointError(f"{final}: saving failed on rank 0: {error}")
+    return final
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int) -> None:
+    files = {}
+    for f in sorted(p for p in staging.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        files[f.relative_to(staging).as_posix()] = (
+            {"size": size, "sha256": _sha256(f)} if size <= HASH_LIMIT else {"size": size})
+    missing = [r for r in range(meta["world_size"]) if f"rng_rank{r:05d}.pt" not in files]
+    if missing:
+        raise CheckpointError(f"{staging}: no RNG file from ranks {missing}; is {root} shared by all ranks?")
+    atomic_write_text(staging / MANIFEST, json.dumps({**meta, "files": files}, indent=1) + "\n")
+    _fsync(staging)
+    replaced = root / PARTIAL / f"replaced_{final.name}"
+    if final.exists():  # the same step saved again: move the old one aside, never merge
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    _fsync(root)
+    shutil.rmtree(replaced, ignore_errors=True)
+    atomic_write_text(root / "latest", final.name)
+    if keep:
+        for _, old in _checkpoints(root)[:-keep]:
+            if old != final:
+                (old / MANIFEST).unlink(missing_ok=True)  # invalid from here on, then delete
+                shutil.rmtree(old, ignore_errors=True)
+    _fsync(root)
+
+
+# ---- validate and find -------------------------------------------------------------------
+
+def read_metadata(path: str | Path) -> dict:
+    """The manifest's metadata (step, client_state, world_size, zero_stage, git_revision, ...)
+    without checking the files; `validate` checks them."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: {'not a folder' if path.exists() else 'does not exist'}")
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST}; a partial checkpoint (its save did not finish)")
+    try:
+        meta = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{manifest}: unreadable manifest ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{manifest}: not a bert_fast checkpoint manifest of format {FORMAT}")
+    return meta
+
+
+def validate(path: str | Path) -> dict:
+    """Raises CheckpointError for a partial or corrupted checkpoint; returns its metadata."""
+    path = Path(path)
+    meta = read_metadata(path)
+    for rel, entry in meta["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: {rel} is missing")
+        size = f.stat().st_size
+        if size != entry.get("size"):
+            raise CheckpointError(f"{path}: {rel} has {size} bytes, the manifest records "
+                                  f"{entry.get('size')} (truncated or overwritten)")
+        if "sha256" in entry and _sha256(f) != entry["sha256"]:
+            raise CheckpointError(f"{path}: {rel} does not match its recorded sha256 (corrupted)")
+    return meta
+
+
+def resolve_resume(root: str | Path, resume: str) -> Path | None:
+    """'auto': the newest valid checkpoint under root (invalid ones skipped with a warning), or
+    None if there is none. Anything else: a checkpoint folder that must be valid."""
+    if resume == "auto":
+        for _, path in reversed(_checkpoints(Path(root))):
+            try:
+                validate(path)
+                return path
+            except CheckpointError as err:
+                warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=2)
+        return None
+    path = Path(resume)
+    try:
+        validate(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"cannot resume from {resume}: {err}") from None
+    return path
+
+
+# ---- load --------------------------------------------------------------------------------
+
+def _optimizer_partitioned(meta: dict) -> bool:
+    return any("zero_pp_rank_" in name and name.endswith("optim_states.pt") for name in meta["files"])
+
+
+def load(engine, path: str | Path, load_optimizer: bool = True) -> dict:
+    """Collective. Loads the checkpoint into `engine` and restores this rank's RNG states;
+    returns client_state. load_optimizer=False takes the weights only (any world size, any ZeRO
+    stage) and leaves optimizer, lr scheduler and RNG as they are."""
+    path = Path(path)
+    error, meta = None, None
+    if _rank() == 0:
+        try:
+            meta = validate(path)
+        except CheckpointError as err:
+            error = str(err)
+    error, meta = _from_rank0((error, meta))
+    if error is not None:
+        raise CheckpointError(error)
+    world, stage = _world(), int(engine.zero_optimization_stage())
+    saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
+    if not load_optimizer:
+        _load_weights(engine, model_state_dict(path))
+        return meta["client_state"]
+    if saved_world != world and _optimizer_partitioned(meta):
+        raise CheckpointError(
+            f"{path}: saved by {saved_world} ranks, this run has {world}; its optimizer state is "
+            "partitioned per rank and DeepSpeed cannot re-partition it (resume with the same world "
+            "size, or load the weights only with load_optimizer=False)")
+    if saved_stage != stage and not {saved_stage, stage} <= {1, 2}:
+        raise CheckpointError(f"{path}: saved with ZeRO stage {saved_stage}, this run uses stage "
+                              f"{stage}; DeepSpeed cannot convert the optimizer state between them")
+    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"{path}: DeepSpeed could not load it")
+    if saved_world == world:
+        _set_rng_state(torch.load(path / f"rng_rank{_rank():05d}.pt", weights_only=True))
+    else:
+        warnings.warn(f"{path}: saved by {saved_world} ranks, this run has {world}; RNG states not "
+                      "restored, so the run continues but not bit-exactly", stacklevel=2)
+    return meta["client_state"]
+
+
+def _load_weights(engine, state: dict[str, torch.Tensor]) -> None:
+    """Full fp32 weights into the engine's module and its fp32 master copies (any ZeRO stage)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            if _rank() == 0:
+                module.load_state_dict(state, strict=True)
+    else:
+        module.load_state_dict(state, strict=True)
+    if hasattr(engine.optimizer, "refresh_fp32_params"):
+        engine.optimizer.refresh_fp32_params()
+
+
+def model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a checkpoint (ZeRO partitions consolidated on CPU)."""
+    path = Path(path)
+    meta = validate(path)
+    if _optimizer_partitioned(meta):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results
+            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    else:
+        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=False)["module"]
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

@@ -1,0 +1,99 @@
+"""The DeepSpeed engine of a run: process group, device, model, fused optimizer, schedule.
+
+Launched by `deepspeed pretrain.py` (RANK/WORLD_SIZE/LOCAL_RANK set by the launcher), or by plain
+`python pretrain.py`, which runs as a world of one. GPUs use NCCL; the CPU uses gloo (tests and
+`make pretrain`). The optimizer is ours (bert_fast.optim, fused in csrc/), made exact under every
+ZeRO stage by bert_fast.zero_lamb; the schedule is a LambdaLR that DeepSpeed steps, saves and
+restores with the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import torch
+
+from bert_fast.model import BertForPreTraining, zero3_external_parameters
+from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
+from bert_fast.train import schedule
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); starts the process group (a world of one without a launcher)."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python pretrain.py`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    # DeepSpeed's collectives call torch APIs that torch deprecates, once per call site and rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                               auto_mpi_discovery=False, verbose=False)
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), device
+
+
+def make_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
+    o = config["optimizer"]
+    cls = FusedLAMB if o["name"] == "lamb" else FusedAdamW
+    return cls(param_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
+               weight_decay=o["weight_decay"], max_grad_norm=config["train"]["max_grad_norm"])
+
+
+def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
+    """(engine, lr scheduler). The model is built in float32 on `device`; DeepSpeed casts it for
+    bf16/fp16 and keeps float32 master weights."""
+    from bert_fast import zero_lamb
+
+    torch.manual_seed(config["train"]["seed"])  # the same initial weights on every rank
+    model = BertForPreTraining(model_cfg).to(device)
+    model.bert.gradient_checkpointing = config["train"]["activation_checkpointing"]
+    optimizer = make_optimizer(model, config)
+    engine, *_ = zero_lamb.initialize(model, optimizer, ds_config)
+    # Built on our optimizer once DeepSpeed has wrapped it (its param groups carry the lr under
+    # every wrapper); the engine steps it at accumulation boundaries and checkpoints it.
+    lr_scheduler = engine.lr_scheduler = schedule.scheduler(optimizer, config)
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        for module, param in zero3_external_parameters(engine.module):
+            deepspeed.zero.register_external_parameter(module, param)
+    return engine, lr_scheduler
+
+
+def loss_scale(engine) -> float | None:
+    """The fp16 dynamic loss scale (None in bf16/fp32)."""
+    if not engine.fp16_enabled():
+        return None
+    opt = engine.optimizer
+    for name in ("cur_scale", "loss_scale"):
+        value = getattr(opt, name, None)
+        if value is None and hasattr(opt, "loss_scaler"):
+            value = getattr(opt.loss_scaler, name, None)
+        if value is not None:
+            return float(value)
+    return None
+
+
+def global_grad_norm(engine) -> float | None:
+    """The last step's gradient norm: DeepSpeed's under ZeRO, else the one our optimizer clipped with."""
+    value = engine.get_global_grad_norm()
+    if value is None:
+        client = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        value = getattr(client, "grad_norm", None)
+    if value is None:
+        return None
+    return float(value.item() if torch.is_tensor(value) else value)

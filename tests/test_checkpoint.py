@@ -1,0 +1,312 @@
+"""bert_fast.train.checkpoint: atomic save, validation, exact resume under DeepSpeed ZeRO-3 and -2.
+
+The validation tests build checkpoint folders through the real commit step without DeepSpeed.
+The DeepSpeed tests share ONE launch of 2 CPU ranks (gloo; DeepSpeed's first start is slow) that
+saves, prunes, reloads into fresh engines and records what it saw; test_export.py reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+
+from bert_fast.train import checkpoint as ckpt
+from bert_fast.train.checkpoint import CheckpointError
+
+WORLD = 2
+MODEL = dict(vocab_size=101, num_hidden_layers=1, backend="torch", hidden_dropout_prob=0.0,
+             attention_probs_dropout_prob=0.0)
+
+
+# ---- validation, without DeepSpeed -------------------------------------------------------
+
+def _fake(root, step, keep=0, payload=b"x" * 1000):
+    """A checkpoint folder made by the real commit step (world size 1)."""
+    staging = root / ckpt.PARTIAL / f"step_{step:08d}"
+    staging.mkdir(parents=True)
+    (staging / "mp_rank_00_model_states.pt").write_bytes(payload)
+    torch.save(ckpt._rng_state(), staging / "rng_rank00000.pt")
+    meta = {"format": ckpt.FORMAT, "step": step, "tag": staging.name, "world_size": 1, "zero_stage": 0,
+            "client_state": {"step": step}}
+    ckpt._commit(root, staging, root / staging.name, meta, keep)
+    return root / staging.name
+
+
+def test_valid_checkpoint_and_metadata(tmp_path):
+    path = _fake(tmp_path, 7)
+    meta = ckpt.validate(path)
+    assert meta["step"] == 7 and meta["client_state"] == {"step": 7}
+    assert set(meta["files"]) == {"mp_rank_00_model_states.pt", "rng_rank00000.pt"}
+    assert ckpt.read_metadata(path)["world_size"] == 1
+    assert (tmp_path / "latest").read_text() == "step_00000007"
+    assert not (tmp_path / ckpt.PARTIAL / "step_00000007").exists()
+
+
+def test_missing_manifest_is_refused_as_partial(tmp_path):
+    path = tmp_path / "step_00000003"
+    path.mkdir()
+    (path / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match=r"step_00000003.*partial"):
+        ckpt.validate(path)
+
+
+def test_unparseable_manifest_is_refused(tmp_path):
+    path = _fake(tmp_path, 1)
+    (path / ckpt.MANIFEST).write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        ckpt.validate(path)
+
+
+def test_truncated_and_corrupted_files_are_refused(tmp_path):
+    path = _fake(tmp_path, 1)
+    target = path / "mp_rank_00_model_states.pt"
+    target.write_bytes(b"x" * 10)
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt has 10 bytes.*1000"):
+        ckpt.validate(path)
+    target.write_bytes(b"y" * 1000)  # same size, other content
+    with pytest.raises(CheckpointError, match="sha256"):
+        ckpt.validate(path)
+    target.unlink()
+    with pytest.raises(CheckpointError, match="is missing"):
+        ckpt.validate(path)
+
+
+def test_auto_resume_skips_a_corrupted_newest(tmp_path):
+    older = _fake(tmp_path, 10)
+    newest = _fake(tmp_path, 20)
+    (newest / "rng_rank00000.pt").write_bytes(b"")
+    (tmp_path / ckpt.PARTIAL / "step_00000030").mkdir()  # an unfinished save: never considered
+    with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_00000020"):
+        assert ckpt.resolve_resume(tmp_path, "auto") == older
+    with pytest.raises(CheckpointError, match=r"cannot resume from .*step_00000020.*rng_rank00000.pt"):
+        ckpt.resolve_resume(tmp_path, str(newest))
+    assert ckpt.resolve_resume(tmp_path, str(older)) == older
+
+
+def test_auto_resume_without_checkpoints_is_none(tmp_path):
+    assert ckpt.resolve_resume(tmp_path, "auto") is None
+    assert ckpt.resolve_resume(tmp_path / "absent", "auto") is None
+    with pytest.raises(CheckpointError, match="absent.*does not exist"):
+        ckpt.resolve_resume(tmp_path, str(tmp_path / "absent"))
+
+
+def test_keep_prunes_oldest_and_resave_replaces(tmp_path):
+    for step in (1, 2, 3):
+        _fake(tmp_path, step, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000002", "step_00000003"]
+    _fake(tmp_path, 3, keep=2, payload=b"z" * 5)  # the same step again: replaced whole
+    assert ckpt.validate(tmp_path / "step_00000003")["files"]["mp_rank_00_model_states.pt"]["size"] == 5
+    with pytest.raises(ValueError, match="keep"):
+        ckpt.save(None, tmp_path, 4, {}, keep=-1)
+
+
+def test_rng_state_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    torch.save(ckpt._rng_state(), tmp_path / "rng.pt")
+    first = (random.random(), np.random.rand(), torch.rand(2).tolist())
+    ckpt._set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.rand(), torch.rand(2).tolist()) == first
+
+
+# ---- DeepSpeed: one launch of 2 ranks ----------------------------------------------------
+
+def _batch(step):
+    g = torch.Generator().manual_seed(step)
+    ids = torch.randint(1, MODEL["vocab_size"], (2, 8), generator=g)
+    return dict(input_ids=ids, mlm_labels=ids, next_sentence_label=torch.randint(0, 2, (2,), generator=g))
+
+
+def _engine(stage, seed):
+    import deepspeed
+
+    from bert_fast.config import BertConfig
+    from bert_fast.model import BertForPreTraining
+
+    torch.manual_seed(seed)
+    model = BertForPreTraining(BertConfig.from_preset("tiny", **MODEL))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 6,
+              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config, lr_scheduler=lambda o: (
+        torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 / (s + 1))))
+    return engine
+
+
+def _train_step(engine, step):
+    import deepspeed
+
+    # Our model reads child modules' weights directly (F.linear(x, self.qkv.weight)) and returns a
+    # dataclass, which ZeRO-3's per-module gather hooks miss; gathering everything sidesteps it here.
+    params = list(engine.module.parameters()) if engine.zero_optimization_stage() == 3 else []
+    with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
+        engine.backward(engine(**_batch(step)).loss)
+    engine.step()
+
+
+def _full_params(engine):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()),
+                                           enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().clone().float() for k, v in engine.module.state_dict().items()}
+
+
+def _optimizer_tensors(engine):
+    """Every tensor of the (ZeRO) optimizer's state_dict: fp32 partitions, Adam moments, step."""
+    def walk(x):
+        if torch.is_tensor(x):
+            return [x.detach().clone()]
+        if isinstance(x, dict):
+            return [t for k in sorted(x, key=str) for t in walk(x[k])]
+        if isinstance(x, (list, tuple)):
+            return [t for v in x for t in walk(v)]
+        return []
+
+    tensors = walk(engine.optimizer.state_dict())
+    assert len(tensors) > 2, "no optimizer state found"
+    return tensors
+
+
+def _draws():
+    import random
+
+    import numpy as np
+
+    return [random.random(), float(np.random.rand()), torch.rand(3).tolist()]
+
+
+def _max_diff(a, b):
+    return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
+
+
+def _worker(rank, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    from bert_fast.config import BertConfig
+
+    root, r = os.path.join(out, "z3"), {}
+    engine = _engine(3, seed=0)
+    config = {"model": {"preset": "tiny", **MODEL}, "train": {"seed": 0}}
+    state = {"config": config, "model_config": BertConfig.from_preset("tiny", **MODEL).to_dict()}
+    for step in (1, 2, 3):
+        _train_step(engine, step)
+        path = ckpt.save(engine, root, step, {**state, "step": step}, keep=2)
+    r["remaining"] = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    r["latest"] = open(os.path.join(root, "latest")).read()
+    saved_params, saved_opt = _full_params(engine), _optimizer_tensors(engine)
+    consolidated = ckpt.model_state_dict(path)
+    r["consolidated_keys_match"] = sorted(consolidated) == sorted(saved_params)
+    r["consolidated_vs_live"] = _max_diff([consolidated[k] for k in saved_params], saved_params.values())
+    r["draws_after_save"], lr_saved = _draws(), engine.get_lr()[0]
+    _train_step(engine, 4)
+    after_step = _full_params(engine)
+
+    fresh = _engine(3, seed=123)  # other weights, and its construction draws random numbers
+    resumed = ckpt.resolve_resume(root, "auto")
+    client = ckpt.load(fresh, resumed, load_optimizer=True)
+    r["resumed"], r["client_step"] = os.path.basename(resumed), client["step"]
+    r["draws_after_load"] = _draws()
+    r["params_vs_saved"] = _max_diff(_full_params(fresh).values(), saved_params.values())
+    r["optimizer_vs_saved"] = _max_diff(_optimizer_tensors(fresh), saved_opt)
+    r["lr"] = [fresh.get_lr()[0], lr_saved]
+    _train_step(fresh, 4)
+    r["next_step_vs_uninterrupted"] = _max_diff(_full_params(fresh).values(), after_step.values())
+
+    z2 = _engine(2, seed=7)  # weights only across ZeRO stages; the optimizer state cannot cross
+    ckpt.load(z2, path, load_optimizer=False)
+    r["z2_weights_vs_saved"] = _max_diff(_full_params(z2).values(), saved_params.values())
+    try:
+        ckpt.load(z2, path)
+        r["stage_refusal"] = None
+    except CheckpointError as err:
+        r["stage_refusal"] = str(err)
+    _train_step(z2, 5)
+    z2_path = ckpt.save(z2, os.path.join(out, "z2"), 5, {**state, "step": 5}, keep=0)
+    r["z2_consolidated_vs_live"] = _max_diff(ckpt.model_state_dict(z2_path).values(), _full_params(z2).values())
+
+    moved = os.path.join(out, "moved", "step_00000003")  # pretend it was saved by 4 ranks
+    if rank == 0:
+        shutil.copytree(path, moved)
+        meta = json.load(open(os.path.join(moved, ckpt.MANIFEST)))
+        json.dump({**meta, "world_size": 4}, open(os.path.join(moved, ckpt.MANIFEST), "w"))
+    torch.distributed.barrier()
+    try:
+        ckpt.load(_engine(3, seed=1), moved)
+        r["world_refusal"] = None
+    except CheckpointError as err:
+        r["world_refusal"] = str(err)
+    with open(os.path.join(out, f"result.{rank}"), "w") as f:
+        json.dump(r, f)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_RUN = {}
+
+
+def launch(tmp_path_factory):
+    """(output folder, per-rank results) of the 2-rank DeepSpeed launch; runs once per session."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    if "out" not in _RUN:
+        out = tmp_path_factory.mktemp("ckpt_zero")
+        torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+        _RUN["out"] = out
+        _RUN["results"] = [json.loads((out / f"result.{rank}").read_text()) for rank in range(WORLD)]
+    return _RUN["out"], _RUN["results"]
+
+
+@pytest.fixture
+def zero_run(tmp_path_factory):
+    return launch(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_keep_two_and_latest(zero_run):
+    out, results = zero_run
+    for r in results:
+        assert r["remaining"] == ["step_00000002", "step_00000003"] and r["latest"] == "step_00000003"
+    meta = ckpt.validate(out / "z3" / "step_00000003")
+    assert meta["world_size"] == WORLD and meta["zero_stage"] == 3 and meta["client_state"]["step"] == 3
+    assert {"rng_rank00000.pt", "rng_rank00001.pt"} <= set(meta["files"]) and meta["git_revision"]
+
+
+@pytest.mark.slow
+def test_resume_restores_weights_optimizer_scheduler_and_rng(zero_run):
+    for r in zero_run[1]:
+        assert r["resumed"] == "step_00000003" and r["client_step"] == 3
+        assert r["params_vs_saved"] == 0 and r["optimizer_vs_saved"] == 0, r
+        assert r["lr"][0] == r["lr"][1]
+        assert r["draws_after_load"] == r["draws_after_save"]
+        assert r["next_step_vs_uninterrupted"] == 0, r
+    assert zero_run[1][0]["draws_after_save"] != zero_run[1][1]["draws_after_save"]  # per-rank states
+
+
+@pytest.mark.slow
+def test_consolidated_weights_equal_live_parameters(zero_run):
+    for r in zero_run[1]:
+        assert r["consolidated_keys_match"] and r["consolidated_vs_live"] == 0, r
+        assert r["z2_consolidated_vs_live"] == 0 and r["z2_weights_vs_saved"] == 0, r
+
+
+@pytest.mark.slow
+def test_incompatible_loads_are_refused_by_name(zero_run):
+    for r in zero_run[1]:
+        assert "ZeRO stage 3" in r["stage_refusal"] and "stage 2" in r["stage_refusal"], r
+        assert "4 ranks" in r["world_refusal"] and "has 2" in r["world_refusal"], r
+
