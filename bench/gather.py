@@ -2,10 +2,12 @@
 
     python bench/gather.py RESULTS_DIR OUT_DIR [--steps STEPS_TSV] [--log LOG]
 
-OUT_DIR receives at most 8 files: suite.json (every benchmark's rows, the ceilings and the step
-statuses), report.md (the step table and every markdown table), suite.log (copied), plots.tar.gz
-(the PNGs) and pytest-gpu.xml when the GPU tests wrote one. Safe to run after every step: a suite
-cut short by a timeout still leaves what it had measured.
+OUT_DIR receives at most 8 files: suite.json (every benchmark's rows, the ceilings, the step
+statuses and the pretraining runs' metrics records), report.md (the step table, a table per
+pretraining run and every markdown table), suite.log (copied), build.log (the extension build's
+whole log, when there is one; its end only past 8 MiB), plots.tar.gz (the PNGs and the pretraining
+runs' `*-metrics.jsonl`); gpu_suite.sh adds pytest-gpu*.xml (two at most). Safe to run after every
+step: a suite cut short by a timeout still leaves what it had measured.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import tarfile
 from pathlib import Path
 
 from bert_fast.fileio import atomic_path, atomic_write_text
+
+BUILD_LOG_LIMIT = 8 << 20  # bytes; a device call returns files of at most 16 MiB
+# Columns of a pretraining run's table in report.md (train records of metrics.jsonl).
+PRETRAIN_COLUMNS = ["step", "loss", "mlm_acc", "nsp_acc", "lr", "grad_norm", "seq_per_s", "tokens_per_s",
+                    "tflops", "mfu_pct", "peak_memory_gb"]
 
 
 def read_steps(path: Path | None) -> list[dict]:
@@ -30,12 +37,59 @@ def read_steps(path: Path | None) -> list[dict]:
     return rows
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The records of a pretraining run's metrics.jsonl; a line cut short by a kill is dropped."""
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def pretrain_table(name: str, records: list[dict]) -> list[str]:
+    train = [r for r in records if r.get("kind") == "train"]
+    lines = ["", f"## {name}", ""]
+    if not train:
+        return lines + ["No train records."]
+    columns = [c for c in PRETRAIN_COLUMNS if any(c in r for r in train)]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in train]
+    others = [r for r in records if r.get("kind") in ("checkpoint", "ranks")]
+    lines += [""] + [f"- {r['kind']} at step {r.get('step')}: "
+                     + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("kind", "step")) for r in others]
+    return lines
+
+
+def copy_build_log(src: Path, dst: Path) -> None:
+    """Whole, or its end past BUILD_LOG_LIMIT (compiler errors stop a build, so they are near it)."""
+    data = src.read_bytes()
+    if len(data) > BUILD_LOG_LIMIT:
+        cut = len(data) - BUILD_LOG_LIMIT
+        data = f"[build.log: its first {cut} bytes left out]\n".encode() + data[cut:]
+    with atomic_path(dst) as tmp:
+        Path(tmp).write_bytes(data)
+
+
 def gather(results: Path, out: Path, steps: list[dict], log: Path | None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     benches = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
-    atomic_write_text(out / "suite.json", json.dumps({"steps": steps, "results": benches}, indent=1))
+    # pretrain-metrics.jsonl -> "pretrain", pretrain-base-metrics.jsonl -> "pretrain-base"
+    metrics = sorted(results.glob("*-metrics.jsonl"))
+    runs = {p.name.removesuffix("-metrics.jsonl"): read_metrics(p) for p in metrics}
+    atomic_write_text(out / "suite.json", json.dumps({"steps": steps, "results": benches, "pretrain": runs},
+                                                     indent=1))
     report = ["# GPU suite report", "", "| step | status | seconds |", "|---|---|---|"]
     report += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps]
+    for name, records in runs.items():
+        report += pretrain_table(name, records)
     for md in sorted(results.glob("*.md")):
         report += ["", md.read_text().replace("\n# ", "\n## ", 1).replace("# ", "## ", 1)]
     atomic_write_text(out / "report.md", "\n".join(report) + "\n")
@@ -43,11 +97,14 @@ def gather(results: Path, out: Path, steps: list[dict], log: Path | None) -> lis
     if log is not None and log.exists() and log.resolve() != (out / "suite.log").resolve():
         shutil.copyfile(log, out / "suite.log")
         written.append(out / "suite.log")
-    plots = sorted(results.glob("*.png"))
-    if plots:
+    if (results / "build.log").exists():
+        copy_build_log(results / "build.log", out / "build.log")
+        written.append(out / "build.log")
+    packed = sorted(results.glob("*.png")) + metrics
+    if packed:
         with atomic_path(out / "plots.tar.gz") as tmp, tarfile.open(tmp, "w:gz") as tar:
-            for png in plots:
-                tar.add(png, arcname=png.name)
+            for path in packed:
+                tar.add(path, arcname=path.name)
         written.append(out / "plots.tar.gz")
     return written
 

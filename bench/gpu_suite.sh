@@ -6,12 +6,17 @@
 # measured. The C++/CUDA extension compiles in the background on the CPU while the Triton tests and
 # benchmarks use the GPU.
 #
-#   bench/gpu_suite.sh [--quick] [--out DIR] [--budget SECONDS] [--wheels DIR] [--dry-run]
+#   bench/gpu_suite.sh [--quick] [--out DIR] [--budget SECONDS] [--only STEP[,STEP...]]
+#                      [--wheels DIR] [--dry-run]
 #
-#   --quick          a ~2-minute subset (--quick benchmark sizes, fewer steps)
+#   --quick          a ~4-minute subset (--quick benchmark sizes, fewer steps)
 #   --out DIR        also gather the results into DIR as at most 8 files (suite.json, report.md,
-#                    suite.log, plots.tar.gz, pytest-gpu*.xml)
+#                    suite.log, build.log, plots.tar.gz, pytest-gpu*.xml)
 #   --budget SECONDS the whole suite's limit (default 450, 240 with --quick)
+#   --only STEPS     run only these steps (comma-separated, run in suite order; `env` and `install`
+#                    always run): reruns of failed steps in a later call. Named steps run even where
+#                    --quick would skip them. `build-sync` (build the extension, in the foreground)
+#                    runs only when named here.
 #   --wheels DIR     put the wheels found there on the path first (default: .whl/ in the repository)
 #   --dry-run        list the steps and their limits, run nothing
 #
@@ -28,6 +33,7 @@ QUICK=0
 DRY=0
 OUT=""
 BUDGET=""
+ONLY=""
 WHEELS=".whl"
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -35,8 +41,9 @@ while [[ $# -gt 0 ]]; do
         --dry-run) DRY=1 ;;
         --out) OUT="${2:?--out needs a folder}"; shift ;;
         --budget) BUDGET="${2:?--budget needs seconds}"; shift ;;
+        --only) ONLY="${2:?--only needs step names}"; shift ;;
         --wheels) WHEELS="${2:?--wheels needs a folder}"; shift ;;
-        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
         *) echo "gpu_suite.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -52,15 +59,19 @@ Q=""
 # minutes compiling candidates.
 GPU_TEST="TRITON_INTERPRET=0 BERT_FAST_AUTOTUNE=0 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15"
 
-# name | limit in seconds | run with --quick (1/0) | command. In order of value.
+# name | limit in seconds | when | command. In order of value. when: 1 = always, 0 = not with
+# --quick, - = only when --only names it.
 STEPS=(
     "env|20|1|show_env"
     "install|60|1|install_package"
     "build-start|30|1|start_build"
+    "build-sync|240|-|start_build && wait_build"
     "ceilings|30|1|$PY bench/ceilings.py"
     "gpu-tests|100|1|$GPU_TEST tests/gpu --ignore=tests/gpu/ext --junitxml=\$RESULTS/pytest-gpu.xml"
     "build-wait|150|1|wait_build"
     "bench-e2e|150|1|$PY bench/e2e.py $Q"
+    "pretrain|90|1|run_pretrain"
+    "pretrain-throughput|60|0|run_pretrain_throughput"
     "gpu-tests-ext|45|0|$GPU_TEST tests/gpu/ext --junitxml=\$RESULTS/pytest-gpu-ext.xml"
     "bench-attention|60|1|$PY bench/attention.py $Q"
     "bench-mlm_loss|30|1|$PY bench/mlm_loss.py $Q"
@@ -69,13 +80,43 @@ STEPS=(
     "bench-embeddings|20|0|$PY bench/embeddings.py $Q"
 )
 # Every bench/*.py that measures a GPU op appears above (tests/test_gpu_suite.py checks it).
+ALWAYS=" env install "  # every other step needs them
+
+KNOWN=" "
+for step in "${STEPS[@]}"; do KNOWN+="${step%%|*} "; done
+if [[ -n $ONLY ]]; then
+    ONLY=" ${ONLY//,/ } "
+    for name in $ONLY; do
+        [[ $KNOWN == *" $name "* ]] && continue
+        known=$(echo $KNOWN | sed 's/ /, /g')
+        echo "gpu_suite.sh: unknown step '$name' in --only; known steps: $known" >&2
+        exit 2
+    done
+    if [[ $ONLY == *" build-sync "* && ( $ONLY == *" build-start "* || $ONLY == *" build-wait "* ) ]]; then
+        echo "gpu_suite.sh: --only build-sync replaces build-start and build-wait; name one or the other" >&2
+        exit 2
+    fi
+fi
+
+# Why a step does not run (nothing when it runs): not named by --only, or --quick, or only-when-named.
+skip_reason() {
+    local name=$1 when=$2
+    if [[ -n $ONLY ]]; then
+        [[ $ALWAYS == *" $name "* || $ONLY == *" $name "* ]] || echo "not in --only"
+    elif [[ $when == - ]]; then
+        echo "only with --only"
+    elif [[ $QUICK == 1 && $when == 0 ]]; then
+        echo "--quick"
+    fi
+}
 
 if [[ $DRY == 1 ]]; then
-    echo "gpu_suite.sh dry run ($([[ $QUICK == 1 ]] && echo quick || echo full), budget ${BUDGET}s):"
+    echo "gpu_suite.sh dry run ($([[ $QUICK == 1 ]] && echo quick || echo full), budget ${BUDGET}s$([[ -n $ONLY ]] && echo ", only $(echo $ONLY | tr ' ' ,)")):"
     for step in "${STEPS[@]}"; do
-        IFS='|' read -r name limit quick cmd <<< "$step"
-        if [[ $QUICK == 1 && $quick == 0 ]]; then echo "  skip  $name"; continue; fi
-        printf '  %4ss  %-17s %s\n' "$limit" "$name" "$cmd"
+        IFS='|' read -r name limit when cmd <<< "$step"
+        reason=$(skip_reason "$name" "$when")
+        if [[ -n $reason ]]; then echo "  skip  $name ($reason)"; continue; fi
+        printf '  %4ss  %-19s %s\n' "$limit" "$name" "$cmd"
     done
     exit 0
 fi
@@ -99,9 +140,18 @@ install_package() {
 start_build() {
     # This device's architecture only, all cores, into the source tree (the editable install
     # finds bert_fast/_C*.so there).
-    local arch
+    local arch cuda_home nvcc
     arch=$($PY -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())') ||
         { echo "no CUDA device: the extension's CUDA kernels cannot be built here"; return 1; }
+    # The compilers, for diagnosing a failed build: nvcc must accept torch's CUDA headers and the
+    # host compiler must be one nvcc supports.
+    cuda_home=$($PY -c 'import torch; from torch.utils.cpp_extension import CUDA_HOME; print(CUDA_HOME or "", torch.version.cuda)')
+    echo "CUDA_HOME ${cuda_home% *}, torch built for CUDA ${cuda_home##* }"
+    nvcc="${cuda_home% *}/bin/nvcc"
+    [[ -x $nvcc ]] || nvcc=nvcc
+    echo "nvcc: $($nvcc --version 2>&1 | tail -1)"
+    echo "c++:  $(c++ --version 2>&1 | head -1)"
+    rm -f "$RESULTS/build.log" "$RESULTS/build.pid"
     # setsid: its own process group, so the step's `timeout` (which signals its whole group)
     # can never take the build down with it.
     BERT_FAST_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
@@ -111,11 +161,71 @@ start_build() {
 }
 
 wait_build() {
-    local pid
+    local pid log="$RESULTS/build.log" first from
+    [[ -f $RESULTS/build.pid ]] || { echo "no build was started (build-start failed or did not run)"; return 1; }
     pid=$(cat "$RESULTS/build.pid")
     while kill -0 "$pid" 2> /dev/null; do sleep 2; done
-    tail -n 15 "$RESULTS/build.log"
-    $PY -c 'import bert_fast.extension as e; e.require("cuda"); print("bert_fast._C has CUDA kernels")'
+    if $PY -c 'import bert_fast.extension as e; e.require("cuda")' 2> /dev/null; then
+        tail -n 3 "$log"
+        echo "bert_fast._C has CUDA kernels"
+        return 0
+    fi
+    # What matters is the compiler's message, far above the Python traceback that ends the log.
+    # Lines are cut at 400 characters: ninja's command lines run to thousands.
+    echo "the build failed: $(wc -l < "$log") lines in build.log (gathered whole as build.log)"
+    echo "--- build.log lines with error/Error/FAILED (first 40):"
+    grep -n -E "error|Error|FAILED" "$log" | head -40 | cut -c1-400
+    first=$(grep -n -m1 -E "error:|error [A-Z]*[0-9]+|fatal error" "$log" | cut -d: -f1)
+    [[ -z $first ]] && first=$(grep -n -m1 "FAILED" "$log" | cut -d: -f1)
+    if [[ -n $first ]]; then
+        from=$(( first > 10 ? first - 10 : 1 ))
+        echo "--- build.log lines $from-$(( first + 40 )), around the first compiler error:"
+        sed -n "${from},$(( first + 40 ))p" "$log" | cut -c1-400
+    fi
+    echo "--- the end of build.log:"
+    tail -n 15 "$log" | cut -c1-400
+    $PY -c 'import bert_fast.extension as e; e.require("cuda")' 2>&1 | tail -n 1
+    return 1
+}
+
+# The real training loop (pretrain.py, bert_fast/train/), one process on the GPU, a world of one
+# without the launcher: bf16, ZeRO 2, LAMB, BERT-mini on synthetic data. 60 steps with checkpoints
+# at 30 and 60, then `--resume auto` to 80 (the resumed run must continue at step 60, not restart),
+# then the export to a Hugging Face folder. PRETRAIN_OVERRIDES: more dotted overrides, last
+# (a CPU check of the command lines uses train.micro_batch=4).
+run_pretrain() {
+    local run="$RESULTS/pretrain-run" rc
+    rm -rf "$run" "$RESULTS/pretrain-metrics.jsonl"
+    local args=(--config configs/tiny-cpu.yaml model.preset=mini data.source=synthetic data.seq_length=128
+                precision.bf16=true zero.stage=2 optimizer.name=lamb schedule.warmup_steps=10
+                log.every=20 eval.every=0 checkpoint.every=30 "train.output_dir=$run")
+    # Numerics, not tuning (as in the GPU tests): no autotune sweep.
+    BERT_FAST_AUTOTUNE=0 TQDM_DISABLE=1 $PY pretrain.py "${args[@]}" train.steps=60 $PRETRAIN_OVERRIDES &&
+        BERT_FAST_AUTOTUNE=0 TQDM_DISABLE=1 $PY pretrain.py --resume auto "${args[@]}" train.steps=80 \
+            $PRETRAIN_OVERRIDES &&
+        $PY -c 'import json, sys
+steps = [r["step"] for r in map(json.loads, open(sys.argv[1])) if r["kind"] == "train"]
+print("train records at steps", steps)
+sys.exit(0 if steps == [20, 40, 60, 80] else "expected steps 20, 40, 60 and, resumed, 80")' "$run/metrics.jsonl" &&
+        $PY -m bert_fast.export "$run/checkpoints" "$run/hf"
+    rc=$?
+    cp "$run/metrics.jsonl" "$RESULTS/pretrain-metrics.jsonl" 2> /dev/null
+    return $rc
+}
+
+# The trainer's throughput at a realistic size: BERT-base, seq 128, micro-batch 128, bf16, ZeRO 1,
+# LAMB, 30 steps, autotuned kernels. seq/s, tokens/s, TFLOP/s and MFU are in each train record.
+run_pretrain_throughput() {
+    local run="$RESULTS/pretrain-base" rc
+    rm -rf "$run" "$RESULTS/pretrain-base-metrics.jsonl"
+    TQDM_DISABLE=1 $PY pretrain.py --config configs/tiny-cpu.yaml model.preset=base data.source=synthetic \
+        data.seq_length=128 train.micro_batch=128 train.steps=30 log.every=10 precision.bf16=true \
+        zero.stage=1 optimizer.name=lamb eval.every=0 checkpoint.every=0 "train.output_dir=$run" \
+        $PRETRAIN_OVERRIDES
+    rc=$?
+    cp "$run/metrics.jsonl" "$RESULTS/pretrain-base-metrics.jsonl" 2> /dev/null
+    rm -rf "$run/checkpoints"  # the loop saves one at the last step (1.3 GB); nothing reads it
+    return $rc
 }
 
 SITE=/tmp/bert_fast_site
@@ -127,9 +237,12 @@ LOG="$RESULTS/suite.log"
 STEPS_TSV="$RESULTS/steps.tsv"
 : > "$LOG"
 : > "$STEPS_TSV"
-export RESULTS PY WHEELS SITE
-export -f show_env install_package start_build wait_build
-echo "gpu_suite.sh: budget ${BUDGET}s, results in $RESULTS$([[ -n $OUT ]] && echo ", gathered into $OUT")" | tee -a "$LOG"
+# A warm machine keeps the last call's files: what belongs to one run must not pass for this one's
+# (a stale build.pid would even name someone else's process at the end).
+rm -f "$RESULTS/build.pid" "$RESULTS/build.log" "$RESULTS"/pytest-gpu*.xml "$RESULTS"/pretrain*-metrics.jsonl
+export RESULTS PY WHEELS SITE PRETRAIN_OVERRIDES="${PRETRAIN_OVERRIDES:-}"
+export -f show_env install_package start_build wait_build run_pretrain run_pretrain_throughput
+echo "gpu_suite.sh: budget ${BUDGET}s$([[ -n $ONLY ]] && echo ", only $(echo $ONLY | tr ' ' ,)"), results in $RESULTS$([[ -n $OUT ]] && echo ", gathered into $OUT")" | tee -a "$LOG"
 
 gather() {
     [[ -z $OUT ]] && return 0
@@ -141,11 +254,11 @@ gather() {
 suite_start=$(date +%s)
 failed=0
 for step in "${STEPS[@]}"; do
-    IFS='|' read -r name limit quick cmd <<< "$step"
-    if [[ $QUICK == 1 && $quick == 0 ]]; then
-        printf '%s\tskipped (--quick)\t0\n' "$name" >> "$STEPS_TSV"
-        continue
-    fi
+    IFS='|' read -r name limit when cmd <<< "$step"
+    reason=$(skip_reason "$name" "$when")
+    # Steps left out by --only (or run only through it) are not part of this run's table.
+    [[ $reason == "--quick" ]] && printf '%s\tskipped (--quick)\t0\n' "$name" >> "$STEPS_TSV"
+    [[ -n $reason ]] && continue
     left=$(( BUDGET - ($(date +%s) - suite_start) ))
     if (( left < 5 )); then
         printf '%s\tskipped (budget spent)\t0\n' "$name" >> "$STEPS_TSV"

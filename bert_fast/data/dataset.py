@@ -208,9 +208,13 @@ class PretrainingLoader:
     def __iter__(self):
         """Endless: epoch after epoch, each re-planned (new pairs and masks)."""
         while True:
+            # Its own generator: a DataLoader otherwise draws its base seed from torch's global RNG
+            # each time it starts, which would shift the dropout draws of a resumed run.
+            generator = torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch)
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                                 collate_fn=self.collate, num_workers=self.workers, pin_memory=self.pin_memory,
-                                prefetch_factor=self.prefetch if self.workers else None, drop_last=False)
+                                prefetch_factor=self.prefetch if self.workers else None, drop_last=False,
+                                generator=generator)
             for batch in loader:
                 self.sampler.consumed = min(self.sampler.size, self.sampler.consumed +
                                             len(batch["next_sentence_label"]) * self.sampler.world_size)

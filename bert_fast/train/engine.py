@@ -10,9 +10,11 @@ restores with the engine.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import warnings
 
+import numpy as np
 import torch
 
 from bert_fast.model import BertForPreTraining, zero3_external_parameters
@@ -62,6 +64,11 @@ def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
     model = BertForPreTraining(model_cfg).to(device)
     model.bert.gradient_checkpointing = config["train"]["activation_checkpointing"]
     optimizer = make_optimizer(model, config)
+    # Weights are equal on every rank; dropout and other draws from here on differ per rank.
+    seed = config["train"]["seed"] + 1 + int(os.environ.get("RANK", "0"))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     engine, *_ = zero_lamb.initialize(model, optimizer, ds_config)
     # Built on our optimizer once DeepSpeed has wrapped it (its param groups carry the lr under
     # every wrapper); the engine steps it at accumulation boundaries and checkpoints it.

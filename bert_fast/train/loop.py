@@ -148,13 +148,13 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     ds_config = deepspeed_config(config, world)
     if deepspeed_config_path:
         ds_config = merge_deepspeed_config(ds_config, load_deepspeed_config(deepspeed_config_path))
+    root, output = checkpoint_dir(config), Path(t["output_dir"])
+    path = checkpoint.resolve_resume(root, resume) if resume else None  # a bad one fails before the build
     batches = make_batches(config, model_config(config), rank, world)
     model_cfg = batches.model_config
     engine, scheduler = build(config, model_cfg, ds_config, device)
-    root, output = checkpoint_dir(config), Path(t["output_dir"])
 
     start, last_saved = 0, None
-    path = checkpoint.resolve_resume(root, resume) if resume else None
     if path is not None:
         state = checkpoint.load(engine, path)
         start, last_saved = state["step"], path
