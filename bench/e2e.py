@@ -13,7 +13,8 @@ extension is built, otherwise torch's AdamW (the row's `optimizer` says which).
 
 Columns: seq/s and tokens/s (real tokens: here every token), TFLOP/s from `step_flops` (model
 FLOPs, recomputation not counted) and MFU against the device's measured dense bf16 matmul rate
-(bench/harness.py `matmul_tflops`, 8192^3). `peak_mb` is the whole step's footprint: weights,
+(bench/harness.py `matmul_tflops`, 8192^3; the trainer's logs use the datasheet peak).
+`peak_mb` is the whole step's footprint: weights,
 optimizer state and activations. Targets (issue 5, one H100, BERT-large, bf16): fast >= 1.5x HF's
 step throughput and MFU >= 50%; on the CPU the default path must not be slower than the torch path
 (there `auto` resolves to the torch backend, so the CPU rows compare torch with HF).
@@ -26,6 +27,7 @@ from harness import Benchmark, Unavailable, matmul_tflops
 
 from bert_fast import BertConfig, BertForPreTraining, extension
 from bert_fast.optim import FusedLAMB, param_groups
+from bert_fast.train.flops import step_flops
 
 VOCAB = 30522
 MAX_PREDICTIONS = {128: 20, 512: 80}
@@ -35,18 +37,11 @@ def predictions(seq: int) -> int:
     return MAX_PREDICTIONS.get(seq, max(1, round(0.15 * seq)))
 
 
-def step_flops(case: dict) -> float:
-    """Model FLOPs of one training step: 3x the forward (backward = 2x), per sequence of length S
-    with L layers, hidden H, intermediate I and P predicted tokens:
-    encoder GEMMs 2S(4H^2 + 2HI) and attention 4S^2H per layer, the MLM head 2P(H^2 + HV) on the
-    predicted rows only (what BERT needs; a model that runs it on every token spends more), pooler
-    and NSP 2H^2 + 4H. Embedding lookups, softmax, LayerNorm and the optimizer are not counted."""
-    c = BertConfig.from_preset(case["model"])
-    s, h, i, n = case["seq"], c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    p = predictions(s)
-    encoder = n * (2 * s * (4 * h * h + 2 * h * i) + 4 * s * s * h)
-    heads = 2 * p * (h * h + h * VOCAB) + 2 * h * h + 4 * h
-    return 3.0 * case["batch"] * (encoder + heads)
+def case_flops(case: dict) -> float:
+    """Model FLOPs of one step (bert_fast/train/flops.py, the formula the trainer logs; recompute
+    not counted, the MLM head on the predicted rows only: what BERT needs)."""
+    config = BertConfig.from_preset(case["model"], vocab_size=VOCAB)
+    return step_flops(config, [case["seq"]] * case["batch"], predictions(case["seq"]) * case["batch"])
 
 
 def make_inputs(case: dict, device: torch.device, dtype: torch.dtype) -> dict:
@@ -150,7 +145,7 @@ bench = Benchmark(
                dict(model="base", seq=128, batch=256), dict(model="base", seq=512, batch=64)],
     cpu_cases=[dict(model="tiny", seq=128, batch=8), dict(model="mini", seq=128, batch=8)],
     modes=("step",),
-    flops=lambda case, mode: step_flops(case),
+    flops=lambda case, mode: case_flops(case),
     cpu_providers=("hf", "torch"),
     baseline="hf",
     derive=derive,

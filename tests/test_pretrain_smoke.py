@@ -70,3 +70,20 @@ def test_synthetic_batches_follow_bert_masking():
     # Same seed, same batches: runs are reproducible.
     again = SyntheticBatches(batch_size=256, seq_length=64, seed=1).next()
     assert all((again[k] == batch[k]).all() for k in batch)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    """A learning rate of 1e30 sends the weights to inf in one step: the next loss is not finite,
+    the run stops (exit 1) before the optimizer applies it, naming the last checkpoint it kept."""
+    result = subprocess.run(
+        [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={tmp_path}",
+         "train.steps=20", "schedule.warmup_steps=0", "optimizer.lr=1e30", "checkpoint.every=1",
+         "eval.every=0", "log.every=1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "not finite" in result.stderr and "last good checkpoint is" in result.stderr, result.stderr[-2000:]
+    from bert_fast.train import checkpoint
+
+    kept = checkpoint.resolve_resume(tmp_path / "checkpoints", "auto")
+    assert kept is not None and str(kept) in result.stderr
+    assert checkpoint.read_metadata(kept)["step"] < 20

@@ -75,6 +75,26 @@ class _Signals:
             signal.signal(sig, old)
 
 
+class LossScaleWatch:
+    """Stops a fp16 run whose dynamic loss scale sits at its floor and still overflows for
+    `patience` steps in a row: the scaler cannot go lower, so every step is being skipped."""
+
+    def __init__(self, floor: float, patience: int):
+        self.floor, self.patience, self.count = floor, max(1, patience), 0
+
+    def update(self, step: int, overflowed: bool, scale: float | None, last_saved) -> None:
+        if not overflowed or scale is None:
+            self.count = 0
+            return
+        self.count = self.count + 1 if scale <= self.floor else 0
+        if self.count >= self.patience:
+            raise TrainingStopped(
+                f"step {step}: the fp16 loss scale is at its floor precision.min_loss_scale={self.floor} "
+                f"and the last {self.count} steps overflowed; the run has diverged (last good "
+                f"checkpoint: {last_saved or 'none'}). Use precision.bf16, or a lower optimizer.lr / "
+                "longer warmup.")
+
+
 def _peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -178,7 +198,7 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     signals = _Signals()
     stream_ = batches.stream()
     window, records = Window(device), []
-    floor_overflows = 0
+    watch = LossScaleWatch(config["precision"]["min_loss_scale"], config["precision"]["hysteresis"])
     step = start
     try:
         while step < t["steps"]:
@@ -197,20 +217,19 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
                         f"step {step + 1}: the loss is {step_loss.item()} (not finite); stopping before the "
                         f"optimizer applies it. The last good checkpoint is {last_saved or 'none'}. "
                         "Lower optimizer.lr, raise schedule warmup, or use precision.bf16.")
-                engine.step()
+                try:
+                    engine.step()
+                except Exception as err:  # DeepSpeed's scaler raises once the scale is at its minimum
+                    if "loss scale" not in str(err).lower():
+                        raise
+                    raise TrainingStopped(f"step {step + 1}: {err} (precision.min_loss_scale="
+                                          f"{config['precision']['min_loss_scale']}); the run has diverged, "
+                                          f"last good checkpoint: {last_saved or 'none'}. Use precision.bf16, "
+                                          "or a lower optimizer.lr / longer warmup.") from err
             step += 1
             overflowed = engine.skipped_steps > skipped_before
             scale = loss_scale(engine)
-            if overflowed and scale is not None and scale <= config["precision"]["min_loss_scale"]:
-                floor_overflows += 1
-                if floor_overflows >= config["precision"]["hysteresis"]:
-                    raise TrainingStopped(
-                        f"step {step}: the fp16 loss scale fell to its floor precision.min_loss_scale="
-                        f"{config['precision']['min_loss_scale']} and steps still overflow; the run has "
-                        f"diverged (last good checkpoint: {last_saved or 'none'}). Use precision.bf16, or a "
-                        "lower optimizer.lr / longer warmup.")
-            elif not overflowed:
-                floor_overflows = 0
+            watch.update(step, overflowed, scale, last_saved)
             reporter.step()
             if step % lg["every"] == 0 or step == t["steps"]:
                 record = {"step": step, **window.summary(world), "lr": step_lr,
