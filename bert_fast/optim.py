@@ -19,7 +19,7 @@ The fused step is one pass for the grad norm, one for moments and the per-tensor
 squares, and one that applies the update (recomputed from the moments instead of stored). AdamW
 is torch.optim.AdamW's math (decoupled decay) in a single pass. Parameters may be float32,
 float16 or bfloat16; the optimizer keeps float32 master weights and moments for the low-precision
-ones and writes the rounded result back. Under DeepSpeed ZeRO 1/2 the optimizer sees flat
+ones and writes the rounded result back. Under DeepSpeed ZeRO 1-3 the optimizer sees flat
 partitions; `bert_fast.zero_lamb.attach` tells it which pieces of which tensors each holds so the
 trust ratios stay exact.
 """
