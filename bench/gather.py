@@ -6,8 +6,9 @@ OUT_DIR receives at most 8 files: suite.json (every benchmark's rows, the ceilin
 statuses and the pretraining runs' metrics records), report.md (the step table, a table per
 pretraining run and every markdown table), suite.log (copied), build.log (the extension build's
 whole log, when there is one; its end only past 8 MiB), plots.tar.gz (the PNGs and the pretraining
-runs' `*-metrics.jsonl`); gpu_suite.sh adds pytest-gpu*.xml (two at most). Safe to run after every
-step: a suite cut short by a timeout still leaves what it had measured.
+runs' `RUN-metrics.jsonl`, else `RUN/metrics.jsonl`); gpu_suite.sh adds pytest-gpu*.xml (two at
+most). Safe to run after every step: a suite cut short by a timeout still leaves what it had
+measured.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def pretrain_table(name: str, records: list[dict]) -> list[str]:
     lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in train]
     others = [r for r in records if r.get("kind") in ("checkpoint", "ranks")]
-    lines += [""] + [f"- {r['kind']} at step {r.get('step')}: "
-                     + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("kind", "step")) for r in others]
+    lines += [""] if others else []
+    for r in others:
+        details = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("kind", "step"))
+        lines.append(f"- {r['kind']} at step {r.get('step')}: {details}")
     return lines
 
 
@@ -81,9 +84,13 @@ def copy_build_log(src: Path, dst: Path) -> None:
 def gather(results: Path, out: Path, steps: list[dict], log: Path | None) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     benches = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
-    # pretrain-metrics.jsonl -> "pretrain", pretrain-base-metrics.jsonl -> "pretrain-base"
-    metrics = sorted(results.glob("*-metrics.jsonl"))
-    runs = {p.name.removesuffix("-metrics.jsonl"): read_metrics(p) for p in metrics}
+    # RUN-metrics.jsonl, the copy gpu_suite.sh makes of RUN/metrics.jsonl once the run ends; a run
+    # killed at its limit left only RUN/metrics.jsonl.
+    found = {p.name.removesuffix("-metrics.jsonl"): p for p in results.glob("*-metrics.jsonl")}
+    for p in results.glob("*/metrics.jsonl"):
+        found.setdefault(p.parent.name, p)
+    metrics = [found[name] for name in sorted(found)]
+    runs = {name: read_metrics(found[name]) for name in sorted(found)}
     atomic_write_text(out / "suite.json", json.dumps({"steps": steps, "results": benches, "pretrain": runs},
                                                      indent=1))
     report = ["# GPU suite report", "", "| step | status | seconds |", "|---|---|---|"]
@@ -104,7 +111,8 @@ def gather(results: Path, out: Path, steps: list[dict], log: Path | None) -> lis
     if packed:
         with atomic_path(out / "plots.tar.gz") as tmp, tarfile.open(tmp, "w:gz") as tar:
             for path in packed:
-                tar.add(path, arcname=path.name)
+                own = path.name == "metrics.jsonl"  # RUN/metrics.jsonl -> RUN-metrics.jsonl
+                tar.add(path, arcname=f"{path.parent.name}-{path.name}" if own else path.name)
         written.append(out / "plots.tar.gz")
     return written
 

@@ -195,7 +195,7 @@ wait_build() {
 # (a CPU check of the command lines uses train.micro_batch=4).
 run_pretrain() {
     local run="$RESULTS/pretrain-run" rc
-    rm -rf "$run" "$RESULTS/pretrain-metrics.jsonl"
+    rm -rf "$run" "$RESULTS/pretrain-run-metrics.jsonl"
     local args=(--config configs/tiny-cpu.yaml model.preset=mini data.source=synthetic data.seq_length=128
                 precision.bf16=true zero.stage=2 optimizer.name=lamb schedule.warmup_steps=10
                 log.every=20 eval.every=0 checkpoint.every=30 "train.output_dir=$run")
@@ -209,7 +209,7 @@ print("train records at steps", steps)
 sys.exit(0 if steps == [20, 40, 60, 80] else "expected steps 20, 40, 60 and, resumed, 80")' "$run/metrics.jsonl" &&
         $PY -m bert_fast.export "$run/checkpoints" "$run/hf"
     rc=$?
-    cp "$run/metrics.jsonl" "$RESULTS/pretrain-metrics.jsonl" 2> /dev/null
+    cp "$run/metrics.jsonl" "$RESULTS/pretrain-run-metrics.jsonl" 2> /dev/null
     return $rc
 }
 
@@ -240,6 +240,7 @@ STEPS_TSV="$RESULTS/steps.tsv"
 # A warm machine keeps the last call's files: what belongs to one run must not pass for this one's
 # (a stale build.pid would even name someone else's process at the end).
 rm -f "$RESULTS/build.pid" "$RESULTS/build.log" "$RESULTS"/pytest-gpu*.xml "$RESULTS"/pretrain*-metrics.jsonl
+rm -rf "$RESULTS/pretrain-run" "$RESULTS/pretrain-base"
 export RESULTS PY WHEELS SITE PRETRAIN_OVERRIDES="${PRETRAIN_OVERRIDES:-}"
 export -f show_env install_package start_build wait_build run_pretrain run_pretrain_throughput
 echo "gpu_suite.sh: budget ${BUDGET}s$([[ -n $ONLY ]] && echo ", only $(echo $ONLY | tr ' ' ,)"), results in $RESULTS$([[ -n $OUT ]] && echo ", gathered into $OUT")" | tee -a "$LOG"

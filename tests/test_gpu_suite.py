@@ -92,7 +92,11 @@ def test_gather_makes_few_files(tmp_path):
                {"kind": "checkpoint", "step": 30, "checkpoint": "runs/x/step_00000030"},
                {"kind": "train", "step": 40, "loss": 9.25, "mlm_acc": 0.125, "seq_per_s": 120.0}]
     # A kill can cut the last line short: it is left out, the rest is kept.
-    (results / "pretrain-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr')
+    (results / "pretrain-run-metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr')
+    (results / "pretrain-run").mkdir()  # the copy above wins over the run's own file
+    (results / "pretrain-run" / "metrics.jsonl").write_text("")
+    (results / "pretrain-base").mkdir()  # killed at its limit: no copy, the run's own file is read
+    (results / "pretrain-base" / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
     steps = tmp_path / "steps.tsv"
     steps.write_text("env\tok\t1\ngpu-tests\ttimed out\t100\n")
     log = tmp_path / "suite.log"
@@ -107,13 +111,13 @@ def test_gather_makes_few_files(tmp_path):
     suite = json.loads((out / "suite.json").read_text())
     assert suite["results"]["attention"]["rows"] == [{"ms": 1.0}]
     assert suite["steps"][1] == {"step": "gpu-tests", "status": "timed out", "seconds": "100"}
-    assert suite["pretrain"] == {"pretrain": records}
+    assert suite["pretrain"] == {"pretrain-run": records, "pretrain-base": records[:1]}
     report = (out / "report.md").read_text()
     assert "| gpu-tests | timed out | 100 |" in report and "## attention" in report
-    assert "## pretrain\n" in report and "| step | loss | mlm_acc | seq_per_s |" in report
+    assert "## pretrain-run\n" in report and "## pretrain-base\n" in report and "| step | loss | mlm_acc | seq_per_s |" in report
     assert "| 40 | 9.25 | 0.125 | 120 |" in report and "- checkpoint at step 30" in report
     with tarfile.open(out / "plots.tar.gz") as tar:
-        assert sorted(tar.getnames()) == ["attention.png", "pretrain-metrics.jsonl"]
+        assert sorted(tar.getnames()) == ["attention.png", "pretrain-base-metrics.jsonl", "pretrain-run-metrics.jsonl"]
 
 
 def test_gather_keeps_the_end_of_a_huge_build_log(tmp_path, monkeypatch):

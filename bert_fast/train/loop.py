@@ -224,7 +224,7 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
                         raise
                     raise TrainingStopped(f"step {step + 1}: {err} (precision.min_loss_scale="
                                           f"{config['precision']['min_loss_scale']}); the run has diverged, "
-                                          f"last good checkpoint: {last_saved or 'none'}. Use precision.bf16, "
+                                          f"last good checkpoint: {last_saved or 'none'}. Use bf16, "
                                           "or a lower optimizer.lr / longer warmup.") from err
             step += 1
             overflowed = engine.skipped_steps > skipped_before
