@@ -151,6 +151,7 @@ start_build() {
     [[ -x $nvcc ]] || nvcc=nvcc
     echo "nvcc: $($nvcc --version 2>&1 | tail -1)"
     echo "c++:  $(c++ --version 2>&1 | head -1)"
+    $PY -c 'import os, sysconfig; p = sysconfig.get_paths()["include"]; print("Python.h:", p, os.path.exists(os.path.join(p, "Python.h")))'
     rm -f "$RESULTS/build.log" "$RESULTS/build.pid"
     # setsid: its own process group, so the step's `timeout` (which signals its whole group)
     # can never take the build down with it.
