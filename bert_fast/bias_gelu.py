@@ -2,7 +2,7 @@
 
 The FFN's first GEMM runs without its bias; this op adds the bias and applies GELU in one
 memory pass, and the backward recomputes `x + bias` instead of storing it (as Megatron-LM's
-`bias_gelu_impl` does). The CUDA kernel is csrc/bias_gelu.cu; the CPU one csrc/bias_gelu.cpp.
+`bias_gelu_impl` does). The CUDA kernel is csrc/bias_gelu_kernels.cu; the CPU one csrc/bias_gelu.cpp.
 """
 
 from __future__ import annotations

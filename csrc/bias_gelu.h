@@ -1,4 +1,4 @@
-// C launcher API of the bias+GELU CUDA kernels. Free of torch headers so bias_gelu.cu compiles
+// C launcher API of the bias+GELU CUDA kernels. Free of torch headers so bias_gelu_kernels.cu compiles
 // with plain nvcc; bias_gelu_cuda.cpp binds it to tensors.
 #pragma once
 #include <stdint.h>

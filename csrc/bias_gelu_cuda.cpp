@@ -1,5 +1,5 @@
 // CUDA binding of torch.ops.bert_fast.bias_gelu: tensors -> the torch-free launcher in
-// bias_gelu.cu, on the current stream, every launch checked. Built only with CUDA.
+// bias_gelu_kernels.cu, on the current stream, every launch checked. Built only with CUDA.
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>

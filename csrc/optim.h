@@ -1,4 +1,4 @@
-// C launcher API of the fused optimizer CUDA kernels (optim.cu). Free of torch headers so the
+// C launcher API of the fused optimizer CUDA kernels (optim_kernels.cu). Free of torch headers so the
 // kernels compile with plain nvcc; optim_cuda.cpp binds them to tensors.
 //
 // Multi-tensor apply through a device table (int64, built by the binding each step):

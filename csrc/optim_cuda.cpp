@@ -1,5 +1,5 @@
 // CUDA binding of the fused optimizer ops (schemas in optim.cpp): tensor lists -> a device table
-// of addresses and chunks (optim.h) -> the torch-free launchers in optim.cu, on the current
+// of addresses and chunks (optim.h) -> the torch-free launchers in optim_kernels.cu, on the current
 // stream, every launch checked. The table is staged in pinned memory and copied asynchronously,
 // so a step never waits on the host. Built only with CUDA.
 #include <ATen/ATen.h>

@@ -1,5 +1,5 @@
 // Per-element LAMB and AdamW math, shared by the CPU loops (optim.cpp) and the CUDA kernels
-// (optim.cu) so both evaluate the same float32 expressions in the same order. Scalar
+// (optim_kernels.cu) so both evaluate the same float32 expressions in the same order. Scalar
 // coefficients (1 - beta, lr / bc1, 1 / bc2, ...) are computed once on the host in double; only
 // the one division that depends on the data per element remains (divisions, not memory, bound a
 // vectorised CPU loop), so results may differ from torch's op-by-op rounding by an ulp.

@@ -65,3 +65,12 @@ def test_cuda_bindings_compile_against_torch_headers(source, tmp_path):
         ["g++", "-std=c++20", "-fsyntax-only", "-DBERT_FAST_WITH_CUDA", *(f"-I{p}" for p in includes),
          str(source)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_extension_sources_have_distinct_object_names():
+    """torch's ninja build names each object after its source's stem in one folder, so `x.cpp` and
+    `x.cu` would both produce `x.o` ("multiple rules generate .../x.o": the CUDA build failed that
+    way on an H200 while the CPU build, which has no .cu files, passed)."""
+    sources = [p for p in CSRC.iterdir() if p.suffix in (".cpp", ".cu")]
+    stems = [p.stem for p in sources]
+    assert sorted(stems) == sorted(set(stems)), sorted(p.name for p in sources)

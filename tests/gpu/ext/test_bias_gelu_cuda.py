@@ -1,4 +1,4 @@
-"""CUDA bias+GELU (csrc/bias_gelu.cu) in bf16/fp16/fp32 at BERT FFN shapes against float64, the
+"""CUDA bias+GELU (csrc/bias_gelu_kernels.cu) in bf16/fp16/fp32 at BERT FFN shapes against float64, the
 op's registration on CUDA, and the encoder's fast path against its torch path."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""CUDA fused LAMB / AdamW (csrc/optim.cu) against the per-tensor references in float64 and in
+"""CUDA fused LAMB / AdamW (csrc/optim_kernels.cu) against the per-tensor references in float64 and in
 the same dtype, with float32 and bfloat16/float16 parameters (float32 master weights), ZeRO-style
 segments, agreement with the CPU kernels, and no host synchronisation inside a step."""
 
