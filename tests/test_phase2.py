@@ -1,0 +1,61 @@
+"""Phase 2 starts from a phase-1 checkpoint's weights (`checkpoint.init_from`) with a fresh
+optimizer and schedule, at another sequence length, as in NVIDIA's two-phase BERT recipe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
+
+from bert_fast import extension  # noqa: E402
+from bert_fast.train import checkpoint  # noqa: E402
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["train.micro_batch=8", "data.workers=0", "eval.every=0", "log.every=1", "train.threads=1"]
+
+
+def _pretrain(out: Path, *overrides: str) -> list[dict]:
+    done = subprocess.run([sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
+                           f"train.output_dir={out}", *COMMON, *overrides],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def phase1(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phase1")
+    _pretrain(out, "train.steps=6", "data.seq_length=32", "schedule.warmup_steps=2")
+    return out
+
+
+def test_phase2_takes_phase1_weights(phase1, tmp_path):
+    phase2 = tmp_path / "phase2"
+    # lr 0: phase 2 must end exactly on phase 1's weights, which only holds if it started there.
+    records = _pretrain(phase2, "train.steps=3", "data.seq_length=64", "schedule.warmup_steps=2",
+                        "optimizer.lr=0.0", f"checkpoint.init_from={phase1 / 'checkpoints'}")
+    assert [r["step"] for r in records] == [1, 2, 3]  # a fresh step count
+    start = checkpoint.model_state_dict(checkpoint.resolve_resume(phase1 / "checkpoints", "auto"))
+    end_path = checkpoint.resolve_resume(phase2 / "checkpoints", "auto")
+    assert checkpoint.read_metadata(end_path)["step"] == 3
+    end = checkpoint.model_state_dict(end_path)
+    assert start.keys() == end.keys()
+    for name in start:
+        torch.testing.assert_close(end[name], start[name], rtol=0, atol=0, msg=name)
+
+
+def test_phase2_schedule_restarts_warmup(phase1, tmp_path):
+    phase2 = tmp_path / "phase2"
+    records = _pretrain(phase2, "train.steps=4", "data.seq_length=64", "schedule.warmup_steps=4",
+                        "optimizer.lr=0.001", f"checkpoint.init_from={phase1 / 'checkpoints'}")
+    assert [r["lr"] for r in records] == pytest.approx([0.00025, 0.0005, 0.00075, 0.001])
