@@ -103,7 +103,7 @@ def test_two_phase_recipes_follow_nvidia(size):
     ("schedule.warmup_ratio=-0.1", r"schedule.warmup_ratio must be in \[0, 1\)"),
     ("zero.stage=4", "zero.stage must be 0, 1, 2 or 3"),
     ("zero.stage=-1", "zero.stage must be 0, 1, 2 or 3"),
-    ("checkpoint.keep=0", "checkpoint.keep must be >= 1"),
+    ("checkpoint.keep=-1", "checkpoint.keep must be >= 0"),
     ("train.steps=0", "train.steps must be >= 1"),
     ("precision.min_loss_scale=0", "precision.min_loss_scale must be > 0"),
 ])

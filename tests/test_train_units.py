@@ -110,3 +110,123 @@ def test_zero3_registrations_cover_every_parameter_read_outside_its_module():
     assert {id(p) for p in model.parameters()} - registered == direct
     layer = model.bert.layers[0]
     assert {id(p) for m, p in pairs if m is layer} == {id(p) for p in layer.parameters()}
+
+
+def test_window_rates_are_job_totals_and_mfu_is_per_gpu():
+    """Every rank's FLOPs are summed (the job's rate), but the peak is one device's: MFU divides
+    by the world size too. Excluded time (eval, checkpoints) is not part of the rate."""
+    import time
+
+    from bert_fast.train.metrics import SUMS, Window
+
+    window = Window(torch.device("cpu"))
+    window.sums[SUMS.index("flops")] = 8e12  # as after the all-reduce over 4 ranks
+    window.start = time.perf_counter() - 3.0
+    window.exclude(1.0)
+    s = window.summary(world_size=4, peak_tflops=2.0)
+    assert s["tflops"] == pytest.approx(4.0, rel=1e-3)          # 8e12 FLOPs in 2 s of training
+    assert s["tflops_per_gpu"] == pytest.approx(1.0, rel=1e-3)
+    assert s["mfu_pct"] == pytest.approx(50.0, rel=1e-3)        # not 200 %
+    assert "mfu_pct" not in window.summary(world_size=4)
+
+
+def test_metrics_jsonl_has_no_nan_and_resume_drops_later_steps(tmp_path):
+    import json
+
+    from bert_fast.train.metrics import Reporter, drop_records_after
+
+    reporter = Reporter(tmp_path, 0, 10, 0, tensorboard=False)
+    for step in (1, 2, 3):
+        reporter.record({"step": step, "loss": float("nan") if step == 2 else 1.0, "mlm_acc": 0.1,
+                         "seq_per_s": float("inf"), "fingerprints": [float("-inf")]})
+    reporter.close()
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    records = [json.loads(line) for line in text.splitlines()]
+    assert records[1]["loss"] is None and records[0]["seq_per_s"] is None and records[0]["fingerprints"] == [None]
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "st')  # a line cut short by a crash
+    drop_records_after(tmp_path, 2)
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_checkpoints_that_do_not_fit_the_run_are_refused_by_name(tmp_path):
+    from bert_fast.train.checkpoint import CheckpointError
+    from bert_fast.train.preflight import check_export_dir, check_start
+
+    config = BertConfig.from_preset("tiny", vocab_size=500)
+    meta = {"step": 40, "client_state": {"model_config": config.to_dict(), "global_batch": 64}}
+    check_start("resume", tmp_path, meta, config, steps=100, global_batch=64)
+    check_start("init_from", tmp_path, meta, config, steps=10, global_batch=32)  # phase 2: new batch, steps
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*hidden_size: checkpoint 128, this run 256"):
+        check_start("init_from", tmp_path, meta, BertConfig.from_preset("tiny", vocab_size=500, hidden_size=256,
+                                                                        intermediate_size=1024), 10, 64)
+    with pytest.raises(CheckpointError, match=f"{tmp_path}.*global batch 64.*train.global_batch is 128"):
+        check_start("resume", tmp_path, meta, config, steps=100, global_batch=128)
+    with pytest.raises(ValueError, match="step 40, and train.steps=40"):
+        check_start("resume", tmp_path, meta, config, steps=40, global_batch=64)
+
+    check_export_dir("")
+    check_export_dir(str(tmp_path / "new"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text("{}")
+    check_export_dir(str(tmp_path / "old"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="export.hf_dir=.*other"):
+        check_export_dir(str(tmp_path / "other"))
+
+
+def test_stop_flags_without_a_process_group_are_local():
+    from bert_fast.train.stops import agree
+
+    assert agree(True, False, 1, torch.device("cpu")) == (True, False)
+    assert agree(False, True, 2, torch.device("cpu")) == (False, True)  # no process group: as is
+
+
+def test_dataloader_workers_ignore_stop_signals():
+    import signal
+
+    from bert_fast.data.dataset import ignore_stop_signals
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ignore_stop_signals(0)
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in old)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _agree_worker(rank, port, out):
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    from bert_fast.train.stops import agree
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        # A NaN on rank 1 only, a signal on rank 0 only: both ranks learn both.
+        seen = [agree(rank == 1, False, 2, torch.device("cpu")), agree(False, rank == 0, 2, torch.device("cpu")),
+                agree(False, False, 2, torch.device("cpu"))]
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out, f"agree.{rank}"), "w") as f:
+        json.dump(seen, f)
+
+
+def test_stop_flags_agree_across_ranks(tmp_path):
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_agree_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"agree.{rank}").read_text())
+        assert seen == [[True, False], [False, True], [False, False]], (rank, seen)

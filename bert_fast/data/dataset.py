@@ -11,6 +11,7 @@ ties them together over epochs and keeps the position that goes into checkpoints
 
 from __future__ import annotations
 
+import signal
 from dataclasses import replace
 
 import numpy as np
@@ -182,6 +183,14 @@ def collate_packed(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     }
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: SIGINT/SIGTERM sent to the whole process group (Ctrl-C, SLURM's
+    scancel) must not kill the workers; the main process handles them (finishes the step, saves,
+    exits) and ends its workers itself. Module level so it pickles for any start method."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class PretrainingLoader:
     """Batches for one rank over successive epochs, built by DataLoader workers ahead of the
     training step (`workers` processes, `prefetch` batches each; pinned memory on CUDA).
@@ -214,7 +223,7 @@ class PretrainingLoader:
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                                 collate_fn=self.collate, num_workers=self.workers, pin_memory=self.pin_memory,
                                 prefetch_factor=self.prefetch if self.workers else None, drop_last=False,
-                                generator=generator)
+                                generator=generator, worker_init_fn=ignore_stop_signals)
             for batch in loader:
                 self.sampler.consumed = min(self.sampler.size, self.sampler.consumed +
                                             len(batch["next_sentence_label"]) * self.sampler.world_size)

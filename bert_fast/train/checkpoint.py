@@ -78,6 +78,24 @@ def _from_rank0(obj):
     return box[0]
 
 
+# Public names for the loop's own collective decisions (resolve on rank 0, every rank learns it).
+rank, from_rank0 = _rank, _from_rank0
+
+
+def _param_group_names(engine) -> list[list[str]] | None:
+    """Parameter names per optimizer group, in the order DeepSpeed's wrapper keeps its groups
+    (`fp16_groups`: the module's parameters, grouped as bert_fast.optim.param_groups made them);
+    maps the wrapper's fp32 master groups back to names. None without such a wrapper."""
+    groups = getattr(engine.optimizer, "fp16_groups", None)
+    if not isinstance(groups, list):
+        return None
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    try:
+        return [[names[id(p)] for p in group] for group in groups]
+    except (KeyError, TypeError):
+        return None
+
+
 # ---- files -------------------------------------------------------------------------------
 
 def _sha256(path: Path) -> str:
@@ -170,7 +188,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
                     "zero_stage": int(engine.zero_optimization_stage()),
                     "deepspeed_version": _deepspeed_version(), "torch_version": torch.__version__,
                     "git_revision": _git_revision(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "client_state": client_state}
+                    "client_state": client_state, "param_group_names": _param_group_names(engine)}
             _commit(root, staging, final, meta, keep)
         except Exception as err:  # every rank must learn of it, or they wait at the next barrier
             error = f"{type(err).__name__}: {err}"
@@ -325,8 +343,36 @@ def _load_weights(engine, state: dict[str, torch.Tensor]) -> None:
                 module.load_state_dict(state, strict=True)
     else:
         module.load_state_dict(state, strict=True)
-    if hasattr(engine.optimizer, "refresh_fp32_params"):
-        engine.optimizer.refresh_fp32_params()
+    _set_fp32_masters(engine, state)
+
+
+def _set_fp32_masters(engine, state: dict[str, torch.Tensor]) -> None:
+    """The masters from the fp32 values themselves, not from the (possibly bf16/fp16) module
+    copy, which would round them: FP16_UnfusedOptimizer (stage 0) by its groups, ZeRO 1/2 and
+    BF16_Optimizer through DeepSpeed's per-parameter fragment mapping; else (ZeRO-3) refreshed
+    from the module copy."""
+    optimizer, module = engine.optimizer, engine.module
+    names = _param_group_names(engine)
+    fp32_groups = getattr(optimizer, "fp32_groups", None)
+    if names is not None and isinstance(fp32_groups, list) and all(
+            isinstance(t, torch.Tensor) for g in fp32_groups for t in g) and [len(g) for g in names] == [
+            len(g) for g in fp32_groups]:
+        with torch.no_grad():
+            for group_names, masters in zip(names, fp32_groups):
+                for name, master in zip(group_names, masters):
+                    master.copy_(state[name].to(master.device, master.dtype))
+        return
+    params = list(module.named_parameters())
+    # ZeRO-3 is left to refresh_fp32_params (so bf16 masters are rounded there): DeepSpeed's
+    # set_full_hp_param slices past the end of a padded last partition.
+    if engine.zero_optimization_stage() != 3 and params and all(hasattr(p, "_hp_mapping") for _, p in params):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        for name, p in params:
+            safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))
+        return
+    if hasattr(optimizer, "refresh_fp32_params"):
+        optimizer.refresh_fp32_params()
 
 
 def model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -339,6 +385,24 @@ def model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results
             state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     else:
-        state = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=False)["module"]
+        saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        state = _with_fp32_masters(dict(saved["module"]), saved.get("optimizer"),
+                                   meta.get("param_group_names"))
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _with_fp32_masters(state: dict, optimizer_state, group_names) -> dict:
+    """Stage 0 in bf16/fp16: "module" holds the 16-bit copy; FP16_UnfusedOptimizer's state_dict
+    holds the fp32 masters as `fp32_groups` (lists of tensors in param-group order), which the
+    manifest's `param_group_names` maps back to names. They replace the rounded copies."""
+    groups = optimizer_state.get("fp32_groups") if isinstance(optimizer_state, dict) else None
+    if not groups or not group_names:
+        return state
+    pairs = [(n, t) for names, tensors in zip(group_names, groups) for n, t in zip(names, tensors)]
+    if len(group_names) != len(groups) or any(len(a) != len(b) for a, b in zip(group_names, groups)) or any(
+            n not in state or tuple(state[n].shape) != tuple(t.shape) for n, t in pairs):
+        warnings.warn("the checkpoint's fp32 master groups do not match its parameter names; "
+                      "using the 16-bit module weights", stacklevel=3)
+        return state
+    state.update((n, t.detach().float().clone()) for n, t in pairs)
+    return state

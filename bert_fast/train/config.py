@@ -38,7 +38,8 @@ DEFAULTS = {
     "precision": {"bf16": False, "fp16": False, "initial_scale_power": 16, "loss_scale_window": 1000,
                   "hysteresis": 2, "min_loss_scale": 1.0},
     "zero": {"stage": 0},
-    # every 0: only at the end and on a signal. dir "": <train.output_dir>/checkpoints.
+    # every 0: only at the end and on a signal. keep: how many to leave, newest first (0 keeps all).
+    # dir "": <train.output_dir>/checkpoints.
     # init_from: a phase-1 checkpoint whose weights start this run (fresh optimizer and schedule).
     "checkpoint": {"every": 0, "keep": 3, "dir": "", "init_from": ""},
     "eval": {"every": 0, "batches": 20},
@@ -145,7 +146,7 @@ _RANGES = [
     ("schedule.min_lr_ratio", 0, 1, True),
     ("precision.initial_scale_power", 0, None, True), ("precision.loss_scale_window", 1, None, True),
     ("precision.hysteresis", 1, None, True), ("precision.min_loss_scale", 0, None, False),
-    ("checkpoint.every", 0, None, True), ("checkpoint.keep", 1, None, True),
+    ("checkpoint.every", 0, None, True), ("checkpoint.keep", 0, None, True),
     ("eval.every", 0, None, True), ("eval.batches", 1, None, True),
     ("log.every", 1, None, True), ("log.peak_tflops", 0, None, True),
 ]

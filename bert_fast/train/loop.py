@@ -6,8 +6,20 @@ applies the optimizer at the accumulation boundary); the step's loss is checked 
 the optimizer runs, so a diverged run stops with its weights and checkpoints still good. fp16 steps
 that overflow are skipped by DeepSpeed's loss scaler, counted and logged; a run whose scale has
 fallen to `precision.min_loss_scale` and still overflows is stopped. SIGTERM/SIGINT finish the
-step in flight, save a checkpoint and end the run normally (every rank agrees through an
-all-reduce, so ranks signalled at different steps still stop at the same one).
+step in flight, save a checkpoint and end the run normally. Both checks are one all-reduce at the
+last micro batch of a step (bert_fast/train/stops.py), so every rank stops at the same step for
+the same reason, never one rank raising while the others wait in a collective.
+
+Signals: DataLoader workers ignore SIGINT/SIGTERM, so a signal to the whole process group (SLURM's
+scancel, Ctrl-C in a terminal) reaches the ranks and the run saves and exits 0. The DeepSpeed
+launcher (`deepspeed pretrain.py`), when it is signalled itself, forwards SIGTERM to the ranks but
+SIGKILLs them 30 s later and exits 1, which a checkpoint of a large model may not survive: send the
+signal to the ranks (or to the whole job step: `scancel --signal=TERM`), not only the launcher.
+
+Before training, every rank checks (bert_fast/train/preflight.py) that a checkpoint to resume or
+initialise from (resolved and hashed on rank 0 only) fits the model, the global batch and
+train.steps, and that export.hf_dir can be written at the end. Throughput windows leave out the
+time of evaluation and checkpoints; MFU is per GPU (job TFLOP/s / world size / peak).
 
 A resumed run continues with the same batches (the sampler position is in the checkpoint), the
 same dropout draws (RNG states per rank) and the same schedule, so its losses equal those of an
@@ -17,8 +29,8 @@ uninterrupted run (bit for bit on the CPU in float32).
 from __future__ import annotations
 
 import resource
-import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -36,63 +48,13 @@ from bert_fast.train.config import (
 )
 from bert_fast.train.engine import build, global_grad_norm, init_distributed, loss_scale
 from bert_fast.train.flops import peak_tflops, step_flops
-from bert_fast.train.metrics import Reporter, Window
+from bert_fast.train.metrics import Reporter, Window, drop_records_after
+from bert_fast.train.preflight import check_export_dir, check_start, find_start
+from bert_fast.train.stops import LossScaleWatch, Signals, TrainingStopped, agree
+
+__all__ = ["LossScaleWatch", "TrainingStopped", "evaluate", "rank_fingerprints", "train"]
 
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "next_sentence_label")
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (non-finite loss, collapsed loss scale); the message says why."""
-
-
-class _Signals:
-    """SIGTERM/SIGINT set a flag; the loop stops at the end of the step. A second SIGINT
-    interrupts at once (the handler is removed after the first)."""
-
-    def __init__(self):
-        self.received = None
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a test thread)
-                pass
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
-
-    def any_rank(self, world_size: int, device: torch.device) -> bool:
-        flag = self.received is not None
-        if world_size > 1:
-            t = torch.tensor([1.0 if flag else 0.0], device=device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = bool(t.item())
-        return flag
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class LossScaleWatch:
-    """Stops a fp16 run whose dynamic loss scale sits at its floor and still overflows for
-    `patience` steps in a row: the scaler cannot go lower, so every step is being skipped."""
-
-    def __init__(self, floor: float, patience: int):
-        self.floor, self.patience, self.count = floor, max(1, patience), 0
-
-    def update(self, step: int, overflowed: bool, scale: float | None, last_saved) -> None:
-        if not overflowed or scale is None:
-            self.count = 0
-            return
-        self.count = self.count + 1 if scale <= self.floor else 0
-        if self.count >= self.patience:
-            raise TrainingStopped(
-                f"step {step}: the fp16 loss scale is at its floor precision.min_loss_scale={self.floor} "
-                f"and the last {self.count} steps overflowed; the run has diverged (last good "
-                f"checkpoint: {last_saved or 'none'}). Use precision.bf16, or a lower optimizer.lr / "
-                "longer warmup.")
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -108,19 +70,6 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def _batch_flops(model_cfg, batch: dict) -> float:
     lengths = batch["attention_mask"].sum(1)
     return step_flops(model_cfg, lengths, int((batch["mlm_labels"] != -100).sum()))
-
-
-def _init_from(engine, source: str) -> Path:
-    """Phase 2: the weights of a phase-1 checkpoint (a checkpoint folder, or a root whose newest
-    valid one is taken), fresh optimizer and schedule."""
-    path = Path(source)
-    if not (path / checkpoint.MANIFEST).exists():
-        found = checkpoint.resolve_resume(path, "auto")
-        if found is None:
-            raise checkpoint.CheckpointError(f"checkpoint.init_from={source}: no valid checkpoint there")
-        path = found
-    checkpoint.load(engine, path, load_optimizer=False)
-    return path
 
 
 def rank_fingerprints(engine, world_size: int) -> list[float]:
@@ -168,24 +117,31 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     ds_config = deepspeed_config(config, world)
     if deepspeed_config_path:
         ds_config = merge_deepspeed_config(ds_config, load_deepspeed_config(deepspeed_config_path))
+    check_export_dir(config["export"]["hf_dir"])
     root, output = checkpoint_dir(config), Path(t["output_dir"])
-    path = checkpoint.resolve_resume(root, resume) if resume else None  # a bad one fails before the build
+    # A bad checkpoint fails before the build, on every rank alike.
+    kind, path, meta = find_start(root, resume, c["init_from"])
     batches = make_batches(config, model_config(config), rank, world)
     model_cfg = batches.model_config
+    if kind is not None:
+        check_start(kind, path, meta, model_cfg, t["steps"], global_batch)
     engine, scheduler = build(config, model_cfg, ds_config, device)
 
     start, last_saved = 0, None
-    if path is not None:
+    if kind == "resume":
         state = checkpoint.load(engine, path)
         start, last_saved = state["step"], path
         batches.load_state_dict(state["data"])
-    elif c["init_from"]:
-        _init_from(engine, c["init_from"])
+        if rank == 0:
+            drop_records_after(output, start)
+    elif kind == "init_from":
+        checkpoint.load(engine, path, load_optimizer=False)
     if rank == 0:
         print(f"pretrain: {world} rank(s) on {device.type}, global batch {global_batch} = {micro} x "
               f"{accumulation} accumulation x {world}, ZeRO {engine.zero_optimization_stage()}, "
               f"{'bf16' if engine.bfloat16_enabled() else 'fp16' if engine.fp16_enabled() else 'fp32'}, "
-              + (f"resumed from {path} at step {start}" if path else "from scratch"),
+              + (f"resumed from {path} at step {start}" if kind == "resume" else
+                 f"weights from {path}" if kind == "init_from" else "from scratch"),
               file=stream or sys.stdout, flush=True)
 
     def save(step: int) -> Path:
@@ -195,7 +151,7 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
 
     peak = peak_tflops(device, lg["peak_tflops"])
     reporter = Reporter(output, rank, t["steps"], start, lg["tensorboard"], stream)
-    signals = _Signals()
+    signals = Signals()
     stream_ = batches.stream()
     window, records = Window(device), []
     watch = LossScaleWatch(config["precision"]["min_loss_scale"], config["precision"]["hysteresis"])
@@ -204,6 +160,7 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
         while step < t["steps"]:
             skipped_before, step_lr = engine.skipped_steps, scheduler.get_last_lr()[0]
             step_loss = torch.zeros((), device=device)
+            stop = False
             for i in range(accumulation):
                 batch = next(stream_)
                 flops = _batch_flops(model_cfg, batch)
@@ -212,11 +169,15 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
                 engine.backward(out.loss)
                 step_loss += out.loss.detach().float()
                 window.add(out, batch, flops)
-                if i == accumulation - 1 and not torch.isfinite(step_loss):
-                    raise TrainingStopped(
-                        f"step {step + 1}: the loss is {step_loss.item()} (not finite); stopping before the "
-                        f"optimizer applies it. The last good checkpoint is {last_saved or 'none'}. "
-                        "Lower optimizer.lr, raise schedule warmup, or use precision.bf16.")
+                if i == accumulation - 1:
+                    local = not bool(torch.isfinite(step_loss))
+                    nonfinite, stop = agree(local, signals.received is not None, world, device)
+                    if nonfinite:
+                        where = f"the loss is {step_loss.item()}" if local else "another rank's loss is"
+                        raise TrainingStopped(
+                            f"step {step + 1}: {where} (not finite); stopping before the optimizer "
+                            f"applies it. The last good checkpoint is {last_saved or 'none'}. "
+                            "Lower optimizer.lr, raise schedule warmup, or use precision.bf16.")
                 try:
                     engine.step()
                 except Exception as err:  # DeepSpeed's scaler raises once the scale is at its minimum
@@ -232,46 +193,54 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
             watch.update(step, overflowed, scale, last_saved)
             reporter.step()
             if step % lg["every"] == 0 or step == t["steps"]:
-                record = {"step": step, **window.summary(world), "lr": step_lr,
+                record = {"step": step, **window.summary(world, peak), "lr": step_lr,
                           "grad_norm": global_grad_norm(engine), "loss_scale": scale,
                           "skipped_steps": int(engine.skipped_steps),
                           "peak_memory_gb": _peak_memory_gb(device)}
-                if peak:
-                    record["mfu_pct"] = 100 * record["tflops"] / peak
                 records.append(record)
                 reporter.record(record)
                 window.reset()
+            paused = time.perf_counter()  # evaluation and checkpoints are not training throughput
             if batches.eval is not None and config["eval"]["every"] and (
                     step % config["eval"]["every"] == 0 or step == t["steps"]):
                 scores = evaluate(engine, batches, config["eval"]["batches"], device, world)
                 reporter.record({"step": step, **scores}, kind="eval")
-            stop = signals.any_rank(world, device)
             if stop or step == t["steps"] or (c["every"] and step % c["every"] == 0):
                 last_saved = save(step)
                 if rank == 0:
                     reporter.record({"step": step, "checkpoint": str(last_saved)}, kind="checkpoint")
+            window.exclude(time.perf_counter() - paused)
             if stop:
                 if rank == 0:
                     print(f"pretrain: {signals.received or 'a signal on another rank'}: saved {last_saved} "
                           f"at step {step}; resume with --resume auto", file=stream or sys.stdout, flush=True)
                 break
-    except BaseException:
-        reporter.close()
-        raise
+        if step == t["steps"]:
+            fingerprints = rank_fingerprints(engine, world)
+            reporter.record({"step": step, "fingerprints": fingerprints,
+                             "agree": len(set(fingerprints)) == 1}, kind="ranks")
+            if len(set(fingerprints)) != 1:
+                raise TrainingStopped(f"the ranks' parameters differ at the end of training: {fingerprints}")
     finally:
+        reporter.close()
         signals.restore()
-    if step == t["steps"]:
-        fingerprints = rank_fingerprints(engine, world)
-        reporter.record({"step": step, "fingerprints": fingerprints, "agree": len(set(fingerprints)) == 1},
-                        kind="ranks")
-        if len(set(fingerprints)) != 1:
-            raise TrainingStopped(f"the ranks' parameters differ at the end of training: {fingerprints}")
-    reporter.close()
     if step == t["steps"] and config["export"]["hf_dir"] and last_saved is not None:
-        if rank == 0:
+        _export(last_saved, config["export"]["hf_dir"], rank, stream)
+    return records if rank == 0 else []
+
+
+def _export(saved: Path, hf_dir: str, rank: int, stream) -> None:
+    """Collective: rank 0 exports, every rank learns its outcome and raises alike."""
+    error = None
+    if rank == 0:
+        try:
             from bert_fast.export import export_checkpoint
 
-            folder = export_checkpoint(last_saved, config["export"]["hf_dir"])
+            folder = export_checkpoint(saved, hf_dir)
             print(f"pretrain: exported {folder}", file=stream or sys.stdout, flush=True)
-        dist.barrier()
-    return records if rank == 0 else []
+        except Exception as err:  # the other ranks must not wait for an export that failed
+            error = f"{type(err).__name__}: {err}"
+    error = checkpoint.from_rank0(error)
+    if error is not None:
+        raise checkpoint.CheckpointError(f"export.hf_dir={hf_dir}: exporting {saved} failed on rank 0: "
+                                         f"{error}")

@@ -8,12 +8,15 @@ per log interval, so logging costs no synchronisation per step.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from bert_fast.fileio import atomic_write_text
 
 # Summed per micro batch on the device: losses weighted by their counts, so means are exact.
 SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count",
@@ -31,6 +34,11 @@ class Window:
         self.sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)
         self.micro_steps = 0
         self.start = time.perf_counter()
+        self.excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` (evaluation, checkpointing) out of the window's wall time."""
+        self.excluded += seconds
 
     def add(self, out, batch: dict, flops: float) -> None:
         mlm_count = out.mlm_predictions.double()
@@ -45,19 +53,56 @@ class Window:
         self.sums += values
         self.micro_steps += 1
 
-    def summary(self, world_size: int) -> dict:
-        """Means over every rank (an all-reduce) and rates over the wall time of the window."""
+    def summary(self, world_size: int, peak_tflops: float | None = None) -> dict:
+        """Means over every rank (an all-reduce) and rates over the wall time of the window, less
+        the excluded time. Rates are of the whole job (`tflops`: every rank's FLOPs);
+        `tflops_per_gpu` divides by the world size, and MFU compares that with one device's peak."""
         sums = self.sums.clone()
         if dist.is_initialized() and world_size > 1:
             dist.all_reduce(sums)
         s = dict(zip(SUMS, sums.tolist()))
-        seconds = time.perf_counter() - self.start
+        seconds = max(1e-9, time.perf_counter() - self.start - self.excluded)
         n = max(1, self.micro_steps * world_size)
         return {"loss": s["loss"] / n, "mlm_loss": s["mlm_loss"] / n, "nsp_loss": s["nsp_loss"] / n,
                 "mlm_acc": s["mlm_correct"] / max(1.0, s["mlm_count"]),
                 "nsp_acc": s["nsp_correct"] / max(1.0, s["nsp_count"]),
                 "seq_per_s": s["sequences"] / seconds, "tokens_per_s": s["tokens"] / seconds,
-                "tflops": s["flops"] / seconds / 1e12}
+                "tflops": s["flops"] / seconds / 1e12,
+                "tflops_per_gpu": s["flops"] / seconds / 1e12 / max(1, world_size),
+                **({"mfu_pct": 100 * s["flops"] / seconds / 1e12 / (peak_tflops * max(1, world_size))}
+                   if peak_tflops else {})}
+
+
+def _finite(value):
+    """JSON has no NaN/Infinity (json.dumps writes them, strict parsers refuse them): null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def drop_records_after(output_dir: Path, step: int) -> None:
+    """On resume from `step`: the records of later steps (written after the last checkpoint by the
+    run that crashed) are logged again by this one, so they go; the file is rewritten atomically."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept, dropped = [], False
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            dropped = True  # a line cut short by the crash
+            continue
+        if isinstance(record_step, int) and record_step > step:
+            dropped = True
+            continue
+        kept.append(line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
 
 
 class Reporter:
@@ -85,16 +130,16 @@ class Reporter:
     def record(self, record: dict, kind: str = "train") -> None:
         if self.rank != 0:
             return
-        record = {"kind": kind, **record}  # full precision: resumed runs are compared bit for bit
-        self.jsonl.write(json.dumps(record) + "\n")
+        record = _finite({"kind": kind, **record})  # full precision: resumed runs are compared bit for bit
+        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     self.tb.add_scalar(f"{kind}/{key}", value, record["step"])
         if kind == "train":
-            self.bar.set_postfix(loss=f"{record['loss']:.3f}", mlm_acc=f"{record['mlm_acc']:.3f}",
-                                 seq_s=f"{record['seq_per_s']:.0f}")
+            self.bar.set_postfix(loss=_fmt(record["loss"], ".3f"), mlm_acc=_fmt(record["mlm_acc"], ".3f"),
+                                 seq_s=_fmt(record["seq_per_s"], ".0f"))
         tqdm.write(json.dumps(record), file=self.stream)
 
     def close(self) -> None:
@@ -104,3 +149,7 @@ class Reporter:
                 item.close()
         self.bar = self.jsonl = self.tb = None
         self.rank = -1  # nothing more is written
+
+
+def _fmt(value, spec: str) -> str:
+    return "nan" if value is None else format(value, spec)

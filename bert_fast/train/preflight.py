@@ -1,0 +1,92 @@
+"""Checks made before training starts, on every rank, so that a bad setting fails at once with a
+message naming it (exit 2) instead of hours later on one rank while the others hang.
+
+Checkpoints to resume or initialise from are resolved (and hashed) on rank 0 only; the path and
+its metadata are broadcast, and every rank compares them with this run and raises the same error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bert_fast.train import checkpoint
+from bert_fast.train.checkpoint import CheckpointError
+
+# BertConfig fields that decide the parameters' shapes (or what they compute): a checkpoint that
+# differs in any of them cannot be loaded into this run's model.
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "max_position_embeddings", "type_vocab_size", "hidden_act")
+
+
+def check_export_dir(hf_dir: str) -> None:
+    """export.hf_dir must be replaceable at the end (bert_fast/export.py's rule: absent, empty, or
+    an earlier export with config.json); checked before training, not after it."""
+    if not hf_dir:
+        return
+    path = Path(hf_dir)
+    if not path.exists():
+        return
+    if not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").exists()):
+        raise ValueError(f"export.hf_dir={hf_dir} exists and is neither empty nor an earlier export "
+                         "(no config.json); the export at the end would refuse to replace it")
+
+
+def _find(root: Path, resume: str | None, init_from: str | None):
+    """(kind, path, metadata) on rank 0; kind 'resume', 'init_from' or None."""
+    if resume:
+        path = checkpoint.resolve_resume(root, resume)
+        if path is not None:
+            return "resume", path, checkpoint.read_metadata(path)
+        return None, None, None  # 'auto' without a checkpoint: from scratch (or init_from below)
+    if init_from:
+        path = Path(init_from)
+        if not (path / checkpoint.MANIFEST).exists():
+            path = checkpoint.resolve_resume(path, "auto")
+            if path is None:
+                raise CheckpointError(f"checkpoint.init_from={init_from}: no valid checkpoint there")
+        else:
+            checkpoint.validate(path)
+        return "init_from", path, checkpoint.read_metadata(path)
+    return None, None, None
+
+
+def find_start(root: Path, resume: str | None, init_from: str | None):
+    """Collective. (kind, path, metadata) of the checkpoint this run starts from, resolved on
+    rank 0 and broadcast; kind None: from scratch. With `--resume auto` and no checkpoint yet,
+    init_from applies (the first launch of a phase-2 job that is later requeued)."""
+    found, error = (None, None, None), None
+    if checkpoint.rank() == 0:
+        try:
+            found = _find(root, resume, None)
+            if found[0] is None and init_from:
+                found = _find(root, None, init_from)
+        except CheckpointError as err:
+            error = str(err)
+    found, error = checkpoint.from_rank0((found, error))
+    if error is not None:
+        raise CheckpointError(error)
+    return found
+
+
+def check_start(kind: str, path: Path, meta: dict, model_cfg, steps: int, global_batch: int) -> None:
+    """Every rank: the checkpoint must fit this run's model, and a resumed one its batch and steps."""
+    from bert_fast.export import checkpoint_model_config
+
+    saved = checkpoint_model_config(meta, path).to_dict()
+    ours = model_cfg.to_dict()
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, this run {ours.get(k)!r}"
+              for k in SHAPE_FIELDS if saved.get(k) != ours.get(k)]
+    if differ:
+        what = "--resume" if kind == "resume" else "checkpoint.init_from"
+        raise CheckpointError(f"{path}: its model does not fit this run's ({'; '.join(differ)}); "
+                              f"{what} needs the same model")
+    if kind != "resume":
+        return
+    state = meta.get("client_state") or {}
+    if "global_batch" in state and state["global_batch"] != global_batch:
+        raise CheckpointError(f"{path}: saved with global batch {state['global_batch']}, this run's "
+                              f"train.global_batch is {global_batch}; the data position and schedule "
+                              "would not continue the run (set train.global_batch to match)")
+    if meta["step"] >= steps:
+        raise ValueError(f"{path} is at step {meta['step']}, and train.steps={steps}: nothing left to "
+                         "train (raise train.steps to continue)")
