@@ -23,11 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["train.micro_batch=8", "data.workers=0", "eval.every=0", "log.every=1", "train.threads=1"]
 
 
-def _pretrain(out: Path, *overrides: str) -> list[dict]:
+def _pretrain(out: Path, *overrides: str, expect_in_stdout: str = "") -> list[dict]:
     done = subprocess.run([sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
                            f"train.output_dir={out}", *COMMON, *overrides],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert expect_in_stdout in done.stdout, done.stdout[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if r["kind"] == "train"]
 
@@ -35,7 +36,11 @@ def _pretrain(out: Path, *overrides: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def phase1(tmp_path_factory):
     out = tmp_path_factory.mktemp("phase1")
-    _pretrain(out, "train.steps=6", "data.seq_length=32", "schedule.warmup_steps=2")
+    # Phase 1 also runs gradient accumulation: 2 micro batches of 8 per optimizer step.
+    records = _pretrain(out, "train.steps=6", "data.seq_length=32", "schedule.warmup_steps=2",
+                        "train.global_batch=16", expect_in_stdout="global batch 16 = 8 x 2 accumulation x 1")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["seq_per_s"] > 0 and all(r["grad_norm"] > 0 for r in records)
     return out
 
 
