@@ -45,12 +45,11 @@ from bert_fast.data.shards import (
     FORMAT_VERSION,
     SPECIAL_TOKENS,
     read_vocab,
-    sha256_file,
     shard_name,
     special_ids,
     token_dtype,
 )
-from bert_fast.fileio import atomic_path, atomic_write_text
+from bert_fast.fileio import atomic_path, atomic_write_text, sha256_file
 
 log = logging.getLogger("bert_fast.data")
 SUFFIXES = (".txt", ".jsonl", ".json")

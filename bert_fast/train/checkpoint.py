@@ -22,7 +22,6 @@ Guarantees, assuming `root` is on a filesystem every rank sees (one node, or NFS
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -37,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bert_fast.fileio import atomic_path, atomic_write_text
+from bert_fast.fileio import atomic_path, atomic_write_text, sha256_file
 
 MANIFEST = "bert_fast.json"
 FORMAT = 1
@@ -97,14 +96,6 @@ def _param_group_names(engine) -> list[list[str]] | None:
 
 
 # ---- files -------------------------------------------------------------------------------
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -209,7 +200,7 @@ def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int) -> No
     for f in sorted(p for p in staging.rglob("*") if p.is_file()):
         size = f.stat().st_size
         files[f.relative_to(staging).as_posix()] = (
-            {"size": size, "sha256": _sha256(f)} if size <= HASH_LIMIT else {"size": size})
+            {"size": size, "sha256": sha256_file(f)} if size <= HASH_LIMIT else {"size": size})
     missing = [r for r in range(meta["world_size"]) if f"rng_rank{r:05d}.pt" not in files]
     if missing:
         raise CheckpointError(f"{staging}: no RNG file from ranks {missing}; is {root} shared by all ranks?")
@@ -263,7 +254,7 @@ def validate(path: str | Path) -> dict:
         if size != entry.get("size"):
             raise CheckpointError(f"{path}: {rel} has {size} bytes, the manifest records "
                                   f"{entry.get('size')} (truncated or overwritten)")
-        if "sha256" in entry and _sha256(f) != entry["sha256"]:
+        if "sha256" in entry and sha256_file(f) != entry["sha256"]:
             raise CheckpointError(f"{path}: {rel} does not match its recorded sha256 (corrupted)")
     return meta
 
