@@ -65,7 +65,10 @@ def _train_zero(stage, rank, naive=False, optimizer="FusedLAMB", **extra):
     engine, *_ = zero_lamb.initialize(model, opt, _config(stage, **extra))
     if naive:  # one trust ratio per flat partition: what a per-tensor LAMB computes under ZeRO
         for p, layout in list(engine.optimizer.optimizer._zero.items()):
-            whole = torch.tensor([[0, 0, int(layout.segments[:, 2].sum()), 0]])
+            # Every real element in one slot. Not [0, total): ZeRO-3 partitions hold padding
+            # between tensors, uninitialised memory that made this wrong run NaN now and then.
+            whole = layout.segments.clone()
+            whole[:, 3] = 0
             engine.optimizer.optimizer._zero[p] = ZeroLayout(whole, 1, layout.group, layout.grad_norm)
     norms = []
     for step in range(STEPS):
