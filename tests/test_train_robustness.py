@@ -98,13 +98,14 @@ def test_init_from_another_model_shape_is_refused_by_field(bf16_stage0, tmp_path
         done.stderr[-3000:]
 
 
-def test_init_from_keeps_fp32_masters_under_zero2_bf16(bf16_stage0, tmp_path):
-    """Phase 2 under ZeRO-2 in bf16 starts from the fp32 masters, not their bf16 rounding: one
+@pytest.mark.parametrize("stage", [2, 3])
+def test_init_from_keeps_fp32_masters_under_zero_bf16(bf16_stage0, tmp_path, stage):
+    """Phase 2 under ZeRO-2/3 in bf16 starts from the fp32 masters, not their bf16 rounding: one
     step at lr 0 (a no-op for AdamW) saves exactly the weights it was given."""
     import torch
 
     done = subprocess.run(_command(tmp_path, "data.workers=0", "train.steps=1", "precision.bf16=true",
-                                   "zero.stage=2", "optimizer.lr=0", f"checkpoint.init_from={bf16_stage0}"),
+                                   f"zero.stage={stage}", "optimizer.lr=0", f"checkpoint.init_from={bf16_stage0}"),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     source = checkpoint.model_state_dict(bf16_stage0)

@@ -339,9 +339,9 @@ def _load_weights(engine, state: dict[str, torch.Tensor]) -> None:
 
 def _set_fp32_masters(engine, state: dict[str, torch.Tensor]) -> None:
     """The masters from the fp32 values themselves, not from the (possibly bf16/fp16) module
-    copy, which would round them: FP16_UnfusedOptimizer (stage 0) by its groups, ZeRO 1/2 and
-    BF16_Optimizer through DeepSpeed's per-parameter fragment mapping; else (ZeRO-3) refreshed
-    from the module copy."""
+    copy, which would round them: FP16_UnfusedOptimizer (stage 0) by its groups, ZeRO-3 by its
+    partition layout, ZeRO 1/2 and BF16_Optimizer through DeepSpeed's per-parameter fragment
+    mapping; anything else is refreshed from the module copy."""
     optimizer, module = engine.optimizer, engine.module
     names = _param_group_names(engine)
     fp32_groups = getattr(optimizer, "fp32_groups", None)
@@ -354,9 +354,10 @@ def _set_fp32_masters(engine, state: dict[str, torch.Tensor]) -> None:
                     master.copy_(state[name].to(master.device, master.dtype))
         return
     params = list(module.named_parameters())
-    # ZeRO-3 is left to refresh_fp32_params (so bf16 masters are rounded there): DeepSpeed's
-    # set_full_hp_param slices past the end of a padded last partition.
-    if engine.zero_optimization_stage() != 3 and params and all(hasattr(p, "_hp_mapping") for _, p in params):
+    if engine.zero_optimization_stage() == 3 and hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        _set_stage3_masters(optimizer, {id(p): n for n, p in params}, state)
+        return
+    if params and all(hasattr(p, "_hp_mapping") for _, p in params):
         from deepspeed.utils import safe_set_full_fp32_param
 
         for name, p in params:
@@ -364,6 +365,28 @@ def _set_fp32_masters(engine, state: dict[str, torch.Tensor]) -> None:
         return
     if hasattr(optimizer, "refresh_fp32_params"):
         optimizer.refresh_fp32_params()
+
+
+def _set_stage3_masters(optimizer, names: dict[int, str], state: dict[str, torch.Tensor]) -> None:
+    """ZeRO-3 masters: each sub-group's flat fp32 partition is, per parameter, this rank's
+    elements [rank * width, rank * width + held) of the flattened tensor, then padding (the layout
+    bert_fast/zero_lamb.py builds for LAMB). DeepSpeed's own set_full_hp_param slices past the end
+    of a padded last partition, and refresh_fp32_params would round to the 16-bit copy."""
+    from deepspeed import comm as dist
+
+    groups = getattr(optimizer, "sub_group_process_groups", None)
+    with torch.no_grad():
+        pairs = zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat)
+        for i, (params, flat) in enumerate(pairs):
+            rank = dist.get_rank(group=groups[i] if groups else optimizer.dp_process_group)
+            offset = 0
+            for p in params:
+                width = p.partition_numel()
+                held = min(width, max(0, p.ds_numel - rank * width))
+                if held:
+                    full = state[names[id(p)]].reshape(-1)
+                    flat[offset:offset + held].copy_(full[rank * width:rank * width + held])
+                offset += width
 
 
 def model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
