@@ -114,24 +114,47 @@ inline void check_scalar_tensor(const char* op, const char* name, const at::Tens
 // The checks every Adam-style step makes of its state (lamb_phase1 and adamw_step, CPU and CUDA):
 // float32 params and moments, float grads, optional model copies (empty = none), one of each per
 // parameter, a one-element clip factor and valid bias corrections.
-inline void check_adam_state(const char* op, at::TensorList params, at::TensorList model_params,
-                             at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
-                             const at::Tensor& clip, double bias_correction1, double bias_correction2) {
+// The float32 state every fused step takes: params (masters), the optional low-precision model
+// copies, exp_avg, exp_avg_sq, and grads where the op reads them (`grads` null: lamb_phase2,
+// which recomputes the update from the moments).
+inline void check_optimizer_state(const char* op, at::TensorList params, at::TensorList model_params,
+                                  const at::TensorList* grads, at::TensorList exp_avg,
+                                  at::TensorList exp_avg_sq, double bias_correction1,
+                                  double bias_correction2) {
   TORCH_CHECK_VALUE(!params.empty(), op, ": params is empty");
   const at::Tensor& like = params[0];
   check_list(op, "params", params, params.size(), like, at::kFloat);
   check_list(op, "model_params", model_params, model_params.empty() ? 0 : params.size(), like,
              c10::nullopt);
-  check_list(op, "grads", grads, params.size(), like, c10::nullopt);
-  check_float_dtype(op, "grads", grads[0].scalar_type());
+  if (grads != nullptr) {
+    check_list(op, "grads", *grads, params.size(), like, c10::nullopt);
+    check_float_dtype(op, "grads", (*grads)[0].scalar_type());
+  }
   check_list(op, "exp_avg", exp_avg, params.size(), like, at::kFloat);
   check_list(op, "exp_avg_sq", exp_avg_sq, params.size(), like, at::kFloat);
   check_numels(op, "model_params", model_params, params);
-  check_numels(op, "grads", grads, params);
+  if (grads != nullptr) check_numels(op, "grads", *grads, params);
   check_numels(op, "exp_avg", exp_avg, params);
   check_numels(op, "exp_avg_sq", exp_avg_sq, params);
-  check_scalar_tensor(op, "clip", clip, like, 1);
   check_bias_corrections(op, bias_correction1, bias_correction2);
+}
+
+inline void check_adam_state(const char* op, at::TensorList params, at::TensorList model_params,
+                             at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                             const at::Tensor& clip, double bias_correction1, double bias_correction2) {
+  check_optimizer_state(op, params, model_params, &grads, exp_avg, exp_avg_sq, bias_correction1,
+                        bias_correction2);
+  check_scalar_tensor(op, "clip", clip, params[0], 1);
+}
+
+// lamb_phase2's state: no grads; one step size per slot.
+inline void check_lamb_phase2_state(const char* op, at::TensorList params, at::TensorList model_params,
+                                    at::TensorList exp_avg, at::TensorList exp_avg_sq,
+                                    const at::Tensor& step_sizes, double bias_correction1,
+                                    double bias_correction2) {
+  check_optimizer_state(op, params, model_params, nullptr, exp_avg, exp_avg_sq, bias_correction1,
+                        bias_correction2);
+  check_scalar_tensor(op, "step_sizes", step_sizes, params[0], step_sizes.numel());
 }
 
 }  // namespace bert_fast

@@ -115,18 +115,9 @@ void lamb_phase2_cuda(at::TensorList params, at::TensorList model_params, at::Te
                       double beta1, double beta2, double eps, double weight_decay,
                       double bias_correction1, double bias_correction2, bool adam_w_mode) {
   const char* op = "lamb_phase2";
-  TORCH_CHECK_VALUE(!params.empty(), op, ": params is empty");
+  bert_fast::check_lamb_phase2_state(op, params, model_params, exp_avg, exp_avg_sq, step_sizes,
+                                     bias_correction1, bias_correction2);
   const at::Tensor& like = params[0];
-  bert_fast::check_list(op, "params", params, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "model_params", model_params, model_params.empty() ? 0 : params.size(), like,
-                        c10::nullopt);
-  bert_fast::check_list(op, "exp_avg", exp_avg, params.size(), like, at::kFloat);
-  bert_fast::check_list(op, "exp_avg_sq", exp_avg_sq, params.size(), like, at::kFloat);
-  bert_fast::check_numels(op, "model_params", model_params, params);
-  bert_fast::check_numels(op, "exp_avg", exp_avg, params);
-  bert_fast::check_numels(op, "exp_avg_sq", exp_avg_sq, params);
-  bert_fast::check_scalar_tensor(op, "step_sizes", step_sizes, like, step_sizes.numel());
-  bert_fast::check_bias_corrections(op, bias_correction1, bias_correction2);
   const int copy_dtype = model_params.empty() ? BERT_FAST_OPTIM_NONE
                                               : dtype_code(model_params[0].scalar_type(), op, "model_params");
   const auto chunks = bert_fast::make_chunks(op, segments, params, step_sizes.numel());
