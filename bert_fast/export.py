@@ -31,6 +31,15 @@ from bert_fast.train.checkpoint import MANIFEST, CheckpointError, model_state_di
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def replaceable(hf_dir: str | Path) -> bool:
+    """Whether an export may be written to `hf_dir`: absent, empty, or an earlier export (has
+    config.json). Anything else is refused, never overwritten."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.exists():
+        return True
+    return hf_dir.is_dir() and (not any(hf_dir.iterdir()) or (hf_dir / "config.json").exists())
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder as given, or the one `latest` names in a checkpoint root."""
     path = Path(path)
@@ -63,8 +72,7 @@ def export_checkpoint(path: str | Path, hf_dir: str | Path, dtype: str | torch.d
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     hf_dir = Path(hf_dir)
-    replaceable = hf_dir.is_dir() and (not any(hf_dir.iterdir()) or (hf_dir / "config.json").exists())
-    if hf_dir.exists() and not replaceable:
+    if not replaceable(hf_dir):
         raise CheckpointError(f"{hf_dir} exists and is not an earlier export; refusing to replace it")
     checkpoint = find_checkpoint(path)
     meta = validate(checkpoint)

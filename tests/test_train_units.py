@@ -230,3 +230,17 @@ def test_stop_flags_agree_across_ranks(tmp_path):
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"agree.{rank}").read_text())
         assert seen == [[True, False], [False, True], [False, False]], (rank, seen)
+
+
+def test_eval_source_folder_uses_the_training_sample_settings():
+    from bert_fast.data.corpus import default_prepared
+    from bert_fast.train.batches import make_batches
+    from bert_fast.train.config import load_config, model_config
+
+    folder = default_prepared(8192)
+    config = load_config("configs/tiny-cpu.yaml", [f"data.eval_source={folder}", "data.seq_length=48",
+                                                   "data.max_predictions=7", "eval.every=5"])
+    batches = make_batches(config, model_config(config))
+    train, held_out = batches.train.dataset.settings, batches.eval.dataset.settings
+    assert held_out == train and held_out.max_seq_length == 48 and held_out.max_predictions == 7
+    assert len(batches.eval.dataset.shards) == batches.eval.dataset.corpus.num_shards  # a whole other corpus

@@ -56,10 +56,11 @@ def make_batches(config: dict, model_cfg: BertConfig, rank: int = 0, world_size:
     else:
         folder = _folder(d["source"], "data.source")
     corpus = PreparedCorpus(folder)
-    settings = PretrainingDataset.settings_for(
-        corpus, max_seq_length=d["seq_length"], objective=d["objective"], mask_prob=d["mask_prob"],
-        max_predictions=d["max_predictions"], short_seq_prob=d["short_seq_prob"],
-        whole_word_mask=d["whole_word_mask"], seed=t["seed"])
+    # The same sample settings for training and a separate eval corpus (each with its own vocab ids).
+    sample = dict(max_seq_length=d["seq_length"], objective=d["objective"], mask_prob=d["mask_prob"],
+                  max_predictions=d["max_predictions"], short_seq_prob=d["short_seq_prob"],
+                  whole_word_mask=d["whole_word_mask"], seed=t["seed"])
+    settings = PretrainingDataset.settings_for(corpus, **sample)
     train_shards, eval_set = None, None
     if d["eval_source"] == "heldout" and config["eval"]["every"] > 0:
         if corpus.num_shards < 2:
@@ -73,10 +74,7 @@ def make_batches(config: dict, model_cfg: BertConfig, rank: int = 0, world_size:
         if other.vocab_size != corpus.vocab_size:
             raise ValueError(f"data.eval_source has {other.vocab_size} words, "
                              f"data.source {corpus.vocab_size}")
-        eval_set = PretrainingDataset(other, PretrainingDataset.settings_for(
-            other, **{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
-                      if f.name in ("max_seq_length", "objective", "mask_prob", "max_predictions",
-                                    "short_seq_prob", "whole_word_mask", "seed")}))
+        eval_set = PretrainingDataset(other, PretrainingDataset.settings_for(other, **sample))
     train = PretrainingLoader(PretrainingDataset(corpus, settings, shards=train_shards), t["micro_batch"],
                               rank=rank, world_size=world_size, seed=t["seed"], workers=d["workers"])
     held_out = None

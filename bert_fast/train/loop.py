@@ -28,6 +28,7 @@ uninterrupted run (bit for bit on the CPU in float32).
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -76,12 +77,12 @@ def rank_fingerprints(engine, world_size: int) -> list[float]:
     """A float64 checksum of the full parameters as each rank sees them (ZeRO-3 gathers them):
     data-parallel ranks that disagree have silently diverged."""
     params = list(engine.module.parameters())
+    gathered = contextlib.nullcontext()
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(params):
-            local = sum(float(p.detach().double().mul(i + 1).sum()) for i, p in enumerate(params))
-    else:
+        gathered = deepspeed.zero.GatheredParameters(params)
+    with gathered:
         local = sum(float(p.detach().double().mul(i + 1).sum()) for i, p in enumerate(params))
     if world_size == 1:
         return [local]

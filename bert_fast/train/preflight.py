@@ -21,12 +21,9 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 def check_export_dir(hf_dir: str) -> None:
     """export.hf_dir must be replaceable at the end (bert_fast/export.py's rule: absent, empty, or
     an earlier export with config.json); checked before training, not after it."""
-    if not hf_dir:
-        return
-    path = Path(hf_dir)
-    if not path.exists():
-        return
-    if not path.is_dir() or (any(path.iterdir()) and not (path / "config.json").exists()):
+    from bert_fast.export import replaceable
+
+    if hf_dir and not replaceable(hf_dir):
         raise ValueError(f"export.hf_dir={hf_dir} exists and is neither empty nor an earlier export "
                          "(no config.json); the export at the end would refuse to replace it")
 
