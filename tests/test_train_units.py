@@ -117,10 +117,10 @@ def test_window_rates_are_job_totals_and_mfu_is_per_gpu():
     by the world size too. Excluded time (eval, checkpoints) is not part of the rate."""
     import time
 
-    from bert_fast.train.metrics import SUMS, Window
+    from bert_fast.train.metrics import HOST_SUMS, Window
 
     window = Window(torch.device("cpu"))
-    window.sums[SUMS.index("flops")] = 8e12  # as after the all-reduce over 4 ranks
+    window.host_sums[HOST_SUMS.index("flops")] = 8e12  # as after the all-reduce over 4 ranks
     window.start = time.perf_counter() - 3.0
     window.exclude(1.0)
     s = window.summary(world_size=4, peak_tflops=2.0)

@@ -19,8 +19,10 @@ from tqdm import tqdm
 from bert_fast.fileio import atomic_write_text
 
 # Summed per micro batch on the device: losses weighted by their counts, so means are exact.
-SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count",
-        "tokens", "sequences", "flops")
+DEVICE_SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count",
+               "tokens")
+# Known on the host already (batch shapes, the FLOP formula): summed there, no copy per step.
+HOST_SUMS = ("sequences", "flops")
 
 
 class Window:
@@ -31,7 +33,8 @@ class Window:
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.device)
+        self.sums = torch.zeros(len(DEVICE_SUMS), dtype=torch.float64, device=self.device)
+        self.host_sums = [0.0] * len(HOST_SUMS)
         self.micro_steps = 0
         self.start = time.perf_counter()
         self.excluded = 0.0
@@ -43,24 +46,24 @@ class Window:
     def add(self, out, batch: dict, flops: float) -> None:
         mlm_count = out.mlm_predictions.double()
         nsp_count = (batch["next_sentence_label"] != -100).sum().double()
-        host = torch.tensor([float(batch["input_ids"].shape[0]), flops], dtype=torch.float64)
-        values = torch.cat([torch.stack([
+        self.sums += torch.stack([
             out.loss.detach().double(), out.mlm_loss.detach().double(), out.nsp_loss.detach().double(),
             out.mlm_accuracy.detach().double() * mlm_count, mlm_count,
             out.nsp_accuracy.detach().double() * nsp_count, nsp_count,
-            batch["attention_mask"].sum().double()]),
-            host.to(self.device, non_blocking=True)])
-        self.sums += values
+            batch["attention_mask"].sum().double()])
+        self.host_sums[0] += batch["input_ids"].shape[0]
+        self.host_sums[1] += flops
         self.micro_steps += 1
 
     def summary(self, world_size: int, peak_tflops: float | None = None) -> dict:
         """Means over every rank (an all-reduce) and rates over the wall time of the window, less
         the excluded time. Rates are of the whole job (`tflops`: every rank's FLOPs);
         `tflops_per_gpu` divides by the world size, and MFU compares that with one device's peak."""
-        sums = self.sums.clone()
+        host = torch.tensor(self.host_sums, dtype=torch.float64).to(self.device)
+        sums = torch.cat([self.sums, host])
         if dist.is_initialized() and world_size > 1:
             dist.all_reduce(sums)
-        s = dict(zip(SUMS, sums.tolist()))
+        s = dict(zip(DEVICE_SUMS + HOST_SUMS, sums.tolist()))
         seconds = max(1e-9, time.perf_counter() - self.start - self.excluded)
         n = max(1, self.micro_steps * world_size)
         return {"loss": s["loss"] / n, "mlm_loss": s["mlm_loss"] / n, "nsp_loss": s["nsp_loss"] / n,
