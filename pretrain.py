@@ -17,6 +17,7 @@ import sys
 
 from bert_fast.train.checkpoint import CheckpointError
 from bert_fast.train.config import load_config
+from bert_fast.train.engine import shutdown
 from bert_fast.train.loop import TrainingStopped, train
 
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     except TrainingStopped as err:
         print(f"pretrain.py: training stopped: {err}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     if records:
         first, last = records[0], records[-1]
         print(f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}, "

@@ -7,6 +7,7 @@ saves, prunes, reloads into fresh engines and records what it saw; test_export.p
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
@@ -191,10 +192,11 @@ def _worker(rank, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import deepspeed
-
-    deepspeed.init_distributed(dist_backend="gloo")
+    faulthandler.enable()  # a native crash prints each thread's Python stack into the test's stderr
     from bert_fast.config import BertConfig
+    from bert_fast.train.engine import init_distributed, shutdown
+
+    init_distributed()
 
     root, r = os.path.join(out, "z3"), {}
     engine = _engine(3, seed=0)
@@ -249,6 +251,7 @@ def _worker(rank, port, out):
         r["world_refusal"] = str(err)
     with open(os.path.join(out, f"result.{rank}"), "w") as f:
         json.dump(r, f)
+    shutdown()
 
 
 def _free_port():
