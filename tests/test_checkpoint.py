@@ -7,17 +7,17 @@ saves, prunes, reloads into fresh engines and records what it saw; test_export.p
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
+from ranks import start_cpu_rank
 
 from bert_fast.train import checkpoint as ckpt
 from bert_fast.train.checkpoint import CheckpointError
+from bert_fast.train.engine import free_port
 
 WORLD = 2
 MODEL = dict(vocab_size=101, num_hidden_layers=1, backend="torch", hidden_dropout_prob=0.0,
@@ -189,14 +189,8 @@ def _max_diff(a, b):
 
 
 def _worker(rank, port, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    faulthandler.enable()  # a native crash prints each thread's Python stack into the test's stderr
+    start_cpu_rank(rank, WORLD, port)
     from bert_fast.config import BertConfig
-    from bert_fast.train.engine import init_distributed, shutdown
-
-    init_distributed()
 
     root, r = os.path.join(out, "z3"), {}
     engine = _engine(3, seed=0)
@@ -251,13 +245,6 @@ def _worker(rank, port, out):
         r["world_refusal"] = str(err)
     with open(os.path.join(out, f"result.{rank}"), "w") as f:
         json.dump(r, f)
-    shutdown()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _RUN = {}
@@ -268,7 +255,7 @@ def launch(tmp_path_factory):
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
     if "out" not in _RUN:
         out = tmp_path_factory.mktemp("ckpt_zero")
-        torch.multiprocessing.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+        torch.multiprocessing.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
         _RUN["out"] = out
         _RUN["results"] = [json.loads((out / f"result.{rank}").read_text()) for rank in range(WORLD)]
     return _RUN["out"], _RUN["results"]

@@ -12,18 +12,18 @@ comparison can fail. fp16 is not covered: DeepSpeed's CPU accelerator refuses it
 
 from __future__ import annotations
 
-import faulthandler
 import glob
 import json
-import os
-import socket
 
 import pytest
 import torch
 
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
+from ranks import start_cpu_rank  # noqa: E402
+
 from bert_fast import extension  # noqa: E402
+from bert_fast.train.engine import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
@@ -129,14 +129,9 @@ def _refusals():
 
 
 def _worker(rank, port, out):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    faulthandler.enable()  # a native crash prints each thread's Python stack into the test's stderr
+    start_cpu_rank(rank, WORLD, port)
     from bert_fast.optim import FusedAdamW, FusedLAMB, LAMBReference
-    from bert_fast.train.engine import init_distributed, shutdown
 
-    init_distributed()
     result = {"shm_op": deepspeed.comm.comm.cdb.shm_comm_op is not None}  # so the leak check below can fail
 
     single, exact = _train_single(FusedLAMB), _train_single(LAMBReference)
@@ -169,18 +164,11 @@ def _worker(rank, port, out):
     result["refusals"] = _refusals()
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
-    shutdown()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def zero_results(tmp_path_factory):
-    out, port = str(tmp_path_factory.mktemp("zero") / "result"), _free_port()
+    out, port = str(tmp_path_factory.mktemp("zero") / "result"), free_port()
     torch.multiprocessing.spawn(_worker, args=(port, out), nprocs=WORLD, join=True)
     results = []
     for rank in range(WORLD):

@@ -15,7 +15,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make instal
 
 from bert_fast import extension  # noqa: E402
 from bert_fast.train import checkpoint  # noqa: E402
+from bert_fast.train.engine import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
@@ -39,15 +39,9 @@ COMMON = [f"train.steps={STEPS}", "train.micro_batch=16", "data.seq_length=64", 
           "train.threads=1"]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _command(out: Path, *extra: str, port: int | None = None) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-            str(port or _port()), "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
+            str(port or free_port()), "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
             *COMMON, *extra]
 
 
@@ -76,7 +70,7 @@ def _losses(out: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    out, port = tmp_path_factory.mktemp("zero2"), _port()
+    out, port = tmp_path_factory.mktemp("zero2"), free_port()
     _run(out, "zero.stage=2", port=port)
     # DeepSpeed's CPU all-reduce op maps a 69 MB /dev/shm file per rank named by the port and never
     # removes it; init_distributed unlinks the names (the leak had filled 16 GB of RAM).

@@ -219,14 +219,12 @@ def _agree_worker(rank, port, out):
 
 def test_stop_flags_agree_across_ranks(tmp_path):
     import json
-    import socket
 
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_agree_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    from bert_fast.train.engine import free_port
+
+    mp.spawn(_agree_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         seen = json.loads((tmp_path / f"agree.{rank}").read_text())
         assert seen == [[True, False], [False, True], [False, False]], (rank, seen)

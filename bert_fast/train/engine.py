@@ -23,7 +23,8 @@ from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
 from bert_fast.train import schedule
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -35,7 +36,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
     if "RANK" not in os.environ:  # plain `python pretrain.py`
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     # DeepSpeed's collectives call torch APIs that torch deprecates, once per call site and rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
