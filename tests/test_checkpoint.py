@@ -13,11 +13,10 @@ import shutil
 
 import pytest
 import torch
-from ranks import start_cpu_rank
+from ranks import run_ranks
 
 from bert_fast.train import checkpoint as ckpt
 from bert_fast.train.checkpoint import CheckpointError
-from bert_fast.train.engine import free_port
 
 WORLD = 2
 MODEL = dict(vocab_size=101, num_hidden_layers=1, backend="torch", hidden_dropout_prob=0.0,
@@ -188,11 +187,10 @@ def _max_diff(a, b):
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
 
 
-def _worker(rank, port, out):
-    start_cpu_rank(rank, WORLD, port)
+def _worker(rank, r, out):
     from bert_fast.config import BertConfig
 
-    root, r = os.path.join(out, "z3"), {}
+    root = os.path.join(out, "z3")
     engine = _engine(3, seed=0)
     config = {"model": {"preset": "tiny", **MODEL}, "train": {"seed": 0}}
     state = {"config": config, "model_config": BertConfig.from_preset("tiny", **MODEL).to_dict()}
@@ -243,8 +241,6 @@ def _worker(rank, port, out):
         r["world_refusal"] = None
     except CheckpointError as err:
         r["world_refusal"] = str(err)
-    with open(os.path.join(out, f"result.{rank}"), "w") as f:
-        json.dump(r, f)
 
 
 _RUN = {}
@@ -253,17 +249,20 @@ _RUN = {}
 def launch(tmp_path_factory):
     """(output folder, per-rank results) of the 2-rank DeepSpeed launch; runs once per session."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
-    if "out" not in _RUN:
+    if "launch" not in _RUN:
         out = tmp_path_factory.mktemp("ckpt_zero")
-        torch.multiprocessing.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
-        _RUN["out"] = out
-        _RUN["results"] = [json.loads((out / f"result.{rank}").read_text()) for rank in range(WORLD)]
-    return _RUN["out"], _RUN["results"]
+        _RUN["out"], _RUN["launch"] = out, run_ranks(_worker, WORLD, out / "ranks", args=(str(out),))
+    return _RUN["out"], _RUN["launch"].finished_results()
 
 
 @pytest.fixture
 def zero_run(tmp_path_factory):
     return launch(tmp_path_factory)
+
+
+@pytest.mark.slow
+def test_ranks_exit_cleanly(zero_run):
+    _RUN["launch"].check_exits()
 
 
 @pytest.mark.slow

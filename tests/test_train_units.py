@@ -198,35 +198,19 @@ def test_dataloader_workers_ignore_stop_signals():
             signal.signal(s, handler)
 
 
-def _agree_worker(rank, port, out):
-    import json
-    import os
-
-    import torch.distributed as dist
-
+def _agree_worker(rank, result):
     from bert_fast.train.stops import agree
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        # A NaN on rank 1 only, a signal on rank 0 only: both ranks learn both.
-        seen = [agree(rank == 1, False, 2, torch.device("cpu")), agree(False, rank == 0, 2, torch.device("cpu")),
-                agree(False, False, 2, torch.device("cpu"))]
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out, f"agree.{rank}"), "w") as f:
-        json.dump(seen, f)
+    # A NaN on rank 1 only, a signal on rank 0 only: both ranks learn both.
+    result["seen"] = [agree(rank == 1, False, 2, torch.device("cpu")), agree(False, rank == 0, 2, torch.device("cpu")),
+                      agree(False, False, 2, torch.device("cpu"))]
 
 
 def test_stop_flags_agree_across_ranks(tmp_path):
-    import json
+    from ranks import run_ranks
 
-    import torch.multiprocessing as mp
-
-    from bert_fast.train.engine import free_port
-
-    mp.spawn(_agree_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    for rank in (0, 1):
-        seen = json.loads((tmp_path / f"agree.{rank}").read_text())
+    for rank, r in enumerate(run_ranks(_agree_worker, 2, tmp_path).finished_results()):
+        seen = r["seen"]
         assert seen == [[True, False], [False, True], [False, False]], (rank, seen)
 
 
