@@ -55,10 +55,10 @@ _BUCKETS = {"reduce_bucket_size": 10 ** 5, "allgather_bucket_size": 10 ** 5}
 
 
 def _config(stage, zero_optimization=None, **extra):
+    zero = {**_BUCKETS, **(zero_optimization or {"stage": stage})}
     return {"train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": 1,
-            "train_batch_size": MICRO * WORLD, "zero_optimization": {**_BUCKETS, **(zero_optimization or {"stage": stage})},
-            "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0, "steps_per_print": 10 ** 6,
-            **extra}
+            "train_batch_size": MICRO * WORLD, "zero_optimization": zero, "zero_allow_untested_optimizer": True,
+            "gradient_clipping": 0.0, "steps_per_print": 10 ** 6, **extra}
 
 
 def _train_zero(stage, rank, naive=False, optimizer="FusedLAMB", **extra):
