@@ -4,6 +4,7 @@ mid-write leaves the old file (or nothing), never a truncated one."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -25,6 +26,18 @@ def atomic_path(path: str | os.PathLike):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike):
+    """Holds an exclusive lock on the file `lock` (created if absent) for the block, so processes
+    that build the same output take turns: the ranks of one launch all prepare the cached corpus
+    on a cold cache, and one rank must not read files another is still writing."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed, or the process dies
+        yield
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

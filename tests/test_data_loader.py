@@ -1,6 +1,9 @@
 """Dataset, sampler, collate and loader: deterministic for any rank layout, resumable, and
 batches that match the model's contract; plus the embedded corpus's text rules."""
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +208,38 @@ def test_default_corpus_is_built_once_and_cached(tmp_path, monkeypatch):
     path = corpus.default_corpus(tmp_path)
     assert path.read_text() == "One two three four.\nFive six seven eight.\n"
     assert corpus.default_corpus(tmp_path) == path and len(calls) == 1
+
+
+def _prepare_with_peer(barrier, root, out):
+    from bert_fast.data.corpus import default_prepared
+    from bert_fast.data.shards import PreparedCorpus
+
+    barrier.wait()  # both start on the cold cache together, as the ranks of one launch do
+    try:
+        corpus = PreparedCorpus(default_prepared(8192, root=Path(root)))
+        for i in range(len(corpus.manifest["shards"])):  # every shard's sha256 is checked on opening
+            corpus.shard(i)
+        Path(out).write_text(corpus.manifest["vocab"]["sha256"])
+    except Exception as err:
+        Path(out).write_text(f"{type(err).__name__}: {err}")
+
+
+@pytest.mark.slow
+def test_ranks_preparing_the_cached_corpus_at_once_share_one_preparation(tmp_path):
+    # Vocab training (`tokenizers`) differs from run to run, so two preparations at once would
+    # leave each rank with its own vocab, or one reading files the other replaces.
+    import multiprocessing
+
+    from bert_fast.data.corpus import default_prepared
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_prepare_with_peer, args=(barrier, str(tmp_path / "cache"), str(tmp_path / f"r{i}")))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(600)
+    seen = [(tmp_path / f"r{i}").read_text() for i in range(2)]
+    on_disk = json.loads((default_prepared(8192, root=tmp_path / "cache") / "manifest.json").read_text())
+    assert seen == [on_disk["vocab"]["sha256"]] * 2, seen

@@ -3,6 +3,7 @@ recipe learns NSP, command-line errors are reported (not raised), and the synthe
 BERT does."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,12 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
     kept = checkpoint.resolve_resume(tmp_path / "checkpoints", "auto")
     assert kept is not None and str(kept) in result.stderr
     assert checkpoint.read_metadata(kept)["step"] < 20
+
+
+def test_end_process_keeps_buffered_output_and_the_exit_code():
+    # pretrain.py ends with os._exit (skipping the teardown that can abort a finished DeepSpeed run);
+    # what was printed to a pipe, block-buffered, must still arrive.
+    code = "import pretrain; print('printed', end=''); pretrain.end_process(3)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout) == (3, "printed"), result.stderr

@@ -22,7 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from bert_fast.fileio import atomic_path
+from bert_fast.fileio import atomic_path, exclusive
 
 # Top-level standard-library modules, minus those with side effects on import (a browser, a GUI,
 # an easter egg) or that do not exist on this platform.
@@ -115,9 +115,11 @@ def default_corpus(root: Path | None = None) -> Path:
     """The embedded corpus as a text file (built on first use, then cached)."""
     path = (root or cache_root()) / f"corpus-{corpus_key()}" / "corpus.txt"
     if not path.exists():
-        documents = gather_documents()
-        with atomic_path(path) as tmp:
-            tmp.write_text("\n\n".join("\n".join(doc) for doc in documents) + "\n", encoding="utf-8")
+        with exclusive(path.parent / ".corpus.lock"):
+            if not path.exists():  # another process may have built it while this one waited
+                documents = gather_documents()
+                with atomic_path(path) as tmp:
+                    tmp.write_text("\n\n".join("\n".join(doc) for doc in documents) + "\n", encoding="utf-8")
     return path
 
 

@@ -49,7 +49,7 @@ from bert_fast.data.shards import (
     special_ids,
     token_dtype,
 )
-from bert_fast.fileio import atomic_path, atomic_write_text, sha256_file
+from bert_fast.fileio import atomic_path, atomic_write_text, exclusive, sha256_file
 
 log = logging.getLogger("bert_fast.data")
 SUFFIXES = (".txt", ".jsonl", ".json")
@@ -502,7 +502,14 @@ def _complete_shards(output: Path, fingerprint: str) -> list[dict]:
 
 def prepare(inputs, output: str | Path, vocab: str | Path | None = None, fmt: str = "auto",
             settings: PrepareSettings | None = None) -> dict:
-    """Prepares `inputs` (files or folders) into `output`; returns the manifest (also written)."""
+    """Prepares `inputs` (files or folders) into `output`; returns the manifest (also written).
+    One process at a time per output folder: the others wait, then find it prepared."""
+    with exclusive(Path(output) / ".prepare.lock"):
+        return _prepare(inputs, output, vocab, fmt, settings)
+
+
+def _prepare(inputs, output: str | Path, vocab: str | Path | None, fmt: str,
+             settings: PrepareSettings | None) -> dict:
     settings = settings or PrepareSettings()
     files = _input_files(inputs, fmt)
     output = Path(output)
