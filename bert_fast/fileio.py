@@ -32,12 +32,21 @@ def atomic_path(path: str | os.PathLike):
 def exclusive(lock: str | os.PathLike):
     """Holds an exclusive lock on the file `lock` (created if absent) for the block, so processes
     that build the same output take turns: the ranks of one launch all prepare the cached corpus
-    on a cold cache, and one rank must not read files another is still writing."""
+    on a cold cache, and one rank must not read files another is still writing. A POSIX lock:
+    this process's alone, so workers it forks neither hold it nor keep it after it dies."""
     lock = Path(lock)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released when the file is closed, or the process dies
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:  # a folder this process cannot write, it will not write to: read it as is
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

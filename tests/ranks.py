@@ -44,18 +44,19 @@ class Launch:
     returned: list  # per rank: whether its worker returned
 
     def failures(self) -> list[str]:
-        """One line per rank that did not exit cleanly: how it ended, after which result, and why."""
-        return [_describe(rank, code, self.results[rank], self.logs[rank])
-                for rank, code in enumerate(self.exitcodes) if code != 0]
+        """One line per rank that did not finish cleanly (its worker returned, then exit 0): how it
+        ended, after which result, and why."""
+        return [_describe(rank, code, self.results[rank], self.logs[rank], self.returned[rank])
+                for rank, code in enumerate(self.exitcodes) if code != 0 or not self.returned[rank]]
 
     def check_exits(self) -> None:
-        """Fails the test, first line saying which rank died and why, unless every rank exited 0."""
+        """Fails the test, first line saying which rank died and why, unless every rank finished."""
         failed = self.failures()
         if failed:
             import pytest
 
             tails = "\n".join(f"--- rank {r}'s log, last lines ---\n" + "\n".join(log.splitlines()[-40:])
-                               for r, log in enumerate(self.logs) if self.exitcodes[r] != 0)
+                               for r, log in enumerate(self.logs) if self.exitcodes[r] != 0 or not self.returned[r])
             pytest.fail(" || ".join(failed) + "\n" + tails, pytrace=False)
 
     def finished_results(self) -> list:
@@ -65,8 +66,10 @@ class Launch:
         return self.results
 
 
-def _describe(rank: int, code, results: dict, log: str) -> str:
-    if code is None:
+def _describe(rank: int, code, results: dict, log: str, returned: bool) -> str:
+    if code == 0 and not returned:
+        how = "exited 0 before its worker returned"
+    elif code is None:
         how = "was still running and was killed (the deadline, or a peer had failed)"
     elif code < 0:
         how = f"was killed by {signal.Signals(-code).name}"
@@ -121,25 +124,37 @@ def run_ranks(worker, world: int, folder: Path, args: tuple = (), timeout: float
     ctx = torch.multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_rank_main, args=(worker, rank, world, port, str(folder), args), daemon=False)
              for rank in range(world)]
-    for p in procs:
-        p.start()
-    deadline, failed_at = time.monotonic() + timeout, None
-    while any(p.is_alive() for p in procs):
-        now = time.monotonic()
-        if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
-            failed_at = now
-        if now > deadline or (failed_at is not None and now > failed_at + grace):
-            break
-        time.sleep(0.2)
     codes = []
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-            codes.append(None)
-        else:
-            p.join()
-            codes.append(p.exitcode)
+    try:
+        # CPU ranks on gloo even on a GPU machine: the children see no CUDA device (they read the
+        # variable when torch is imported, while the worker is unpickled, so it is set here).
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        try:
+            for p in procs:
+                p.start()
+        finally:
+            if hidden is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
+        deadline, failed_at = time.monotonic() + timeout, None
+        while any(p.is_alive() for p in procs):
+            now = time.monotonic()
+            if failed_at is None and any(p.exitcode not in (None, 0) for p in procs):
+                failed_at = now
+            if now > deadline or (failed_at is not None and now > failed_at + grace):
+                break
+            time.sleep(0.2)
+        for p in procs:
+            p.join(0)
+            codes.append(p.exitcode)  # None: still running, killed below
+    finally:  # also when the wait is interrupted: no rank outlives the test
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            if p.pid is not None:
+                p.join()
     results = []
     for rank in range(world):
         path = folder / f"result{rank}.json"

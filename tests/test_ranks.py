@@ -21,7 +21,9 @@ def _abort_on_rank0(rank, result):
 
 
 def _fine(rank, result):
-    result["sum"] = float(torch.distributed.all_reduce(torch.ones(1) * (rank + 1)) or 0) + 3.0
+    t = torch.tensor([rank + 1.0])
+    torch.distributed.all_reduce(t)
+    result["sum"] = t.item()
 
 
 @pytest.mark.slow
@@ -41,3 +43,18 @@ def test_clean_ranks_return_their_results(tmp_path):
     launch = run_ranks(_fine, 2, tmp_path)
     launch.check_exits()
     assert launch.exitcodes == [0, 0] and launch.finished_results() == [{"sum": 3.0}, {"sum": 3.0}]
+
+
+def _quit_early_on_rank0(rank, result):
+    result["joined"] = True
+    if rank == 0:
+        raise SystemExit(0)  # a clean exit code, but the work was not done
+
+
+@pytest.mark.slow
+def test_a_rank_that_exits_0_without_finishing_is_a_failure(tmp_path):
+    launch = run_ranks(_quit_early_on_rank0, 2, tmp_path, grace=2.0)
+    assert launch.exitcodes[0] == 0 and launch.returned == [False, True]
+    assert launch.failures()[0].startswith("rank 0 exited 0 before its worker returned after recording 'joined'")
+    with pytest.raises(pytest.fail.Exception, match=r"^rank 0 exited 0 before its worker returned"):
+        launch.finished_results()

@@ -504,15 +504,12 @@ def prepare(inputs, output: str | Path, vocab: str | Path | None = None, fmt: st
             settings: PrepareSettings | None = None) -> dict:
     """Prepares `inputs` (files or folders) into `output`; returns the manifest (also written).
     One process at a time per output folder: the others wait, then find it prepared."""
+    files = _input_files(inputs, fmt)  # bad inputs are refused before the output folder is made
     with exclusive(Path(output) / ".prepare.lock"):
-        return _prepare(inputs, output, vocab, fmt, settings)
+        return _prepare(files, Path(output), vocab, settings or PrepareSettings())
 
 
-def _prepare(inputs, output: str | Path, vocab: str | Path | None, fmt: str,
-             settings: PrepareSettings | None) -> dict:
-    settings = settings or PrepareSettings()
-    files = _input_files(inputs, fmt)
-    output = Path(output)
+def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSettings) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     vocab_file = output / "vocab.txt"
     trained = output / "vocab.train.json"  # what a trained vocab.txt was trained from
