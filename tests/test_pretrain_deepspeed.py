@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,10 +50,19 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _why(done: subprocess.CompletedProcess) -> str:
+    """Every rank's own account first (a rank's error is often followed by its peer's lost-connection
+    traceback, which is all a tail would show), then the tail of the output."""
+    said = [line for line in (done.stdout + done.stderr).splitlines() if re.search(
+        r"pretrain\.py: (error|training stopped)|exits with return code|terminate called|\w+Error: ", line)]
+    return (f"exit {done.returncode}: " + " | ".join(said[-8:]) + "\n--- stdout tail ---\n" + done.stdout[-2000:]
+            + "\n--- stderr tail ---\n" + done.stderr[-2000:])
+
+
 def _run(out: Path, *extra: str, expect: int = 0, port: int | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run(_command(out, *extra, port=port), cwd=ROOT, capture_output=True, text=True, env=_env(),
                           timeout=600)
-    assert done.returncode == expect, (done.stdout[-3000:], done.stderr[-3000:])
+    assert done.returncode == expect, _why(done)
     return done
 
 
@@ -117,7 +127,7 @@ def interrupted(tmp_path_factory):
     for pid in _children(launcher.pid):
         os.kill(pid, signal.SIGTERM)
     log, _ = launcher.communicate(timeout=120)
-    assert launcher.returncode == 0, log[-3000:]
+    assert launcher.returncode == 0, _why(subprocess.CompletedProcess(launcher.args, launcher.returncode, log, ""))
     saved = checkpoint.resolve_resume(out / "checkpoints", "auto")
     assert saved is not None and "resume with --resume auto" in log
     stopped_at = checkpoint.read_metadata(saved)["step"]
