@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -43,27 +44,40 @@ class Launch:
     logs: list  # per rank: its stdout and stderr
     returned: list  # per rank: whether its worker returned
 
+    @property
+    def failed(self) -> list[int]:
+        """The ranks that did not finish cleanly (finishing: the worker returned, then exit 0)."""
+        return [r for r, code in enumerate(self.exitcodes) if code != 0 or not self.returned[r]]
+
     def failures(self) -> list[str]:
-        """One line per rank that did not finish cleanly (its worker returned, then exit 0): how it
-        ended, after which result, and why."""
-        return [_describe(rank, code, self.results[rank], self.logs[rank], self.returned[rank])
-                for rank, code in enumerate(self.exitcodes) if code != 0 or not self.returned[rank]]
+        """One line per failed rank: how it ended, after which result, and why."""
+        return [_describe(r, self.exitcodes[r], self.results[r], self.logs[r], self.returned[r]) for r in self.failed]
 
     def check_exits(self) -> None:
         """Fails the test, first line saying which rank died and why, unless every rank finished."""
-        failed = self.failures()
-        if failed:
+        if self.failed:
             import pytest
 
-            tails = "\n".join(f"--- rank {r}'s log, last lines ---\n" + "\n".join(log.splitlines()[-40:])
-                               for r, log in enumerate(self.logs) if self.exitcodes[r] != 0 or not self.returned[r])
-            pytest.fail(" || ".join(failed) + "\n" + tails, pytrace=False)
+            tails = "\n".join(f"--- rank {r}'s log, last lines ---\n" + "\n".join(self.logs[r].splitlines()[-40:])
+                               for r in self.failed)
+            pytest.fail(" || ".join(self.failures()) + "\n" + tails, pytrace=False)
 
     def finished_results(self) -> list:
         """Every rank's results, once every worker returned; otherwise check_exits' failure."""
         if not all(self.returned):
             self.check_exits()
         return self.results
+
+
+# What a dying process says: a C++ terminate/what(), faulthandler's banner, a Python error, and
+# pretrain.py's and DeepSpeed's launcher's own account of a failed run.
+_LAST_WORDS = re.compile(r"terminate called|what\(\)|Fatal Python error|Error:|Exception:|Assertion"
+                         r"|pretrain\.py: (error|training stopped)|exits with return code")
+
+
+def last_words(text: str, n: int) -> str:
+    """The last `n` lines of `text` that say why a process failed, joined on one line."""
+    return " | ".join([line.strip() for line in text.splitlines() if _LAST_WORDS.search(line)][-n:])
 
 
 def _describe(rank: int, code, results: dict, log: str, returned: bool) -> str:
@@ -77,16 +91,12 @@ def _describe(rank: int, code, results: dict, log: str, returned: bool) -> str:
         how = f"exited with code {code}"
     last = list(results)[-1] if results else None
     lines = log.splitlines()
-    # What the process said as it died: a C++ terminate/what(), a Python error, faulthandler's
-    # banner, and the innermost Python frame faulthandler printed (most recent call first).
-    said = [line.strip() for line in lines if re.search(
-        r"terminate called|what\(\)|Fatal Python error|Error:|Exception:|Assertion", line)][-3:]
+    # The innermost Python frame faulthandler printed (most recent call first).
     heads = [i for i, line in enumerate(lines[:-1]) if re.match(r"(Current )?[Tt]hread 0x", line)]
     heads.sort(key=lambda i: not lines[i].startswith("Current"))  # the crashing thread, if it is Python's
     frame = lines[heads[0] + 1].strip() if heads else None
     where = f"; innermost frame: {frame}" if frame else ""
-    return (f"rank {rank} {how} after recording {last!r}: " + (" | ".join(said) or "nothing in its log")
-            + where)
+    return f"rank {rank} {how} after recording {last!r}: " + (last_words(log, 3) or "nothing in its log") + where
 
 
 def _rank_main(worker, rank: int, world: int, port: int, folder: str, args: tuple) -> None:
@@ -128,16 +138,9 @@ def run_ranks(worker, world: int, folder: Path, args: tuple = (), timeout: float
     try:
         # CPU ranks on gloo even on a GPU machine: the children see no CUDA device (they read the
         # variable when torch is imported, while the worker is unpickled, so it is set here).
-        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        try:
+        with mock.patch.dict(os.environ, CUDA_VISIBLE_DEVICES=""):
             for p in procs:
                 p.start()
-        finally:
-            if hidden is None:
-                del os.environ["CUDA_VISIBLE_DEVICES"]
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = hidden
         deadline, failed_at = time.monotonic() + timeout, None
         while any(p.is_alive() for p in procs):
             now = time.monotonic()

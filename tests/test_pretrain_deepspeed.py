@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import pytest
 import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
+
+from ranks import last_words  # noqa: E402
 
 from bert_fast import extension  # noqa: E402
 from bert_fast.train import checkpoint  # noqa: E402
@@ -53,10 +54,8 @@ def _env() -> dict:
 def _why(done: subprocess.CompletedProcess) -> str:
     """Every rank's own account first (a rank's error is often followed by its peer's lost-connection
     traceback, which is all a tail would show), then the tail of the output."""
-    said = [line for line in (done.stdout + done.stderr).splitlines() if re.search(
-        r"pretrain\.py: (error|training stopped)|exits with return code|terminate called|\w+Error: ", line)]
-    return (f"exit {done.returncode}: " + " | ".join(said[-8:]) + "\n--- stdout tail ---\n" + done.stdout[-2000:]
-            + "\n--- stderr tail ---\n" + done.stderr[-2000:])
+    return (f"exit {done.returncode}: " + last_words(done.stdout + done.stderr, 8) + "\n--- stdout tail ---\n"
+            + done.stdout[-2000:] + "\n--- stderr tail ---\n" + done.stderr[-2000:])
 
 
 def _run(out: Path, *extra: str, expect: int = 0, port: int | None = None) -> subprocess.CompletedProcess:
