@@ -3,7 +3,8 @@ against eager PyTorch (matmul-softmax-matmul), `scaled_dot_product_attention` an
 
     python bench/attention.py                    # GPU: batch 32..256, seq 128/512, 12/16 heads, bf16
     python bench/attention.py --device cpu       # tiny sizes, the torch reference only
-    python bench/attention.py --compile-report   # sm_90 registers/spills/shared memory per config
+    python bench/attention.py --compile-report   # sm_90 builds: writes bench/results/aot/attention.json
+    python bench/attention.py --host-overhead    # CPU: Python microseconds per call, kernels stubbed
 
 Every case runs without padding and with 30% padding (`pad` column; lengths drawn uniformly in
 [0.4 S, S], seeded). Providers:
@@ -13,8 +14,12 @@ Every case runs without padding and with 30% padding (`pad` column; lengths draw
 - `sdpa_flash`: SDPA forced onto its flash backend, which takes no mask: it attends over the
   padding too, i.e. what a dense kernel costs when nobody unpads (exact only at pad 0).
 - `flash_attn`: `flash_attn_varlen_func` on the packed tokens, when flash-attn is installed.
+- `torch_flash`: PyTorch's own varlen FlashAttention-2 (`aten._flash_attention_forward` with
+  cu_seqlens: SDPA flash's kernel without the padding), as `model.attention_impl: torch_flash`
+  runs it (bert_fast/torch_flash.py).
 - `triton`: ours on the packed tokens (the encoder unpads once per batch, not per layer, so the
-  packing is prepared outside the timed region, as for flash_attn).
+  packing is prepared outside the timed region, as for flash_attn), on the fused QKV layout the
+  encoder has: one [T, 3, heads, head_dim] tensor, whose gradient comes back as one buffer.
 - `triton_padded`: ours through the padded convenience form (unpad, attend, re-pad per call).
 
 TFLOP/s counts real tokens only: the forward is two GEMMs per sequence, 4 * len^2 * heads * D
@@ -25,6 +30,9 @@ least 1.0x SDPA flash and 3x eager, padding costs no time, at least 220 TFLOP/s.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +58,8 @@ def make_inputs(case: dict, device: torch.device, dtype: torch.dtype) -> dict:
     padded = [torch.randn(batch, seq, heads, HEAD_DIM, device=device, dtype=dtype) for _ in range(3)]
     packing = unpad(mask)
     packed = [packing.pack(t).detach().requires_grad_() for t in padded]
-    inputs = {"mask": mask, "packing": packing}
+    qkv = torch.stack([packing.pack(t) for t in padded], dim=1).detach().requires_grad_()
+    inputs = {"mask": mask, "packing": packing, "qkv": qkv}
     inputs.update({n: t.requires_grad_() for n, t in zip(("q", "k", "v"), padded)})
     inputs.update({f"{n}_packed": t for n, t in zip(("q", "k", "v"), packed)})
     return inputs
@@ -95,14 +104,26 @@ def flash_attn(inputs: dict, case: dict):
                                   dropout_p=_dropout())
 
 
+def torch_flash(inputs: dict, case: dict):
+    from bert_fast import torch_flash as flash
+
+    q = inputs["q_packed"]
+    reason = flash.unavailable_reason(q.device, q.dtype, q.shape[-1])
+    if reason is not None:
+        raise Unavailable(f"torch's varlen flash attention cannot run: {reason}")
+    p = inputs["packing"]
+    return flash.attention_varlen(q, inputs["k_packed"], inputs["v_packed"], p.cu_seqlens, p.max_seqlen,
+                                  _dropout())
+
+
 def triton_varlen(inputs: dict, case: dict):
     if inputs["q"].device.type != "cuda":
         raise Unavailable("the Triton kernel needs CUDA (the interpreter is for tests)")
-    from bert_fast.kernels.attention import attention_varlen
+    from bert_fast.kernels.attention import attention_varlen_qkvpacked
 
     p = inputs["packing"]
-    return attention_varlen(inputs["q_packed"], inputs["k_packed"], inputs["v_packed"], p.cu_seqlens,
-                            p.max_seqlen, dropout_p=_dropout(), check=False)
+    return attention_varlen_qkvpacked(inputs["qkv"], p.cu_seqlens, p.max_seqlen, dropout_p=_dropout(),
+                                      check=False)
 
 
 def triton_padded(inputs: dict, case: dict):
@@ -122,21 +143,76 @@ def flops(case: dict, mode: str) -> float:
 def extra_args(parser) -> None:
     parser.add_argument("--dropout", type=float, default=0.1, help="attention dropout (default 0.1)")
     parser.add_argument("--compile-report", action="store_true",
-                        help="print registers, spills and shared memory of every config's sm_90 "
-                             "build (no GPU needed) and exit")
+                        help="build every config for sm_90 (no GPU needed), write "
+                             "bench/results/aot/attention.json (or --out DIR) and print the table")
+    parser.add_argument("--host-overhead", action="store_true",
+                        help="CPU: microseconds of Python per eager call, with the kernels stubbed out")
 
 
-def compile_report() -> None:
-    from bert_fast.kernels.attention_aot import compile_table
+AOT_JSON = Path(__file__).resolve().parent / "results" / "aot" / "attention.json"
 
-    print("| kernel | BLOCK_M | BLOCK_N | warps | stages | head_dim | dropout | registers | "
-          "spills (B) | shared (KiB) | wgmma |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in compile_table("bf16"):
-        c = r.constexprs
-        print(f"| {r.name} | {c['BLOCK_M']} | {c['BLOCK_N']} | {r.num_warps} | {r.num_stages} "
-              f"| {c['HEAD_DIM']} | {c['HAS_DROPOUT']} | {r.registers} | {r.spills} | "
-              f"{r.shared_bytes / 1024:.0f} | {r.uses_wgmma} |")
+
+def compile_report(out_dir: str | None) -> None:
+    from bert_fast.kernels.attention_aot import report
+
+    rows = report("bf16")
+    path = Path(out_dir) / "attention.json" if out_dir else AOT_JSON
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
+    twins = {(r["kernel"], r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]):
+             r["instructions_per_iteration"] for r in rows if not r["dropout"]}
+    print("| kernel | BLOCK_M | BLOCK_N | warps | stages | dropout | registers | spills (B) | "
+          "shared (KiB) | wgmma | instructions / iteration | x no-dropout |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        twin = twins.get((r["kernel"], r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]))
+        ratio = f"{r['instructions_per_iteration'] / twin:.2f}" if r["dropout"] and twin else ""
+        print(f"| {r['kernel']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} "
+              f"| {r['dropout']} | {r['registers']} | {r['spills']} | {r['shared_bytes'] / 1024:.0f} | "
+              f"{r['uses_wgmma']} | {r['instructions_per_iteration']} | {ratio} |")
+    print(f"wrote {path}")
+
+
+def host_overhead() -> None:
+    """Per-call Python time of the eager path (validation, allocation, autograd, launch
+    arguments) with every kernel launch replaced by a no-op: what a call costs the CPU before the
+    GPU does anything. Runs anywhere; on the CPU the kernels could not run anyway."""
+    import time
+
+    from bert_fast.kernels import attention as attn
+
+    launched = []
+    real_launch = attn._launch
+    attn._launch = lambda kernel, grid, traced: (lambda *a, **k: launched.append(kernel))
+    try:
+        total, heads = 2 * 128, 12  # small: the tensors' own CPU cost must not count
+        qkv = torch.randn(total, 3, heads, HEAD_DIM, requires_grad=True)
+        cu = torch.arange(0, total + 1, 128, dtype=torch.int32)
+        seed = torch.zeros(1, dtype=torch.int64)
+        grad = torch.randn(total, heads, HEAD_DIM)
+
+        def call():
+            qkv.grad = None
+            out = attn.attention_varlen_unchecked(*qkv.unbind(1), cu, 128, dropout_p=0.1, seed=seed,
+                                                  site=3, qkv=qkv)[0]
+            out.backward(grad)
+
+        for _ in range(20):
+            call()
+        launched.clear()
+        runs = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            call()
+            runs.append(time.perf_counter() - t0)
+        runs.sort()
+        print(f"eager attention_varlen_unchecked (qkv packed, dropout, forward + backward): "
+              f"{runs[len(runs) // 2] * 1e6:.1f} us per call (median of 200), "
+              f"{len(launched) / 200:.0f} kernel launches per call")
+    finally:
+        attn._launch = real_launch
 
 
 bench = Benchmark(
@@ -144,7 +220,7 @@ bench = Benchmark(
     description=__doc__.split("\n\n")[0],
     make_inputs=make_inputs,
     providers={"eager": eager, "sdpa": sdpa, "sdpa_flash": sdpa_flash, "flash_attn": flash_attn,
-               "triton": triton_varlen, "triton_padded": triton_padded},
+               "torch_flash": torch_flash, "triton": triton_varlen, "triton_padded": triton_padded},
     gpu_cases=[dict(batch=b, seq=s, heads=h, pad=pad)
                for b, s, h in ((256, 128, 12), (128, 128, 16), (32, 512, 12), (64, 512, 16))
                for pad in (0.0, 0.3)],
@@ -159,6 +235,8 @@ if __name__ == "__main__":
     args = bench.parser().parse_args()
     bench.args = args
     if args.compile_report:
-        compile_report()
+        compile_report(args.out)
+    elif args.host_overhead:
+        host_overhead()
     else:
         bench.run(args)

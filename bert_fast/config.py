@@ -1,4 +1,4 @@
-"""Model configuration: Hugging Face `BertConfig` field names, plus the backend switch.
+"""Model configuration: Hugging Face `BertConfig` field names, plus the backend switches.
 
 Field names match `transformers.BertConfig` so a config.json round-trips without renaming
 (see `bert_fast/hf.py`). Presets follow the BERT paper and Google's miniature BERTs.
@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass
 
 BACKENDS = ("auto", "torch", "fast")
+# The fast backend's attention kernel (bert_fast.ops.attention_impl says what "auto" picks).
+ATTENTION_IMPLS = ("auto", "triton", "torch_flash")
 # "gelu" is the exact erf form BERT trained with; the tanh forms are HF's approximations.
 HIDDEN_ACTS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 
@@ -30,6 +32,7 @@ class BertConfig:
     initializer_range: float = 0.02
     pad_token_id: int = 0
     backend: str = "auto"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -57,6 +60,9 @@ class BertConfig:
                              f"got {self.hidden_act!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"BertConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"BertConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ValueError(f"BertConfig.pad_token_id ({self.pad_token_id}) must be in "
                              f"[0, vocab_size={self.vocab_size})")

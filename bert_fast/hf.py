@@ -31,6 +31,7 @@ _HF_ONLY = {"architectures", "model_type", "transformers_version", "torch_dtype"
 def config_to_hf(config: BertConfig) -> dict:
     values = config.to_dict()
     values.pop("backend")
+    values.pop("attention_impl")
     return {"architectures": ["BertForPreTraining"], "model_type": "bert", **values,
             **{k: v for k, v in _HF_DEFAULTS.items() if k != "chunk_size_feed_forward"}}
 

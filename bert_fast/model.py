@@ -50,9 +50,10 @@ class BertEmbeddings(nn.Module):
 
 
 class BertLayer(nn.Module):
-    def __init__(self, config: BertConfig):
+    def __init__(self, config: BertConfig, index: int = 0):
         super().__init__()
         self.config = config
+        self.index = index  # the dropout site of its attention: layers draw different masks
         h, i = config.hidden_size, config.intermediate_size
         self.qkv = nn.Linear(h, 3 * h)
         self.attn_out = nn.Linear(h, h)
@@ -61,19 +62,22 @@ class BertLayer(nn.Module):
         self.ffn_out = nn.Linear(i, h)
         self.ffn_norm = LayerNorm(h)
 
-    def forward(self, x, attention_mask, packing: Packing | None = None):
-        """x: [B, S, hidden], or packed [T, hidden] when `packing` is given (the fast path)."""
+    def forward(self, x, attention_mask, packing: Packing | None = None, seed: torch.Tensor | None = None):
+        """x: [B, S, hidden], or packed [T, hidden] when `packing` is given (the fast path, whose
+        attention draws its dropout mask from `seed`, the forward's key, and this layer's index)."""
         c = self.config
-        # q, k, v stay strided views of the one QKV output: [..., heads, head_dim] each.
-        q, k, v = F.linear(x, self.qkv.weight, self.qkv.bias).unflatten(
-            -1, (3, c.num_attention_heads, c.head_dim)).unbind(-3)
+        # [..., 3, heads, head_dim]: q, k, v are strided views of the one QKV output.
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).unflatten(
+            -1, (3, c.num_attention_heads, c.head_dim))
         if packing is None:
+            q, k, v = qkv.unbind(-3)
             context = ops.attention(q, k, v, attention_mask, dropout_p=c.attention_probs_dropout_prob,
                                     training=self.training, backend=c.backend)
         else:
-            context = ops.attention_varlen(q, k, v, packing.cu_seqlens, packing.max_seqlen,
-                                           dropout_p=c.attention_probs_dropout_prob,
-                                           training=self.training, check=False, backend=c.backend)
+            context = ops.attention_qkv(qkv, packing.cu_seqlens, packing.max_seqlen,
+                                        dropout_p=c.attention_probs_dropout_prob, training=self.training,
+                                        seed=seed, site=self.index, impl=c.attention_impl,
+                                        backend=c.backend)
         x = ops.add_layer_norm(
             F.linear(context.flatten(-2), self.attn_out.weight), self.attn_norm.weight,
             self.attn_norm.bias, c.layer_norm_eps, x_bias=self.attn_out.bias, residual=x,
@@ -93,11 +97,11 @@ class BertModel(nn.Module):
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
-        self.layers = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
         # Recompute each layer in the backward instead of keeping its activations (seq 512 on
         # small GPUs). Dropout masks replay: checkpoint restores the RNG state, and the attention
-        # kernel draws its seed from torch's generator.
+        # kernel takes the forward's seed as an input.
         self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
@@ -136,13 +140,16 @@ class BertModel(nn.Module):
                                         x.device, backend=c.backend)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        seed = None
         if packing is not None:
             x = packing.pack(x)
+            if self.training and c.attention_probs_dropout_prob > 0:
+                seed = ops.new_dropout_seed(x.device)  # one draw per forward, not per layer
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, attention_mask, packing, use_reentrant=False)
+                x = checkpoint(layer, x, attention_mask, packing, seed, use_reentrant=False)
             else:
-                x = layer(x, attention_mask, packing)
+                x = layer(x, attention_mask, packing, seed)
         first = x[:, 0] if packing is None else packing.first_tokens(x)
         pooled = torch.tanh(F.linear(first, self.pooler.weight, self.pooler.bias))
         return x, pooled, packing

@@ -8,6 +8,7 @@ backend, so the model code never branches on the device or on what is implemente
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -18,7 +19,7 @@ from bert_fast import extension
 from bert_fast.bias_gelu import bias_gelu as _bias_gelu_ext
 from bert_fast.bias_gelu import bias_gelu_reference
 from bert_fast.checks import FLOAT_DTYPES, INT_DTYPES, check_same, check_tensor
-from bert_fast.config import BACKENDS
+from bert_fast.config import ATTENTION_IMPLS, BACKENDS
 
 _warned: set[str] = set()
 
@@ -159,6 +160,33 @@ def _attention_kernel_runs(backend: str, dtype: torch.dtype, head_dim: int, devi
             and _use_triton(backend, device, "attention"))
 
 
+@functools.cache
+def attention_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The fast backend's attention: "triton" (kernels/attention.py) or "torch_flash" (PyTorch's
+    varlen FlashAttention-2, bert_fast/torch_flash.py). "auto" takes torch_flash where it runs:
+    the only committed GPU table (bench/results/nvidia-h200/attention.md) has it ahead, 2-3x at
+    dropout 0.1; the Triton kernel becomes the default where a table shows it faster."""
+    from bert_fast import torch_flash
+
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    reason = torch_flash.unavailable_reason(device, dtype, head_dim)
+    if impl == "torch_flash" and reason is not None:
+        raise RuntimeError(f"bert_fast.ops.attention: attention_impl='torch_flash' cannot run: {reason}; "
+                           "use attention_impl='triton' or 'auto'")
+    if impl == "auto":
+        return "triton" if reason is not None else "torch_flash"
+    return impl
+
+
+def new_dropout_seed(device: torch.device) -> torch.Tensor:
+    """The [1] int64 key the fast attention draws its dropout masks from: one per forward pass
+    (from torch's generator, no host sync), shared by every layer, which each add their own site."""
+    from bert_fast.kernels.dropout import new_seed
+
+    return new_seed(device)
+
+
 def attention_packing(attention_mask: torch.Tensor | None, shape: tuple[int, int], head_dim: int,
                       dtype: torch.dtype, device: torch.device, backend: str = "auto"):
     """A `bert_fast.padding.Packing` of the batch when attention runs the varlen kernel (the
@@ -173,29 +201,81 @@ def attention_packing(attention_mask: torch.Tensor | None, shape: tuple[int, int
     return padding.unpad(attention_mask)
 
 
+def _check_varlen(q, cu_seqlens, max_seqlen, seed, site) -> None:
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if seed is not None:
+        check_tensor("seed", seed, shape=(1,), dtypes=(torch.int64,), device=q.device)
+    if isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < 2**32:
+        raise ValueError(f"site must be an int in [0, 2**32), got {site!r}")
+
+
+def _varlen_torch(q, k, v, cu_seqlens, dropout_p):
+    """The torch form: SDPA one sequence at a time (the reference; one host sync)."""
+    bounds = cu_seqlens.tolist()
+    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), dropout_p=dropout_p)
+            .transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, dropout_p: float = 0.0, training: bool = False,
-                     check: bool = True, backend: str = "auto") -> torch.Tensor:
+                     check: bool = True, seed: torch.Tensor | None = None, site: int = 0,
+                     impl: str = "auto", backend: str = "auto") -> torch.Tensor:
     """Attention within each packed sequence: q, k, v [T, heads, head_dim] (rows may be strided
     views of one QKV output), cu_seqlens [B + 1] int32, max_seqlen >= the longest sequence.
     Returns [T, heads, head_dim]. `check` validates cu_seqlens' values (a host sync; the encoder
-    skips it for the cu_seqlens `bert_fast.padding.unpad` built). The torch form loops over the
-    sequences."""
+    skips it for the cu_seqlens `bert_fast.padding.unpad` built). `seed` and `site` key the Triton
+    kernel's dropout masks (a fresh seed per call when None); `impl` picks the fast backend's
+    kernel (`attention_impl`). The torch form loops over the sequences."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     for name, value in (("k", k), ("v", v)):
         check_tensor(name, value, shape=tuple(q.shape))
     check_same(("q", "k", "v"), (q, k, v), "dtype")
     check_same(("q", "k", "v"), (q, k, v), "device")
-    check_tensor("cu_seqlens", cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+    _check_varlen(q, cu_seqlens, max_seqlen, seed, site)
     p = dropout_p if training else 0.0
-    if _attention_kernel_runs(backend, q.dtype, q.shape[-1], q.device):
-        from bert_fast.kernels.attention import attention_varlen as _attention_varlen
+    if not _attention_kernel_runs(backend, q.dtype, q.shape[-1], q.device):
+        return _varlen_torch(q, k, v, cu_seqlens, p)
+    from bert_fast.kernels import attention as kernel
 
-        return _attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, check=check)
-    bounds = cu_seqlens.tolist()
-    outs = [F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), dropout_p=p)
-            .transpose(0, 1) for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(outs) if outs else torch.empty_like(q)
+    for name, value in (("q", q), ("k", k), ("v", v)):
+        if value.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in head_dim (stride(-1) == 1), "
+                             f"got strides {value.stride()}")
+    if check:
+        kernel.check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
+    if attention_impl(impl, q.device, q.dtype, q.shape[-1]) == "torch_flash":
+        from bert_fast import torch_flash
+
+        return torch_flash.attention_varlen(q, k, v, cu_seqlens, max_seqlen, p)
+    return kernel.attention_varlen_unchecked(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, seed=seed,
+                                             site=site)[0]
+
+
+def attention_qkv(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, *,
+                  dropout_p: float = 0.0, training: bool = False, seed: torch.Tensor | None = None,
+                  site: int = 0, impl: str = "auto", backend: str = "auto") -> torch.Tensor:
+    """`attention_varlen` on the fused QKV GEMM's output viewed as [T, 3, heads, head_dim], with
+    cu_seqlens from `bert_fast.padding.unpad` (not re-checked): the encoder's call. On the Triton
+    kernel the gradient comes back as one [T, 3, heads, head_dim] buffer (no stack of dq, dk, dv)."""
+    check_tensor("qkv", qkv, ndim=4, dtypes=FLOAT_DTYPES, shape=(None, 3, None, None))
+    _check_varlen(qkv, cu_seqlens, max_seqlen, seed, site)
+    q, k, v = qkv.unbind(1)
+    p = dropout_p if training else 0.0
+    if not _attention_kernel_runs(backend, qkv.dtype, qkv.shape[-1], qkv.device):
+        return _varlen_torch(q, k, v, cu_seqlens, p)
+    if qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must be contiguous in head_dim (stride(-1) == 1), got strides {qkv.stride()}")
+    if attention_impl(impl, qkv.device, qkv.dtype, qkv.shape[-1]) == "torch_flash":
+        from bert_fast import torch_flash
+
+        return torch_flash.attention_varlen(q, k, v, cu_seqlens, max_seqlen, p)
+    from bert_fast.kernels.attention import attention_varlen_unchecked
+
+    return attention_varlen_unchecked(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, seed=seed, site=site,
+                                      qkv=qkv)[0]
 
 
 def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,

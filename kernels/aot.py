@@ -38,6 +38,12 @@ class AotReport:
     num_warps: int
     num_stages: int
     constexprs: dict
+    # SASS instructions in the main inner loop's body (see `inner_loop_instructions`); None when
+    # the kernel has no loop.
+    instructions_per_iteration: int | None = None
+    # Lengths of every innermost loop that runs tensor-core instructions, in program order (a
+    # kernel may have several: full and masked tiles, or peeled first/middle/last tiles).
+    mma_loops: list = dataclasses.field(default_factory=list)
 
     def row(self) -> dict:
         """One flat row for a table (constexprs as a compact string)."""
@@ -70,7 +76,7 @@ def unavailable_reason() -> str | None:
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as err:
         return f"this triton has no AOT compile API ({err})"
-    for tool in ("ptxas", "cuobjdump"):
+    for tool in ("ptxas", "cuobjdump", "nvdisasm"):
         if not (_tool_dir() / tool).exists():
             return f"triton's NVIDIA backend ships no {tool} in {_tool_dir()}"
     return None
@@ -111,6 +117,55 @@ def _run(tool: str, *args: str) -> str:
     return done.stdout + done.stderr
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*?`\((\.L_x_\d+)\)")
+_TENSOR_CORE = ("HGMMA", "HMMA", "WGMMA")
+
+
+def sass_loops(sass: str) -> list[list[str]]:
+    """The bodies of the loops in `nvdisasm` output, one list of instructions per backward branch
+    (from its target label to the branch, inclusive), in program order of their ends."""
+    instructions, labels = [], {}
+    for line in sass.splitlines():
+        label = _SASS_LABEL.match(line.strip())
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        found = _SASS_LINE.search(line)
+        if found:
+            instructions.append(found.group(2).strip())
+    loops = []
+    for i, text in enumerate(instructions):
+        branch = _SASS_BRANCH.search(text)
+        if branch and labels.get(branch.group(1), len(instructions)) <= i:
+            loops.append((labels[branch.group(1)], i))
+    # Innermost only: a loop that contains another loop is an outer loop.
+    inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
+    return [instructions[a:b + 1] for a, b in inner]
+
+
+def _mma_count(body: list[str]) -> int:
+    return sum(any(op in text for op in _TENSOR_CORE) for text in body)
+
+
+def mma_loop_instructions(sass: str) -> list[int]:
+    """Lengths of the innermost loops with tensor-core instructions, in program order."""
+    return [len(body) for body in sass_loops(sass) if _mma_count(body)]
+
+
+def inner_loop_instructions(sass: str) -> int | None:
+    """Length of the main inner loop: among innermost loops, the one with the most tensor-core
+    instructions (the first in program order on a tie, which for the attention kernels is the
+    loop over full tiles, before the masked tail), or the longest when none has any."""
+    loops = sass_loops(sass)
+    if not loops:
+        return None
+    best = max(range(len(loops)), key=lambda i: (_mma_count(loops[i]), _mma_count(loops[i]) == 0 and
+                                                 len(loops[i]), -i))
+    return len(loops[best])
+
+
 def _compile_here(spec: AotSpec, arch: int) -> AotReport:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -132,6 +187,7 @@ def _compile_here(spec: AotSpec, arch: int) -> AotReport:
         cubin.write_bytes(kernel.asm["cubin"])
         ptx.write_text(kernel.asm["ptx"])
         usage = _run("cuobjdump", "-res-usage", str(cubin))
+        sass = _run("nvdisasm", "-c", str(cubin))
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
         ptxas = _run("ptxas", "-v", "--gpu-name", gpu, str(ptx), "-o", str(Path(tmp, "v.cubin")))
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
@@ -139,7 +195,9 @@ def _compile_here(spec: AotSpec, arch: int) -> AotReport:
     return AotReport(name=kernel.metadata.name, registers=registers, spills=spills,
                      shared_bytes=int(kernel.metadata.shared),
                      uses_wgmma="wgmma.mma_async" in kernel.asm["ptx"], num_warps=spec.num_warps,
-                     num_stages=spec.num_stages, constexprs=dict(spec.constexprs))
+                     num_stages=spec.num_stages, constexprs=dict(spec.constexprs),
+                     instructions_per_iteration=inner_loop_instructions(sass),
+                     mma_loops=mma_loop_instructions(sass))
 
 
 def _compile_in_subprocess(specs: list[AotSpec], arch: int) -> list[AotReport]:

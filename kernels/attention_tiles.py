@@ -1,6 +1,10 @@
-"""Tiles for the attention kernels (kernels/attention.py, kernels/attention_bwd.py): the
-autotune candidates for Hopper at BERT shapes, the register budget that prunes those whose sm_90
-builds spill, and the device helpers forward and backward share (log2(e), the dropout draw).
+"""Tiles for the attention kernels (kernels/attention.py, kernels/attention_bwd.py): the autotune
+candidates per head_dim and dropout, and the constants both directions share.
+
+The candidates are the configurations whose sm_90 builds neither spill nor exceed the static
+targets, as read from their SASS (bench/results/aot/attention.json, rebuilt and checked by
+tests/test_attention_aot.py); which of them is fastest at a shape is the autotuner's call on the
+GPU. No cost formula: a candidate that starts to spill after a compiler update fails that test.
 """
 
 from __future__ import annotations
@@ -21,69 +25,66 @@ def _config(block_m, block_n, num_warps, num_stages):
                          num_stages=num_stages)
 
 
-# Hopper candidates at BERT shapes (head_dim 64, seq 128 and 512), also what the AOT builds check.
-FWD_CONFIGS = [_config(m, n, w, s) for m, n, w, s in (
-    (64, 32, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 4, 3), (128, 64, 4, 3),
-    (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3))]
-# dK/dV: BLOCK_N keys stay on chip while BLOCK_M query tiles stream past.
-BWD_KV_CONFIGS = [_config(m, n, w, s) for m, n, w, s in (
-    (16, 64, 4, 3), (32, 64, 4, 3), (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3),
-    (64, 128, 8, 2))]
-# dQ: BLOCK_M queries stay on chip while BLOCK_N key tiles stream past.
-BWD_Q_CONFIGS = [_config(m, n, w, s) for m, n, w, s in (
-    (64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2))]
-# The interpreter (CPU tests) runs one small tile, so short test sequences span several blocks.
-_INTERPRETER_CONFIGS = [_config(16, 16, 4, 1)]
-
-# Register pressure per thread of a config, in tile elements: the [BLOCK_M, BLOCK_N] scores, the
-# float32 accumulators ([BLOCK_M, D] for out and dQ, [BLOCK_N, D] twice for dK and dV) and the tile
-# that streams through the loop (K/V, or Q/dO for dK/dV), whose addresses live in registers.
-# Philox needs room of its own, so dropout gets the smaller budget. The budgets separate the
-# configs whose sm_90 builds spill from those that do not (tests/test_attention.py rebuilds them).
-_TILE_COST = {
-    "fwd": lambda m, n, d: m * n + m * d + n * d,
-    "bwd_dkdv": lambda m, n, d: m * n + 2 * n * d + m * d,
-    "bwd_dq": lambda m, n, d: m * n + m * d + n * d,
+# (head_dim, dropout) -> candidates. The forward streams key tiles past BLOCK_M resident queries;
+# 128 x 64 tiles with 8 warps give each warpgroup one 64-row wgmma and keep the dropout mask's
+# 16-element Philox groups inside each thread (kernels/dropout.py wants tiles of 16 x 64 or more).
+# 128 x 128 (one key tile at seq 128) needs 234 registers with dropout, so it is a candidate
+# without dropout only. head_dim 128 needs 128 x 32 to stay under 255 registers.
+_FWD = {
+    16: ((128, 64, 8, 3), (64, 64, 4, 3)),
+    32: ((128, 64, 8, 3), (64, 64, 4, 3)),
+    64: ((128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)),
+    128: ((128, 32, 8, 3),),
 }
-_BUDGET = {False: 160, True: 96}
+_FWD_DROPOUT_EXCLUDED = {(128, 128, 8, 3)}
+FWD_CONFIGS = {(d, drop): [_config(*c) for c in tiles if not (drop and c in _FWD_DROPOUT_EXCLUDED)]
+               for d, tiles in _FWD.items() for drop in (False, True)}
+# The fused backward: a program owns one (sequence, head); 64 keys stay on chip while 128-query
+# tiles stream past (or, when the whole sequence fits one query tile, the queries stay and key
+# tiles stream). At head_dim 128 the key-resident path spills 48-64 bytes: BERT's heads are 64.
+BWD_CONFIGS = {(d, drop): [_config(128, 64, 8, 1)] for d in (16, 32, 64, 128) for drop in (False, True)}
+# The interpreter (CPU tests) runs one small tile, so short test sequences span several blocks.
+_INTERPRETER_CONFIG = _config(16, 16, 4, 1)
 
 
-def _cost(kernel: str, config, head_dim: int) -> float:
-    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    return _TILE_COST[kernel](m, n, head_dim) / (32 * config.num_warps)
+def candidates(kernel: str, head_dim: int, dropout: bool) -> list:
+    """The autotune candidates of "fwd" or "bwd" for this head_dim and dropout setting."""
+    if _INTERPRET:
+        return [_INTERPRETER_CONFIG]
+    return (FWD_CONFIGS if kernel == "fwd" else BWD_CONFIGS)[(head_dim, dropout)]
 
 
-def kept_configs(kernel: str, configs, head_dim: int, dropout: bool) -> list:
-    """The configs the autotuner tries: those within budget, else the single cheapest."""
-    fits = [c for c in configs if _cost(kernel, c, head_dim) <= _BUDGET[dropout]]
-    return fits or [min(configs, key=lambda c: _cost(kernel, c, head_dim))]
-
-
-# BERT_FAST_AUTOTUNE=0 runs only the first kept config: the GPU tests check numerics, not tuning,
-# and their sweep of shapes would otherwise compile every candidate of every key (~200 builds).
+# BERT_FAST_AUTOTUNE=0 runs only the first candidate: the GPU tests check numerics, not tuning,
+# and their sweep of shapes would otherwise compile every candidate of every key.
 _AUTOTUNE = os.environ.get("BERT_FAST_AUTOTUNE", "1") != "0"
 
 
 def _pruner(kernel: str):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        kept = kept_configs(kernel, configs, args["HEAD_DIM"], args["dropout_p"] > 0)
+        keep = candidates(kernel, args["HEAD_DIM"], bool(args["HAS_DROPOUT"]))
+        wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in keep}
+        kept = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                       c.num_stages) in wanted]
         return kept if _AUTOTUNE else kept[:1]
     return prune
 
 
-_HEURISTICS = {"HAS_DROPOUT": lambda args: args["dropout_p"] > 0.0}
+def _all(table: dict) -> list:
+    seen, out = set(), []
+    for configs in table.values():
+        for c in configs:
+            key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+    return out
 
 
-@triton.jit
-def _dropout_keep(seed, rng_row, offs_n, dropout_p):
-    """Which of a tile's probabilities dropout keeps: one Philox draw per (query row, key)."""
-    return tl.rand(seed, rng_row[:, None] + offs_n[None, :]) >= dropout_p
-
-
-def _autotuned(kernel, name: str, configs):
-    """Autotune + heuristics around a bare @triton.jit kernel, which keeps its own module name so
-    kernels/attention_aot.py can compile it for sm_90."""
-    return triton.autotune(configs, key=["HEAD_DIM", "seqlen_bucket", "dropout_p"],
-                           prune_configs_by={"early_config_prune": _pruner(name)})(
-        triton.heuristics(_HEURISTICS)(kernel))
+def autotuned(kernel_fn, kernel: str, heuristics: dict | None = None):
+    """Autotune (+ heuristics) around a bare @triton.jit kernel, which keeps its own module name
+    so kernels/attention_aot.py can compile it for sm_90."""
+    configs = [_INTERPRETER_CONFIG] if _INTERPRET else _all(FWD_CONFIGS if kernel == "fwd" else BWD_CONFIGS)
+    inner = triton.heuristics(heuristics)(kernel_fn) if heuristics else kernel_fn
+    return triton.autotune(configs, key=["HEAD_DIM", "seqlen_bucket", "HAS_DROPOUT"],
+                           prune_configs_by={"early_config_prune": _pruner(kernel)})(inner)

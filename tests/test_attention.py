@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from bert_fast import ops
-from bert_fast.kernels import aot
 from bert_fast.kernels.attention import (
     attention_padded,
     attention_varlen,
@@ -19,7 +18,10 @@ from bert_fast.kernels.attention import (
     dropout_mask,
 )
 
-# Ours may err at most twice what eager PyTorch in the same dtype errs, plus this.
+# Ours may err at most twice what eager PyTorch in the same dtype errs, plus this much times the
+# largest exact value: a float32 sum of n products errs up to n * 2^-24 of their magnitudes, and
+# the interpreter sums a tile's products in order (numpy's matmul of a transposed tile) where
+# eager's BLAS sums in blocks (seen: dV 6.2e-6 against eager's 1.2e-6 at |dV| = 3.6).
 ATOL = {torch.float32: 2e-6, torch.float16: 2e-3}
 
 
@@ -54,8 +56,9 @@ def lse_reference(q, k, cu_seqlens):
 def check_three_way(name, ours, eager, exact, dtype):
     e_ours = (ours.double() - exact).abs().max().item()
     e_eager = (eager.double() - exact).abs().max().item()
+    scale = max(1.0, exact.abs().max().item())
     assert torch.isfinite(ours).all(), f"{name}: non-finite values"
-    assert e_ours <= 2 * e_eager + ATOL[dtype], f"{name}: ours {e_ours:.3e} vs eager {e_eager:.3e}"
+    assert e_ours <= 2 * e_eager + ATOL[dtype] * scale, f"{name}: ours {e_ours:.3e} vs eager {e_eager:.3e}"
 
 
 CASES = [
@@ -238,7 +241,7 @@ def test_registered_op_schema_and_autograd():
     # The fake-tensor and AOT-dispatch checks need a compiled kernel: tests/gpu runs them.
     lengths = [5, 7]
     _, (q, k, v) = make_qkv(lengths, 2, 32, torch.float32)
-    args = (q, k, v, cu_seqlens_of(lengths), torch.tensor([3]), 7, 0.2, 0.1)
+    args = (q, k, v, cu_seqlens_of(lengths), torch.tensor([3]), 7, 5, 0.2, 0.1)
     for utils in ("test_schema", "test_autograd_registration"):
         torch.library.opcheck(torch.ops.bert_fast.attention_varlen_fwd.default, args, test_utils=utils)
 
@@ -269,18 +272,85 @@ def test_ops_trace_with_fake_tensors():
     assert "bert_fast.attention_varlen_bwd" in done.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(aot.unavailable_reason() is not None,
-                    reason=f"no AOT compile here: {aot.unavailable_reason()}")
-def test_every_config_compiles_for_sm90_without_spills():
-    from bert_fast.kernels.attention_aot import VARIANTS, compile_table
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_qkv_packed_equals_separate_and_returns_one_gradient_buffer(p):
+    from bert_fast.kernels.attention import attention_varlen_qkvpacked
 
-    reports = compile_table("bf16", VARIANTS)
-    table = "\n".join(str(r.row()) for r in reports)
-    for head_dim, dropout in VARIANTS:  # every variant keeps configs for all three kernels
-        names = {r.name for r in reports if r.constexprs["HEAD_DIM"] == head_dim
-                 and r.constexprs["HAS_DROPOUT"] == dropout}
-        assert len(names) == 3, (head_dim, dropout, names)
-    assert all(r.spills == 0 for r in reports), table
-    assert all(r.uses_wgmma for r in reports), table
-    assert all(r.shared_bytes <= 227 * 1024 for r in reports), table
+    lengths = [7, 18, 1]
+    cu = cu_seqlens_of(lengths)
+    seed = torch.tensor([11])
+    [qkv], _ = make_qkv(lengths, 2, 32, torch.float32, fused=True)
+    separate = [t.detach().clone().requires_grad_() for t in qkv.detach().unbind(1)]
+    out = attention_varlen_qkvpacked(qkv, cu, max(lengths), dropout_p=p, seed=seed, site=4)
+    expected = attention_varlen(*separate, cu, max(lengths), dropout_p=p, seed=seed, site=4)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    out.backward(grad)
+    expected.backward(grad)
+    assert torch.equal(out, expected)
+    assert qkv.grad.shape == qkv.shape and qkv.grad.is_contiguous()
+    for i, leaf in enumerate(separate):
+        assert torch.equal(qkv.grad[:, i], leaf.grad)
+
+
+def test_sites_and_seeds_give_independent_masks_and_the_reference_follows_them():
+    lengths, heads, p = [21, 9], 2, 0.4
+    cu = cu_seqlens_of(lengths)
+    _, (q, k, v) = make_qkv(lengths, heads, 32, torch.float32)
+    seed = torch.tensor([5])
+    outs = {site: attention_varlen(q, k, v, cu, 21, dropout_p=p, seed=seed, site=site) for site in (0, 1)}
+    assert not torch.equal(outs[0], outs[1])
+    for site, out in outs.items():
+        masks = dropout_mask(cu, 21, heads, p, seed, site=site)
+        expected = attention_varlen_reference(q.double(), k.double(), v.double(), cu, dropout_masks=masks,
+                                              dropout_p=p)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_one_call_launches_one_kernel_forward_and_two_backward(monkeypatch):
+    # Host work per call: no seed draw when the caller passes one, no copies of q, k, v, and the
+    # backward is the delta preprocess plus one fused kernel.
+    from bert_fast.kernels import attention as attn
+
+    launched = []
+    real = attn._launch
+    lengths = [5, 12]
+    [qkv], _ = make_qkv(lengths, 2, 32, torch.float32, fused=True)
+    cu, seed = cu_seqlens_of(lengths), torch.tensor([1])
+
+    def call():
+        return attn.attention_varlen_unchecked(*qkv.unbind(1), cu, 12, dropout_p=0.1, seed=seed, site=0,
+                                               qkv=qkv)[0]
+
+    # The interpreter runs kernels through torch ops of its own: stub the launches to see ours.
+    monkeypatch.setattr(attn, "_launch", lambda kernel, grid, traced: lambda *a, **k: None)
+    ops_seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops_seen.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Spy():
+        call()
+    # Views and allocations only (autograd detaches a saved output): no randint, no copy.
+    assert set(ops_seen) <= {"unbind", "empty", "select", "detach"}, ops_seen
+
+    def counting(kernel, grid, traced):
+        launched.append(kernel)
+        return real(kernel, grid, traced)
+
+    monkeypatch.setattr(attn, "_launch", counting)
+    out = call()
+    assert len(launched) == 1
+    out.sum().backward()
+    assert len(launched) == 3
+
+
+def test_attention_impl_choice_and_clear_refusals():
+    cpu = torch.device("cpu")
+    assert ops.attention_impl("auto", cpu, torch.float32, 64) == "triton"
+    assert ops.attention_impl("triton", cpu, torch.bfloat16, 64) == "triton"
+    with pytest.raises(RuntimeError, match="attention_impl='torch_flash' cannot run: it needs a CUDA device"):
+        ops.attention_impl("torch_flash", cpu, torch.bfloat16, 64)
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        ops.attention_impl("flash3", cpu, torch.bfloat16, 64)

@@ -41,20 +41,21 @@ def test_fast_path_unpads_once_and_attends_only_real_tokens(monkeypatch):
     batch = padded_batch(fast.config, lengths=[24, 11, 1, 17], seq=24)
     real = int(batch["attention_mask"].sum())
     calls, unpads = [], []
-    attention_varlen, unpad = ops.attention_varlen, padding.unpad
+    attention_qkv, unpad = ops.attention_qkv, padding.unpad
 
-    def spy_attention(q, *args, **kwargs):
-        calls.append(q.shape[0])
-        return attention_varlen(q, *args, **kwargs)
+    def spy_attention(qkv, *args, **kwargs):
+        calls.append((qkv.shape[0], kwargs["site"]))
+        return attention_qkv(qkv, *args, **kwargs)
 
     def spy_unpad(mask):
         unpads.append(mask.shape)
         return unpad(mask)
 
-    monkeypatch.setattr(ops, "attention_varlen", spy_attention)
+    monkeypatch.setattr(ops, "attention_qkv", spy_attention)
     monkeypatch.setattr(padding, "unpad", spy_unpad)
     hidden, pooled = fast.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-    assert calls == [real] * fast.config.num_hidden_layers and len(unpads) == 1
+    # Every layer attends over the real tokens only, each at its own dropout site.
+    assert calls == [(real, i) for i in range(fast.config.num_hidden_layers)] and len(unpads) == 1
 
     with torch.no_grad():
         expected, expected_pooled = slow.bert(batch["input_ids"], batch["token_type_ids"],
@@ -100,3 +101,29 @@ def test_fast_training_with_dropout_runs_and_differs_per_step():
     assert torch.isfinite(first) and first.item() != second.item()
     first.backward()
     assert all(torch.isfinite(p.grad).all() for p in fast.parameters() if p.grad is not None)
+
+
+def test_dropout_draws_one_seed_per_forward_and_checkpointing_replays_it(monkeypatch):
+    # The fast path draws one Philox key per forward (not per layer or call); activation
+    # checkpointing recomputes each layer with that key, so its gradients equal the plain ones.
+    config = BertConfig.from_preset("tiny", backend="fast", vocab_size=120, max_position_embeddings=24,
+                                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
+    model = BertForPreTraining(config).train()
+    batch = padded_batch(config, lengths=[24, 11, 17], seq=24)
+    draws = []
+    new_seed = ops.new_dropout_seed
+    monkeypatch.setattr(ops, "new_dropout_seed", lambda device: draws.append(device) or new_seed(device))
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.bert.gradient_checkpointing = checkpointing
+        torch.manual_seed(3)
+        model(**batch).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert len(draws) == 2  # one per forward, also with recomputation
+    for plain, replayed in zip(*grads):
+        assert torch.equal(plain, replayed)
+    torch.manual_seed(4)
+    other = model(**batch).loss
+    torch.manual_seed(3)
+    assert other != model(**batch).loss  # another seed, another mask
