@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bert_fast.data.corpus import split_sentences
+from bert_fast.data.hf_tokenizer import wordpiece
 from bert_fast.data.shards import (
     ARRAYS,
     FORMAT_VERSION,
@@ -279,12 +280,10 @@ class _Tokenizer:
     identical to `tokenizers` on ASCII, several times faster), the rest through `tokenizers`."""
 
     def __init__(self, vocab: Path, lowercase: bool, threads: int = 0):
-        from tokenizers import BertWordPieceTokenizer
-
         from bert_fast.data.builder import _data
 
         self.words = read_vocab(vocab)
-        self.tokenizer = BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
+        self.tokenizer = wordpiece(vocab, lowercase)
         unk = special_ids(self.words)["unk_id"]
         # `tokenizers` trims the end of every vocab line; the fast path must see the same words.
         trimmed = [w.rstrip() for w in self.words]
