@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +212,7 @@ def load_hf(folder: str | Path, **config_overrides) -> tuple[BertForPreTraining,
 
 def export_hf(model: BertForPreTraining, folder: str | Path) -> Path:
     """Write config.json + model.safetensors that `BertForPreTraining.from_pretrained` reads.
-    Each file is written to a temporary name and renamed."""
+    Each file is written to a temporary name and renamed, and readable as a plain write makes it."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -222,4 +223,10 @@ def export_hf(model: BertForPreTraining, folder: str | Path) -> Path:
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_text(folder / "config.json", json.dumps(config_to_hf(model.config), indent=2) + "\n")
+    # The temporary files were private (mkstemp); give them what a plain write gives, as
+    # save_pretrained does (0644 under the usual umask).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("model.safetensors", "config.json"):
+        os.chmod(folder / name, 0o666 & ~mask)
     return folder

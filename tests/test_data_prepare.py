@@ -2,7 +2,9 @@
 idempotent and crash-safe re-runs, and every bad input named or counted."""
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from bert_fast.data.builder import native_available
 from bert_fast.data.corpus import split_sentences
 from bert_fast.data.prepare import PrepareSettings, prepare
 from bert_fast.data.shards import PreparedCorpus
+from bert_fast.data.textcheck import NotTextError
 from bert_fast.fileio import atomic_path
 
 SMALL = PrepareSettings(shard_tokens=1000, batch_chars=4096, workers=2)  # a pool, whatever the cores
@@ -168,7 +171,7 @@ def test_vocab_that_does_not_match_the_manifest(tmp_path, vocab):
         prepare(tmp_path / "a.txt", tmp_path / "out2", vocab=bad)
 
 
-def test_bad_inputs_are_named_or_counted(tmp_path, vocab):
+def test_bad_inputs_are_named_or_counted(tmp_path, vocab, caplog):
     with pytest.raises(FileNotFoundError, match="missing.txt does not exist"):
         prepare(tmp_path / "missing.txt", tmp_path / "out", vocab=vocab)
     (tmp_path / "empty_dir").mkdir()
@@ -188,9 +191,9 @@ def test_bad_inputs_are_named_or_counted(tmp_path, vocab):
            + "Tensor matrix.\n\n" + "Single sentence document.\n")
     raw = raw.encode().replace(b"@", b"\xff\xfe")
     (tmp_path / "messy.txt").write_bytes(raw)
-    with pytest.warns(UserWarning, match=r"messy.txt: 1 line\(s\) had bytes that are not UTF-8"):
-        manifest = prepare(tmp_path / "messy.txt", tmp_path / "out", vocab=vocab,
-                           settings=PrepareSettings(max_line_chars=100))
+    manifest = prepare(tmp_path / "messy.txt", tmp_path / "out", vocab=vocab,
+                       settings=PrepareSettings(max_line_chars=100))
+    assert re.search(r"messy.txt: 1 line\(s\) had bytes that are not UTF-8", caplog.text)
     # The over-long line is dropped and its document keeps 2 sentences; the last has only one.
     assert manifest["skipped"] == {"non_utf8_lines": 1, "long_lines": 1, "short_documents": 1}
     assert manifest["totals"]["documents"] == 3
@@ -219,7 +222,7 @@ def messy_inputs(folder: Path) -> list[Path]:
     return [text, jsonl, text]
 
 
-def test_workers_and_chunk_size_do_not_change_the_output(tmp_path, vocab):
+def test_workers_and_chunk_size_do_not_change_the_output(tmp_path, vocab, caplog):
     """One process with one chunk per file, a pool of 3 with chunks of ~700 bytes, and a pool of 2
     with one document per chunk write the same files, byte for byte, and the same warnings."""
     inputs = messy_inputs(tmp_path)
@@ -227,10 +230,11 @@ def test_workers_and_chunk_size_do_not_change_the_output(tmp_path, vocab):
     for workers, chunk in ((1, 1 << 20), (3, 700), (2, 1)):
         settings = PrepareSettings(shard_tokens=300, max_line_chars=300, batch_chars=chunk, workers=workers)
         out = tmp_path / f"out_{workers}_{chunk}"
-        with pytest.warns(UserWarning) as warned:
-            manifest = prepare(inputs, out, vocab=vocab, settings=settings)
+        caplog.clear()
+        manifest = prepare(inputs, out, vocab=vocab, settings=settings)
         files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
-        outputs[workers, chunk] = files, sorted(str(w.message) for w in warned)
+        warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        outputs[workers, chunk] = files, sorted(m for m in warned if "not UTF-8" in m)
     (files, warned), *others = outputs.values()
     assert len(manifest["shards"]) > 5 and len(warned) == 2 and "messy.txt: 21 line(s)" in warned[0]
     assert set(manifest["skipped"]) == {"non_utf8_lines", "long_lines", "bad_json_lines", "empty_sentences",
@@ -351,3 +355,131 @@ def test_fast_path_reads_the_vocab_as_tokenizers_does(tmp_path):
     path.write_bytes(b"[PAD]\n\xff\n")
     with pytest.raises(ValueError, match="vocab.txt is not UTF-8"):
         read_vocab(path)
+
+
+def random_bytes(n: int, seed: int, nul: bool) -> bytes:
+    """Seeded random bytes, with or without NUL bytes."""
+    data = np.random.default_rng(seed).integers(0 if nul else 1, 256, n, dtype=np.uint8).tobytes()
+    return data
+
+
+def test_files_that_are_not_text_are_refused_before_anything_is_written(tmp_path, vocab):
+    """Random bytes around two good lines (the share of non-UTF-8 lines) and random bytes with NUL
+    bytes, or UTF-16 text (a NUL byte), are refused naming the file and the share, before a vocab
+    or a shard sees them: a fresh output stays empty, a prepared one untouched. A few bad lines
+    in a real file still pass and are counted; the limit is a setting."""
+    write_text(tmp_path / "good.txt", text_documents(60, seed=6))
+    junk = random_bytes(51_000, seed=1, nul=False)
+    (tmp_path / "mixed.txt").write_bytes(b"Alpha beta gamma.\n" + junk[:25_000] + b"\nDelta epsilon.\n" + junk[25_000:])
+    (tmp_path / "random.bin.txt").write_bytes(random_bytes(3_000, seed=2, nul=True))
+    (tmp_path / "utf16.txt").write_bytes("Alpha beta gamma.\nDelta epsilon.\n".encode("utf-16"))
+    good, mixed = tmp_path / "good.txt", tmp_path / "mixed.txt"
+
+    for out, given in ((tmp_path / "trained", None), (tmp_path / "given", vocab)):
+        with pytest.raises(NotTextError, match=r"mixed.txt is not UTF-8 text: 9\d\.\d% of its lines \(\d+ of \d+\) "
+                                               r"have bytes that are not UTF-8, more than max_non_utf8_share=0.1"):
+            prepare([good, mixed], out, vocab=given)
+        assert [p.name for p in out.iterdir()] == [".prepare.lock"], "nothing of it is written"
+    with pytest.raises(NotTextError, match=r"random.bin.txt is not text: it holds NUL bytes \(the first at byte \d+"):
+        prepare(tmp_path / "random.bin.txt", tmp_path / "out", vocab=vocab)
+    with pytest.raises(NotTextError, match=r"utf16.txt is not text: it holds NUL bytes \(the first at byte 3;"):
+        prepare(tmp_path / "utf16.txt", tmp_path / "out", vocab=vocab)
+
+    manifest = prepare(good, tmp_path / "prepared", vocab=vocab)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "prepared").iterdir()}
+    with pytest.raises(NotTextError, match="mixed.txt"):
+        prepare([good, mixed], tmp_path / "prepared", vocab=vocab)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "prepared").iterdir()} == before
+    assert PreparedCorpus(tmp_path / "prepared").manifest == manifest
+
+    # 2 bad lines in 10 (20%): refused by the default, passed (replaced and counted) by a limit of 0.2.
+    lines = [f"Sentence number {i} here." for i in range(10)]
+    lines[3], lines[7] = "Caf\xe9 au lait.", "Na\xefve line."
+    (tmp_path / "latin1.txt").write_bytes("\n".join(lines).encode("latin-1") + b"\n")
+    with pytest.raises(NotTextError, match=r"latin1.txt is not UTF-8 text: 20.0% of its lines \(2 of 10\)"):
+        prepare(tmp_path / "latin1.txt", tmp_path / "latin1", vocab=vocab)
+    manifest = prepare(tmp_path / "latin1.txt", tmp_path / "latin1", vocab=vocab,
+                       settings=PrepareSettings(max_non_utf8_share=0.2))
+    assert manifest["skipped"] == {"non_utf8_lines": 2} and manifest["totals"]["sentences"] == 10
+    with pytest.raises(ValueError, match=r"max_non_utf8_share must be a number in \[0, 1\], got 1.5"):
+        PrepareSettings(max_non_utf8_share=1.5)
+
+
+def test_command_line_refuses_random_bytes_and_logs_bad_lines_without_source_lines(tmp_path, vocab):
+    """`bert-fast data prepare` exits 1 naming a file of random bytes and the share; the warning
+    about a few bad lines is one log line naming the file, with no Python source line after it;
+    --max-non-utf8-share passes a file the default refuses."""
+    junk = random_bytes(3_000, seed=3, nul=False)
+    (tmp_path / "junk.txt").write_bytes(junk)
+    write_text(tmp_path / "a.txt", text_documents(30, seed=7))
+    messy = (tmp_path / "a.txt").read_bytes().replace(b"Alpha", b"Alph\xe4", 1)
+    assert messy != (tmp_path / "a.txt").read_bytes()
+    (tmp_path / "messy.txt").write_bytes(messy)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "bert_fast.data", "prepare", "--vocab", str(vocab),
+                               "--workers", "1", *args], capture_output=True, text=True, timeout=300)
+
+    refused = run("--input", str(tmp_path / "a.txt"), str(tmp_path / "junk.txt"), "--output", str(tmp_path / "o1"))
+    assert refused.returncode == 1, refused.stderr
+    assert re.search(r"^error: input file \S+junk.txt is not UTF-8 text: \d+\.\d% of its lines", refused.stderr, re.M)
+    assert "Traceback" not in refused.stderr and not (tmp_path / "o1" / "vocab.txt").exists()
+
+    done = run("--input", str(tmp_path / "messy.txt"), "--output", str(tmp_path / "o2"))
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "not UTF-8" in line]
+    assert warning == [f"WARNING bert_fast.data: {tmp_path / 'messy.txt'}: 1 line(s) had bytes that are not UTF-8; "
+                       "replaced by U+FFFD"], done.stderr
+    assert "prepare(" not in done.stderr and "Warning:" not in done.stderr, done.stderr
+
+    allowed = run("--input", str(tmp_path / "junk.txt"), "--output", str(tmp_path / "o3"), "--max-non-utf8-share", "1",
+                  "--min-sentences", "1")
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout.splitlines()[-1])["skipped"]["non_utf8_lines"] > 0
+
+
+def test_trained_vocab_honours_vocab_size_with_many_characters(tmp_path):
+    """An input with 700 distinct CJK characters: `tokenizers` kept 1000 characters (and `##`
+    forms) before any merge, so vocab_size=600 gave more than 600 words; now the vocab has at
+    most 600, keeps the most frequent characters and still has room for merged words."""
+    rng = np.random.default_rng(8)
+    chars = [chr(0x4E00 + i) for i in range(700)]
+    documents = [[" ".join(rng.choice(chars, 4)) + " " + s for s in doc] for doc in text_documents(200, seed=9)]
+    documents.append(["\u4e00 " * 50 + "Alpha.", "\u4e01 " * 40 + "Beta."])  # the two most frequent characters
+    write_text(tmp_path / "cjk.txt", documents)
+    manifest = prepare(tmp_path / "cjk.txt", tmp_path / "out", settings=PrepareSettings(vocab_size=600))
+    words = PreparedCorpus(tmp_path / "out").words
+    assert len(words) == manifest["vocab"]["size"] <= 600
+    assert "\u4e00" in words and "\u4e01" in words
+    assert {"alpha", "gamma", "tensor"} <= set(words), "room is left for merged words"
+
+
+def test_short_trained_vocab_is_logged_with_its_reason(tmp_path, caplog):
+    """An input too small for the vocab asked: the manifest records the request beside the size,
+    and prepare logs both with the reason, when it trains and when it finds the corpus prepared.
+    The reason holds: without the minimum pair frequency of 2 the trainer reaches the size."""
+    from tokenizers import BertWordPieceTokenizer
+
+    rng = np.random.default_rng(10)
+    once_each = [["".join(rng.choice(list("bcdfghjklmnpqrstvwxz"), 9)) + "." for _ in range(2)] for _ in range(20)]
+    documents = text_documents(100, seed=10) + once_each  # words seen once: their pairs are never merged
+    write_text(tmp_path / "a.txt", documents)
+    manifest = prepare(tmp_path / "a.txt", tmp_path / "out", settings=PrepareSettings(vocab_size=2000))
+    size = manifest["vocab"]["size"]
+    assert manifest["vocab"]["requested"] == 2000 and size < 2000
+    note = (f"the vocab trained on the input has {size} words, not the 2000 asked (vocab_size): training stops "
+            "when no pair of adjacent pieces occurs at least 2 times in the input")
+    assert note in caplog.text
+    caplog.clear()
+    assert prepare(tmp_path / "a.txt", tmp_path / "out", settings=PrepareSettings(vocab_size=2000)) == manifest
+    assert note in caplog.text
+
+    sentences = [s for doc in documents for s in doc]
+    once = BertWordPieceTokenizer(lowercase=True)
+    once.train_from_iterator(sentences, vocab_size=2000, min_frequency=1, show_progress=False,
+                             special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    assert once.get_vocab_size() > size
+
+    caplog.clear()
+    given = prepare(tmp_path / "a.txt", tmp_path / "given", vocab=tmp_path / "out" / "vocab.txt")
+    assert "requested" not in given["vocab"] and "vocab trained" not in caplog.text

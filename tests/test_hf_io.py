@@ -40,6 +40,10 @@ def test_export_reads_back_in_transformers(tmp_path):
     model = tiny_model()
     export_hf(model, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    # Readable as a plain write makes a file here (save_pretrained's 0644 under the usual umask).
+    (tmp_path / "plain").write_text("")
+    mode = (tmp_path / "plain").stat().st_mode & 0o777
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {mode}
     reference, info = transformers.BertForPreTraining.from_pretrained(
         str(tmp_path / "out"), output_loading_info=True, attn_implementation="eager")
     assert info["missing_keys"] == set() or not info["missing_keys"], info

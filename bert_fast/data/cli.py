@@ -21,6 +21,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-line-chars", type=int, default=PrepareSettings.max_line_chars)
     p.add_argument("--min-sentences", type=int, default=PrepareSettings.min_sentences)
     p.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as uncased BERT)")
+    p.add_argument("--max-non-utf8-share", type=float, default=PrepareSettings.max_non_utf8_share,
+                   help="refuse a file with a larger share of lines that are not UTF-8 (default "
+                        "%(default)s); a file with a NUL byte is always refused")
     p.add_argument("--workers", type=int, default=PrepareSettings.workers,
                    help="tokenizing processes (default 0: all cores); the output does not depend on it")
     p.set_defaults(run=_prepare)
@@ -29,7 +32,8 @@ def add_commands(sub) -> None:
 def _prepare(args) -> int:
     settings = PrepareSettings(shard_tokens=args.shard_tokens, max_line_chars=args.max_line_chars,
                                min_sentences=args.min_sentences, lowercase=not args.cased,
-                               vocab_size=args.vocab_size, workers=args.workers)
+                               vocab_size=args.vocab_size, workers=args.workers,
+                               max_non_utf8_share=args.max_non_utf8_share)
     manifest = prepare(args.input, args.output, vocab=args.vocab, fmt=args.format, settings=settings)
     print(json.dumps({"output": args.output, "shards": len(manifest["shards"]), **manifest["totals"],
                       "skipped": manifest["skipped"]}))

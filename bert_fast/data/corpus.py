@@ -123,12 +123,18 @@ def default_corpus(root: Path | None = None) -> Path:
     return path
 
 
+def prepared_folder(vocab_size: int = 8192, root: Path | None = None) -> Path:
+    """Where `default_prepared` keeps the embedded corpus prepared with this vocab size (whether
+    or not it is there yet)."""
+    return (root or cache_root()) / f"corpus-{corpus_key()}" / f"prepared-v{vocab_size}"
+
+
 def default_prepared(vocab_size: int = 8192, root: Path | None = None) -> Path:
     """The embedded corpus prepared (vocab trained on it, shards), cached next to corpus.txt.
     Shards of 32k tokens make several, so training can hold the last one out for evaluation."""
     from bert_fast.data.prepare import PrepareSettings, prepare
 
     text = default_corpus(root)
-    folder = text.parent / f"prepared-v{vocab_size}"
+    folder = prepared_folder(vocab_size, root)
     prepare([text], folder, settings=PrepareSettings(vocab_size=vocab_size, shard_tokens=1 << 15))
     return folder

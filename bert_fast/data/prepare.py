@@ -15,9 +15,10 @@ not depend on the number of workers, and memory is bounded by the chunk and shar
 corpus. A line longer than `max_line_chars` bytes is skipped without being held in memory.
 Skips are counted, logged, and recorded in the manifest: non-UTF-8 bytes (replaced by U+FFFD, with
 a warning naming the file), over-long lines, bad JSON lines, sentences with no tokens, documents
-with fewer than `min_sentences` sentences. Re-running with the same inputs and settings keeps
-every complete shard whose checksums hold and resumes after the last one; a finished corpus is
-left as it is.
+with fewer than `min_sentences` sentences. A file that is not text (a NUL byte, or more than
+`max_non_utf8_share` of its lines not UTF-8; textcheck.py) is refused before a vocab or a shard
+sees any of it. Re-running with the same inputs and settings keeps every complete shard whose
+checksums hold and resumes after the last one; a finished corpus is left as it is.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import warnings
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from bert_fast.data.corpus import split_sentences
+from bert_fast.data.hf_tokenizer import wordpiece
 from bert_fast.data.shards import (
     ARRAYS,
     FORMAT_VERSION,
@@ -49,6 +50,7 @@ from bert_fast.data.shards import (
     special_ids,
     token_dtype,
 )
+from bert_fast.data.textcheck import check_text, to_line_end
 from bert_fast.fileio import atomic_path, atomic_write_text, exclusive, sha256_file
 
 log = logging.getLogger("bert_fast.data")
@@ -66,6 +68,7 @@ class PrepareSettings:
     min_sentences: int = 2
     lowercase: bool = True
     vocab_size: int = 30522          # when a vocab is trained
+    max_non_utf8_share: float = 0.1  # a file with a larger share of lines that are not UTF-8 is refused
     batch_chars: int = 1 << 20       # bytes of input per chunk (a worker's unit of work)
     threads: int = 0                 # tokenizer threads per worker (0: all cores with 1 worker, else 1)
     workers: int = 0                 # processes (0: all cores); neither changes the output
@@ -79,6 +82,9 @@ class PrepareSettings:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        share = self.max_non_utf8_share
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"max_non_utf8_share must be a number in [0, 1], got {share!r}")
         if self.vocab_size < len(SPECIAL_TOKENS) + 100:
             raise ValueError(f"vocab_size must be >= {len(SPECIAL_TOKENS) + 100}, got {self.vocab_size}")
 
@@ -126,7 +132,7 @@ def _read_range(files, index: int, begin: int, stop: int, max_line_chars: int):
                 break
             start, offset = offset, offset + len(line)
             if len(line) > max_line_chars and not line.endswith(b"\n"):
-                _to_line_end(f, line)  # drop the rest without holding it
+                to_line_end(f, line)  # drop the rest without holding it
                 offset = f.tell()
                 long += 1
                 log.info("%s: skipped a line over %d bytes at byte %d", path, max_line_chars, start)
@@ -164,15 +170,6 @@ def _read_range(files, index: int, begin: int, stop: int, max_line_chars: int):
         yield None, None, (non_utf8, long, bad_json)
 
 
-def _to_line_end(f, line: bytes = b"") -> None:
-    """Reads on to the end of the line that `line` began (from the current position when empty),
-    1 MiB at a time, so an over-long line is never held in memory."""
-    while not line.endswith(b"\n"):
-        line = f.readline(1 << 20)
-        if not line:
-            return
-
-
 def _chunks(files, start: tuple[int, int], chunk_bytes: int, max_line_chars: int):
     """(file index, begin, stop) of consecutive pieces of the inputs from `start`: a piece ends at
     the first document boundary (after a blank line in text, after any line in JSONL, as
@@ -184,13 +181,13 @@ def _chunks(files, start: tuple[int, int], chunk_bytes: int, max_line_chars: int
         with open(path, "rb") as f:
             while begin < size:
                 f.seek(min(begin + chunk_bytes, size) - 1)
-                _to_line_end(f)
+                to_line_end(f)
                 while kind == "text":
                     line = f.readline(max_line_chars + 1)
                     if not line:
                         break
                     if len(line) > max_line_chars and not line.endswith(b"\n"):
-                        _to_line_end(f, line)
+                        to_line_end(f, line)
                     elif not line.decode("utf-8", errors="replace").strip():
                         break
                 stop = f.tell()
@@ -207,8 +204,10 @@ def read_documents(files, max_line_chars: int):
 
 
 def _output_settings(settings: PrepareSettings) -> dict:
-    """The settings that decide the output (threads, workers and chunk size do not)."""
-    return {k: v for k, v in asdict(settings).items() if k not in ("threads", "workers", "batch_chars")}
+    """The settings that decide the output (threads, workers and chunk size do not, nor the text
+    check, which only refuses inputs)."""
+    skip = ("threads", "workers", "batch_chars", "max_non_utf8_share")
+    return {k: v for k, v in asdict(settings).items() if k not in skip}
 
 
 def _fingerprint(files, settings: PrepareSettings, vocab_sha: str) -> str:
@@ -219,12 +218,28 @@ def _fingerprint(files, settings: PrepareSettings, vocab_sha: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+# A pair of pieces seen fewer times than this is never merged into a new word.
+MIN_FREQUENCY = 2
+
+
+def alphabet_limit(vocab_size: int) -> int:
+    """How many characters a trained vocab keeps (the most frequent; the others become [UNK]).
+    `tokenizers` puts every kept character and a `##` form of each into the vocab before any merge,
+    even past vocab_size (its default of 1000 characters gave 1427 words for vocab_size=1000 on
+    an input with many distinct characters): keep no more than leave room for both forms."""
+    return min(1000, (vocab_size - len(SPECIAL_TOKENS)) // 2)
+
+
 def _vocab_key(files, settings: PrepareSettings) -> str:
     """What a trained vocab depends on: the inputs and the settings `train_vocab` uses."""
     import hashlib
 
     stat = [(str(p), kind, p.stat().st_size, p.stat().st_mtime_ns) for p, kind in files]
-    text = json.dumps([stat, settings.vocab_size, settings.lowercase, settings.max_line_chars])
+    # The limit only where it is not the 1000 every vocab was trained with before it was set, so
+    # those vocabs (the cached embedded corpus's among them) are not trained again.
+    limit = alphabet_limit(settings.vocab_size)
+    text = json.dumps([stat, settings.vocab_size, settings.lowercase, settings.max_line_chars]
+                      + ([limit] if limit != 1000 else []))
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -237,13 +252,27 @@ def train_vocab(files, output: Path, settings: PrepareSettings) -> Path:
             yield from sentences
 
     tokenizer = BertWordPieceTokenizer(lowercase=settings.lowercase)
-    tokenizer.train_from_iterator(texts(), vocab_size=settings.vocab_size, min_frequency=2,
-                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+    limit = alphabet_limit(settings.vocab_size)
+    tokenizer.train_from_iterator(texts(), vocab_size=settings.vocab_size, min_frequency=MIN_FREQUENCY,
+                                  limit_alphabet=limit, special_tokens=list(SPECIAL_TOKENS),
+                                  show_progress=False)
+    words = [w for w, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+    if sum(len(w) == 1 for w in words) == limit:
+        log.info("the vocab keeps the input's %d most frequent characters (vocab_size=%d); any others "
+                 "become [UNK]", limit, settings.vocab_size)
     path = output / "vocab.txt"
     with atomic_path(path) as tmp:
-        words = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-        tmp.write_text("".join(w + "\n" for w, _ in words), encoding="utf-8")
+        tmp.write_text("".join(w + "\n" for w in words), encoding="utf-8")
     return path
+
+
+def short_vocab(asked: int | None, size: int) -> str | None:
+    """Why a trained vocab has fewer words than asked (None when it has them all, or was given)."""
+    if asked is None or size >= asked:
+        return None
+    return (f"the vocab trained on the input has {size} words, not the {asked} asked (vocab_size): "
+            f"training stops when no pair of adjacent pieces occurs at least {MIN_FREQUENCY} times in "
+            "the input, so this input is too small for more words; the model is sized to the vocab")
 
 
 class _Tokenizer:
@@ -251,12 +280,10 @@ class _Tokenizer:
     identical to `tokenizers` on ASCII, several times faster), the rest through `tokenizers`."""
 
     def __init__(self, vocab: Path, lowercase: bool, threads: int = 0):
-        from tokenizers import BertWordPieceTokenizer
-
         from bert_fast.data.builder import _data
 
         self.words = read_vocab(vocab)
-        self.tokenizer = BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
+        self.tokenizer = wordpiece(vocab, lowercase)
         unk = special_ids(self.words)["unk_id"]
         # `tokenizers` trims the end of every vocab line; the fast path must see the same words.
         trimmed = [w.rstrip() for w in self.words]
@@ -505,8 +532,32 @@ def prepare(inputs, output: str | Path, vocab: str | Path | None = None, fmt: st
     """Prepares `inputs` (files or folders) into `output`; returns the manifest (also written).
     One process at a time per output folder: the others wait, then find it prepared."""
     files = _input_files(inputs, fmt)  # bad inputs are refused before the output folder is made
+    settings = settings or PrepareSettings()
     with exclusive(Path(output) / ".prepare.lock"):
-        return _prepare(files, Path(output), vocab, settings or PrepareSettings())
+        manifest = _prepare(files, Path(output), vocab, settings)
+    trained = (Path(output) / "vocab.train.json").is_file()
+    note = short_vocab(settings.vocab_size if trained else None, manifest["vocab"]["size"])
+    if note:
+        log.warning("%s: %s", output, note)
+    return manifest
+
+
+def _check_texts(files, settings: PrepareSettings) -> None:
+    """Refuses the first input file that is not text (textcheck.py), before any is read for use."""
+    for path, _ in files:
+        check_text(path, settings.max_non_utf8_share, settings.max_line_chars)
+
+
+def _finished(output: Path, fingerprint: str) -> dict | None:
+    """The manifest of `output` when it is complete and prepared with this fingerprint."""
+    try:
+        manifest = json.loads((output / "manifest.json").read_text())
+    except (OSError, ValueError):  # absent, not ours, or damaged: prepared again
+        return None
+    if (isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint
+            and len(_complete_shards(output, fingerprint)) == len(manifest["shards"])):
+        return manifest
+    return None
 
 
 def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSettings) -> dict:
@@ -514,33 +565,33 @@ def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSet
     vocab_file = output / "vocab.txt"
     trained = output / "vocab.train.json"  # what a trained vocab.txt was trained from
     if vocab is not None:
-        words = read_vocab(Path(vocab))
-        if not vocab_file.is_file() or sha256_file(vocab_file) != sha256_file(Path(vocab)):
-            with atomic_path(vocab_file) as tmp:
-                shutil.copyfile(vocab, tmp)
-        trained.unlink(missing_ok=True)
+        read_vocab(Path(vocab))
+        new_vocab = not vocab_file.is_file() or sha256_file(vocab_file) != sha256_file(Path(vocab))
     else:
         # A vocab trained on other inputs or with another vocab_size/lowercase is trained again.
         key = _vocab_key(files, settings)
-        if not vocab_file.is_file() or (trained.is_file() and trained.read_text() != key):
-            trained.unlink(missing_ok=True)
-            train_vocab(files, output, settings)
-            atomic_write_text(trained, key)
+        new_vocab = not vocab_file.is_file() or (trained.is_file() and trained.read_text() != key)
+    if not new_vocab:
+        manifest = _finished(output, _fingerprint(files, settings, sha256_file(vocab_file)))
+        if manifest is not None:
+            log.info("%s is already prepared from these inputs; nothing to do", output)
+            return manifest
+    # Before a vocab or a shard sees any input, and before anything in `output` is replaced.
+    _check_texts(files, settings)
+    if vocab is not None:
+        if new_vocab:
+            with atomic_path(vocab_file) as tmp:
+                shutil.copyfile(vocab, tmp)
+        trained.unlink(missing_ok=True)
+    elif new_vocab:
+        trained.unlink(missing_ok=True)
+        train_vocab(files, output, settings)
+        atomic_write_text(trained, key)
     words = read_vocab(vocab_file)
     vocab_sha = sha256_file(vocab_file)
     fingerprint = _fingerprint(files, settings, vocab_sha)
-
     manifest_path = output / "manifest.json"
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError:  # not ours, or damaged: prepared again below
-            manifest = {}
-        if (isinstance(manifest, dict) and manifest.get("fingerprint") == fingerprint
-                and len(_complete_shards(output, fingerprint)) == len(manifest["shards"])):
-            log.info("%s is already prepared from these inputs; nothing to do", output)
-            return manifest
-        manifest_path.unlink()
+    manifest_path.unlink(missing_ok=True)
 
     records = _complete_shards(output, fingerprint)
     if not records:  # a fresh start: old shards of other inputs or settings must not linger
@@ -560,8 +611,8 @@ def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSet
             writer.add(part, tail)
             non_utf8[index] += replaced
             if stop == files[index][0].stat().st_size and non_utf8[index]:
-                warnings.warn(f"{files[index][0]}: {non_utf8[index]} line(s) had bytes that are not UTF-8; "
-                              "replaced by U+FFFD", stacklevel=2)
+                log.warning("%s: %d line(s) had bytes that are not UTF-8; replaced by U+FFFD",
+                            files[index][0], non_utf8[index])
     writer.flush()
     records = _complete_shards(output, fingerprint)
     totals = Counter(records[-1]["totals"]) if records else Counter()
@@ -578,7 +629,8 @@ def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSet
         "fingerprint": fingerprint,
         "inputs": [{"file": str(p), "format": kind, "bytes": p.stat().st_size} for p, kind in files],
         "settings": _output_settings(settings),
-        "vocab": {"file": vocab_file.name, "sha256": vocab_sha, "size": len(words), **special_ids(words)},
+        "vocab": {"file": vocab_file.name, "sha256": vocab_sha, "size": len(words), **special_ids(words),
+                  **({"requested": settings.vocab_size} if trained.is_file() else {})},
         "token_dtype": str(token_dtype(len(words))),
         "totals": {k: totals[k] for k in ("documents", "sentences", "tokens", "bytes")},
         "skipped": skipped,
