@@ -11,6 +11,9 @@ provider trains with dropout 0.1 in bf16 weights (the model is cast, as DeepSpee
 and the same optimizer: our FusedLAMB with float32 master weights and clipping at 1.0 where the
 extension is built, otherwise torch's AdamW (the row's `optimizer` says which).
 
+`fast` takes the default attention (`model.attention_impl: auto`, bert_fast.ops.attention_impl);
+`fast_triton_attention` the same step with our Triton attention (kernels/attention.py) in it.
+
 Columns: seq/s and tokens/s (real tokens: here every token), TFLOP/s from `step_flops` (model
 FLOPs, recomputation not counted) and MFU against the device's measured dense bf16 matmul rate
 (bench/harness.py `matmul_tflops`, 8192^3; the trainer's logs use the datasheet peak).
@@ -71,7 +74,7 @@ def optimizer_name(device: torch.device) -> str:
     return "FusedLAMB" if extension.available(device) else "torch AdamW"
 
 
-def _ours(backend: str):
+def _ours(backend: str, attention_impl: str = "auto"):
     def build(case, inputs):
         device = inputs["input_ids"].device
         if backend == "fast" and device.type != "cuda":
@@ -79,7 +82,8 @@ def _ours(backend: str):
         # `auto` on CUDA is the fast backend, and still runs the Triton kernels (with one warning)
         # where the C++/CUDA extension is not built.
         config = BertConfig.from_preset(case["model"], vocab_size=VOCAB,
-                                        backend="auto" if backend == "fast" else backend)
+                                        backend="auto" if backend == "fast" else backend,
+                                        attention_impl=attention_impl)
         model = BertForPreTraining(config).to(device=device, dtype=inputs["dtype"]).train()
         optimizer = make_optimizer(model, device)
         batch = {k: inputs[k] for k in ("input_ids", "token_type_ids", "attention_mask", "mlm_labels",
@@ -142,7 +146,8 @@ bench = Benchmark(
     name="e2e",
     make_inputs=make_inputs,
     providers={"hf": training_step(_hf), "torch": training_step(_ours("torch")),
-               "fast": training_step(_ours("fast"))},
+               "fast": training_step(_ours("fast")),
+               "fast_triton_attention": training_step(_ours("fast", "triton"))},
     # The headline (BERT-large, seq 128) first: a run cut short by its time limit keeps it.
     gpu_cases=[dict(model="large", seq=128, batch=128), dict(model="large", seq=512, batch=32),
                dict(model="base", seq=128, batch=256), dict(model="base", seq=512, batch=64)],

@@ -56,3 +56,19 @@ def test_every_candidate_meets_the_static_targets(fresh):
                 assert ours <= 1.5 * without, (name, row["mma_loops"], twin["mma_loops"])
             if row["kernel"] == "fwd":
                 assert row["registers"] <= 168, name
+
+
+def test_regenerating_the_mask_beats_storing_it(monkeypatch):
+    # bench/attention_dropout_variants.py: the backward draws the mask again (kernels/dropout.py)
+    # rather than reading one bit per score that the forward stored. It must stay the cheaper way
+    # in instructions per score element and in GEMMs, or the choice must be revisited.
+    import sys
+
+    monkeypatch.syspath_prepend(str(REPORT.parents[2]))
+    sys.modules.pop("attention_dropout_variants", None)
+    from attention_dropout_variants import report
+
+    rows = report()
+    totals = {v: sum(r["instructions_per_score"] for r in rows if r["variant"] == v) for v in ("stored", "regenerate")}
+    gemms = {v: sum(r["gemms"] for r in rows if r["variant"] == v) for v in ("stored", "regenerate")}
+    assert totals["regenerate"] < totals["stored"] and gemms["regenerate"] < gemms["stored"], (totals, gemms)

@@ -1,6 +1,8 @@
 """The Triton attention on a GPU: bf16/fp16 at BERT shapes against float64 (three-way), dropout
-with the kernel's own mask, bitwise determinism, torch.compile of the registered op, and the
-encoder's unpadded fast path against its padded torch path."""
+with the kernel's own mask (drawn by kernels/dropout.py's plain-Triton path, so the kernels'
+inline-PTX apply is checked against it), bitwise determinism (the backward's single-writer dQ
+red.add included), torch.compile of the registered op, torch's varlen flash attention as the
+alternative implementation, and the encoder's unpadded fast path against its padded torch path."""
 
 import math
 
@@ -88,7 +90,64 @@ def test_opcheck_of_the_registered_op():
     q, k, v = (t.contiguous().requires_grad_() for t in qkv.to(torch.bfloat16).unbind(1))
     seed = torch.tensor([11], device="cuda")
     torch.library.opcheck(torch.ops.bert_fast.attention_varlen_fwd.default,
-                          (q, k, v, cu, seed, 100, 0.125, 0.1))
+                          (q, k, v, cu, seed, 100, 3, 0.125, 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_inline_ptx_apply_equals_the_plain_decision(dtype):
+    import triton
+    import triton.language as tl
+
+    from bert_fast.kernels import dropout
+
+    @triton.jit
+    def apply_kernel(X, Flags, Byte, Y, PLAIN: tl.constexpr):
+        offs = tl.arange(0, 64)[:, None] * 64 + tl.arange(0, 64)[None, :]
+        x, flags, byte = tl.load(X + offs), tl.load(Flags + offs).to(tl.uint32), tl.load(Byte + offs)
+        y = tl.where(dropout.kept(flags, byte), x, tl.zeros_like(x)) if PLAIN else dropout.apply(x, flags, byte)
+        tl.store(Y + offs, y)
+
+    x = torch.randn(64, 64, device="cuda").to(dtype)
+    flags = torch.randint(-2**31, 2**31, (64, 64), dtype=torch.int64, device="cuda").to(torch.int32)
+    byte = torch.randint(0, 4, (64, 64), dtype=torch.int32, device="cuda")
+    ptx, plain = torch.empty_like(x), torch.empty_like(x)
+    apply_kernel[(1,)](x, flags, byte, ptx, PLAIN=False)
+    apply_kernel[(1,)](x, flags, byte, plain, PLAIN=True)
+    assert torch.equal(ptx, plain) and 0 < (plain == 0).sum() < plain.numel()
+
+
+def test_qkv_packed_gradient_is_one_buffer_equal_to_separate_ones():
+    from bert_fast.kernels.attention import attention_varlen_qkvpacked
+
+    lengths = random_lengths(8, 512, seed=9)
+    cu, qkv = make(lengths, 12, 64, torch.bfloat16)
+    grad = torch.randn(sum(lengths), 12, 64, device="cuda", dtype=torch.bfloat16)
+    seed = torch.tensor([3], device="cuda")
+    packed = qkv.to(torch.bfloat16).requires_grad_()
+    out = attention_varlen_qkvpacked(packed, cu, 512, dropout_p=0.1, seed=seed, site=2)
+    out.backward(grad)
+    separate, dseparate = run(qkv, torch.bfloat16, cu, 512, grad, attention_varlen, dropout_p=0.1, seed=seed,
+                              site=2)
+    assert torch.equal(out, separate) and torch.equal(packed.grad, dseparate)
+
+
+@pytest.mark.parametrize("seq", [128, 512])
+def test_torch_flash_matches_float64(seq):
+    from bert_fast import torch_flash
+
+    lengths = random_lengths(8, seq, seed=seq)
+    cu, qkv = make(lengths, 12, 64, torch.bfloat16)
+    grad = torch.randn(sum(lengths), 12, 64, device="cuda")
+
+    def flash(q, k, v, cu_seqlens, max_seqlen):
+        return torch_flash.attention_varlen(q, k, v, cu_seqlens, max_seqlen)
+
+    out, dqkv = run(qkv, torch.bfloat16, cu, seq, grad, flash)
+    out64, dqkv64 = run(qkv, torch.float64, cu, seq, grad, reference)
+    eager, deager = run(qkv, torch.bfloat16, cu, seq, grad, reference)
+    assert_three_way("out", out, eager, out64, torch.bfloat16)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        assert_three_way(name, dqkv[:, i], deager[:, i], dqkv64[:, i], torch.bfloat16)
 
 
 def test_torch_compile_of_the_registered_op():
@@ -111,6 +170,7 @@ def test_torch_compile_of_the_registered_op():
 
 
 def test_encoder_fast_path_matches_torch_path():
+    # float32: "auto" runs the Triton kernel (torch's flash attention takes 16-bit inputs only).
     values = dict(vocab_size=500, max_position_embeddings=128, hidden_dropout_prob=0.0,
                   attention_probs_dropout_prob=0.0)
     # "auto" is the fast path on CUDA (the Triton kernels) without requiring bert_fast._C, which
