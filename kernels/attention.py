@@ -176,7 +176,7 @@ def _forward(q, k, v, cu_seqlens, seed, max_seqlen: int, site: int, softmax_scal
     threshold = dropout.keep_threshold(dropout_p)
 
     def grid(meta):
-        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)
+        return (-(-max_seqlen // meta["BLOCK_M"]), batch * heads)
 
     _launch(_attn_fwd, grid, traced)(
         q, k, v, out, lse, cu_seqlens, seed,
@@ -199,7 +199,7 @@ def _backward(dout, q, k, v, out, lse, cu_seqlens, seed, max_seqlen: int, site: 
         dout = dout.contiguous()
     delta = torch.empty_like(lse)
     block_t = 64 if not _INTERPRET else 16
-    _launch(_attn_bwd_preprocess_kernel, (triton.cdiv(total, block_t), heads), traced)(
+    _launch(_attn_bwd_preprocess_kernel, (-(-total // block_t), heads), traced)(
         out, dout, delta, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         delta.stride(0), total, HEAD_DIM=head_dim, BLOCK_T=block_t)
     threshold = dropout.keep_threshold(dropout_p)
