@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from bert_fast.fileio import atomic_path, atomic_write_text, sha256_file
+from bert_fast.train.partitions import zero_padding
 
 MANIFEST = "bert_fast.json"
 FORMAT = 1
@@ -165,9 +166,12 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     _barrier()
+    zero_padding(engine)  # so the same state always saves as the same bytes
     engine.save_checkpoint(str(root / PARTIAL), tag=tag, client_state={}, save_latest=False)
-    with atomic_path(staging / f"rng_rank{rank:05d}.pt") as tmp:
-        torch.save(rng, tmp)
+    # Through a file object: given a path, torch.save names the archive's records after the file,
+    # here a random temporary name, and the same state saved twice differed.
+    with atomic_path(staging / f"rng_rank{rank:05d}.pt") as tmp, open(tmp, "wb") as f:
+        torch.save(rng, f)
     for f in staging.iterdir():  # each rank makes its own DeepSpeed files durable
         if f.is_file() and (rank == 0 or f"_pp_rank_{rank}_" in f.name):
             _fsync(f)
@@ -302,6 +306,7 @@ def load(engine, path: str | Path, load_optimizer: bool = True) -> dict:
     saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
     if not load_optimizer:
         _load_weights(engine, model_state_dict(path))
+        zero_padding(engine)
         return meta["client_state"]
     if saved_world != world and _optimizer_partitioned(meta):
         raise CheckpointError(
@@ -315,6 +320,7 @@ def load(engine, path: str | Path, load_optimizer: bool = True) -> dict:
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load it")
+    zero_padding(engine)  # a checkpoint saved before padding was zeroed holds stale memory there
     if saved_world == world:
         _set_rng_state(torch.load(path / f"rng_rank{_rank():05d}.pt", weights_only=True))
     else:

@@ -21,6 +21,7 @@ import torch
 from bert_fast.model import BertForPreTraining, zero3_external_parameters
 from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
 from bert_fast.train import schedule
+from bert_fast.train.partitions import zero_padding
 
 
 def free_port() -> int:
@@ -101,6 +102,7 @@ def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
     np.random.seed(seed)
     torch.manual_seed(seed)
     engine, *_ = zero_lamb.initialize(model, optimizer, ds_config)
+    zero_padding(engine)
     # Built on our optimizer once DeepSpeed has wrapped it (its param groups carry the lr under
     # every wrapper); the engine steps it at accumulation boundaries and checkpoints it.
     lr_scheduler = engine.lr_scheduler = schedule.scheduler(optimizer, config)
