@@ -143,7 +143,8 @@ class Reporter:
         if kind == "train":
             self.bar.set_postfix(loss=_fmt(record["loss"], ".3f"), mlm_acc=_fmt(record["mlm_acc"], ".3f"),
                                  seq_s=_fmt(record["seq_per_s"], ".0f"))
-        tqdm.write(json.dumps(record), file=self.stream)
+        if kind != "ranks":  # the ranks' parameter checksums; a disagreement stops the run, saying so
+            tqdm.write(json.dumps(_rounded(record)), file=self.stream)
 
     def close(self) -> None:
         """Idempotent."""
@@ -152,6 +153,11 @@ class Reporter:
                 item.close()
         self.bar = self.jsonl = self.tb = None
         self.rank = -1  # nothing more is written
+
+
+def _rounded(record: dict) -> dict:
+    """For the terminal: 4 significant digits (metrics.jsonl keeps every digit)."""
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in record.items()}
 
 
 def _fmt(value, spec: str) -> str:
