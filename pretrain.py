@@ -18,14 +18,24 @@ import os
 import sys
 
 from bert_fast.train.checkpoint import CheckpointError
-from bert_fast.train.config import load_config
+from bert_fast.train.config import dump_config, load_config
 from bert_fast.train.engine import shutdown
 from bert_fast.train.loop import TrainingStopped, train
 
+SETTINGS = """\
+settings: a recipe (--config) sets keys in sections (model, data, train, optimizer, schedule,
+precision, zero, checkpoint, eval, log, export); `section.key=value` overrides any of them.
+--print-config prints the resolved recipe, every section and key; their defaults, with comments,
+are DEFAULTS in bert_fast/train/config.py; `model` takes `preset` and any field of BertConfig
+(bert_fast/config.py). README.md, section Training, describes them."""
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=SETTINGS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe under configs/")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved recipe (the config and overrides) as YAML and exit")
     parser.add_argument("--resume", default=None,
                         help="'auto' (the newest valid checkpoint of the run, if any) or a checkpoint folder")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
@@ -38,6 +48,9 @@ def main(argv=None) -> int:
         config = load_config(args.config, args.overrides)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
+    if args.print_config:
+        print(dump_config(config), end="", flush=True)
+        return 0
     try:
         records = train(config, resume=args.resume, deepspeed_config_path=args.deepspeed_config)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
