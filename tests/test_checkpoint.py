@@ -266,6 +266,8 @@ def _worker(rank, r, out):
     z2_path = ckpt.save(z2, os.path.join(out, "z2"), 5, {**state, "step": 5}, keep=0)
     r["z2_consolidated_vs_live"] = _max_diff(ckpt.model_state_dict(z2_path).values(), _full_params(z2).values())
 
+    _claim_on_two_ranks(rank, r, out, again)
+
     moved = os.path.join(out, "moved", "step_00000003")  # pretend it was saved by 4 ranks
     if rank == 0:
         shutil.copytree(path, moved)
@@ -277,6 +279,24 @@ def _worker(rank, r, out):
         r["world_refusal"] = None
     except CheckpointError as err:
         r["world_refusal"] = str(err)
+
+
+def _claim_on_two_ranks(rank, r, out, saved):
+    """An output folder holding an earlier run: both ranks get rank 0's refusal; with --overwrite
+    rank 0 alone moves it, once, and both learn where it went."""
+    from bert_fast.train.output import claim
+
+    run = os.path.join(out, "run")
+    if rank == 0:  # before its claim, which the other rank waits for
+        shutil.copytree(saved, os.path.join(run, "checkpoints", os.path.basename(saved)))
+    try:
+        claim(run, os.path.join(run, "checkpoints"), None, False)
+        r["claim_refusal"] = None
+    except ValueError as err:
+        r["claim_refusal"] = str(err)
+    r["claim_moves"] = [[str(a), str(b)] for a, b in claim(run, os.path.join(run, "checkpoints"), None, True)]
+    torch.distributed.barrier()
+    r["claim_after"] = sorted(n for n in os.listdir(out) if n.startswith("run"))
 
 
 _RUN = {}
@@ -331,6 +351,18 @@ def test_zero3_padding_is_saved_and_loaded_as_zeros(zero_run):
     for r in zero_run[1]:
         assert r["same_bytes"], r
         assert r["padding_after_load"] == 0 and r["padding_after_next_step"] == 0, r
+
+
+@pytest.mark.slow
+def test_output_folder_is_claimed_by_rank_0_for_every_rank(zero_run):
+    out, results = zero_run
+    refusals = [r["claim_refusal"] for r in results]
+    assert refusals[0] and refusals[0] == refusals[1] and f"{out / 'run'} holds an earlier run" in refusals[0]
+    assert results[0]["claim_moves"] == results[1]["claim_moves"] and len(results[0]["claim_moves"]) == 1
+    aside = results[0]["claim_moves"][0][1]
+    for r in results:
+        assert r["claim_after"] == [os.path.basename(aside)], r  # moved once, nothing left behind
+    assert (out / aside / "checkpoints" / "step_00000003" / ckpt.MANIFEST).is_file()
 
 
 @pytest.mark.slow

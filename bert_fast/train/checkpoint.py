@@ -115,7 +115,7 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every step_XXXXXXXX folder under root, oldest first (valid or not)."""
     if not root.is_dir():
         return []
@@ -219,7 +219,7 @@ def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int) -> No
     shutil.rmtree(replaced, ignore_errors=True)
     atomic_write_text(root / "latest", final.name)
     if keep:
-        for _, old in _checkpoints(root)[:-keep]:
+        for _, old in checkpoints(root)[:-keep]:
             if old != final:
                 (old / MANIFEST).unlink(missing_ok=True)  # invalid from here on, then delete
                 shutil.rmtree(old, ignore_errors=True)
@@ -267,7 +267,7 @@ def resolve_resume(root: str | Path, resume: str) -> Path | None:
     """'auto': the newest valid checkpoint under root (invalid ones skipped with a warning), or
     None if there is none. Anything else: a checkpoint folder that must be valid."""
     if resume == "auto":
-        for _, path in reversed(_checkpoints(Path(root))):
+        for _, path in reversed(checkpoints(Path(root))):
             try:
                 validate(path)
                 return path

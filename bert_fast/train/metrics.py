@@ -112,7 +112,7 @@ class Reporter:
     """Progress bar, JSONL and TensorBoard on rank 0; silent elsewhere."""
 
     def __init__(self, output_dir: Path, rank: int, total_steps: int, start_step: int,
-                 tensorboard: bool, stream=None):
+                 tensorboard: bool, stream=None, resumed: bool = False):
         self.rank, self.stream = rank, stream
         self.bar = self.jsonl = self.tb = None
         if rank != 0:
@@ -122,7 +122,10 @@ class Reporter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            # A resumed run hides the events the run logged after its checkpoint, as metrics.jsonl
+            # drops those records: they are logged again.
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"),
+                                    purge_step=start_step + 1 if resumed else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                         dynamic_ncols=True, mininterval=1.0, file=stream)
 
