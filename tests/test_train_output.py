@@ -104,6 +104,17 @@ def test_a_separate_checkpoint_folder_is_checked_and_moved_too(tmp_path):
     assert checkpoint.checkpoints(moves[0][1])
 
 
+@pytest.mark.parametrize("checkpoint_dir", ["run", "run/checkpoints", "run/deeper/ckpt", "."])
+def test_overwrite_renames_each_folder_once(tmp_path, checkpoint_dir):
+    """checkpoint.dir inside train.output_dir, the same folder, or the one holding it."""
+    output = tmp_path / "runs" / "run"
+    root = tmp_path / "runs" / checkpoint_dir
+    _run(output, root)
+    moves = claim(output, root, None, True)
+    assert len(moves) == 1 and moves[0][0] == (tmp_path / "runs" if checkpoint_dir == "." else output)
+    assert checkpoint.checkpoints(moves[0][1] / root.relative_to(moves[0][0]))
+
+
 def test_resume_continues_and_overwrite_keeps_what_the_run_still_reads(tmp_path, monkeypatch):
     output = tmp_path / "run"
     _run(output)

@@ -66,8 +66,10 @@ def _claim(output: Path, root: Path, overwrite: bool, keep_out: dict[str, str]) 
         return []
     if not overwrite:
         raise ValueError(_refusal(output, root, found))
-    folders = [f for f in (output, root) if any(_inside(p, f) for p in found)]
-    folders = [f for f in folders if not any(o != f and _inside(f, o) for o in folders)]
+    folders: list[Path] = []  # the outermost folders holding what was found: one rename each
+    for folder in (output, root):
+        if any(_inside(p, folder) for p in found) and not any(_inside(folder, f) for f in folders):
+            folders = [f for f in folders if not _inside(f, folder)] + [folder]
     for folder in folders:
         if _inside(Path.cwd(), folder):
             raise ValueError(f"--overwrite would move {folder}, which holds the working directory; "
