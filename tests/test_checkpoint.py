@@ -105,6 +105,29 @@ def test_keep_prunes_oldest_and_resave_replaces(tmp_path):
         ckpt.save(None, tmp_path, 4, {}, keep=-1)
 
 
+def test_each_rank_makes_only_its_own_files_durable(tmp_path, monkeypatch):
+    """Rank 0 fsynced every file of the folder, so it once opened rank 1's RNG file by its
+    temporary name as rank 1 renamed it (FileNotFoundError). Here a world of one saves while the
+    folder also holds rank 1's partition and its RNG file mid-write: neither is touched."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    synced = []
+    monkeypatch.setattr(ckpt, "_fsync", lambda path: synced.append(path.name) if path.is_file() else None)
+
+    class Engine:  # writes what DeepSpeed's ZeRO-3 writes on rank 0; rank 1 writes beside it
+        optimizer = None
+
+        def zero_optimization_stage(self):
+            return 3
+
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                         "zero_pp_rank_1_mp_rank_00_optim_states.pt", ".rng_rank00001.pt.k2x9.tmp"):
+                (tmp_path / ckpt.PARTIAL / tag / name).write_bytes(b"x")
+
+    ckpt.save(Engine(), tmp_path, 1, {"step": 1}, keep=0)
+    assert sorted(synced) == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+
+
 def test_rng_state_round_trip(tmp_path):
     import random
 

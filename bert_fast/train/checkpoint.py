@@ -44,6 +44,7 @@ FORMAT = 1
 HASH_LIMIT = 64 << 20  # bytes; larger files (big optimizer partitions) are checked by size only
 PARTIAL = ".partial"
 _TAG = re.compile(r"^step_(\d{8,})$")
+_RANK_FILE = re.compile(r"_pp_rank_(\d+)_")
 
 
 class CheckpointError(Exception):
@@ -172,9 +173,8 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     # here a random temporary name, and the same state saved twice differed.
     with atomic_path(staging / f"rng_rank{rank:05d}.pt") as tmp, open(tmp, "wb") as f:
         torch.save(rng, f)
-    for f in staging.iterdir():  # each rank makes its own DeepSpeed files durable
-        if f.is_file() and (rank == 0 or f"_pp_rank_{rank}_" in f.name):
-            _fsync(f)
+    for f in _deepspeed_files(staging, rank):
+        _fsync(f)
     _barrier()
     error = None
     if rank == 0:
@@ -191,6 +191,22 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     if error is not None:
         raise CheckpointError(f"{final}: saving failed on rank 0: {error}")
     return final
+
+
+def _deepspeed_files(staging: Path, rank: int) -> list[Path]:
+    """The files DeepSpeed wrote into `staging` for `rank`, which it makes durable itself: its ZeRO
+    partitions (`*_pp_rank_<rank>_*`) and, on rank 0, those of no rank (stage 0-2 model states).
+    Never another rank's, which may still be written or renamed: rank 0 once opened rank 1's RNG
+    file by its temporary name as rank 1 renamed it (FileNotFoundError, 1 run of the checkpoint
+    tests in 20). The RNG files are made durable by atomic_path."""
+    files = []
+    for f in staging.iterdir():
+        if f.name.startswith((".", "rng_rank")) or not f.is_file():
+            continue
+        owner = _RANK_FILE.search(f.name)
+        if (int(owner.group(1)) if owner else 0) == rank:
+            files.append(f)
+    return files
 
 
 def _deepspeed_version() -> str:
