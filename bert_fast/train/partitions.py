@@ -8,7 +8,8 @@ master copy (`fp32_partitioned_groups_flat`), which the optimizer steps and ever
 with the optimizer's moments. The padding held whatever the memory held before: two saves of the
 same state differed, and a resumed run's state compared as NaN whenever that memory held a NaN or
 an inf (issue 16). `zero_padding` zeroes it in all of them; the gradients there are zero (DeepSpeed
-reduces into a zeroed buffer), so AdamW and LAMB keep it zero.
+reduces into a zeroed buffer), so AdamW and LAMB keep it zero. ZeRO 1/2 and BF16_Optimizer pad
+their flat groups with torch.zeros themselves.
 """
 
 from __future__ import annotations
