@@ -18,28 +18,47 @@ import os
 import sys
 
 from bert_fast.train.checkpoint import CheckpointError
-from bert_fast.train.config import load_config
+from bert_fast.train.config import dump_config, load_config
 from bert_fast.train.engine import shutdown
 from bert_fast.train.loop import TrainingStopped, train
 
+SETTINGS = """\
+settings: a recipe (--config) sets keys in sections (model, data, train, optimizer, schedule,
+precision, zero, checkpoint, eval, log, export); `section.key=value` overrides any of them.
+--print-config prints the resolved recipe, every section and key; their defaults, with comments,
+are DEFAULTS in bert_fast/train/config.py; `model` takes `preset` and any field of BertConfig
+(bert_fast/config.py). README.md, section Training, describes them."""
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=SETTINGS,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe under configs/")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved recipe (the config and overrides) as YAML and exit")
     parser.add_argument("--resume", default=None,
                         help="'auto' (the newest valid checkpoint of the run, if any) or a checkpoint folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in a train.output_dir that holds an earlier one, moving that "
+                             "one aside to <output_dir>.old-<time> (nothing is deleted)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", default=None,
                         help="a DeepSpeed JSON merged into the generated one")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the DeepSpeed launcher (LOCAL_RANK is read from the environment)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=50")
     args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--overwrite starts a new run and --resume continues one: choose one")
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
+    if args.print_config:
+        print(dump_config(config), end="", flush=True)
+        return 0
     try:
-        records = train(config, resume=args.resume, deepspeed_config_path=args.deepspeed_config)
+        outcome = train(config, resume=args.resume, deepspeed_config_path=args.deepspeed_config,
+                        overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"pretrain.py: error: {err}", file=sys.stderr)
         return 2
@@ -48,12 +67,28 @@ def main(argv=None) -> int:
         return 1
     finally:
         shutdown()
-    if records:
-        first, last = records[0], records[-1]
-        print(f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
-              f"MLM accuracy {first['mlm_acc']:.3f} -> {last['mlm_acc']:.3f}, "
-              f"NSP accuracy {first['nsp_acc']:.3f} -> {last['nsp_acc']:.3f}", flush=True)
+    if outcome.records:
+        print(done_report(outcome), flush=True)
     return 0
+
+
+def done_report(outcome) -> str:
+    """What the run did and where its results are, for the person who started it."""
+    first, last = outcome.records[0], outcome.records[-1]
+    saved = outcome.checkpoint
+    if outcome.export is not None:
+        export = str(outcome.export)
+    elif saved is not None:
+        export = f"none (set export.hf_dir, or run: python -m bert_fast.export {saved} <folder>)"
+    else:
+        export = "none"
+    return (f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
+            f"MLM accuracy {first['mlm_acc']:.3f} -> {last['mlm_acc']:.3f}, "
+            f"NSP accuracy {first['nsp_acc']:.3f} -> {last['nsp_acc']:.3f}\n"
+            f"  output folder:   {outcome.output_dir} (metrics.jsonl, config.yaml"
+            f"{', tensorboard' if (outcome.output_dir / 'tensorboard').is_dir() else ''})\n"
+            f"  last checkpoint: {saved or 'none'}\n"
+            f"  export:          {export}")
 
 
 def end_process(code: int) -> None:

@@ -105,6 +105,29 @@ def test_keep_prunes_oldest_and_resave_replaces(tmp_path):
         ckpt.save(None, tmp_path, 4, {}, keep=-1)
 
 
+def test_each_rank_makes_only_its_own_files_durable(tmp_path, monkeypatch):
+    """Rank 0 fsynced every file of the folder, so it once opened rank 1's RNG file by its
+    temporary name as rank 1 renamed it (FileNotFoundError). Here a world of one saves while the
+    folder also holds rank 1's partition and its RNG file mid-write: neither is touched."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed")
+    synced = []
+    monkeypatch.setattr(ckpt, "_fsync", lambda path: synced.append(path.name) if path.is_file() else None)
+
+    class Engine:  # writes what DeepSpeed's ZeRO-3 writes on rank 0; rank 1 writes beside it
+        optimizer = None
+
+        def zero_optimization_stage(self):
+            return 3
+
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                         "zero_pp_rank_1_mp_rank_00_optim_states.pt", ".rng_rank00001.pt.k2x9.tmp"):
+                (tmp_path / ckpt.PARTIAL / tag / name).write_bytes(b"x")
+
+    ckpt.save(Engine(), tmp_path, 1, {"step": 1}, keep=0)
+    assert sorted(synced) == ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+
+
 def test_rng_state_round_trip(tmp_path):
     import random
 
@@ -175,6 +198,34 @@ def _optimizer_tensors(engine):
     return tensors
 
 
+def _padding(engine) -> list[torch.Tensor]:
+    """Views of every padding element of this rank's ZeRO-3 flat partitions, found from DeepSpeed's
+    parameters (each holds ceil(numel / world) elements per rank, so the last rank's partition of
+    a tensor of odd size ends in padding): the 16-bit copy, the fp32 masters and Adam's moments."""
+    opt, rank = engine.optimizer, torch.distributed.get_rank()
+    views = []
+    for params, master, low in zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat, opt.fp16_partitioned_groups_flat):
+        moments = [t for t in opt.optimizer.state.get(master, {}).values() if torch.is_tensor(t) and t.shape == master.shape]
+        offset = 0
+        for p in params:
+            width = p.partition_numel()
+            held = min(width, max(0, p.ds_numel - rank * width))
+            views += [t[offset + held:offset + width] for t in (master, low, *moments) if width > held]
+            offset += width
+    return views
+
+
+def _poison_padding(engine, value: float) -> None:
+    """What uninitialised memory may hold (it held a NaN about 1 run in 8)."""
+    with torch.no_grad():
+        for view in _padding(engine):
+            view.fill_(value)
+
+
+def _largest_padding(engine) -> float:
+    return max((v.abs().max().item() for v in _padding(engine)), default=0.0)
+
+
 def _draws():
     import random
 
@@ -196,7 +247,13 @@ def _worker(rank, r, out):
     state = {"config": config, "model_config": BertConfig.from_preset("tiny", **MODEL).to_dict()}
     for step in (1, 2, 3):
         _train_step(engine, step)
+        if step == 3:
+            r["padding_elements"] = sum(v.numel() for v in _padding(engine))
+            _poison_padding(engine, float("nan"))
         path = ckpt.save(engine, root, step, {**state, "step": step}, keep=2)
+    _poison_padding(engine, 3e38)  # other stale memory, the same state: the same bytes
+    again = ckpt.save(engine, os.path.join(out, "z3_again"), 3, {**state, "step": 3}, keep=2)
+    r["same_bytes"] = ckpt.validate(again)["files"] == ckpt.validate(path)["files"]
     r["remaining"] = sorted(n for n in os.listdir(root) if n.startswith("step_"))
     r["latest"] = open(os.path.join(root, "latest")).read()
     saved_params, saved_opt = _full_params(engine), _optimizer_tensors(engine)
@@ -212,10 +269,12 @@ def _worker(rank, r, out):
     client = ckpt.load(fresh, resumed, load_optimizer=True)
     r["resumed"], r["client_step"] = os.path.basename(resumed), client["step"]
     r["draws_after_load"] = _draws()
+    r["padding_after_load"] = _largest_padding(fresh)
     r["params_vs_saved"] = _max_diff(_full_params(fresh).values(), saved_params.values())
     r["optimizer_vs_saved"] = _max_diff(_optimizer_tensors(fresh), saved_opt)
     r["lr"] = [fresh.get_lr()[0], lr_saved]
     _train_step(fresh, 4)
+    r["padding_after_next_step"] = _largest_padding(fresh)
     r["next_step_vs_uninterrupted"] = _max_diff(_full_params(fresh).values(), after_step.values())
 
     z2 = _engine(2, seed=7)  # weights only across ZeRO stages; the optimizer state cannot cross
@@ -230,6 +289,8 @@ def _worker(rank, r, out):
     z2_path = ckpt.save(z2, os.path.join(out, "z2"), 5, {**state, "step": 5}, keep=0)
     r["z2_consolidated_vs_live"] = _max_diff(ckpt.model_state_dict(z2_path).values(), _full_params(z2).values())
 
+    _claim_on_two_ranks(rank, r, out, again)
+
     moved = os.path.join(out, "moved", "step_00000003")  # pretend it was saved by 4 ranks
     if rank == 0:
         shutil.copytree(path, moved)
@@ -241,6 +302,24 @@ def _worker(rank, r, out):
         r["world_refusal"] = None
     except CheckpointError as err:
         r["world_refusal"] = str(err)
+
+
+def _claim_on_two_ranks(rank, r, out, saved):
+    """An output folder holding an earlier run: both ranks get rank 0's refusal; with --overwrite
+    rank 0 alone moves it, once, and both learn where it went."""
+    from bert_fast.train.output import claim
+
+    run = os.path.join(out, "run")
+    if rank == 0:  # before its claim, which the other rank waits for
+        shutil.copytree(saved, os.path.join(run, "checkpoints", os.path.basename(saved)))
+    try:
+        claim(run, os.path.join(run, "checkpoints"), None, False)
+        r["claim_refusal"] = None
+    except ValueError as err:
+        r["claim_refusal"] = str(err)
+    r["claim_moves"] = [[str(a), str(b)] for a, b in claim(run, os.path.join(run, "checkpoints"), None, True)]
+    torch.distributed.barrier()
+    r["claim_after"] = sorted(n for n in os.listdir(out) if n.startswith("run"))
 
 
 _RUN = {}
@@ -284,6 +363,29 @@ def test_resume_restores_weights_optimizer_scheduler_and_rng(zero_run):
         assert r["draws_after_load"] == r["draws_after_save"]
         assert r["next_step_vs_uninterrupted"] == 0, r
     assert zero_run[1][0]["draws_after_save"] != zero_run[1][1]["draws_after_save"]  # per-rank states
+
+
+@pytest.mark.slow
+def test_zero3_padding_is_saved_and_loaded_as_zeros(zero_run):
+    """ZeRO-3 pads the last rank's partition of a tensor of odd size (the MLM bias of 101 here)
+    with uninitialised memory; whatever it holds, a save writes zeros there (the same state
+    saves as the same bytes), a load restores zeros, and a step keeps them."""
+    assert sum(r["padding_elements"] for r in zero_run[1]) > 0  # not vacuous
+    for r in zero_run[1]:
+        assert r["same_bytes"], r
+        assert r["padding_after_load"] == 0 and r["padding_after_next_step"] == 0, r
+
+
+@pytest.mark.slow
+def test_output_folder_is_claimed_by_rank_0_for_every_rank(zero_run):
+    out, results = zero_run
+    refusals = [r["claim_refusal"] for r in results]
+    assert refusals[0] and refusals[0] == refusals[1] and f"{out / 'run'} holds an earlier run" in refusals[0]
+    assert results[0]["claim_moves"] == results[1]["claim_moves"] and len(results[0]["claim_moves"]) == 1
+    aside = results[0]["claim_moves"][0][1]
+    for r in results:
+        assert r["claim_after"] == [os.path.basename(aside)], r  # moved once, nothing left behind
+    assert (out / aside / "checkpoints" / "step_00000003" / ckpt.MANIFEST).is_file()
 
 
 @pytest.mark.slow

@@ -168,8 +168,9 @@ def test_zero3_bf16_lamb_learns_and_exports_to_transformers(tmp_path):
     from bert_fast.model import BertForPreTraining
 
     out, hf_dir = tmp_path / "zero3", tmp_path / "hf"
-    _run(out, "zero.stage=3", "precision.bf16=true", "optimizer.name=lamb", "optimizer.lr=0.02",
-         f"export.hf_dir={hf_dir}", "eval.every=0")
+    done = _run(out, "zero.stage=3", "precision.bf16=true", "optimizer.name=lamb", "optimizer.lr=0.02",
+                f"export.hf_dir={hf_dir}", "eval.every=0")
+    assert f"\n  export:          {hf_dir}\n" in done.stdout, done.stdout[-2000:]  # the done report names it
     train = _records(out, "train")
     assert sum(r["mlm_loss"] for r in train[-5:]) < sum(r["mlm_loss"] for r in train[:5]) - 2.5
     assert _records(out, "ranks")[0]["agree"]

@@ -9,6 +9,8 @@ from bert_fast.train.config import (
     batch_plan,
     checkpoint_dir,
     deepspeed_config,
+    dump_config,
+    known_keys,
     load_config,
     load_deepspeed_config,
     merge_deepspeed_config,
@@ -77,7 +79,15 @@ def test_two_phase_recipes_follow_nvidia(size):
 
 
 @pytest.mark.parametrize("override, match", [
-    ("train.stpes=5", "unknown config key train.stpes"),
+    ("train.stpes=5", r"unknown config key train.stpes \(did you mean train.steps\?\)"),
+    ("train.step=5", r"unknown config key train.step \(did you mean train.steps\?\)"),
+    ("trian.steps=5", r"unknown config key trian \(did you mean train\?\)"),
+    ("eval.batch=5", r"did you mean eval.batches\?"),
+    ("train.warmup=5", r"did you mean schedule.warmup_steps or schedule.warmup_ratio\?"),
+    ("train.bf16=true", r"did you mean precision.bf16"),
+    ("model.hiden_size=5", r"did you mean model.hidden_size"),
+    ("optimizer.momentum=0.9", r"optimizer.momentum \(optimizer takes name, lr, betas, eps, weight_decay\)"),
+    ("colour=red", r"unknown config key colour \(sections: model, data, train,"),
     ("model.hiden_size=5", "unknown config key model.hiden_size"),
     ("optimizer.momentum=0.9", "unknown config key optimizer.momentum"),
     ("train.lr=1e-4", r"unknown config key train.lr \(moved to optimizer.lr\)"),
@@ -110,6 +120,35 @@ def test_two_phase_recipes_follow_nvidia(size):
 def test_bad_override(override, match):
     with pytest.raises(ValueError, match=match):
         load_config(None, [override])
+
+
+def test_recipe_errors_name_the_file_and_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  preset: tiny\ntrain:\n  steps: 7\n  step: 5\n")
+    with pytest.raises(ValueError, match=r"r.yaml:5: unknown config key train.step \(did you mean train.steps\?\)"):
+        load_config(recipe)
+    recipe.write_text("optimizer:\n  lr: fast\n")
+    with pytest.raises(ValueError, match=r"r.yaml:2: config key optimizer.lr must be a float"):
+        load_config(recipe)
+    recipe.write_text("train:\n  steps: 7\n\n  micro_batch: 0\n")
+    with pytest.raises(ValueError, match=r"r.yaml:4: config key train.micro_batch must be >= 1"):
+        load_config(recipe)
+    with pytest.raises(ValueError, match=r"^config key train.micro_batch must be >= 1, got -1"):  # set here
+        load_config(recipe, ["train.micro_batch=-1"])
+    recipe.write_text("train:\n  steps: 7\nschedule:\n  power: 1.0\ntrain:\n  seed: 3\n")
+    with pytest.raises(ValueError, match=r"r.yaml:5: config key train is set twice \(also on line 1\)"):
+        load_config(recipe)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_printed_config_reads_back_the_same(recipe, tmp_path):
+    config = load_config(recipe, ["train.steps=11", "optimizer.betas=[0.8, 0.9]"])
+    printed = dump_config(config)
+    assert "betas: [0.8, 0.9]" in printed and "steps: 11" in printed
+    (tmp_path / "printed.yaml").write_text(printed)
+    assert load_config(tmp_path / "printed.yaml") == config
+    sections = {key.partition(".")[0] for key in known_keys()}
+    assert sections == set(config)
 
 
 def test_fp16_and_bf16_together_is_an_error():

@@ -227,3 +227,39 @@ def test_eval_source_folder_uses_the_training_sample_settings():
     train, held_out = batches.train.dataset.settings, batches.eval.dataset.settings
     assert held_out == train and held_out.max_seq_length == 48 and held_out.max_predictions == 7
     assert len(batches.eval.dataset.shards) == batches.eval.dataset.corpus.num_shards  # a whole other corpus
+
+
+def test_deepspeed_is_told_it_runs_on_the_cpu_without_a_gpu(monkeypatch):
+    """DeepSpeed picks its accelerator when first imported; without DS_ACCELERATOR and a GPU it
+    searches, finds none and warns on every start. A value the user set is kept."""
+    import os
+
+    from bert_fast.train.engine import use_cpu_accelerator_without_gpu
+
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    use_cpu_accelerator_without_gpu()
+    assert "DS_ACCELERATOR" not in os.environ  # a GPU: DeepSpeed finds CUDA itself
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    use_cpu_accelerator_without_gpu()
+    assert os.environ["DS_ACCELERATOR"] == "cpu"
+    monkeypatch.setenv("DS_ACCELERATOR", "xpu")
+    use_cpu_accelerator_without_gpu()
+    assert os.environ["DS_ACCELERATOR"] == "xpu"
+
+
+def test_terminal_records_are_rounded_and_the_file_keeps_every_digit(tmp_path):
+    import io
+    import json
+
+    from bert_fast.train.metrics import Reporter
+
+    shown = io.StringIO()
+    reporter = Reporter(tmp_path, 0, 10, 0, tensorboard=False, stream=shown)
+    reporter.record({"step": 1, "loss": 7.980727877616882, "mlm_acc": 0.03640062342876913, "seq_per_s": 200.92191})
+    reporter.record({"step": 1, "fingerprints": [22985.367820904306], "agree": True}, kind="ranks")
+    reporter.close()
+    lines = [json.loads(line) for line in shown.getvalue().splitlines() if line.startswith("{")]
+    assert lines == [{"kind": "train", "step": 1, "loss": 7.981, "mlm_acc": 0.0364, "seq_per_s": 200.9}]
+    saved = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert saved[0]["loss"] == 7.980727877616882 and saved[1]["fingerprints"] == [22985.367820904306]

@@ -37,12 +37,14 @@ import numpy as np
 import torch
 
 from bert_fast.fileio import atomic_path, atomic_write_text, sha256_file
+from bert_fast.train.partitions import zero_padding
 
 MANIFEST = "bert_fast.json"
 FORMAT = 1
 HASH_LIMIT = 64 << 20  # bytes; larger files (big optimizer partitions) are checked by size only
 PARTIAL = ".partial"
 _TAG = re.compile(r"^step_(\d{8,})$")
+_RANK_FILE = re.compile(r"_pp_rank_(\d+)_")
 
 
 class CheckpointError(Exception):
@@ -114,7 +116,7 @@ def _git_revision() -> str:
         return "unknown"
 
 
-def _checkpoints(root: Path) -> list[tuple[int, Path]]:
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, folder) of every step_XXXXXXXX folder under root, oldest first (valid or not)."""
     if not root.is_dir():
         return []
@@ -165,12 +167,14 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     _barrier()
+    zero_padding(engine)  # so the same state always saves as the same bytes
     engine.save_checkpoint(str(root / PARTIAL), tag=tag, client_state={}, save_latest=False)
-    with atomic_path(staging / f"rng_rank{rank:05d}.pt") as tmp:
-        torch.save(rng, tmp)
-    for f in staging.iterdir():  # each rank makes its own DeepSpeed files durable
-        if f.is_file() and (rank == 0 or f"_pp_rank_{rank}_" in f.name):
-            _fsync(f)
+    # Through a file object: given a path, torch.save names the archive's records after the file,
+    # here a random temporary name, and the same state saved twice differed.
+    with atomic_path(staging / f"rng_rank{rank:05d}.pt") as tmp, open(tmp, "wb") as f:
+        torch.save(rng, f)
+    for f in _deepspeed_files(staging, rank):
+        _fsync(f)
     _barrier()
     error = None
     if rank == 0:
@@ -187,6 +191,22 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     if error is not None:
         raise CheckpointError(f"{final}: saving failed on rank 0: {error}")
     return final
+
+
+def _deepspeed_files(staging: Path, rank: int) -> list[Path]:
+    """The files DeepSpeed wrote into `staging` for `rank`, which it makes durable itself: its ZeRO
+    partitions (`*_pp_rank_<rank>_*`) and, on rank 0, those of no rank (stage 0-2 model states).
+    Never another rank's, which may still be written or renamed: rank 0 once opened rank 1's RNG
+    file by its temporary name as rank 1 renamed it (FileNotFoundError, 1 run of the checkpoint
+    tests in 20). The RNG files are made durable by atomic_path."""
+    files = []
+    for f in staging.iterdir():
+        if f.name.startswith((".", "rng_rank")) or not f.is_file():
+            continue
+        owner = _RANK_FILE.search(f.name)
+        if (int(owner.group(1)) if owner else 0) == rank:
+            files.append(f)
+    return files
 
 
 def _deepspeed_version() -> str:
@@ -215,7 +235,7 @@ def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int) -> No
     shutil.rmtree(replaced, ignore_errors=True)
     atomic_write_text(root / "latest", final.name)
     if keep:
-        for _, old in _checkpoints(root)[:-keep]:
+        for _, old in checkpoints(root)[:-keep]:
             if old != final:
                 (old / MANIFEST).unlink(missing_ok=True)  # invalid from here on, then delete
                 shutil.rmtree(old, ignore_errors=True)
@@ -263,7 +283,7 @@ def resolve_resume(root: str | Path, resume: str) -> Path | None:
     """'auto': the newest valid checkpoint under root (invalid ones skipped with a warning), or
     None if there is none. Anything else: a checkpoint folder that must be valid."""
     if resume == "auto":
-        for _, path in reversed(_checkpoints(Path(root))):
+        for _, path in reversed(checkpoints(Path(root))):
             try:
                 validate(path)
                 return path
@@ -302,6 +322,7 @@ def load(engine, path: str | Path, load_optimizer: bool = True) -> dict:
     saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
     if not load_optimizer:
         _load_weights(engine, model_state_dict(path))
+        zero_padding(engine)
         return meta["client_state"]
     if saved_world != world and _optimizer_partitioned(meta):
         raise CheckpointError(
@@ -315,6 +336,7 @@ def load(engine, path: str | Path, load_optimizer: bool = True) -> dict:
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load it")
+    zero_padding(engine)  # a checkpoint saved before padding was zeroed holds stale memory there
     if saved_world == world:
         _set_rng_state(torch.load(path / f"rng_rank{_rank():05d}.pt", weights_only=True))
     else:

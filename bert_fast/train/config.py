@@ -10,6 +10,7 @@ it, and `merge_deepspeed_config` refuses a user `--deepspeed_config` that disagr
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 
@@ -54,9 +55,43 @@ MOVED = {"train.lr": "optimizer.lr", "train.warmup_steps": "schedule.warmup_step
          "train.weight_decay": "optimizer.weight_decay", "train.log_every": "log.every"}
 
 
-def _unknown(name: str) -> ValueError:
-    hint = f" (moved to {MOVED[name]})" if name in MOVED else ""
-    return ValueError(f"unknown config key {name}{hint}")
+class ConfigError(ValueError):
+    """A bad config key or value; `key` is the dotted key it is about (None for several)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def known_keys() -> list[str]:
+    """Every dotted key a recipe may set (model: `preset` and every BertConfig field)."""
+    keys = [f"{section}.{key}" for section, keys in DEFAULTS.items() if section != "model" for key in keys]
+    return keys + [f"model.{key}" for key in ("preset", *BertConfig.__dataclass_fields__)]
+
+
+def _suggestions(name: str) -> list[str]:
+    """The valid keys a mistyped `name` most likely meant: close spellings in its section, else
+    the same or a close key in another section (a section name for a bad section)."""
+    section, _, leaf = name.rpartition(".")
+    if not section:
+        return difflib.get_close_matches(leaf, list(DEFAULTS), n=3, cutoff=0.6)
+    keys = known_keys()
+    ours = [k.rpartition(".")[2] for k in keys if k.startswith(section + ".")]
+    others = {k.rpartition(".")[2]: k for k in keys if not k.startswith(section + ".")}
+    near = [f"{section}.{k}" for k in difflib.get_close_matches(leaf, ours, n=3, cutoff=0.6)]
+    return near or [others[k] for k in difflib.get_close_matches(leaf, list(others), n=3, cutoff=0.6)]
+
+
+def _unknown(name: str) -> ConfigError:
+    if name in MOVED:
+        hint = f" (moved to {MOVED[name]})"
+    elif near := _suggestions(name):
+        hint = f" (did you mean {' or '.join(near)}?)"
+    else:
+        section = name.rpartition(".")[0]
+        keys = [k.rpartition(".")[2] for k in known_keys() if k.startswith(section + ".")]
+        hint = f" ({section} takes {', '.join(keys)})" if section else f" (sections: {', '.join(DEFAULTS)})"
+    return ConfigError(f"unknown config key {name}{hint}", name)
 
 
 def _merge(base: dict, update: dict, where: str) -> dict:
@@ -71,7 +106,7 @@ def _merge(base: dict, update: dict, where: str) -> dict:
             raise _unknown(name)
         elif isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise ValueError(f"config key {name} must be a mapping")
+                raise ConfigError(f"config key {name} must be a mapping", name)
             out[key] = _merge(base[key], value, name)
         else:
             out[key] = _coerce(value, base[key], name)
@@ -83,7 +118,8 @@ def _coerce(value, default, name: str):
     if isinstance(default, list):  # betas: a fixed-length list of floats
         if (not isinstance(value, list) or len(value) != len(default)
                 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value)):
-            raise ValueError(f"config key {name} must be a list of {len(default)} floats, got {value!r}")
+            raise ConfigError(f"config key {name} must be a list of {len(default)} floats, got {value!r}",
+                              name)
         return [float(v) for v in value]
     if isinstance(default, bool):
         ok = isinstance(value, bool)
@@ -99,7 +135,7 @@ def _coerce(value, default, name: str):
     else:
         ok = isinstance(value, type(default))
     if not ok:
-        raise ValueError(f"config key {name} must be a {type(default).__name__}, got {value!r}")
+        raise ConfigError(f"config key {name} must be a {type(default).__name__}, got {value!r}", name)
     return value
 
 
@@ -114,25 +150,74 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def _read_recipe(path: Path) -> tuple[dict, dict[str, int]]:
+    """(the recipe, the line of every dotted key in it)."""
+    text = path.read_text()
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        recipe = loader.construct_document(node) if node is not None else {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    finally:
+        loader.dispose()
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: top level must be a mapping of sections")
+    lines: dict[str, int] = {}
+
+    def walk(mapping: yaml.MappingNode, where: str) -> None:
+        for key_node, value_node in mapping.value:
+            name = f"{where}.{key_node.value}" if where else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if name in lines:  # YAML would silently keep the last one
+                raise ConfigError(f"{path}:{line}: config key {name} is set twice (also on line "
+                                  f"{lines[name]})", name)
+            lines[name] = line
+            if isinstance(value_node, yaml.MappingNode):
+                walk(value_node, name)
+
+    if node is not None:
+        walk(node, "")
+    return recipe, lines
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> dict:
-    config = DEFAULTS
-    if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            recipe = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark is not None else ""
-            raise ValueError(f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})") from None
-        if not isinstance(recipe, dict):
-            raise ValueError(f"{path}: top level must be a mapping of sections")
-        config = _merge(config, recipe, "")
-    for text in overrides:
-        config = _merge(config, parse_override(text), "")
-    validate_config(config)  # now, not after minutes of data loading or on rank 37
+    """DEFAULTS, then the recipe at `path`, then the dotted `overrides`, validated. An error about
+    a key the recipe sets (and no override replaced) starts with the recipe's file and line."""
+    config, lines = DEFAULTS, {}
+    try:
+        if path is not None:
+            path = Path(path)
+            if not path.exists():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            recipe, lines = _read_recipe(path)
+            config = _merge(config, recipe, "")
+        for text in overrides:
+            override = parse_override(text)
+            config = _merge(config, override, "")
+            key = text.partition("=")[0]
+            lines = {k: v for k, v in lines.items() if k != key and not k.startswith(key + ".")}
+        validate_config(config)  # now, not after minutes of data loading or on rank 37
+    except ConfigError as err:
+        if err.key in lines and not str(err).startswith(f"{path}:"):
+            raise ConfigError(f"{path}:{lines[err.key]}: {err}", err.key) from None
+        raise
     return config
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Block-style sections, flow-style lists (`betas: [0.9, 0.999]`), as recipes are written."""
+
+
+_RecipeDumper.add_representer(
+    list, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=True))
+
+
+def dump_config(config: dict) -> str:
+    """The resolved recipe as YAML; load_config reads it back to the same config."""
+    return yaml.dump(config, Dumper=_RecipeDumper, sort_keys=False, default_flow_style=False)
 
 
 # (dotted key, lowest allowed, highest allowed or None, whether the low end is included)
@@ -163,26 +248,29 @@ def validate_config(config: dict) -> None:
         value = _get(config, name)
         if value < low or (value == low and not closed) or (high is not None and value > high):
             bound = f"{'>=' if closed else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-            raise ValueError(f"config key {name} must be {bound}, got {value!r}")
+            raise ConfigError(f"config key {name} must be {bound}, got {value!r}", name)
     if not all(0.0 <= b < 1.0 for b in config["optimizer"]["betas"]):
-        raise ValueError(f"config key optimizer.betas must be in [0, 1), got {config['optimizer']['betas']}")
+        raise ConfigError(f"config key optimizer.betas must be in [0, 1), got {config['optimizer']['betas']}",
+                          "optimizer.betas")
     if config["optimizer"]["name"] not in OPTIMIZERS:
-        raise ValueError(f"config key optimizer.name must be one of {OPTIMIZERS}, "
-                         f"got {config['optimizer']['name']!r}")
+        raise ConfigError(f"config key optimizer.name must be one of {OPTIMIZERS}, "
+                          f"got {config['optimizer']['name']!r}", "optimizer.name")
     if config["schedule"]["decay"] not in DECAYS:
-        raise ValueError(f"config key schedule.decay must be one of {DECAYS}, "
-                         f"got {config['schedule']['decay']!r}")
+        raise ConfigError(f"config key schedule.decay must be one of {DECAYS}, "
+                          f"got {config['schedule']['decay']!r}", "schedule.decay")
     ratio = config["schedule"]["warmup_ratio"]
     if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"config key schedule.warmup_ratio must be in [0, 1), got {ratio!r}")
+        raise ConfigError(f"config key schedule.warmup_ratio must be in [0, 1), got {ratio!r}",
+                          "schedule.warmup_ratio")
     if config["precision"]["bf16"] and config["precision"]["fp16"]:
         raise ValueError("config keys precision.bf16 and precision.fp16 are both true; choose one")
     if config["zero"]["stage"] not in (0, 1, 2, 3):
-        raise ValueError(f"config key zero.stage must be 0, 1, 2 or 3, got {config['zero']['stage']!r}")
+        raise ConfigError(f"config key zero.stage must be 0, 1, 2 or 3, got {config['zero']['stage']!r}",
+                          "zero.stage")
     model = model_config(config)
     if config["data"]["seq_length"] > model.max_position_embeddings:
-        raise ValueError(f"config key data.seq_length={config['data']['seq_length']} exceeds the model's "
-                         f"max_position_embeddings={model.max_position_embeddings}")
+        raise ConfigError(f"config key data.seq_length={config['data']['seq_length']} exceeds the model's "
+                          f"max_position_embeddings={model.max_position_embeddings}", "data.seq_length")
     data_settings(config)
 
 

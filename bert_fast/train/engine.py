@@ -9,9 +9,13 @@ restores with the engine.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import random
+import re
 import socket
+import sys
 import warnings
 from pathlib import Path
 
@@ -21,6 +25,7 @@ import torch
 from bert_fast.model import BertForPreTraining, zero3_external_parameters
 from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
 from bert_fast.train import schedule
+from bert_fast.train.partitions import zero_padding
 
 
 def free_port() -> int:
@@ -30,8 +35,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# DeepSpeed prints this on every CPU start, when it loads its shared-memory all-reduce op (built
+# once, then cached): nothing a user acts on.
+_BUILT = re.compile(r"^DeepSpeed \S+ built successfully$")
+
+
+@contextlib.contextmanager
+def _dropping_stdout(line: re.Pattern):
+    """Passes on what the block prints to stdout, less the lines that match `line`."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        sys.stdout.write("".join(text for text in printed.getvalue().splitlines(keepends=True)
+                                 if not line.match(text.rstrip("\n"))))
+
+
+def use_cpu_accelerator_without_gpu() -> None:
+    """Without a CUDA device the trainer runs on the CPU (init_distributed): tells DeepSpeed so,
+    before it is first imported. Searching for an accelerator and finding none, it warned on
+    every start that it "was unable to detect" one. A DS_ACCELERATOR the user set is kept."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device); starts the process group (a world of one without a launcher)."""
+    use_cpu_accelerator_without_gpu()
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python pretrain.py`
@@ -45,8 +76,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                               auto_mpi_discovery=False, verbose=False)
+    with _dropping_stdout(_BUILT):
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   auto_mpi_discovery=False, verbose=False)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if device.type == "cpu":
         unlink_shm_buffer(rank)
@@ -101,6 +133,7 @@ def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
     np.random.seed(seed)
     torch.manual_seed(seed)
     engine, *_ = zero_lamb.initialize(model, optimizer, ds_config)
+    zero_padding(engine)
     # Built on our optimizer once DeepSpeed has wrapped it (its param groups carry the lr under
     # every wrapper); the engine steps it at accumulation boundaries and checkpoints it.
     lr_scheduler = engine.lr_scheduler = schedule.scheduler(optimizer, config)

@@ -16,10 +16,12 @@ launcher (`deepspeed pretrain.py`), when it is signalled itself, forwards SIGTER
 SIGKILLs them 30 s later and exits 1, which a checkpoint of a large model may not survive: send the
 signal to the ranks (or to the whole job step: `scancel --signal=TERM`), not only the launcher.
 
-Before training, every rank checks (bert_fast/train/preflight.py) that a checkpoint to resume or
-initialise from (resolved and hashed on rank 0 only) fits the model, the global batch and
-train.steps, and that export.hf_dir can be written at the end. Throughput windows leave out the
-time of evaluation and checkpoints; MFU is per GPU (job TFLOP/s / world size / peak).
+Before training, the run claims its output folder (bert_fast/train/output.py: one run per folder,
+decided on rank 0), and every rank checks (bert_fast/train/preflight.py) that a checkpoint to
+resume or initialise from (resolved and hashed on rank 0 only) fits the model, the global batch
+and train.steps, and that export.hf_dir can be written at the end; then rank 0 saves the resolved
+recipe in the output folder (`config.yaml`). Throughput windows leave out the time of evaluation
+and checkpoints; MFU is per GPU (job TFLOP/s / world size / peak).
 
 A resumed run continues with the same batches (the sampler position is in the checkpoint), the
 same dropout draws (RNG states per rank) and the same schedule, so its losses equal those of an
@@ -32,17 +34,20 @@ import contextlib
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from bert_fast.fileio import atomic_write_text
 from bert_fast.train import checkpoint
 from bert_fast.train.batches import make_batches
 from bert_fast.train.config import (
     batch_plan,
     checkpoint_dir,
     deepspeed_config,
+    dump_config,
     load_deepspeed_config,
     merge_deepspeed_config,
     model_config,
@@ -50,10 +55,11 @@ from bert_fast.train.config import (
 from bert_fast.train.engine import build, global_grad_norm, init_distributed, loss_scale
 from bert_fast.train.flops import peak_tflops, step_flops
 from bert_fast.train.metrics import Reporter, Window, drop_records_after
+from bert_fast.train.output import RECIPE, claim
 from bert_fast.train.preflight import check_export_dir, check_start, find_start
 from bert_fast.train.stops import LossScaleWatch, Signals, TrainingStopped, agree
 
-__all__ = ["LossScaleWatch", "TrainingStopped", "evaluate", "rank_fingerprints", "train"]
+__all__ = ["LossScaleWatch", "Outcome", "TrainingStopped", "evaluate", "rank_fingerprints", "train"]
 
 MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "next_sentence_label")
 
@@ -106,10 +112,21 @@ def evaluate(engine, batches, count: int, device: torch.device, world_size: int)
     return {k: s[k] for k in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")}
 
 
+@dataclass
+class Outcome:
+    """What a run leaves: its train log records (rank 0; [] elsewhere), folders and files."""
+
+    records: list[dict]
+    output_dir: Path
+    checkpoint: Path | None  # the last one saved
+    export: Path | None  # export.hf_dir, when the run exported
+
+
 def train(config: dict, resume: str | None = None, deepspeed_config_path: str | None = None,
-          stream=None) -> list[dict]:
-    """Runs the configured steps (from a checkpoint with `resume`: 'auto' or a path); returns the
-    train log records (rank 0 also writes them to metrics.jsonl and TensorBoard)."""
+          stream=None, overwrite: bool = False) -> Outcome:
+    """Runs the configured steps (from a checkpoint with `resume`: 'auto' or a path) in an output
+    folder that holds no other run (`overwrite` moves one aside; bert_fast/train/output.py).
+    Rank 0 also writes the records to metrics.jsonl and TensorBoard."""
     rank, world, device = init_distributed()
     t, c, lg = config["train"], config["checkpoint"], config["log"]
     if t["threads"]:
@@ -118,8 +135,14 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     ds_config = deepspeed_config(config, world)
     if deepspeed_config_path:
         ds_config = merge_deepspeed_config(ds_config, load_deepspeed_config(deepspeed_config_path))
-    check_export_dir(config["export"]["hf_dir"])
     root, output = checkpoint_dir(config), Path(t["output_dir"])
+    reads = {"checkpoint.init_from": c["init_from"], "data.source": config["data"]["source"],
+             "data.eval_source": config["data"]["eval_source"]}  # what --overwrite must not move away
+    moves = claim(output, root, resume, overwrite, reads)
+    for folder, aside in moves if rank == 0 else []:
+        print(f"pretrain: moved the earlier run in {folder} to {aside}", file=stream or sys.stdout,
+              flush=True)
+    check_export_dir(config["export"]["hf_dir"])
     # A bad checkpoint fails before the build, on every rank alike.
     kind, path, meta = find_start(root, resume, c["init_from"])
     batches = make_batches(config, model_config(config), rank, world)
@@ -133,11 +156,13 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
         state = checkpoint.load(engine, path)
         start, last_saved = state["step"], path
         batches.load_state_dict(state["data"])
-        if rank == 0:
-            drop_records_after(output, start)
     elif kind == "init_from":
         checkpoint.load(engine, path, load_optimizer=False)
     if rank == 0:
+        if resume:  # what the run logged after its checkpoint (all of it, if none) is logged again
+            drop_records_after(output, start)
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output / RECIPE, dump_config(config))
         print(f"pretrain: {world} rank(s) on {device.type}, global batch {global_batch} = {micro} x "
               f"{accumulation} accumulation x {world}, ZeRO {engine.zero_optimization_stage()}, "
               f"{'bf16' if engine.bfloat16_enabled() else 'fp16' if engine.fp16_enabled() else 'fp32'}, "
@@ -151,7 +176,7 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
         return checkpoint.save(engine, root, step, state, keep=c["keep"])
 
     peak = peak_tflops(device, lg["peak_tflops"])
-    reporter = Reporter(output, rank, t["steps"], start, lg["tensorboard"], stream)
+    reporter = Reporter(output, rank, t["steps"], start, lg["tensorboard"], stream, resumed=bool(resume))
     signals = Signals()
     stream_ = batches.stream()
     window, records = Window(device), []
@@ -225,12 +250,13 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     finally:
         reporter.close()
         signals.restore()
+    exported = None
     if step == t["steps"] and config["export"]["hf_dir"] and last_saved is not None:
-        _export(last_saved, config["export"]["hf_dir"], rank, stream)
-    return records if rank == 0 else []
+        exported = _export(last_saved, config["export"]["hf_dir"], rank, stream)
+    return Outcome(records if rank == 0 else [], output, last_saved, exported)
 
 
-def _export(saved: Path, hf_dir: str, rank: int, stream) -> None:
+def _export(saved: Path, hf_dir: str, rank: int, stream) -> Path:
     """Collective: rank 0 exports, every rank learns its outcome and raises alike."""
     error = None
     if rank == 0:
@@ -245,3 +271,4 @@ def _export(saved: Path, hf_dir: str, rank: int, stream) -> None:
     if error is not None:
         raise checkpoint.CheckpointError(f"export.hf_dir={hf_dir}: exporting {saved} failed on rank 0: "
                                          f"{error}")
+    return Path(hf_dir)

@@ -112,7 +112,7 @@ class Reporter:
     """Progress bar, JSONL and TensorBoard on rank 0; silent elsewhere."""
 
     def __init__(self, output_dir: Path, rank: int, total_steps: int, start_step: int,
-                 tensorboard: bool, stream=None):
+                 tensorboard: bool, stream=None, resumed: bool = False):
         self.rank, self.stream = rank, stream
         self.bar = self.jsonl = self.tb = None
         if rank != 0:
@@ -122,7 +122,10 @@ class Reporter:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tensorboard"))
+            # A resumed run hides the events the run logged after its checkpoint, as metrics.jsonl
+            # drops those records: they are logged again.
+            self.tb = SummaryWriter(str(output_dir / "tensorboard"),
+                                    purge_step=start_step + 1 if resumed else None)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step",
                         dynamic_ncols=True, mininterval=1.0, file=stream)
 
@@ -143,7 +146,8 @@ class Reporter:
         if kind == "train":
             self.bar.set_postfix(loss=_fmt(record["loss"], ".3f"), mlm_acc=_fmt(record["mlm_acc"], ".3f"),
                                  seq_s=_fmt(record["seq_per_s"], ".0f"))
-        tqdm.write(json.dumps(record), file=self.stream)
+        if kind != "ranks":  # the ranks' parameter checksums; a disagreement stops the run, saying so
+            tqdm.write(json.dumps(_rounded(record)), file=self.stream)
 
     def close(self) -> None:
         """Idempotent."""
@@ -152,6 +156,11 @@ class Reporter:
                 item.close()
         self.bar = self.jsonl = self.tb = None
         self.rank = -1  # nothing more is written
+
+
+def _rounded(record: dict) -> dict:
+    """For the terminal: 4 significant digits (metrics.jsonl keeps every digit)."""
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in record.items()}
 
 
 def _fmt(value, spec: str) -> str:

@@ -28,12 +28,27 @@ def check_export_dir(hf_dir: str) -> None:
                          "(no config.json); the export at the end would refuse to replace it")
 
 
+def _check_nothing_later(root: Path, path: Path, step: int) -> None:
+    """Resuming from an older checkpoint of this run's folder (a rollback) would save a second
+    history beside the later checkpoints: `latest` would name the new one while --resume auto
+    took the later step, and checkpoint.keep would count both."""
+    later = [p.name for s, p in checkpoint.checkpoints(root)
+             if s > step and (p / checkpoint.MANIFEST).is_file()]
+    if later:
+        raise CheckpointError(f"--resume {path}: {root} holds later checkpoints ({', '.join(later)}); this "
+                              "run would save its own beside them. Resume the newest with --resume auto, or "
+                              f"move the later ones out of {root} first")
+
+
 def _find(root: Path, resume: str | None, init_from: str | None):
     """(kind, path, metadata) on rank 0; kind 'resume', 'init_from' or None."""
     if resume:
         path = checkpoint.resolve_resume(root, resume)
         if path is not None:
-            return "resume", path, checkpoint.read_metadata(path)
+            meta = checkpoint.read_metadata(path)
+            if resume != "auto":  # 'auto' takes the newest valid one; later ones are damaged
+                _check_nothing_later(root, path, meta["step"])
+            return "resume", path, meta
         return None, None, None  # 'auto' without a checkpoint: from scratch (or init_from below)
     if init_from:
         path = Path(init_from)
