@@ -11,12 +11,22 @@ import tempfile
 from pathlib import Path
 
 
+def plain_file_mode() -> int:
+    """The mode a plain open() gives a new file: 0666 less the umask (0644 under the usual 022).
+    Read each call (the umask can only be read by setting it), so a changed umask is honoured."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yields a temporary path next to `path`; on success it is fsynced and renamed to `path`."""
+    """Yields a temporary path next to `path`; on success it is fsynced and renamed to `path`,
+    with the mode a plain write gives it (mkstemp makes its files private, 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, plain_file_mode())
     os.close(fd)
     try:
         yield Path(tmp)

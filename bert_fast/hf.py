@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,10 +222,4 @@ def export_hf(model: BertForPreTraining, folder: str | Path) -> Path:
     with atomic_path(folder / "model.safetensors") as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     atomic_write_text(folder / "config.json", json.dumps(config_to_hf(model.config), indent=2) + "\n")
-    # The temporary files were private (mkstemp); give them what a plain write gives, as
-    # save_pretrained does (0644 under the usual umask).
-    mask = os.umask(0o022)
-    os.umask(mask)
-    for name in ("model.safetensors", "config.json"):
-        os.chmod(folder / name, 0o666 & ~mask)
     return folder

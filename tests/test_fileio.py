@@ -18,6 +18,20 @@ def test_replaces_completely(tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["f.txt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_get_the_mode_a_plain_write_gives(tmp_path, umask):
+    # mkstemp makes private files (0600): a manifest, config.yaml or checkpoint should be as
+    # readable as any file the user writes, under whatever umask they run with.
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        (tmp_path / "plain.txt").write_text("x")
+    finally:
+        os.umask(old)
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777 for name in ("atomic.txt", "plain.txt")}
+    assert modes["atomic.txt"] == modes["plain.txt"] == 0o666 & ~umask, modes
+
+
 def test_failure_keeps_old_file_and_cleans_up(tmp_path):
     target = tmp_path / "f.txt"
     target.write_text("old")

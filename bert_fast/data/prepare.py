@@ -534,11 +534,11 @@ def prepare(inputs, output: str | Path, vocab: str | Path | None = None, fmt: st
     files = _input_files(inputs, fmt)  # bad inputs are refused before the output folder is made
     settings = settings or PrepareSettings()
     with exclusive(Path(output) / ".prepare.lock"):
-        manifest = _prepare(files, Path(output), vocab, settings)
+        manifest, fresh = _prepare(files, Path(output), vocab, settings)
     trained = (Path(output) / "vocab.train.json").is_file()
     note = short_vocab(settings.vocab_size if trained else None, manifest["vocab"]["size"])
-    if note:
-        log.warning("%s: %s", output, note)
+    if note:  # a warning when the vocab is trained; a corpus found prepared only repeats it as info
+        log.log(logging.WARNING if fresh else logging.INFO, "%s: %s", output, note)
     return manifest
 
 
@@ -560,7 +560,8 @@ def _finished(output: Path, fingerprint: str) -> dict | None:
     return None
 
 
-def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSettings) -> dict:
+def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSettings) -> tuple[dict, bool]:
+    """(manifest, whether this call wrote it: False when the output was already prepared)."""
     output.mkdir(parents=True, exist_ok=True)
     vocab_file = output / "vocab.txt"
     trained = output / "vocab.train.json"  # what a trained vocab.txt was trained from
@@ -575,7 +576,7 @@ def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSet
         manifest = _finished(output, _fingerprint(files, settings, sha256_file(vocab_file)))
         if manifest is not None:
             log.info("%s is already prepared from these inputs; nothing to do", output)
-            return manifest
+            return manifest, False
     # Before a vocab or a shard sees any input, and before anything in `output` is replaced.
     _check_texts(files, settings)
     if vocab is not None:
@@ -638,4 +639,4 @@ def _prepare(files, output: Path, vocab: str | Path | None, settings: PrepareSet
                     "files": r["files"]} for r in records],
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=1))
-    return manifest
+    return manifest, True
