@@ -31,12 +31,9 @@ least 1.0x SDPA flash and 3x eager, padding costs no time, at least 220 TFLOP/s.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from harness import Benchmark, Unavailable
+from harness import Benchmark, Unavailable, write_aot_report
 
 HEAD_DIM = 64
 
@@ -142,37 +139,8 @@ def flops(case: dict, mode: str) -> float:
 
 def extra_args(parser) -> None:
     parser.add_argument("--dropout", type=float, default=0.1, help="attention dropout (default 0.1)")
-    parser.add_argument("--compile-report", action="store_true",
-                        help="build every config for sm_90 (no GPU needed), write "
-                             "bench/results/aot/attention.json (or --out DIR) and print the table")
     parser.add_argument("--host-overhead", action="store_true",
                         help="CPU: microseconds of Python per eager call, with the kernels stubbed out")
-
-
-AOT_JSON = Path(__file__).resolve().parent / "results" / "aot" / "attention.json"
-
-
-def compile_report(out_dir: str | None) -> None:
-    from bert_fast.kernels.attention_aot import report
-
-    rows = report("bf16")
-    path = Path(out_dir) / "attention.json" if out_dir else AOT_JSON
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(rows, indent=1) + "\n")
-    tmp.replace(path)
-    twins = {(r["kernel"], r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]):
-             r["instructions_per_iteration"] for r in rows if not r["dropout"]}
-    print("| kernel | BLOCK_M | BLOCK_N | warps | stages | dropout | registers | spills (B) | "
-          "shared (KiB) | wgmma | instructions / iteration | x no-dropout |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        twin = twins.get((r["kernel"], r["block_m"], r["block_n"], r["num_warps"], r["num_stages"]))
-        ratio = f"{r['instructions_per_iteration'] / twin:.2f}" if r["dropout"] and twin else ""
-        print(f"| {r['kernel']} | {r['block_m']} | {r['block_n']} | {r['num_warps']} | {r['num_stages']} "
-              f"| {r['dropout']} | {r['registers']} | {r['spills']} | {r['shared_bytes'] / 1024:.0f} | "
-              f"{r['uses_wgmma']} | {r['instructions_per_iteration']} | {ratio} |")
-    print(f"wrote {path}")
 
 
 def host_overhead() -> None:
@@ -215,6 +183,13 @@ def host_overhead() -> None:
         attn._launch = real_launch
 
 
+def aot_report() -> list[dict]:
+    """The sm_90 builds of this op's kernels (kernels/attention_aot.py)."""
+    from bert_fast.kernels.attention_aot import report
+
+    return report("bf16")
+
+
 bench = Benchmark(
     name="attention",
     description=__doc__.split("\n\n")[0],
@@ -229,13 +204,14 @@ bench = Benchmark(
     cpu_providers=("eager", "sdpa"),
     baseline="eager",
     extra_args=extra_args,
+    aot_report=aot_report,
 )
 
 if __name__ == "__main__":
     args = bench.parser().parse_args()
     bench.args = args
     if args.compile_report:
-        compile_report(args.out)
+        write_aot_report("attention", bench.aot_report(), args.out)
     elif args.host_overhead:
         host_overhead()
     else:

@@ -10,9 +10,9 @@ provider skips the id range check (`check_ids=False`, one host sync that ops.emb
 per batch) so the figure is the kernels' own.
 
 GB/s counts the traffic of the fused design, the same figure for every provider: forward gathers
-one word row per token and writes the output (position and token-type rows stay in L2; the ids
-add 24 bytes per token); backward reads dy and re-gathers the word rows, writes dh, then the three
-scatters read dh and write the zero-filled gradient tables.
+one word row per token and writes the output and x-hat (position and token-type rows stay in L2;
+the ids add 24 bytes per token); backward reads dy and x-hat, writes dh, then two segment sums (word; position
+and type pairs) read dh and write the zero-filled gradient tables.
 """
 
 from __future__ import annotations
@@ -74,9 +74,16 @@ def _element_size() -> int:
 
 def bytes_moved(case: dict, mode: str) -> float:
     tokens, hidden, e = case["batch"] * case["seq"], case["hidden"], _element_size()
-    forward = 2 * tokens * hidden * e + 3 * tokens * 8
-    backward = (6 * tokens * hidden + (VOCAB + POSITIONS + TYPES) * hidden) * e + 3 * tokens * 8
+    forward = 3 * tokens * hidden * e + 3 * tokens * 8  # a word row in; y and x-hat out
+    backward = (5 * tokens * hidden + (VOCAB + POSITIONS + TYPES) * hidden) * e + 3 * tokens * 8
     return {"forward": forward, "backward": backward, "full": forward + backward}[mode]
+
+
+def aot_report() -> list[dict]:
+    """The sm_90 builds of this op's kernels (kernels/row_norm_aot.py)."""
+    from bert_fast.kernels.row_norm_aot import embeddings_report
+
+    return embeddings_report("bf16")
 
 
 bench = Benchmark(
@@ -91,6 +98,7 @@ bench = Benchmark(
     cpu_providers=("eager",),
     baseline="eager",
     description=__doc__.splitlines()[0],
+    aot_report=aot_report,
 )
 
 if __name__ == "__main__":

@@ -170,6 +170,9 @@ class Benchmark:
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
     # Extra columns of a measured row (seq/s, MFU, ...): derive(case, row, device) -> dict.
     derive: Callable[[dict, dict, torch.device], dict] | None = None
+    # Static report: the sm_90 builds of the op's kernels (no GPU needed), one dict per kernel and
+    # config; `--compile-report` writes them to bench/results/aot/<name>.json.
+    aot_report: Callable[[], list[dict]] | None = None
     description: str = ""
     args: argparse.Namespace | None = None
 
@@ -188,12 +191,20 @@ class Benchmark:
                        help="results folder (default: bench/results/<device>/)")
         p.add_argument("--strict", action="store_true",
                        help="a provider error fails the run instead of being recorded")
+        if self.aot_report:
+            p.add_argument("--compile-report", action="store_true",
+                           help="build the kernels for sm_90 (no GPU needed), write "
+                                f"bench/results/aot/{self.name}.json (or --out DIR) and print the table")
         if self.extra_args:
             self.extra_args(p)
         return p
 
     def main(self, argv: list[str] | None = None) -> list[dict]:
         self.args = self.parser().parse_args(argv)
+        if getattr(self.args, "compile_report", False):
+            rows = self.aot_report()
+            write_aot_report(self.name, rows, self.args.out)
+            return rows
         rows = self.run(self.args)
         return rows
 
@@ -390,3 +401,36 @@ def write_results(out_dir: Path, name: str, meta: dict, rows: list[dict], baseli
     plotted = plot(out_dir / f"{name}.png", name, rows)
     print(f"[{name}] wrote {out_dir}/{name}.json, .md" + (", .png" if plotted else
           " (no plot: matplotlib is not installed)"), file=sys.stderr)
+
+
+# Columns of a static report that describe the build, not the configuration: a dropout row's twin
+# is the row equal to it in every other column, with dropout off.
+_BUILD_COLUMNS = ("dropout", "registers", "spills", "shared_bytes", "uses_wgmma",
+                  "instructions_per_iteration", "mma_loops")
+
+
+def dropout_ratios(rows: list[dict]) -> list[float | None]:
+    """instructions_per_iteration of each dropout row over its no-dropout twin's (None if none)."""
+    def config(row):
+        return tuple((k, v) for k, v in row.items() if k not in _BUILD_COLUMNS)
+
+    twins = {config(r): r["instructions_per_iteration"] for r in rows if not r.get("dropout")}
+    return [r["instructions_per_iteration"] / twins[config(r)]
+            if r.get("dropout") and twins.get(config(r)) else None for r in rows]
+
+
+def write_aot_report(name: str, rows: list[dict], out_dir: Path | None = None) -> Path:
+    """bench/results/aot/<name>.json (written to a temporary name, then renamed) and its table."""
+    path = (Path(out_dir) if out_dir else BENCH_DIR / "results" / "aot") / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(rows, indent=1) + "\n")
+    tmp.replace(path)
+    columns = [c for c in rows[0] if c != "mma_loops"] + ["x no-dropout"]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row, ratio in zip(rows, dropout_ratios(rows)):
+        cells = [row[c] for c in columns[:-1]] + [f"{ratio:.2f}" if ratio else ""]
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+    print(f"wrote {path}")
+    return path

@@ -39,21 +39,34 @@ class BertEmbeddings(nn.Module):
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = LayerNorm(config.hidden_size)
 
-    def forward(self, input_ids, token_type_ids):
+    def forward(self, input_ids, token_type_ids, packing: Packing | None = None, seed=None):
+        """[B, S, hidden]; with `packing` (the fast path) the real tokens only, [T, hidden]: their
+        ids are gathered first, so padding is never embedded."""
         c = self.config
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if packing is not None:
+            input_ids, token_type_ids, position_ids = (packing.pack(t) for t in (input_ids, token_type_ids,
+                                                                                  position_ids))
+        # Ids were checked on the host by check_batch: no device sync to check them again.
         return ops.embeddings(
             input_ids, token_type_ids, position_ids, self.word.weight, self.position.weight,
             self.token_type.weight, self.norm.weight, self.norm.bias, c.layer_norm_eps,
             padding_idx=c.pad_token_id, dropout_p=c.hidden_dropout_prob, training=self.training,
-            backend=c.backend)
+            seed=seed, site=dropout_site("embeddings"), check_ids=False, backend=c.backend)
+
+
+def dropout_site(op: str, layer: int = 0) -> int:
+    """Every dropout call of a forward draws from one seed (fast backend) and a site of its own, so
+    no two calls share masks: the embeddings, then per layer the attention probabilities and the
+    two LayerNorms' inputs."""
+    return 0 if op == "embeddings" else 1 + 3 * layer + ("attention", "attention_output", "output").index(op)
 
 
 class BertLayer(nn.Module):
     def __init__(self, config: BertConfig, index: int = 0):
         super().__init__()
         self.config = config
-        self.index = index  # the dropout site of its attention: layers draw different masks
+        self.index = index  # its dropout sites (dropout_site): layers draw different masks
         h, i = config.hidden_size, config.intermediate_size
         self.qkv = nn.Linear(h, 3 * h)
         self.attn_out = nn.Linear(h, h)
@@ -76,18 +89,20 @@ class BertLayer(nn.Module):
         else:
             context = ops.attention_qkv(qkv, packing.cu_seqlens, packing.max_seqlen,
                                         dropout_p=c.attention_probs_dropout_prob, training=self.training,
-                                        seed=seed, site=self.index, impl=c.attention_impl,
-                                        backend=c.backend)
+                                        seed=seed, site=dropout_site("attention", self.index),
+                                        impl=c.attention_impl, backend=c.backend)
         x = ops.add_layer_norm(
             F.linear(context.flatten(-2), self.attn_out.weight), self.attn_norm.weight,
             self.attn_norm.bias, c.layer_norm_eps, x_bias=self.attn_out.bias, residual=x,
-            dropout_p=c.hidden_dropout_prob, training=self.training, backend=c.backend)
+            dropout_p=c.hidden_dropout_prob, training=self.training, seed=seed,
+            site=dropout_site("attention_output", self.index), backend=c.backend)
         inner = ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias,
                               c.gelu_approximate, backend=c.backend)
         return ops.add_layer_norm(
             F.linear(inner, self.ffn_out.weight), self.ffn_norm.weight, self.ffn_norm.bias,
             c.layer_norm_eps, x_bias=self.ffn_out.bias, residual=x,
-            dropout_p=c.hidden_dropout_prob, training=self.training, backend=c.backend)
+            dropout_p=c.hidden_dropout_prob, training=self.training, seed=seed,
+            site=dropout_site("output", self.index), backend=c.backend)
 
 
 class BertModel(nn.Module):
@@ -128,23 +143,24 @@ class BertModel(nn.Module):
     def _encode(self, input_ids, token_type_ids, attention_mask):
         """Forward on a batch `check_batch` has already accepted: (hidden, pooled, packing).
 
-        When attention runs the varlen kernel (the fast backend), the batch is unpadded once
-        after the embeddings and every layer works on the packed [T, hidden] rows; hidden is
+        When attention runs the varlen kernel (the fast backend), the batch is unpadded once,
+        before the embeddings, and every layer works on the packed [T, hidden] rows; hidden is
         then packed and `packing` says where its rows belong (padding positions read as zeros).
-        Otherwise hidden is [B, S, hidden] and packing is None."""
+        Otherwise hidden is [B, S, hidden] and packing is None. One dropout seed is drawn per
+        forward on the fast path; each dropout call adds its own site (`dropout_site`)."""
         c = self.config
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        x = self.embeddings(input_ids, token_type_ids)
-        packing = ops.attention_packing(attention_mask, tuple(input_ids.shape), c.head_dim, x.dtype,
-                                        x.device, backend=c.backend)
+        word = self.embeddings.word.weight
+        packing = ops.attention_packing(attention_mask, tuple(input_ids.shape), c.head_dim, word.dtype,
+                                        word.device, backend=c.backend)
+        seed = None
+        if packing is not None and self.training and (c.hidden_dropout_prob > 0
+                                                      or c.attention_probs_dropout_prob > 0):
+            seed = ops.new_dropout_seed(word.device)  # one draw per forward, not per call
+        x = self.embeddings(input_ids, token_type_ids, packing, seed)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        seed = None
-        if packing is not None:
-            x = packing.pack(x)
-            if self.training and c.attention_probs_dropout_prob > 0:
-                seed = ops.new_dropout_seed(x.device)  # one draw per forward, not per layer
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, attention_mask, packing, seed, use_reentrant=False)

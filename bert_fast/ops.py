@@ -80,24 +80,27 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none",
 
 def add_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
                    x_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                   dropout_p: float = 0.0, training: bool = False,
-                   backend: str = "auto") -> torch.Tensor:
+                   dropout_p: float = 0.0, training: bool = False, seed: torch.Tensor | None = None,
+                   site: int = 0, backend: str = "auto") -> torch.Tensor:
     """`LayerNorm(residual + dropout(x + x_bias))` over the last dimension: every post-LN
-    sub-layer's ending (x_bias is the preceding GEMM's bias, left out of the GEMM to fuse here)."""
+    sub-layer's ending (x_bias is the preceding GEMM's bias, left out of the GEMM to fuse here).
+    On the fast backend `seed` (the forward's [1] int64 key) and `site` (this call's own) fix the
+    dropout mask; the kernel validates its arguments (kernels/layernorm.py)."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    p = dropout_p if training else 0.0
+    # float64 stays on torch: the kernels compute in float32.
+    if x.dtype != torch.float64 and _use_triton(backend, x.device, "add_layer_norm"):
+        from bert_fast.kernels.layernorm import add_layer_norm as add_layer_norm_triton
+        return add_layer_norm_triton(x, weight, bias, eps, x_bias=x_bias, residual=residual, dropout_p=p,
+                                     seed=seed, site=site)
     hidden = (x.shape[-1],)
     for name, value in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
         if value is not None:
             check_tensor(name, value, shape=hidden, device=x.device)
     if residual is not None:
         check_tensor("residual", residual, shape=tuple(x.shape), device=x.device)
-    # float64 stays on torch: the kernels compute in float32.
-    if x.dtype != torch.float64 and _use_triton(backend, x.device, "add_layer_norm"):
-        from bert_fast.kernels.layernorm import add_layer_norm as add_layer_norm_triton
-        return add_layer_norm_triton(x, weight, bias, eps, x_bias=x_bias, residual=residual,
-                                     dropout_p=dropout_p if training else 0.0)
     h = x if x_bias is None else x + x_bias
-    h = F.dropout(h, dropout_p, training)
+    h = F.dropout(h, p, training)
     if residual is not None:
         h = h + residual
     return F.layer_norm(h, (h.shape[-1],), weight, bias, eps)
@@ -107,24 +110,29 @@ def embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_i
                word: torch.Tensor, position: torch.Tensor, token_type: torch.Tensor,
                norm_weight: torch.Tensor, norm_bias: torch.Tensor, eps: float, *,
                padding_idx: int | None = None, dropout_p: float = 0.0, training: bool = False,
+               seed: torch.Tensor | None = None, site: int = 0, check_ids: bool = True,
                backend: str = "auto") -> torch.Tensor:
-    """`dropout(LayerNorm(word[ids] + token_type[types] + position[pos]))`.
+    """`dropout(LayerNorm(word[ids] + token_type[types] + position[pos]))` for ids of any shape.
 
-    `padding_idx` keeps the pad row's word-embedding gradient at zero, as Hugging Face does."""
-    check_tensor("input_ids", input_ids, ndim=2, dtypes=INT_DTYPES)
-    for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
-        check_tensor(name, value, dtypes=INT_DTYPES, shape=tuple(input_ids.shape))
-    for name, value in (("word", word), ("position", position), ("token_type", token_type)):
-        check_tensor(name, value, ndim=2, shape=(None, word.shape[-1]), device=input_ids.device)
+    `padding_idx` keeps the pad row's word-embedding gradient at zero, as Hugging Face does.
+    `check_ids` checks id ranges on the fast backend (one host sync); the model skips it for a
+    batch it validated on the host. `seed` and `site` fix the fast backend's dropout mask."""
+    check_tensor("word", word, ndim=2, dtypes=FLOAT_DTYPES)
+    p = dropout_p if training else 0.0
     if word.dtype != torch.float64 and _use_triton(backend, word.device, "embeddings"):
         from bert_fast.kernels.embeddings import embeddings as embeddings_triton
         return embeddings_triton(input_ids, token_type_ids, position_ids, word, position, token_type,
-                                 norm_weight, norm_bias, eps, padding_idx=padding_idx,
-                                 dropout_p=dropout_p if training else 0.0)
+                                 norm_weight, norm_bias, eps, padding_idx=padding_idx, dropout_p=p, seed=seed,
+                                 site=site, check_ids=check_ids)
+    check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
+    for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        check_tensor(name, value, dtypes=INT_DTYPES, shape=tuple(input_ids.shape))
+    for name, value in (("position", position), ("token_type", token_type)):
+        check_tensor(name, value, ndim=2, shape=(None, word.shape[-1]), device=input_ids.device)
     h = F.embedding(input_ids, word, padding_idx) + F.embedding(token_type_ids, token_type)
     h = h + F.embedding(position_ids, position)
     h = F.layer_norm(h, (h.shape[-1],), norm_weight, norm_bias, eps)
-    return F.dropout(h, dropout_p, training)
+    return F.dropout(h, p, training)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask: torch.Tensor, *,

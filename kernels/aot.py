@@ -63,6 +63,9 @@ class AotSpec:
     # when they are (BERT's hidden sizes and contiguous tensors): without it the report describes
     # scalar-load kernels that never run.
     aligned: bool = True
+    # Integer arguments that are multiples of 16 where the kernel runs (BERT's hidden sizes), as
+    # Triton specialises them: a row kernel's column mask then covers whole 16-byte vectors.
+    divisible: tuple = ()
 
 
 def _tool_dir() -> Path:
@@ -140,7 +143,9 @@ def sass_loops(sass: str) -> list[list[str]]:
         branch = _SASS_BRANCH.search(text)
         if branch and labels.get(branch.group(1), len(instructions)) <= i:
             loops.append((labels[branch.group(1)], i))
-    # Innermost only: a loop that contains another loop is an outer loop.
+    # Innermost only: a loop that contains another loop is an outer loop. A branch to itself is the
+    # trap every kernel ends with, not a loop.
+    loops = [(a, b) for a, b in loops if b > a]
     inner = [(a, b) for a, b in loops if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in loops)]
     return [instructions[a:b + 1] for a, b in inner]
 
@@ -178,7 +183,8 @@ def _compile_here(spec: AotSpec, arch: int) -> AotReport:
         raise ValueError(f"{fn.__name__}: signature/constexprs miss arguments {missing}")
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
              for name, kind in spec.signature.items()
-             if spec.aligned and (kind.startswith("*") or name.startswith("stride"))}
+             if (spec.aligned and (kind.startswith("*") or name.startswith("stride")))
+             or name in spec.divisible}
     src = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
@@ -203,7 +209,7 @@ def _compile_here(spec: AotSpec, arch: int) -> AotReport:
 def _compile_in_subprocess(specs: list[AotSpec], arch: int) -> list[AotReport]:
     jobs = [dict(zip(("module", "name"), _locate(s.fn)), signature=s.signature,
                  constexprs=s.constexprs, num_warps=s.num_warps, num_stages=s.num_stages,
-                 aligned=s.aligned)
+                 aligned=s.aligned, divisible=list(s.divisible))
             for s in specs]
     # The child sees the parent's sys.path, so kernels defined in test modules import too.
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))

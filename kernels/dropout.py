@@ -16,14 +16,20 @@ bits, cut into 16 bytes, and each byte decides one element: keep when byte >= t,
 - **Compare**: the 4 bytes of a word are compared with t at once (SWAR: 3 integer ops per word,
   the most significant bit of each result byte is the decision); applying it is a byte permute
   (PRMT, replicating that bit) and an AND per element, or per pair of 16-bit elements.
-- **Which byte**: element (r, c) of a 2-D tile (for attention r = query, c = key within the
-  sequence) uses the call with counter (r & ~8, c & ~56, stream, site) and byte
-  ((r >> 3) & 1, (c >> 3) & 7) of it. A Hopper/Ampere MMA accumulator gives each thread rows r and
-  r + 8 and columns c + 8j, so the 16 elements of a call live in one thread whenever the tile is
-  at least 16 rows by 64 columns: the compiler computes each call once per thread. Any other tile
-  shape gives the same mask, only with repeated calls. `stream` separates sequences and heads
-  (b * heads + h), `site` separates call sites (layers); the key is a 64-bit seed drawn once per
-  forward pass from torch's generator, so steps differ and `torch.manual_seed` reproduces them.
+- **Which byte**: two layouts, each a fixed function of (row, column), so forward, backward and
+  `keep_mask` agree whatever tiles they use, and each puts a call's 16 elements in one thread:
+  - `tile_flags` (attention's [queries, keys] score tiles): element (r, c) uses the call with
+    counter (r & ~8, c & ~56, stream, site) and byte ((r >> 3) & 1, (c >> 3) & 7) of it. A
+    Hopper/Ampere MMA accumulator gives each thread rows r and r + 8 and columns c + 8j, so the
+    16 elements of a call live in one thread whenever the tile is at least 16 x 64.
+  - `row_pair_flags` (row-major activations [tokens, hidden]: LayerNorm, embeddings): counter
+    (r & ~1, c & ~7, stream, site) and byte (r & 1, c & 7): 8 consecutive columns of two adjacent
+    rows. Row kernels load 8 consecutive 16-bit values per thread (one 16-byte vector) and process
+    a row pair as two tiles of one layout, so the pair's two 8-element vectors share one thread.
+  Any other tile shape gives the same mask, only with repeated calls. `stream` separates
+  sequences and heads (b * heads + h), `site` separates call sites (layers, and the LayerNorms and
+  attention within one); the key is a 64-bit seed drawn once per forward pass from torch's
+  generator, so steps differ and `torch.manual_seed` reproduces them.
 
 The masks are never stored: forward and backward regenerate them. `keep_mask` (tests) draws a
 whole mask through the same `tile_flags` with the plain-Triton apply path; the kernels apply it
@@ -138,29 +144,61 @@ def tile_flags(seed_lo, seed_hi, stream, site, t_low, t_top_clear, row_base, row
 
 
 @triton.jit
+def row_pair_flags(seed_lo, seed_hi, stream, site, t_low, t_top_clear, rows, cols):
+    """Decision words for the elements (rows[i], cols[j]) of a row-major activation, rows and cols
+    absolute indices: (flags [R, C] uint32, byte [R, C] int32), as `tile_flags` returns them."""
+    r = rows[:, None]
+    c = cols[None, :]
+    c0 = (r & ~1).to(tl.uint32)
+    c1 = (c & ~7).to(tl.uint32)
+    zero = tl.zeros_like(c0) + tl.zeros_like(c1)
+    r0, r1, r2, r3 = philox(seed_lo, seed_hi, c0 + zero, c1 + zero, zero + stream, zero + site)
+    word = ((r & 1) << 1) | ((c >> 2) & 1)
+    w = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    return _bytes_at_least(w, t_low, t_top_clear), c & 3
+
+
+@triton.jit
 def kept(flags, byte):
     """The keep decision as a boolean tile (tests and the plain apply path)."""
     return ((flags >> (byte * 8 + 7).to(tl.uint32)) & 1) != 0
 
 
+# One PRMT turns a decision bit into an all-ones or all-zero mask for an AND. Operands: $1 the
+# value(s), then each element's flags word, then each element's selector (tests/test_dropout_rng.py
+# runs these strings through a PRMT model for every byte and decision).
+APPLY_32_PTX = tl.constexpr("{ .reg .b32 %m; prmt.b32 %m, $2, $2, $3; and.b32 $0, $1, %m; }")
+# A packed pair of 16-bit elements: the mask's bytes 0-1 copy the sign of byte b0 of flags0 and its
+# bytes 2-3 that of byte b1 of flags1 (source bytes 4-7). Each element's selector holds both
+# candidate nibble bytes, built from its own byte outside the asm (so a loop whose bytes do not
+# change builds them once); the first PRMT takes byte 0 from the first element, byte 1 from the second.
+APPLY_16_PTX = tl.constexpr("{ .reg .b32 %m, %s; prmt.b32 %s, $4, $5, 0x50; prmt.b32 %m, $2, $3, %s; "
+                            "and.b32 $0, $1, %m; }")
+
+
+@triton.jit
+def selector_32(byte):
+    return (byte | 8) * 0x1111
+
+
+@triton.jit
+def selector_16(byte):
+    half = (byte | 8) * 0x11
+    return half | ((half + 0x44) << 8)
+
+
 @triton.jit
 def apply(x, flags, byte):
     """x with dropped elements set to 0 (no scaling: callers fold 1 / (1 - p) where it is free).
-    On the GPU one PRMT turns a decision bit into an all-ones or all-zero mask for an AND; 16-bit
-    tiles are masked two elements at a time, as they sit packed in one register."""
+    16-bit tiles are masked two elements at a time, as they sit packed in one register."""
     if _USE_ASM:
         if x.dtype.primitive_bitwidth == 32:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 %m; prmt.b32 %m, $2, $2, $3; and.b32 $0, $1, %m; }",
-                "=r,r,r,r", [x, flags, (byte | 8) * 0x1111], dtype=x.dtype, is_pure=True, pack=1)
+            return tl.inline_asm_elementwise(APPLY_32_PTX, "=r,r,r,r", [x, flags, selector_32(byte)],
+                                             dtype=x.dtype, is_pure=True, pack=1)
         else:
             tl.static_assert(x.dtype.primitive_bitwidth == 16, "dropout.apply takes 16- or 32-bit tiles")
-            # Selector: bytes 0-1 copy the sign of byte b0 of flags0, bytes 2-3 that of byte b1 of
-            # flags1 (source bytes 4-7), built from the two elements' (b | 8) * 0x11.
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 %m, %s; prmt.b32 %s, $4, $5, 0x40; add.u32 %s, %s, 0x4400; "
-                "prmt.b32 %m, $2, $3, %s; and.b32 $0, $1, %m; }",
-                "=r,r,r,r,r,r", [x, flags, (byte | 8) * 0x11], dtype=x.dtype, is_pure=True, pack=2)
+            return tl.inline_asm_elementwise(APPLY_16_PTX, "=r,r,r,r,r,r", [x, flags, selector_16(byte)],
+                                             dtype=x.dtype, is_pure=True, pack=2)
     else:
         return tl.where(kept(flags, byte), x, tl.zeros_like(x))
 
@@ -170,7 +208,7 @@ def _keep_mask_kernel(
     Keep,  # [rows, cols] int8
     Seed,  # [1] int64
     stream, site, threshold, rows, cols,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ROW_PAIRS: tl.constexpr,
 ):
     row_base = tl.program_id(0) * BLOCK_R
     col_base = tl.program_id(1) * BLOCK_C
@@ -178,19 +216,24 @@ def _keep_mask_kernel(
     t_low, t_top_clear = threshold_words(threshold)
     r = tl.arange(0, BLOCK_R)
     c = tl.arange(0, BLOCK_C)
-    flags, byte = tile_flags(seed_lo, seed_hi, stream, site, t_low, t_top_clear, row_base, r, col_base, c)
+    if ROW_PAIRS:
+        flags, byte = row_pair_flags(seed_lo, seed_hi, stream, site, t_low, t_top_clear, row_base + r,
+                                     col_base + c)
+    else:
+        flags, byte = tile_flags(seed_lo, seed_hi, stream, site, t_low, t_top_clear, row_base, r, col_base, c)
     mask = ((row_base + r)[:, None] < rows) & ((col_base + c)[None, :] < cols)
     tl.store(Keep + (row_base + r)[:, None] * cols + (col_base + c)[None, :], kept(flags, byte).to(tl.int8),
              mask=mask)
 
 
 def keep_mask(seed: torch.Tensor, rows: int, cols: int, p: float, *, stream: int = 0, site: int = 0,
-              block: tuple[int, int] = (16, 64)) -> torch.Tensor:
-    """The bool [rows, cols] keep-mask every kernel draws for (stream, site) under `seed` (tests;
-    kernels never store it). `block` only changes how it is computed, never the mask."""
+              block: tuple[int, int] = (16, 64), row_pairs: bool = False) -> torch.Tensor:
+    """The bool [rows, cols] keep-mask the kernels draw for (stream, site) under `seed`, in the
+    score-tile layout (attention) or with `row_pairs` the row-major one (LayerNorm, embeddings).
+    Tests only: kernels never store it. `block` changes how it is computed, never the mask."""
     keep = torch.empty((rows, cols), dtype=torch.int8, device=seed.device)
     if rows and cols:
         grid = (triton.cdiv(rows, block[0]), triton.cdiv(cols, block[1]))
         _keep_mask_kernel[grid](keep, seed, stream, site, keep_threshold(p), rows, cols,
-                                BLOCK_R=block[0], BLOCK_C=block[1])
+                                BLOCK_R=block[0], BLOCK_C=block[1], ROW_PAIRS=row_pairs)
     return keep.bool()

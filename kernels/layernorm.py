@@ -3,28 +3,28 @@
 BERT is post-LN: every sub-layer ends in this expression, with `x` the output of a GEMM run
 without its bias. Eager PyTorch spends four or five memory passes on it (bias add, dropout with a
 stored mask, residual add, layer norm); fused, the forward reads `x` and `residual` once and writes
-`y` once, and stores only float32 mean/rstd per row and the dropout seed (never the mask).
+`y` once, never the mask.
 
-Backward: the pre-norm sum `h` is recomputed from `x`, `x_bias`, `residual` and the regenerated
-dropout mask instead of being saved. Both choices move the same bytes when there is a residual
-(save: forward +1 write, backward +1 read of `h`; recompute: backward +2 reads of `x` and
-`residual`, where `residual` is already kept alive by the GEMM that consumed it), and recomputing is
-strictly cheaper without a residual (`h` would be a copy of `x`); it also keeps the forward, which
-inference and evaluation run alone, at the minimum of one read per input and one write.
-`dresidual` is the gradient of `h`; without dropout `dx` is the same tensor.
-dgamma, dbeta and dx_bias go through per-program float32 partial sums `[n_programs, hidden]` and
-a second `sum(0)`, so results are bitwise reproducible run to run (no atomics).
+Backward: when a gradient is wanted the forward also writes x-hat = (h - mean) * rstd in x's dtype
+and float32 rstd, and the backward reads x-hat (with dy) instead of recomputing h from x, x_bias,
+residual and the dropout mask. The bytes are the same (forward +1 write, backward -1 read: x-hat in
+place of x and residual), the backward's loop is far shorter and holds half the registers, and
+x-hat (about 1 in magnitude) rounds better than h itself, which eager bf16 keeps. A plain LayerNorm
+(no x_bias, residual or dropout: h is x) saves the float32 mean instead and reads x again, as
+eager does. Evaluation and inference (no gradient) save nothing. `dresidual` is the gradient of
+`h`; without dropout `dx` is the same tensor. dgamma, dbeta and dx_bias go through per-program
+float32 partial rows and one finalize launch (kernels/row_norm.py): bitwise reproducible, no
+atomics. Launches per call: one forward, two backward.
 
-The dropout mask is `tl.rand(seed, row * hidden + col) >= p` (Philox; the offset is int64, so
-tensors past 2**31 elements get distinct numbers), the same call in forward, backward and
-`dropout_mask` (which exposes it for tests). The seed is a [1] int64 tensor on the device, drawn
-from torch's generator there: it follows torch.manual_seed and needs no host sync.
+Tiling (kernels/row_norm.py): a program loops over tiles of row pairs, each row held as chunks
+(768 = 3 x 256) so every lane works. Dropout comes from kernels/dropout.py's row-pair layout
+(Philox4x32-7, 16 decisions per call, p rounded to 1/256) keyed by a [1] int64 seed and an int
+`site`, so the model draws one seed per forward and gives each call site its own masks; the scale
+1 / (1 - p) is folded into the bias add.
 
-Forward and backward are `torch.library.triton_op`s (kernels launched through `wrap_triton`) with
-the backward attached by `register_autograd`, so torch.compile and torch.export see single ops.
-The HAS_* flags are passed by the launchers rather than by `triton.heuristics`, which `wrap_triton`
-does not take; an absent optional input is passed as a placeholder pointer that its flag keeps
-unread.
+Host side: `add_layer_norm` validates; `add_layer_norm_unchecked` is bert_fast.ops' entry (it has
+validated). Eager calls run a plain `torch.autograd.Function`; under torch.compile / export the same
+launchers run inside the `bert_fast::add_layer_norm_fwd/bwd` triton_ops.
 
 References: Triton tutorial 05 (layer norm), flash-attention `flash_attn/ops/triton/layer_norm.py`
 (https://github.com/Dao-AILab/flash-attention), apex `FusedLayerNorm`, Liger-Kernel `layer_norm`.
@@ -32,39 +32,60 @@ References: Triton tutorial 05 (layer norm), flash-attention `flash_attn/ops/tri
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from bert_fast.checks import check_same, check_tensor
+from bert_fast.kernels import dropout
+from bert_fast.kernels import row_norm as rn
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# One row lives in registers; past this the backward's per-thread arrays would spill.
-MAX_HIDDEN = 4096
+MAX_HIDDEN = rn.MAX_HIDDEN
 
 
 @triton.jit
-def _dropout_keep(seed, offsets, dropout_p):
-    """True where dropout keeps the element; shared by every kernel that regenerates the mask."""
-    return tl.rand(seed, offsets) >= dropout_p
+def _pre_norm(X, XBias, Residual, rows, xb, drop, stride_x_row, stride_res_row, n_rows, n_cols,
+              dropout_scale, HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr):
+    """h = residual + dropout(x + x_bias) for rows `rows`, as chunks; xb is x_bias already
+    multiplied by the dropout scale when there is dropout."""
+    h = rn.load_rows(X, rows, stride_x_row, n_rows, n_cols, CHUNK, K)
+    if HAS_DROPOUT or HAS_X_BIAS:
+        scaled = ()
+        for k in tl.static_range(K):
+            v = h[k]
+            if HAS_DROPOUT:
+                v = v * dropout_scale
+            if HAS_X_BIAS:
+                v = v + xb[k][None, :]
+            scaled = scaled + (v,)
+        h = scaled
+    if HAS_DROPOUT:
+        h = rn.drop_rows(h, rows, drop, CHUNK, K)
+    if HAS_RESIDUAL:
+        h = rn.accumulate(h, rn.load_rows(Residual, rows, stride_res_row, n_rows, n_cols, CHUNK, K), K)
+    return h
 
 
 @triton.jit
-def _layer_norm_row(h, cols, mask, N, eps, W, B, Mean, Rstd, row):
-    """LayerNorm of one float32 row held in registers: stores its mean and rstd, returns
-    gamma * xhat + beta. Shared with the embeddings kernel."""
-    mean = tl.sum(h, axis=0) / N
-    hc = tl.where(mask, h - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / N + eps)
-    tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
-    w = tl.load(W + cols, mask=mask).to(tl.float32)
-    b = tl.load(B + cols, mask=mask).to(tl.float32)
-    return hc * rstd * w + b
+def _fwd_rows(X, XBias, Residual, Y, XHat, Mean, Rstd, rows, w, b, xb, drop, stride_x_row, stride_res_row,
+              stride_y_row, n_rows, n_cols, eps, dropout_scale,
+              HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+              SAVE: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr):
+    h = _pre_norm(X, XBias, Residual, rows, xb, drop, stride_x_row, stride_res_row, n_rows, n_cols,
+                  dropout_scale, HAS_X_BIAS, HAS_RESIDUAL, HAS_DROPOUT, CHUNK, K)
+    y, xhat, mean, rstd = rn.normalize(h, w, b, n_cols, eps, CHUNK, K)
+    rn.store_rows(Y, rows, stride_y_row, n_rows, n_cols, y, CHUNK, K)
+    if SAVE:
+        tl.store(Rstd + rows, rstd, mask=rows < n_rows)
+        if HAS_X_BIAS or HAS_RESIDUAL or HAS_DROPOUT:
+            rn.store_rows(XHat, rows, stride_y_row, n_rows, n_cols, xhat, CHUNK, K)
+        else:  # h is x: the backward reads x again and needs only the mean
+            tl.store(Mean + rows, mean, mask=rows < n_rows)
 
 
 @triton.jit
@@ -75,222 +96,265 @@ def _add_layer_norm_fwd_kernel(
     W,  # [N] gamma
     B,  # [N] beta
     Y,  # [M, N] output
-    Mean,  # [M] float32
-    Rstd,  # [M] float32
+    XHat,  # [M, N] x-hat, x's dtype, strided like Y (written if SAVE, unless h is x)
+    Mean,  # [M] float32 (written if SAVE and h is x: no x_bias, residual or dropout)
+    Rstd,  # [M] float32 (written only if SAVE)
     Seed,  # [1] int64 dropout seed (read only if HAS_DROPOUT)
-    stride_x_row,
-    stride_res_row,
-    stride_y_row,
-    N,
-    eps,
-    dropout_p,
-    HAS_X_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    stride_x_row, stride_res_row, stride_y_row, n_rows, n_cols, eps, threshold, site, dropout_scale,
+    HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, SAVE: tl.constexpr,
+    HALF: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    h = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
+    w = rn.load_vector(W, n_cols, CHUNK, K)
+    b = rn.load_vector(B, n_cols, CHUNK, K)
+    xb = w
     if HAS_X_BIAS:
-        h += tl.load(XBias + cols, mask=mask, other=0.0).to(tl.float32)
+        xb = rn.load_vector(XBias, n_cols, CHUNK, K)
+        if HAS_DROPOUT:
+            scaled = ()
+            for k in tl.static_range(K):
+                scaled = scaled + (xb[k] * dropout_scale,)
+            xb = scaled
+    drop = (0, 0, 0, 0, 0)
     if HAS_DROPOUT:
-        keep = _dropout_keep(tl.load(Seed), row * N + cols, dropout_p)
-        h = tl.where(keep, h / (1.0 - dropout_p), 0.0)
-    if HAS_RESIDUAL:
-        h += tl.load(Residual + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _layer_norm_row(h, cols, mask, N, eps, W, B, Mean, Rstd, row)
-    tl.store(Y + row * stride_y_row + cols, y.to(Y.dtype.element_ty), mask=mask)
+        drop = rn.dropout_words(Seed, threshold, site)
+    for tile in range(tl.program_id(0), tl.cdiv(n_rows, 2 * HALF), tl.num_programs(0)):
+        even = tile * 2 * HALF + 2 * tl.arange(0, HALF)
+        _fwd_rows(X, XBias, Residual, Y, XHat, Mean, Rstd, even, w, b, xb, drop, stride_x_row, stride_res_row,
+                  stride_y_row, n_rows, n_cols, eps, dropout_scale, HAS_X_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
+                  SAVE, CHUNK, K)
+        _fwd_rows(X, XBias, Residual, Y, XHat, Mean, Rstd, even + 1, w, b, xb, drop, stride_x_row,
+                  stride_res_row, stride_y_row, n_rows, n_cols, eps, dropout_scale, HAS_X_BIAS, HAS_RESIDUAL,
+                  HAS_DROPOUT, SAVE, CHUNK, K)
 
 
-@triton.jit(do_not_specialize=["M", "rows_per_program"])
+@triton.jit
+def _bwd_rows(XHat, Mean, Rstd, DY, DH, DX, rows, w, drop, sums, stride_xhat_row, stride_dy_row,
+              stride_dh_row, stride_dx_row, n_rows, n_cols, dropout_scale, HAS_X_BIAS: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, FROM_X: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr):
+    """dh (and dx with dropout) for rows `rows`; returns the running (dw, db, dxb) chunk sums."""
+    xhat = rn.load_rows(XHat, rows, stride_xhat_row, n_rows, n_cols, CHUNK, K)
+    rstd = tl.load(Rstd + rows, mask=rows < n_rows, other=0.0)  # rows past the end: all zero
+    if FROM_X:  # XHat is x itself (a plain LayerNorm): x-hat = (x - mean) rstd
+        mean = tl.load(Mean + rows, mask=rows < n_rows, other=0.0)
+        centred = ()
+        for k in tl.static_range(K):
+            centred = centred + ((xhat[k] - mean[:, None]) * rstd[:, None],)
+        xhat = centred
+    dy = rn.load_rows(DY, rows, stride_dy_row, n_rows, n_cols, CHUNK, K)
+    dh = rn.normalize_backward(xhat, dy, w, rstd, n_cols, K)
+    rn.store_rows(DH, rows, stride_dh_row, n_rows, n_cols, dh, CHUNK, K)
+    dw, db, dxb = sums
+    kept = dh
+    if HAS_DROPOUT:
+        # dx = mask(dh) * scale; dx_bias sums mask(dh), and the finalize applies the scale.
+        kept = rn.drop_rows(dh, rows, drop, CHUNK, K)
+        dx = ()
+        for k in tl.static_range(K):
+            dx = dx + (kept[k] * dropout_scale,)
+        rn.store_rows(DX, rows, stride_dx_row, n_rows, n_cols, dx, CHUNK, K)
+    gw = ()
+    for k in tl.static_range(K):
+        gw = gw + (dy[k] * xhat[k],)
+    dw = rn.accumulate(dw, gw, K)
+    db = rn.accumulate(db, dy, K)
+    if HAS_X_BIAS:
+        dxb = rn.accumulate(dxb, kept, K)
+    return dw, db, dxb
+
+
+@triton.jit(do_not_specialize=["n_rows"])
 def _add_layer_norm_bwd_kernel(
-    X,  # [M, N]
-    XBias,  # [N] (read only if HAS_X_BIAS)
-    Residual,  # [M, N] (read only if HAS_RESIDUAL)
-    W,  # [N]
-    Mean,  # [M] float32
+    XHat,  # [M, N] x-hat saved by the forward, or x itself if FROM_X
+    Mean,  # [M] float32 (read only if FROM_X)
     Rstd,  # [M] float32
+    W,  # [N]
     Seed,  # [1] int64 (read only if HAS_DROPOUT)
     DY,  # [M, N] gradient of the output
     DH,  # [M, N] gradient of the pre-norm sum (= dresidual; = dx without dropout)
     DX,  # [M, N] gradient of X (written only if HAS_DROPOUT)
-    DW,  # [n_programs, N] float32 partial sums of dgamma
-    DB,  # [n_programs, N] float32 partial sums of dbeta
-    DXBias,  # [n_programs, N] float32 partial sums of dx_bias (written only if HAS_X_BIAS)
-    stride_x_row,
-    stride_res_row,
-    stride_dy_row,
-    stride_dh_row,
-    stride_dx_row,
-    M,
-    N,
-    dropout_p,
-    rows_per_program,
-    HAS_X_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    Partial,  # [2 or 3, programs, N] float32: per-program sums of dgamma, dbeta (, dx_bias / scale)
+    stride_xhat_row, stride_dy_row, stride_dh_row, stride_dx_row,
+    n_rows, n_cols, threshold, site, dropout_scale,
+    HAS_X_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, FROM_X: tl.constexpr,
+    HALF: tl.constexpr, CHUNK: tl.constexpr, K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row_start = pid.to(tl.int64) * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_X_BIAS:
-        x_bias = tl.load(XBias + cols, mask=mask, other=0.0).to(tl.float32)
-        dx_bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    w = rn.load_vector(W, n_cols, CHUNK, K)
+    drop = (0, 0, 0, 0, 0)
     if HAS_DROPOUT:
-        seed = tl.load(Seed)
-    dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for row in range(row_start, row_end):
-        # Recompute the pre-norm sum exactly as the forward did.
-        h = tl.load(X + row * stride_x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_X_BIAS:
-            h += x_bias
-        if HAS_DROPOUT:
-            keep = _dropout_keep(seed, row * N + cols, dropout_p)
-            h = tl.where(keep, h / (1.0 - dropout_p), 0.0)
-        if HAS_RESIDUAL:
-            h += tl.load(Residual + row * stride_res_row + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + row)
-        rstd = tl.load(Rstd + row)
-        xhat = tl.where(mask, (h - mean) * rstd, 0.0)
-        dy = tl.load(DY + row * stride_dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-        dw += dy * xhat
-        db += dy
-        wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / N
-        c2 = tl.sum(wdy, axis=0) / N
-        dh = (wdy - (xhat * c1 + c2)) * rstd
-        tl.store(DH + row * stride_dh_row + cols, dh.to(DH.dtype.element_ty), mask=mask)
-        if HAS_DROPOUT:
-            dh = tl.where(keep, dh / (1.0 - dropout_p), 0.0)
-            tl.store(DX + row * stride_dx_row + cols, dh.to(DX.dtype.element_ty), mask=mask)
-        if HAS_X_BIAS:
-            dx_bias += dh
-    tl.store(DW + pid * N + cols, dw, mask=mask)
-    tl.store(DB + pid * N + cols, db, mask=mask)
+        drop = rn.dropout_words(Seed, threshold, site)
+    zero = rn.zeros(HALF, CHUNK, K)
+    sums = (zero, zero, zero)
+    for tile in range(pid, tl.cdiv(n_rows, 2 * HALF), tl.num_programs(0)):
+        even = tile * 2 * HALF + 2 * tl.arange(0, HALF)
+        sums = _bwd_rows(XHat, Mean, Rstd, DY, DH, DX, even, w, drop, sums, stride_xhat_row, stride_dy_row,
+                         stride_dh_row, stride_dx_row, n_rows, n_cols, dropout_scale, HAS_X_BIAS, HAS_DROPOUT,
+                         FROM_X, CHUNK, K)
+        sums = _bwd_rows(XHat, Mean, Rstd, DY, DH, DX, even + 1, w, drop, sums, stride_xhat_row,
+                         stride_dy_row, stride_dh_row, stride_dx_row, n_rows, n_cols, dropout_scale,
+                         HAS_X_BIAS, HAS_DROPOUT, FROM_X, CHUNK, K)
+    programs = tl.num_programs(0)
+    dw, db, dxb = sums
+    rn.store_partial(Partial, pid, n_cols, dw, CHUNK, K)
+    rn.store_partial(Partial + programs * n_cols, pid, n_cols, db, CHUNK, K)
     if HAS_X_BIAS:
-        tl.store(DXBias + pid * N + cols, dx_bias, mask=mask)
+        rn.store_partial(Partial + 2 * programs * n_cols, pid, n_cols, dxb, CHUNK, K)
 
 
-@triton.jit
-def _dropout_mask_kernel(
-    Keep,  # [M, N] bool output
-    Seed,  # [1] int64
-    N,
-    dropout_p,
-    BLOCK_N: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    mask = cols < N
-    keep = _dropout_keep(tl.load(Seed), row * N + cols, dropout_p)
-    tl.store(Keep + row * N + cols, keep, mask=mask)
+# ----------------------------------------------------------------------------------- launchers
+
+def _launch(kernel, grid, traced: bool = False):
+    """kernel[grid] eagerly, or through wrap_triton inside a triton_op (tracing)."""
+    return wrap_triton(kernel)[grid] if traced else kernel[grid]
 
 
-def block_config(hidden: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps) for one row of `hidden` elements: about 8 fp32 values per thread."""
-    block = triton.next_power_of_2(hidden)
-    return block, min(max(block // 256, 1), 8)
+def _plain(x_bias, residual, dropout_p: float) -> bool:
+    """h is x itself: the forward saves the mean instead of x-hat and the backward reads x again."""
+    return x_bias is None and residual is None and dropout_p == 0.0
 
 
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _forward(x, weight, bias, x_bias, residual, seed, eps: float, dropout_p: float, site: int, save: bool,
+             traced: bool = False):
+    """x, residual: [M, N] with stride(-1) == 1. Returns (y [M, N], x-hat [M, N], mean [M], rstd [M]):
+    with `save` the statistics the backward reads (float32 rstd, and x-hat in x's dtype, or the
+    float32 mean when h is x), the others empty tensors."""
+    rows, hidden = x.shape
+    plain = _plain(x_bias, residual, dropout_p)
+    y = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
+    xhat = torch.empty((rows, hidden) if save and not plain else (0,), dtype=x.dtype, device=x.device)
+    mean = torch.empty(rows if save and plain else 0, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(rows if save else 0, device=x.device, dtype=torch.float32)
+    if rows == 0:
+        return y, xhat, mean, rstd
+    config = rn.launch_config(hidden)
+    threshold = dropout.keep_threshold(dropout_p)
+    grid = (rn.programs(x.device, rows, config["HALF"], per_sm=8),)
+    _launch(_add_layer_norm_fwd_kernel, grid, traced)(
+        x, weight if x_bias is None else x_bias, x if residual is None else residual, weight, bias, y,
+        xhat if xhat.numel() else y, mean if mean.numel() else weight, rstd if save else weight, seed,
+        x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), rows, hidden, eps, threshold,
+        site, dropout.dropout_scale(dropout_p), HAS_X_BIAS=x_bias is not None,
+        HAS_RESIDUAL=residual is not None, HAS_DROPOUT=threshold > 0, SAVE=save, **config)
+    return y, xhat, mean, rstd
 
 
-def backward_programs(device: torch.device, rows: int) -> int:
-    """Programs of the backward: a few per SM on a GPU (each keeps its own dgamma/dbeta partial
-    row); 4 under the CPU interpreter so tests still split rows unevenly across programs. Each
-    program writes its whole partial row (zeros when it gets no rows); 0 when there are no rows."""
-    per_device = 8 * _sm_count(device.index or 0) if device.type == "cuda" else 4
-    return min(per_device, rows)
+def _backward(dy, xhat, mean, rstd, weight, x_bias, seed, dropout_p: float, site: int, traced: bool = False):
+    """(dh, dx, dweight, dbias, dx_bias): dh [M, N] is the pre-norm sum's gradient (= dresidual,
+    = dx without dropout); dx is dh itself without dropout; dx_bias None without x_bias. `xhat`
+    is x itself when `mean` is not empty (a plain LayerNorm)."""
+    rows, hidden = xhat.shape
+    threshold = dropout.keep_threshold(dropout_p)
+    dh = torch.empty((rows, hidden), dtype=xhat.dtype, device=xhat.device)
+    dx = torch.empty((rows, hidden), dtype=xhat.dtype, device=xhat.device) if threshold > 0 else dh
+    outs = [torch.empty_like(weight), torch.empty_like(weight)]
+    if x_bias is not None:
+        outs.append(torch.empty_like(x_bias))
+    config = rn.launch_config(hidden)
+    n_programs = rn.programs(xhat.device, rows, config["HALF"])
+    partial = torch.empty((len(outs), n_programs, hidden), device=xhat.device, dtype=torch.float32)
+    from_x = mean.numel() > 0
+    _launch(_add_layer_norm_bwd_kernel, (n_programs,), traced)(
+        xhat, mean if from_x else rstd, rstd, weight, seed, dy, dh, dx, partial, xhat.stride(0), dy.stride(0),
+        dh.stride(0), dx.stride(0), rows, hidden, threshold, site, dropout.dropout_scale(dropout_p),
+        HAS_X_BIAS=x_bias is not None, HAS_DROPOUT=threshold > 0, FROM_X=from_x, **config)
+    rn.finalize(partial, outs, lambda kernel, grid: _launch(kernel, grid, traced),
+                scales=(1.0, 1.0, dropout.dropout_scale(dropout_p)))
+    return dh, dx, outs[0], outs[1], outs[2] if x_bias is not None else None
 
 
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """[..., N] -> [M, N] with unit stride along N (a view when possible)."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
+class _AddLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_bias, residual, seed, eps, dropout_p, site):
+        save = any(ctx.needs_input_grad[:5])  # grad mode is off inside forward; this says it all
+        y, xhat, mean, rstd = _forward(x, weight, bias, x_bias, residual, seed, eps, dropout_p, site, save)
+        ctx.save_for_backward(x if _plain(x_bias, residual, dropout_p) else xhat, mean, rstd, weight, x_bias,
+                              seed)
+        ctx.args = (dropout_p, site)
+        ctx.has_residual = residual is not None
+        return y
 
-
-def _placeholder(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """An absent optional input becomes a valid pointer that the kernel's flag keeps unread."""
-    return like if t is None else t
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, mean, rstd, weight, x_bias, seed = ctx.saved_tensors
+        dh, dx, dweight, dbias, dx_bias = _backward(_rows(dy), xhat, mean, rstd, weight, x_bias, seed,
+                                                    *ctx.args)
+        return dx, dweight, dbias, dx_bias, dh if ctx.has_residual else None, None, None, None, None
 
 
 @triton_op("bert_fast::add_layer_norm_fwd", mutates_args=())
 def _add_layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                         x_bias: torch.Tensor | None, residual: torch.Tensor | None, seed: torch.Tensor,
-                        eps: float, dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, residual: [M, N] with stride(-1) == 1. Returns y [M, N] and float32 mean, rstd [M]."""
-    rows, hidden = x.shape
-    y = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    mean = torch.empty(rows, device=x.device, dtype=torch.float32)
-    rstd = torch.empty(rows, device=x.device, dtype=torch.float32)
-    if rows == 0:
-        return y, mean, rstd
-    block, warps = block_config(hidden)
-    wrap_triton(_add_layer_norm_fwd_kernel)[(rows,)](
-        x, _placeholder(x_bias, weight), _placeholder(residual, x), weight, bias, y, mean, rstd, seed,
-        x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), hidden, eps, dropout_p,
-        HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None, HAS_DROPOUT=dropout_p > 0.0,
-        BLOCK_N=block, num_warps=warps)
-    return y, mean, rstd
+                        eps: float, dropout_p: float, site: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, x_bias, residual, seed, eps, dropout_p, site, save=True, traced=True)
 
 
 @triton_op("bert_fast::add_layer_norm_bwd", mutates_args=())
-def _add_layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                        x_bias: torch.Tensor | None, residual: torch.Tensor | None, mean: torch.Tensor,
-                        rstd: torch.Tensor, seed: torch.Tensor, dropout_p: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns dh [M, N] (the pre-norm sum's gradient = dresidual = dx without dropout), dx [M, N]
-    with dropout (else empty: a custom op may not return one tensor twice), and the float32
-    column sums [2 or 3, N] of dgamma, dbeta (and dx_bias)."""
-    rows, hidden = x.shape
-    dh = torch.empty((rows, hidden), dtype=x.dtype, device=x.device)
-    dx = torch.empty((rows, hidden) if dropout_p > 0.0 else (0,), dtype=x.dtype, device=x.device)
-    programs = backward_programs(x.device, rows)
-    partial = torch.empty((2 if x_bias is None else 3, programs, hidden), device=x.device,
-                          dtype=torch.float32)
-    if rows > 0:
-        block, warps = block_config(hidden)
-        wrap_triton(_add_layer_norm_bwd_kernel)[(programs,)](
-            x, _placeholder(x_bias, weight), _placeholder(residual, x), weight, mean, rstd, seed, dy, dh,
-            dh if dropout_p == 0.0 else dx, partial[0], partial[1], partial[-1],
-            x.stride(0), 0 if residual is None else residual.stride(0), dy.stride(0), dh.stride(0),
-            dh.stride(0), rows, hidden, dropout_p, triton.cdiv(rows, programs),
-            HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None,
-            HAS_DROPOUT=dropout_p > 0.0, BLOCK_N=block, num_warps=warps)
-    return dh, dx, partial.sum(1)  # the sum over programs is the deterministic second stage
+def _add_layer_norm_bwd(dy: torch.Tensor, xhat: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                        weight: torch.Tensor, x_bias: torch.Tensor | None, seed: torch.Tensor,
+                        dropout_p: float, site: int
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dh, dx or an empty tensor without dropout (an op may not return one tensor twice),
+    dweight, dbias, dx_bias or an empty tensor)."""
+    dh, dx, dweight, dbias, dx_bias = _backward(dy, xhat, mean, rstd, weight, x_bias, seed, dropout_p, site,
+                                                traced=True)
+    empty = xhat.new_empty(0)
+    return dh, dx if dx is not dh else empty, dweight, dbias, dx_bias if dx_bias is not None else empty
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, _bias, x_bias, residual, seed, _eps, dropout_p = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, x_bias, residual, mean, rstd, seed)
-    ctx.dropout_p = dropout_p
-    ctx.mark_non_differentiable(mean, rstd)
+    x, weight, _bias, x_bias, residual, seed, _eps, dropout_p, site = inputs
+    _y, xhat, mean, rstd = output
+    saved = x if _plain(x_bias, residual, dropout_p) else xhat
+    ctx.save_for_backward(saved, mean, rstd, weight, x_bias, seed)
+    ctx.args = (dropout_p, site)
+    ctx.has_residual = residual is not None
+    ctx.mark_non_differentiable(xhat, mean, rstd)
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, weight, x_bias, residual, mean, rstd, seed = ctx.saved_tensors
-    dh, dx, sums = _add_layer_norm_bwd(as_rows(dy), x, weight, x_bias, residual, mean, rstd, seed,
-                                       ctx.dropout_p)
-    dx = dx if ctx.dropout_p > 0.0 else dh
-    dx_bias = sums[2].to(x_bias.dtype) if x_bias is not None else None
-    return (dx, sums[0].to(weight.dtype), sums[1].to(weight.dtype), dx_bias,
-            dh if residual is not None else None, None, None, None)
+def _op_backward(ctx, dy, _dxhat, _dmean, _drstd):
+    xhat, mean, rstd, weight, x_bias, seed = ctx.saved_tensors
+    dh, dx, dweight, dbias, dx_bias = _add_layer_norm_bwd(_rows(dy), xhat, mean, rstd, weight, x_bias, seed,
+                                                          *ctx.args)
+    dx = dx if ctx.args[0] > 0.0 else dh
+    return (dx, dweight, dbias, dx_bias if x_bias is not None else None, dh if ctx.has_residual else None,
+            None, None, None, None)
 
 
-_add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+_add_layer_norm_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 
 
-def _check(x, weight, bias, eps, x_bias, residual, dropout_p, seed) -> None:
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., N] -> [M, N] with unit stride along N (a view when possible)."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _traced(t: torch.Tensor) -> bool:
+    return torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
+
+
+# -------------------------------------------------------------------------------------- public
+
+def add_layer_norm_unchecked(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
+                             x_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                             dropout_p: float = 0.0, seed: torch.Tensor | None = None,
+                             site: int = 0) -> torch.Tensor:
+    """`add_layer_norm` for callers that validated the arguments (bert_fast.ops): weight, bias
+    and x_bias contiguous, residual of x's shape."""
+    if seed is None:
+        seed = dropout.new_seed(x.device) if dropout_p > 0 else weight  # unread without dropout
+    rows = _rows(x)
+    residual = None if residual is None else _rows(residual)
+    args = (seed, float(eps), float(dropout_p), int(site))
+    if _traced(x):
+        y, _, _, _ = _add_layer_norm_fwd(rows, weight, bias, x_bias, residual, *args)
+    else:
+        y = _AddLayerNorm.apply(rows, weight, bias, x_bias, residual, *args)
+    return y.view(x.shape)
+
+
+def _check(x, weight, bias, eps, x_bias, residual, dropout_p, seed, site) -> None:
     check_tensor("x", x, dtypes=DTYPES)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must have a non-empty last dimension, got shape {tuple(x.shape)}")
@@ -313,54 +377,41 @@ def _check(x, weight, bias, eps, x_bias, residual, dropout_p, seed) -> None:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if seed is not None:
         check_tensor("seed", seed, shape=(1,), dtypes=(torch.int64,), device=x.device)
-
-
-def new_seed(dropout_p: float, device: torch.device) -> torch.Tensor:
-    """[1] int64 seed on `device` from torch's generator there (follows torch.manual_seed; no
-    host sync); zeros, never read, when there is no dropout."""
-    if dropout_p > 0.0:
-        return torch.randint(0, 2**62, (1,), device=device)
-    return torch.zeros(1, dtype=torch.int64, device=device)
+    if isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < 2**32:
+        raise ValueError(f"site must be an int in [0, 2**32), got {site!r}")
 
 
 def add_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-12, *,
                    x_bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                   dropout_p: float = 0.0, seed: torch.Tensor | None = None) -> torch.Tensor:
+                   dropout_p: float = 0.0, seed: torch.Tensor | None = None, site: int = 0) -> torch.Tensor:
     """`LayerNorm(residual + dropout(x + x_bias))` over the last dimension of `x` (any leading
     shape), in x's dtype with float32 statistics. `dropout_p` > 0 applies dropout (callers pass 0
-    in eval); `seed` ([1] int64 on x's device) fixes its mask (see `dropout_mask`), drawn from
-    torch's generator when None."""
-    _check(x, weight, bias, eps, x_bias, residual, dropout_p, seed)
-    dropout_p = float(dropout_p)
-    if seed is None:
-        seed = new_seed(dropout_p, x.device)
-    y, _, _ = _add_layer_norm_fwd(
-        as_rows(x), weight.contiguous(), bias.contiguous(),
-        None if x_bias is None else x_bias.contiguous(),
-        None if residual is None else as_rows(residual), seed, float(eps), dropout_p)
-    return y.view(x.shape)
+    in eval; p rounded to a multiple of 1/256, kernels/dropout.py); `seed` ([1] int64 on x's
+    device) and `site` fix its mask (see `dropout_mask`); the seed is drawn from torch's generator
+    when None."""
+    _check(x, weight, bias, eps, x_bias, residual, dropout_p, seed, site)
+    return add_layer_norm_unchecked(x, weight.contiguous(), bias.contiguous(), eps,
+                                    x_bias=None if x_bias is None else x_bias.contiguous(),
+                                    residual=residual, dropout_p=dropout_p, seed=seed, site=site)
 
 
-def dropout_mask(seed: torch.Tensor, rows: int, hidden: int, dropout_p: float) -> torch.Tensor:
+# ----------------------------------------------------------------------------------- reference
+
+def dropout_mask(seed: torch.Tensor, rows: int, hidden: int, dropout_p: float, site: int = 0) -> torch.Tensor:
     """The keep-mask [rows, hidden] (bool, on seed's device) that the kernels apply, with this
-    seed, to row-major [rows, hidden] data: for tests and debugging, never stored in training."""
-    keep = torch.empty((rows, hidden), dtype=torch.bool, device=seed.device)
-    if rows > 0 and hidden > 0:
-        block, warps = block_config(hidden)
-        _dropout_mask_kernel[(rows,)](keep, seed, hidden, float(dropout_p), BLOCK_N=block,
-                                      num_warps=warps)
-    return keep
+    seed and site, to row-major [rows, hidden] data: for tests, never stored in training."""
+    return dropout.keep_mask(seed, rows, hidden, dropout_p, site=site, row_pairs=True)
 
 
 def add_layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                              eps: float = 1e-12, *, x_bias: torch.Tensor | None = None,
                              residual: torch.Tensor | None = None, dropout_p: float = 0.0,
                              keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain PyTorch, in x's dtype. With `keep` (x's shape, bool) dropout uses that mask, else
-    torch's own dropout when dropout_p > 0."""
+    """Plain PyTorch, in x's dtype. With `keep` (x's shape, bool) dropout uses that mask and the
+    kernels' scale (kernels/dropout.py), else torch's own dropout when dropout_p > 0."""
     h = x if x_bias is None else x + x_bias
     if keep is not None:
-        h = h * keep / (1.0 - dropout_p)
+        h = h * keep * dropout.dropout_scale(dropout_p)
     elif dropout_p > 0:
         h = F.dropout(h, dropout_p)
     if residual is not None:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bert_fast import BertConfig
 from bert_fast.hf import config_to_hf, to_hf_state_dict
@@ -44,3 +50,53 @@ def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: error relative to the tensor's scale."""
     scale = expected.abs().max().item()
     return (actual - expected).abs().max().item() / max(scale, torch.finfo(torch.float32).tiny)
+
+
+@contextlib.contextmanager
+def count_launches_and_syncs(*kernel_modules):
+    """Counts, inside the block, the Triton launches of the given kernel modules (through their
+    `_launch`) and the device-to-host syncs: `aten._local_scalar_dense` (what .item() and bool()
+    run), `aten.nonzero`, and Tensor.tolist (which reads a CPU tensor without the dispatcher).
+    Yields the dict of counts, filled on exit."""
+    counts = {"launches": 0, "syncs": 0}
+    originals = [(m, m._launch) for m in kernel_modules]
+
+    def counting(original):
+        def launch(kernel, grid, traced=False):
+            counts["launches"] += 1
+            return original(kernel, grid, traced)
+        return launch
+
+    class Syncs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+                counts["syncs"] += 1
+            return func(*args, **(kwargs or {}))
+
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        counts["syncs"] += 1  # a device->host copy on CUDA; CPU tensors skip the dispatcher here
+        return tolist(self)
+
+    for module, original in originals:
+        module._launch = counting(original)
+    torch.Tensor.tolist = counted_tolist
+    try:
+        # The interpreter runs a kernel through torch ops of its own: syncs count ours only.
+        with Syncs():
+            yield counts
+    finally:
+        torch.Tensor.tolist = tolist
+        for module, original in originals:
+            module._launch = original
+
+
+def trace_with_fake_tensors(script: str) -> str:
+    """Runs `script` (which prints a make_fx graph's code) in a fresh process with the Triton
+    interpreter off and returns its output. torch.compile and export trace with fake tensors first,
+    which the interpreter cannot run (it reads data pointers); with it off no kernel runs at all."""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout

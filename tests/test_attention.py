@@ -3,9 +3,6 @@ float64 reference (compared three ways, as flash-attention's tests do), ragged l
 with the kernel's own mask, the padded form, validation, and sm_90 builds of every config."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from bert_fast.kernels.attention import (
     attention_varlen_reference,
     dropout_mask,
 )
+from helpers import trace_with_fake_tensors
 
 # Ours may err at most twice what eager PyTorch in the same dtype errs, plus this much times the
 # largest exact value: a float32 sum of n products errs up to n * 2^-24 of their magnitudes, and
@@ -263,13 +261,9 @@ print(gm.code)
 
 
 def test_ops_trace_with_fake_tensors():
-    # torch.compile and export first trace with fake tensors, which the interpreter cannot run
-    # (it reads data pointers), so trace in a process with the interpreter off: no kernel runs.
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-c", _TRACE], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "bert_fast.attention_varlen_fwd" in done.stdout
-    assert "bert_fast.attention_varlen_bwd" in done.stdout
+    code = trace_with_fake_tensors(_TRACE)
+    assert "bert_fast.attention_varlen_fwd" in code
+    assert "bert_fast.attention_varlen_bwd" in code
 
 
 @pytest.mark.parametrize("p", [0.0, 0.2])

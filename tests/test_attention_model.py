@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from bert_fast import BertConfig, BertForPreTraining, ops, padding
+from bert_fast.model import dropout_site
 from helpers import padded_batch
 
 
@@ -55,7 +56,8 @@ def test_fast_path_unpads_once_and_attends_only_real_tokens(monkeypatch):
     monkeypatch.setattr(padding, "unpad", spy_unpad)
     hidden, pooled = fast.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
     # Every layer attends over the real tokens only, each at its own dropout site.
-    assert calls == [(real, i) for i in range(fast.config.num_hidden_layers)] and len(unpads) == 1
+    layers = fast.config.num_hidden_layers
+    assert calls == [(real, dropout_site("attention", i)) for i in range(layers)] and len(unpads) == 1
 
     with torch.no_grad():
         expected, expected_pooled = slow.bert(batch["input_ids"], batch["token_type_ids"],
@@ -127,3 +129,9 @@ def test_dropout_draws_one_seed_per_forward_and_checkpointing_replays_it(monkeyp
     other = model(**batch).loss
     torch.manual_seed(3)
     assert other != model(**batch).loss  # another seed, another mask
+
+
+def test_every_dropout_call_has_its_own_site():
+    sites = [dropout_site("embeddings")] + [dropout_site(op, layer) for layer in range(24)
+                                            for op in ("attention", "attention_output", "output")]
+    assert len(set(sites)) == len(sites)

@@ -1,21 +1,17 @@
 """kernels/embeddings.py under the Triton interpreter: output and the five gradients (word,
 position, token type, gamma, beta) against float64, compared three ways; padding_idx, dropout with
-the exposed mask, determinism, bad input and sm_90 compilation without spills."""
+the exposed mask, determinism, bad input, launches and host syncs per call (the sm_90 builds are
+checked by tests/test_row_norm_aot.py)."""
 
 import pytest
 import torch
 
 from bert_fast import ops
-from bert_fast.kernels import aot
-from bert_fast.kernels.embeddings import (
-    _embeddings_bwd_kernel,
-    _embeddings_fwd_kernel,
-    embeddings,
-    embeddings_reference,
-)
-from bert_fast.kernels.layernorm import block_config, dropout_mask
+from bert_fast.kernels import embeddings as embeddings_module
+from bert_fast.kernels.embeddings import embeddings, embeddings_reference
+from bert_fast.kernels.layernorm import dropout_mask
+from helpers import count_launches_and_syncs, trace_with_fake_tensors
 
-AOT_MISSING = aot.unavailable_reason()
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 TABLES = ("word", "position", "token_type", "norm_weight", "norm_bias")
 
@@ -136,25 +132,53 @@ def test_bad_input(change, error, match):
         embeddings(**{**args, **change})
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(AOT_MISSING is not None, reason=f"cannot compile for sm_90: {AOT_MISSING}")
-def test_compiles_for_sm90_without_spills():
-    specs = []
-    for hidden, dtype, has_dropout, ids in ((768, "bf16", True, "i64"), (768, "fp32", False, "i32"),
-                                            (128, "bf16", True, "i64"), (4096, "bf16", True, "i64")):
-        block, warps = block_config(hidden)
-        ptr = f"*{dtype}"
-        common = dict(InputIds=f"*{ids}", TokenTypeIds=f"*{ids}", PositionIds=f"*{ids}", Word=ptr,
-                      TokenType=ptr, Position=ptr, W=ptr, Mean="*fp32", Rstd="*fp32", stride_word_row="i64",
-                      stride_type_row="i64", stride_pos_row="i64", N="i32", dropout_p="fp32", Seed="*i64")
-        fwd = dict(common, B=ptr, Y=ptr, stride_y_row="i64", eps="fp32")
-        bwd = dict(common, DY=ptr, DH=ptr, DW="*fp32", DB="*fp32", stride_dy_row="i64", stride_dh_row="i64",
-                   M="i32", rows_per_program="i32")
-        constexprs = dict(HAS_DROPOUT=has_dropout, BLOCK_N=block)
-        specs += [aot.AotSpec(_embeddings_fwd_kernel, fwd, constexprs, num_warps=warps),
-                  aot.AotSpec(_embeddings_bwd_kernel, bwd, constexprs, num_warps=warps)]
-    reports = aot.compile_reports(specs, arch=90)
-    table = "\n".join(f"{s.signature['Word'][1:]} ids {s.signature['InputIds'][1:]} {r.row()}"
-                      for s, r in zip(specs, reports))
-    print(table)
-    assert all(r.spills == 0 for r in reports), table
+def test_no_host_sync_without_the_id_check_and_few_launches():
+    idx, tables = make_inputs(2, 6, 40, seed=3)
+    leaves = {k: v.requires_grad_() for k, v in tables.items()}
+    with count_launches_and_syncs(embeddings_module) as counts:
+        y = embeddings(**idx, **leaves, dropout_p=0.1, seed=torch.tensor([2]), check_ids=False)
+    assert counts == {"launches": 1, "syncs": 0}, counts
+    with count_launches_and_syncs(embeddings_module) as counts:
+        y.backward(torch.ones_like(y))
+    # The row kernel, the finalize, and a segment-sum kernel and its join for the word table and
+    # for the (position, type) pairs: no sync, where embedding_dense_backward has one per table.
+    assert counts == {"launches": 6, "syncs": 0}, counts
+    with count_launches_and_syncs(embeddings_module) as counts:
+        embeddings(**idx, **tables)
+    assert counts["syncs"] == 1  # the id check, when asked for: one copy for all three id tensors
+
+
+_TRACE = """
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from bert_fast.kernels.embeddings import embeddings
+
+def step(ids, types, positions, seed, *tables):
+    y = embeddings(ids, types, positions, *tables, 1e-12, padding_idx=0, dropout_p=0.1, seed=seed,
+                   check_ids=False)
+    return y, torch.autograd.grad(y.float().square().sum(), tables)
+
+ids = torch.randint(0, 30, (2, 5))
+tables = [torch.randn(n, 768, dtype=torch.bfloat16, requires_grad=True) for n in (30, 8, 2)]
+tables += [torch.randn(768, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+gm = make_fx(step, tracing_mode="fake")(ids, torch.zeros_like(ids), torch.arange(5).expand(2, 5),
+                                        torch.tensor([3]), *tables)
+print(gm.code)
+"""
+
+
+def test_ops_trace_with_fake_tensors():
+    code = trace_with_fake_tensors(_TRACE)
+    assert code.count("bert_fast.embeddings_fwd") == 1
+    assert code.count("bert_fast.embeddings_bwd") == 1
+    assert "nonzero" not in code and "_local_scalar_dense" not in code
+
+
+def test_registered_op_schema_and_autograd():
+    # The fake-tensor and AOT-dispatch checks need a compiled kernel: tests/gpu runs them.
+    idx, tables = make_inputs(2, 5, 64)
+    tables = {name: t.requires_grad_() for name, t in tables.items()}
+    args = (idx["input_ids"].flatten(), idx["token_type_ids"].flatten(), idx["position_ids"].flatten(),
+            *tables.values(), torch.tensor([3]), 1e-12, 0, 0.1, 0)
+    for utils in ("test_schema", "test_autograd_registration"):
+        torch.library.opcheck(torch.ops.bert_fast.embeddings_fwd.default, args, test_utils=utils)

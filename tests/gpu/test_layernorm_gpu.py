@@ -136,3 +136,17 @@ def test_encoder_fast_matches_torch(dtype):
         scale = p.grad.abs().max().item()
         err = (q.grad - p.grad).abs().max().item()
         assert err <= tol * max(scale, 1e-3) * 10, f"{name}: {err:.3e} (scale {scale:.3e})"
+
+
+def test_opcheck_of_the_registered_ops():
+    """Schema, fake-tensor, autograd registration and AOT dispatch of both triton_ops."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x, residual = (torch.randn(37, 768, device="cuda", generator=g, requires_grad=True) for _ in range(2))
+    weight, bias, x_bias = (torch.randn(768, device="cuda", generator=g, requires_grad=True) for _ in range(3))
+    torch.library.opcheck(torch.ops.bert_fast.add_layer_norm_fwd.default,
+                          (x, weight, bias, x_bias, residual, seed_tensor(3), 1e-12, 0.1, 2))
+    ids = torch.randint(0, 100, (37,), device="cuda", generator=g)
+    tables = [torch.randn(n, 768, device="cuda", generator=g, requires_grad=True) for n in (100, 40, 2)]
+    tables += [weight, bias]
+    torch.library.opcheck(torch.ops.bert_fast.embeddings_fwd.default,
+                          (ids, ids % 2, ids % 40, *tables, seed_tensor(3), 1e-12, 0, 0.1, 0))
