@@ -91,7 +91,7 @@ MAX_CHUNK_ELEMENTS = 1 << 28
 # Tile shapes (see stats_config, grad_config; bench/results/aot/mlm_loss.json has their builds).
 STATS_BLOCK_R, STATS_BLOCK_V, STATS_WARPS = 4, 1024, 4
 GRAD_BLOCK_M, GRAD_SUB_M, GRAD_BLOCK_V, GRAD_WARPS = 256, 8, 256, 4
-FINISH_BLOCK, FINISH_WARPS, SCALE_BLOCK, SCALE_WARPS = 1024, 4, 4096, 8
+FINISH_BLOCK, FINISH_ROWS, FINISH_WARPS, SCALE_BLOCK, SCALE_WARPS = 1024, 4096, 8, 4096, 8
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
@@ -272,23 +272,23 @@ def _mlm_finish_kernel(
     blocks,
     stride_partial,
     IGNORE_INDEX: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,  # bias columns per program
+    ROW_BLOCK: tl.constexpr,  # rows per step of program 0's sums: few steps, each a latency
     HAS_BIAS_GRAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
     if HAS_BIAS_GRAD:
-        cols = pid * BLOCK + offs
+        cols = pid * BLOCK + tl.arange(0, BLOCK)
         acc = tl.zeros([BLOCK], tl.float32)
         for b in range(0, blocks):  # a fixed order: the same sum on every run
             acc += tl.load(BiasPartial + b * stride_partial + cols, mask=cols < V, other=0.0)
         tl.store(GradBias + cols, acc, mask=cols < V)
     if pid == 0:
-        loss = tl.zeros([BLOCK], tl.float32)
-        hits = tl.zeros([BLOCK], tl.int32)
-        count = tl.zeros([BLOCK], tl.int32)
-        for start in range(0, N, BLOCK):
-            rows = start + offs
+        loss = tl.zeros([ROW_BLOCK], tl.float32)
+        hits = tl.zeros([ROW_BLOCK], tl.int32)
+        count = tl.zeros([ROW_BLOCK], tl.int32)
+        for start in range(0, N, ROW_BLOCK):
+            rows = start + tl.arange(0, ROW_BLOCK)
             ok = rows < N
             loss += tl.load(Loss + rows, mask=ok, other=0.0)
             hits += tl.load(Correct + rows, mask=ok, other=0)
@@ -459,7 +459,8 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lab
     count = torch.empty((), **f32)
     wrap_triton(_mlm_finish_kernel)[(_cdiv(vocab, FINISH_BLOCK) if grad_bias else 1,)](
         loss_rows, correct_rows, labels, partial, loss, correct, count, grad_b, n, vocab, blocks, stride,
-        IGNORE_INDEX=IGNORE_INDEX, BLOCK=FINISH_BLOCK, HAS_BIAS_GRAD=grad_bias, num_warps=FINISH_WARPS)
+        IGNORE_INDEX=IGNORE_INDEX, BLOCK=FINISH_BLOCK, ROW_BLOCK=FINISH_ROWS, HAS_BIAS_GRAD=grad_bias,
+        num_warps=FINISH_WARPS)
     return loss, correct, lse, count, grad_x, grad_w, grad_b
 
 

@@ -7,13 +7,14 @@ bias partials share that stride. Every kernel is built at BERT's vocabulary (305
 no tile) in each input dtype, with int64 labels (what the data pipeline gives).
 
 Per row of the report: `loops`, the length of every innermost loop in program order (SASS
-instructions one thread issues per iteration); `instructions_per_iteration`, the first one's (the
-stats kernel's loop over full tiles, the gradient kernel's over full row steps, the finish
-kernel's bias-partial sum; the backward's scaling kernel has no loop); `skippable`, how many of
-those sit behind a branch taken only sometimes (the stats kernel's argmax search, run in the tiles
-where a row's max grows: a few of a row's 30); and `instructions_per_element` =
-(instructions_per_iteration - skippable) x threads / elements per iteration, the figure to compare
-across tile shapes and with the kernel this design replaced (28 + 16 at bf16, README there).
+instructions one thread issues per iteration; ptxas may unroll one, as it does the finish kernel's
+bias-partial sum); `instructions_per_iteration`, the first one's (the stats kernel's loop over full
+tiles, the gradient kernel's over full row steps; the backward's scaling kernel has no loop);
+`skippable`, how many of those sit behind a branch taken only sometimes (the stats kernel's argmax
+search, run in the tiles where a row's max grows: a few of a row's 30); and, for the two passes
+over the logits, `instructions_per_element` = (instructions_per_iteration - skippable) x threads /
+logits per iteration, the figure to compare across tile shapes and with the kernel this design
+replaced (29 + 20 at bf16 as it ran; bench/results/aot/README.md).
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def _signatures(dtype: str, labels: str) -> dict:
 
 
 def specs(dtype: str = "bf16", labels: str = "i64", vocab: int = VOCAB) -> list[tuple[str, aot.AotSpec, int]]:
-    """(kernel name, spec, elements one iteration of its first loop covers) for every kernel at the
-    launchers' configs for `vocab`."""
+    """(kernel name, spec, logits one iteration of its first loop covers, or None) for every kernel
+    at the launchers' configs for `vocab`."""
     sig = _signatures(dtype, labels)
     stats, grad = mlm.stats_config(vocab), mlm.grad_config(vocab)
-    finish = dict(IGNORE_INDEX=mlm.IGNORE_INDEX, BLOCK=mlm.FINISH_BLOCK, HAS_BIAS_GRAD=True)
+    finish = dict(IGNORE_INDEX=mlm.IGNORE_INDEX, BLOCK=mlm.FINISH_BLOCK, ROW_BLOCK=mlm.FINISH_ROWS,
+                  HAS_BIAS_GRAD=True)
     return [
         ("stats", aot.AotSpec(mlm._mlm_stats_kernel, sig["stats"],
                               dict(IGNORE_INDEX=mlm.IGNORE_INDEX, BLOCK_R=stats["BLOCK_R"],
@@ -66,11 +68,10 @@ def specs(dtype: str = "bf16", labels: str = "i64", vocab: int = VOCAB) -> list[
                              dict(BLOCK_M=grad["BLOCK_M"], SUB_M=grad["SUB_M"], BLOCK_V=grad["BLOCK_V"],
                                   HAS_BIAS_GRAD=True, ACCUMULATE=False), grad["num_warps"], 1),
          grad["SUB_M"] * grad["BLOCK_V"]),
-        ("finish", aot.AotSpec(mlm._mlm_finish_kernel, sig["finish"], finish, mlm.FINISH_WARPS, 1),
-         mlm.FINISH_BLOCK),
+        # One program of each sweeps N or the bias partials once per call: no per-logit figure.
+        ("finish", aot.AotSpec(mlm._mlm_finish_kernel, sig["finish"], finish, mlm.FINISH_WARPS, 1), None),
         ("scale_grads", aot.AotSpec(mlm._mlm_scale_grads_kernel, sig["scale_grads"],
-                                    dict(BLOCK=mlm.SCALE_BLOCK), mlm.SCALE_WARPS, 1),
-         mlm.SCALE_BLOCK),
+                                    dict(BLOCK=mlm.SCALE_BLOCK), mlm.SCALE_WARPS, 1), None),
     ]
 
 
@@ -160,7 +161,7 @@ def report(dtypes=DTYPES, arch: int = 90) -> list[dict]:
             num_stages=r.num_stages, registers=r.registers, spills=r.spills, shared_bytes=r.shared_bytes,
             uses_wgmma=r.uses_wgmma, instructions_per_iteration=length, skippable=skippable,
             instructions_per_element=(round((length - skippable) * 32 * r.num_warps / elements, 2)
-                                      if length else None),
+                                      if length and elements else None),
             loops=[n for n, _ in paths]))
     return rows
 
