@@ -224,7 +224,7 @@ def test_no_n_by_vocab_tensor(fn, fused):
     biggest = max(probe.tensors, key=lambda t: t[2])
     if fused:
         # The largest tensor is the chunk buffer of logits, rows padded to the stats tile (the
-        # probe sees it through the op's fake kernel). Alive at once: that buffer, [V, H] float32
+        # probe runs the op's body). Alive at once: that buffer, [V, H] float32
         # gradient buffers (the accumulator, the returned gradient, one spare), [N, H] ones likewise,
         # per-row vectors and the bias partials (one row per gradient program of a chunk).
         stride = mlm.padded_stride(v)
@@ -233,6 +233,18 @@ def test_no_n_by_vocab_tensor(fn, fused):
         assert probe.peak <= bound < logits_bytes / 4, (probe.peak, bound, logits_bytes)
     else:  # the probe sees the reference's [N, V] logits, so it can catch them
         assert biggest[2] >= logits_bytes and probe.peak >= 2 * logits_bytes, (biggest, probe.peak)
+
+
+def test_the_backward_keeps_gradients_not_logits():
+    """Issue 20: no [N, V] logits kept for the backward. One chunk whose buffer (262 KB) dwarfs
+    what the backward needs: the float32 gradients and a few per-row and scalar tensors."""
+    n, h, v = 64, 4, 1000
+    leaves, labels = make_inputs(n, h, v, torch.float32)
+    with MemoryProbe(*leaves, labels) as probe:
+        loss, *_ = mlm_loss(*leaves, labels)
+        kept = probe.live
+        loss.backward()
+    assert kept <= (v * h + n * h + v) * 4 + 8 * n * 4 + 64 < n * mlm.padded_stride(v) * 4 / 8, kept
 
 
 def test_ops_fast_backend_runs_the_kernel(monkeypatch):
