@@ -295,15 +295,15 @@ def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lab
     0, not NaN, when nothing is predicted. The fast backend runs kernels/mlm_loss.py, which never
     holds the [N, V] logits."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
-    check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[1]), device=hidden.device)
-    check_tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device)
-    check_tensor("labels", labels, dtypes=INT_DTYPES, shape=(hidden.shape[0],), device=hidden.device)
     # float64 (a test oracle) stays on torch: the kernel computes in float32.
     if hidden.dtype != torch.float64 and _use_triton(backend, hidden.device, "mlm_loss"):
         from bert_fast.kernels import mlm_loss as fused  # lazily: triton only where it runs
 
-        loss, correct, _ = fused.mlm_loss(hidden, weight, bias, labels)
+        loss, correct, _ = fused.mlm_loss(hidden, weight, bias, labels)  # checks the rest once
         return loss, correct
+    check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[1]), device=hidden.device)
+    check_tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device)
+    check_tensor("labels", labels, dtypes=INT_DTYPES, shape=(hidden.shape[0],), device=hidden.device)
     logits = F.linear(hidden, weight, bias).float()
     valid = labels != -100
     loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")

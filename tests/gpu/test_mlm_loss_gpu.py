@@ -1,10 +1,12 @@
 """Fused MLM loss (kernels/mlm_loss.py) on CUDA at BERT sizes: bf16/fp16/fp32 against float64 beside
-eager PyTorch, bitwise determinism, peak memory against eager, and the model's fast path."""
+eager PyTorch, bitwise determinism, peak and kept memory against eager, the kernels one call
+launches with no host sync, torch.compile, and the model's fast path."""
 
 import pytest
 import torch
 
 from bert_fast import ops
+from bert_fast.kernels import mlm_loss as mlm
 from bert_fast.kernels.mlm_loss import default_chunk_rows, mlm_loss, mlm_loss_reference
 
 pytestmark = pytest.mark.gpu
@@ -64,30 +66,58 @@ def test_deterministic():
             assert torch.equal(a, b)
 
 
-def _peak_bytes(fn, leaves, labels, **kwargs) -> int:
+def _memory(fn, leaves, labels, **kwargs) -> tuple[int, int]:
+    """(peak bytes over forward + backward, bytes the forward leaves alive for the backward)."""
     copies = [t.detach().clone().requires_grad_() for t in leaves]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     loss = fn(*copies, labels, **kwargs)[0]
+    kept = torch.cuda.memory_allocated() - before
     loss.backward()
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - before
+    return torch.cuda.max_memory_allocated() - before, kept
 
 
 @pytest.mark.parametrize("n, chunk", [(8192, 2048), (40960, default_chunk_rows(VOCAB))])
-def test_peak_memory(n, chunk):
+def test_memory(n, chunk):
     leaves, labels = make_inputs(n, 768, VOCAB, torch.bfloat16)
-    fused = _peak_bytes(mlm_loss, leaves, labels, chunk_rows=chunk)
-    eager = _peak_bytes(mlm_loss_reference, leaves, labels)
-    # One bf16 chunk of logits, the float32 weight-gradient accumulator (and each chunk's float32
-    # product before it is added) and its scaled copy, grad_hidden and its float32 scaled copy, the returned gradients:
-    # far less than one float32 [N, V] tensor.
-    grads = sum(t.numel() * t.element_size() for t in leaves)
-    bound = chunk * VOCAB * 2 + 4 * VOCAB * 768 * 4 + n * 768 * 4 + 2 * grads
+    fused, kept = _memory(mlm_loss, leaves, labels, chunk_rows=chunk)
+    eager, eager_kept = _memory(mlm_loss_reference, leaves, labels)
+    # One bf16 chunk of padded logits, the float32 grad_weight and grad_hidden, per-row vectors,
+    # the bias partials, then the returned gradients: far less than one float32 [N, V] tensor.
+    stride, grads = mlm.padded_stride(VOCAB), sum(t.numel() * t.element_size() for t in leaves)
+    bound = chunk * stride * 2 + (VOCAB + n) * 768 * 4 + grads + 32 * n + (chunk // 256 + 1) * stride * 4
     assert fused <= bound < n * VOCAB * 4, (fused / 2**20, bound / 2**20)
-    if n >= 40960:  # the issue's target: at least 4x less than eager at N = 40k
+    # Issue 20: no [N, V] logits kept for the backward, only the float32 gradients (and eager keeps
+    # its logits).
+    assert kept <= (VOCAB + n) * 768 * 4 + 32 * n + 2**20 < n * VOCAB * 2 <= eager_kept, (kept, eager_kept)
+    if n >= 40960:  # at least 4x less than eager at N = 40k
         assert fused * 4 <= eager, (fused / 2**20, eager / 2**20)
+
+
+@pytest.mark.parametrize("chunk_rows, chunks", [(None, 1), (3000, 3)])
+def test_launches_and_no_host_sync(chunk_rows, chunks):
+    """Per call: the three GEMMs (cuBLAS, a kernel or two each) and two Triton passes per chunk,
+    one finish kernel, one backward kernel; no host sync (sync debug mode raises on one)."""
+    leaves, labels = make_inputs(8192, 768, VOCAB, torch.bfloat16)
+    run(mlm_loss, leaves, labels, 1.0, chunk_rows=chunk_rows)  # compile and warm up first
+    copies = [t.detach().clone().requires_grad_() for t in leaves]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = mlm_loss(*copies, labels, chunk_rows=chunk_rows)[0]
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ours = {k: sum(k in name for name in names) for k in (
+        "_mlm_stats_kernel", "_mlm_grad_kernel", "_mlm_finish_kernel", "_mlm_scale_grads_kernel")}
+    assert ours == {"_mlm_stats_kernel": chunks, "_mlm_grad_kernel": chunks, "_mlm_finish_kernel": 1,
+                    "_mlm_scale_grads_kernel": 1}, ours
+    assert len(names) <= sum(ours.values()) + 2 * 3 * chunks, names
 
 
 def test_torch_compile_sees_one_op():
