@@ -26,10 +26,11 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, plain_file_mode())
     os.close(fd)
     try:
         yield Path(tmp)
+        # After the writer: some (safetensors) replace the file they are given with a new one.
+        os.chmod(tmp, plain_file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

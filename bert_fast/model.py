@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bert_fast import ops
+from bert_fast import ops, padding
 from bert_fast.config import BertConfig
-from bert_fast.inputs import IGNORE_INDEX, check_batch
+from bert_fast.inputs import IGNORE_INDEX, check_batch, check_packed_batch
 from bert_fast.padding import Packing
 
 
@@ -39,14 +39,17 @@ class BertEmbeddings(nn.Module):
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.norm = LayerNorm(config.hidden_size)
 
-    def forward(self, input_ids, token_type_ids, packing: Packing | None = None, seed=None):
+    def forward(self, input_ids, token_type_ids, packing: Packing | None = None, seed=None,
+                position_ids=None):
         """[B, S, hidden]; with `packing` (the fast path) the real tokens only, [T, hidden]: their
-        ids are gathered first, so padding is never embedded."""
+        ids are gathered first, so padding is never embedded. With `position_ids` the ids are
+        already packed [T] (a packed batch) and embedded as they are."""
         c = self.config
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if packing is not None:
-            input_ids, token_type_ids, position_ids = (packing.pack(t) for t in (input_ids, token_type_ids,
-                                                                                  position_ids))
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            if packing is not None:
+                input_ids, token_type_ids, position_ids = (
+                    packing.pack(t) for t in (input_ids, token_type_ids, position_ids))
         # Ids were checked on the host by check_batch: no device sync to check them again.
         return ops.embeddings(
             input_ids, token_type_ids, position_ids, self.word.weight, self.position.weight,
@@ -167,8 +170,43 @@ class BertModel(nn.Module):
             else:
                 x = layer(x, attention_mask, packing, seed)
         first = x[:, 0] if packing is None else packing.first_tokens(x)
-        pooled = torch.tanh(F.linear(first, self.pooler.weight, self.pooler.bias))
-        return x, pooled, packing
+        return x, self._pool(first), packing
+
+    def _pool(self, first: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(F.linear(first, self.pooler.weight, self.pooler.bias))
+
+    def _encode_packed(self, input_ids, token_type_ids, cu_seqlens, max_seqlen: int):
+        """Forward on a packed batch `check_packed_batch` accepted: (hidden [T, hidden], pooled
+        [B, hidden]), with no host sync. The fast path runs every layer on the T rows, the filler
+        rows past cu_seqlens[-1] attending only among themselves (`padding.filler_segments`); the
+        torch path scatters the sequences into a padded [B, max_seqlen] batch and gathers back."""
+        c = self.config
+        total = input_ids.shape[0]
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        word = self.embeddings.word.weight
+        if not ops.varlen_attention_runs(c.head_dim, word.dtype, word.device, backend=c.backend):
+            layout = padding.packed_layout(cu_seqlens, total, max_seqlen)
+            ids, types, mask = (padding.to_padded(layout, t) for t in (input_ids, token_type_ids,
+                                                                      torch.ones_like(input_ids)))
+            hidden, pooled, _ = self._encode(ids, types, mask)
+            return padding.from_padded(layout, hidden), pooled
+        # Every row, filler too, in a sequence of at most max_seqlen rows: positions stay in range.
+        packing = padding.packed_layout(padding.filler_segments(cu_seqlens, total, max_seqlen), total,
+                                        max_seqlen)
+        positions = packing.indices % max_seqlen
+        seed = None
+        if self.training and (c.hidden_dropout_prob > 0 or c.attention_probs_dropout_prob > 0):
+            seed = ops.new_dropout_seed(word.device)
+        x = self.embeddings(input_ids, token_type_ids, packing, seed, position_ids=positions)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, None, packing, seed, use_reentrant=False)
+            else:
+                x = layer(x, None, packing, seed)
+        # An empty sequence slot's "first token" may be filler or row T: its NSP label is ignored.
+        first = x.index_select(0, cu_seqlens[:-1].long().clamp(max=total - 1))
+        return x, self._pool(first)
 
 
 class PretrainingOutput(dict):
@@ -249,7 +287,19 @@ class BertForPreTraining(nn.Module):
                                   backend=c.backend)
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None,
-                next_sentence_label=None, return_mlm_logits: bool = False) -> PretrainingOutput:
+                next_sentence_label=None, return_mlm_logits: bool = False, *, cu_seqlens=None,
+                max_seqlen: int | None = None, mlm_positions=None,
+                validate: bool = True) -> PretrainingOutput:
+        """A padded batch: input_ids [B, S] and the rest as in DESIGN.md (checked, with one
+        device->host copy; the fast path then unpads). Or a packed batch, given `cu_seqlens`
+        (what the training loader builds: `inputs.check_packed_batch` says the form): input_ids
+        [T], mlm_positions/mlm_labels [N], and no host sync at all with `validate=False`, for
+        batches checked on the host where they were built."""
+        if cu_seqlens is not None:
+            return self._forward_packed(input_ids, token_type_ids, cu_seqlens, max_seqlen, mlm_positions,
+                                        mlm_labels, next_sentence_label, return_mlm_logits, validate)
+        if mlm_positions is not None or max_seqlen is not None:
+            raise ValueError("mlm_positions and max_seqlen belong to a packed batch: give cu_seqlens too")
         check_batch(self.config, self.decoder_weight.device, input_ids, token_type_ids,
                     attention_mask, mlm_labels, next_sentence_label)
         hidden, pooled, packing = self.bert._encode(input_ids, token_type_ids, attention_mask)
@@ -277,11 +327,39 @@ class BertForPreTraining(nn.Module):
             out.loss = out.mlm_loss
 
         if next_sentence_label is not None:
-            labels = next_sentence_label.long()
-            valid = labels != IGNORE_INDEX
-            count = valid.sum().clamp(min=1)  # an all-ignored batch gives 0, not NaN, as the MLM loss
-            out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), labels, ignore_index=IGNORE_INDEX,
-                                           reduction="sum") / count
-            out.nsp_accuracy = ((out.nsp_logits.argmax(-1) == labels) & valid).sum() / count
-            out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
+            self._nsp(out, next_sentence_label)
+        return out
+
+    @staticmethod
+    def _nsp(out: PretrainingOutput, next_sentence_label: torch.Tensor) -> None:
+        labels = next_sentence_label.long()
+        valid = labels != IGNORE_INDEX
+        count = valid.sum().clamp(min=1)  # an all-ignored batch gives 0, not NaN, as the MLM loss
+        out.nsp_loss = F.cross_entropy(out.nsp_logits.float(), labels, ignore_index=IGNORE_INDEX,
+                                       reduction="sum") / count
+        out.nsp_accuracy = ((out.nsp_logits.argmax(-1) == labels) & valid).sum() / count
+        out.loss = out.nsp_loss if out.loss is None else out.loss + out.nsp_loss
+
+    def _forward_packed(self, input_ids, token_type_ids, cu_seqlens, max_seqlen, mlm_positions, mlm_labels,
+                        next_sentence_label, return_mlm_logits: bool, validate: bool) -> PretrainingOutput:
+        c = self.config
+        check_packed_batch(c, self.decoder_weight.device, input_ids, token_type_ids, cu_seqlens, max_seqlen,
+                           mlm_positions, mlm_labels, next_sentence_label, validate=validate)
+        hidden, pooled = self.bert._encode_packed(input_ids, token_type_ids, cu_seqlens, max_seqlen)
+        out = PretrainingOutput(nsp_logits=F.linear(pooled, self.nsp.weight, self.nsp.bias))
+        if mlm_labels is None:
+            out.mlm_logits = F.linear(self._mlm_hidden(hidden), self.decoder_weight, self.mlm_bias)
+        else:
+            # Every slot runs the head (a fixed count per batch, so shapes stay static); unused
+            # slots carry -100 and drop out of the loss and the accuracy.
+            mlm_hidden = self._mlm_hidden(hidden.index_select(0, mlm_positions))
+            out.mlm_loss, correct = ops.mlm_loss(mlm_hidden, self.decoder_weight, self.mlm_bias, mlm_labels,
+                                                 check_labels=validate, backend=c.backend)
+            out.mlm_predictions = (mlm_labels != IGNORE_INDEX).sum()
+            out.mlm_accuracy = correct / out.mlm_predictions.clamp(min=1)
+            if return_mlm_logits:
+                out.mlm_logits = F.linear(mlm_hidden, self.decoder_weight, self.mlm_bias)
+            out.loss = out.mlm_loss
+        if next_sentence_label is not None:
+            self._nsp(out, next_sentence_label)
         return out

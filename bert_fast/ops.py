@@ -195,6 +195,12 @@ def new_dropout_seed(device: torch.device) -> torch.Tensor:
     return new_seed(device)
 
 
+def varlen_attention_runs(head_dim: int, dtype: torch.dtype, device: torch.device,
+                          backend: str = "auto") -> bool:
+    """Whether attention runs the varlen kernel, so the encoder works on packed [T, hidden] rows."""
+    return _attention_kernel_runs(backend, dtype, head_dim, device)
+
+
 def attention_packing(attention_mask: torch.Tensor | None, shape: tuple[int, int], head_dim: int,
                       dtype: torch.dtype, device: torch.device, backend: str = "auto"):
     """A `bert_fast.padding.Packing` of the batch when attention runs the varlen kernel (the
@@ -287,19 +293,21 @@ def attention_qkv(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, 
 
 
 def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
-             *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+             *, check_labels: bool = True, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """Masked-LM decoder + softmax cross-entropy on the predicted positions only.
 
     hidden [N, H], weight [V, H] (the tied word embeddings), bias [V], labels [N] (-100 ignored).
     Returns (mean loss over non-ignored rows, number of correct argmax predictions); the loss is
     0, not NaN, when nothing is predicted. The fast backend runs kernels/mlm_loss.py, which never
-    holds the [N, V] logits."""
+    holds the [N, V] logits; `check_labels=False` skips its label check (a host read on the CPU)
+    for labels checked where the batch was built."""
     check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     # float64 (a test oracle) stays on torch: the kernel computes in float32.
     if hidden.dtype != torch.float64 and _use_triton(backend, hidden.device, "mlm_loss"):
         from bert_fast.kernels import mlm_loss as fused  # lazily: triton only where it runs
 
-        loss, correct, _ = fused.mlm_loss(hidden, weight, bias, labels)  # checks the rest once
+        loss, correct, _ = fused.mlm_loss(hidden, weight, bias, labels,  # checks the rest once
+                                          check_labels=check_labels)
         return loss, correct
     check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[1]), device=hidden.device)
     check_tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device)

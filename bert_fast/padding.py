@@ -4,6 +4,11 @@ A `Packing` is built once per batch from the attention mask; the fast path packs
 into `[T, ...]` (T = real tokens, in row-major order of the mask, as flash-attn's `unpad_input`),
 runs every layer on the packed rows with `cu_seqlens`, and re-pads only where a caller needs it.
 Any mask works, not only prefix masks: a token's row is its rank among the real tokens.
+
+A batch that arrives packed (the training loader's static form: `cu_seqlens` and a fixed row
+count T whose rows past `cu_seqlens[-1]` are filler) gets its layout without a host sync:
+`packed_layout` places each row at (its sequence, its position) of a padded [B, S] batch, and
+`filler_segments` cuts the filler into sequences of its own for attention.
 """
 
 from __future__ import annotations
@@ -69,3 +74,40 @@ def dense(batch: int, seq: int, device: torch.device) -> Packing:
     """The packing of a batch without padding (no mask given): no host sync at all."""
     cu_seqlens = torch.arange(0, (batch + 1) * seq, seq, dtype=torch.int32, device=device)
     return Packing(torch.arange(batch * seq, device=device), cu_seqlens, seq, batch, seq)
+
+
+def packed_layout(cu_seqlens: torch.Tensor, total: int, seq: int) -> Packing:
+    """The Packing of `total` packed rows whose sequences are `cu_seqlens` [B + 1] (each at most
+    `seq` long; rows from cu_seqlens[-1] on are filler): real row t sits at b * seq + p of a
+    padded [B, seq] batch, filler rows at B * seq, one past its end. No host sync."""
+    rows = torch.arange(total, device=cu_seqlens.device)
+    batch = cu_seqlens.shape[0] - 1
+    # right=True: of several sequences starting at row t (empty ones), the last, which holds it.
+    owner = torch.searchsorted(cu_seqlens, rows.to(cu_seqlens.dtype), right=True) - 1
+    owner = owner.clamp(max=batch - 1)
+    position = rows - cu_seqlens[owner].long()
+    indices = torch.where(rows < cu_seqlens[-1], owner * seq + position, batch * seq)
+    return Packing(indices, cu_seqlens, seq, batch, seq)
+
+
+def to_padded(layout: Packing, x: torch.Tensor) -> torch.Tensor:
+    """[T, ...] rows of a `packed_layout` -> [B, seq, ...]: zeros where no row lands, filler
+    rows dropped (differentiable)."""
+    out = x.new_zeros((layout.batch * layout.seq + 1, *x.shape[1:]))
+    return out.index_copy(0, layout.indices, x)[:-1].unflatten(0, (layout.batch, layout.seq))
+
+
+def from_padded(layout: Packing, y: torch.Tensor) -> torch.Tensor:
+    """[B, seq, ...] -> the [T, ...] rows of a `packed_layout`, filler rows zero (differentiable)."""
+    rows = torch.cat([y.flatten(0, 1), y.new_zeros((1, *y.shape[2:]))])
+    return rows.index_select(0, layout.indices)
+
+
+def filler_segments(cu_seqlens: torch.Tensor, total: int, seq: int) -> torch.Tensor:
+    """cu_seqlens followed by the filler rows [cu_seqlens[-1], total) cut into pieces of at most
+    `seq` rows: [B + 1 + ceil(total / seq)], empty pieces where there is less filler. Attention
+    then keeps filler to itself (finite values, never read) and no piece exceeds max_seqlen."""
+    pieces = -(-total // seq)
+    steps = torch.arange(1, pieces + 1, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    ends = cu_seqlens[-1:] + seq * steps
+    return torch.cat([cu_seqlens, ends.clamp(max=total)])

@@ -500,7 +500,7 @@ def _backward(ctx, grad_loss, *_):
 _mlm_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _validate(hidden, weight, bias, labels, chunk_rows) -> int:
+def _validate(hidden, weight, bias, labels, chunk_rows, check_labels: bool) -> int:
     check_tensor("hidden", hidden, ndim=2, dtypes=DTYPES)
     check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[1]), device=hidden.device)
     check_tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device)
@@ -512,7 +512,7 @@ def _validate(hidden, weight, bias, labels, chunk_rows) -> int:
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int)
                                    or chunk_rows < 1):
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
-    if labels.device.type == "cpu":  # free on the CPU; on CUDA a bad label gives a NaN loss instead
+    if check_labels and labels.device.type == "cpu":  # on CUDA a bad label gives a NaN loss instead
         bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
         if bad.any():
             raise ValueError(f"labels must be in [0, {vocab}) or {IGNORE_INDEX}, got "
@@ -521,15 +521,17 @@ def _validate(hidden, weight, bias, labels, chunk_rows) -> int:
 
 
 def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, *,
-             chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             chunk_rows: int | None = None, check_labels: bool = True
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused `cross_entropy(hidden @ weight.T + bias, labels, ignore_index=-100)`.
 
     hidden [N, H], weight [V, H], bias [V] (float32, float16 or bfloat16, one dtype), labels [N]
     int32/int64. Returns (loss: float32 mean over non-ignored rows, 0 when there are none;
     correct: int64 count of non-ignored rows whose argmax is the label; lse: float32 [N] per-row
     log-sum-exp). `chunk_rows` bounds the logits held at once (default: the fewest equal chunks
-    of at most 2^28 logits)."""
-    chunk_rows = _validate(hidden, weight, bias, labels, chunk_rows)
+    of at most 2^28 logits). `check_labels=False` skips the labels' range check on CPU tensors (a
+    host read; on CUDA it never runs), for labels checked where the batch was built."""
+    chunk_rows = _validate(hidden, weight, bias, labels, chunk_rows, check_labels)
     wanted = [torch.is_grad_enabled() and t.requires_grad for t in (hidden, weight, bias)]
     loss, correct, lse, *_ = _mlm_loss_fwd(hidden, weight, bias, labels, chunk_rows, *wanted)
     return loss, correct, lse

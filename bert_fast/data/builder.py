@@ -82,6 +82,20 @@ def plan(sentences: np.ndarray, documents: np.ndarray, settings: SampleSettings,
     return _data.plan(sentences, documents, _native_settings(settings), epoch, threads)
 
 
+def plan_lengths(plan_rows: np.ndarray, settings: SampleSettings, doc_starts: np.ndarray) -> np.ndarray:
+    """The token count `fill` gives each planned sample (int64 [n]), without building it: [CLS] A
+    [SEP] B [SEP] for a pair; for `none`, [CLS] and [SEP] plus a [SEP] at each document start
+    inside the span (doc_starts: int64 token offsets where documents begin)."""
+    rows = np.asarray(plan_rows, dtype=np.int64).reshape(-1, 5)
+    length = rows[:, 1] - rows[:, 0] + 2
+    if settings.objective == "none":
+        starts = np.asarray(doc_starts, dtype=np.int64)
+        inside = (np.searchsorted(starts, rows[:, 1], side="left")
+                  - np.searchsorted(starts, rows[:, 0], side="right"))
+        return length + np.maximum(inside, 0)
+    return length + rows[:, 3] - rows[:, 2] + 1
+
+
 def allocate(batch: int, settings: SampleSettings) -> dict[str, np.ndarray]:
     """Output arrays for `batch` samples (what `fill` writes)."""
     s, p = settings.max_seq_length, settings.predictions

@@ -4,9 +4,10 @@
 samples on demand, a batch at a time (`__getitems__`, so a DataLoader worker builds a whole batch
 in one C++ call). `ResumableSampler` splits a per-epoch permutation across ranks: disjoint and
 complete for any (rank, world_size), resumable from a consumed-samples count. `collate` pads to
-the longest sequence of the batch (the `BertForPreTraining.forward` contract); `collate_packed`
-concatenates the real tokens with `cu_seqlens` for the unpadded fast path. `PretrainingLoader`
-ties them together over epochs and keeps the position that goes into checkpoints.
+the longest sequence of the batch (the padded `BertForPreTraining.forward` contract);
+bert_fast/data/packing.py's `StaticCollate` builds the packed static batch training runs on (a
+few fixed shapes, no host sync on the device). `PretrainingLoader` ties them together over epochs
+and keeps the position that goes into checkpoints.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from bert_fast.data import builder
+from bert_fast.data import builder, packing
 from bert_fast.data.rng import DOMAIN_SHARD, stream_key
 from bert_fast.data.settings import IGNORE_INDEX, SampleSettings
 from bert_fast.data.shards import PreparedCorpus
@@ -60,6 +61,14 @@ class PretrainingDataset(Dataset):
                                    epoch, self.backend, threads=0) for i, s in enumerate(self.shards)]
         self.offsets = np.concatenate([[0], np.cumsum([len(p) for p in self.plans])]).astype(np.int64)
         self.epoch = epoch
+
+    def lengths(self, epoch: int | None = None) -> np.ndarray:
+        """Every sample's token count in `epoch` (this one by default), from the plans alone."""
+        plans = self.plans if epoch in (None, self.epoch) else [
+            builder.plan(np.asarray(s.sentences), np.asarray(s.documents), self._plan_settings(i), epoch,
+                         self.backend, threads=0) for i, s in enumerate(self.shards)]
+        return np.concatenate([builder.plan_lengths(p, self.settings, d)
+                               for p, d in zip(plans, self.doc_starts)])
 
     def _plan_settings(self, shard: int) -> SampleSettings:
         """Planning draws are keyed by the document's index in its shard, so every shard plans with
@@ -163,26 +172,6 @@ def collate(arrays: dict[str, np.ndarray], pad_to_multiple_of: int = 8) -> dict[
     }
 
 
-def collate_packed(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The unpadded form: the real tokens of the batch back to back, `cu_seqlens` [B + 1] (int32)
-    marking where each sequence starts, `position_ids` restarting at 0 per sequence."""
-    lengths = arrays["lengths"].astype(np.int64)
-    keep = np.arange(arrays["input_ids"].shape[1])[None, :] < lengths[:, None]
-    labels = np.full(arrays["input_ids"].shape, IGNORE_INDEX, dtype=np.int64)
-    rows, cols = np.nonzero(arrays["mlm_labels"] != IGNORE_INDEX)
-    labels[rows, arrays["mlm_positions"][rows, cols]] = arrays["mlm_labels"][rows, cols]
-    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return {
-        "input_ids": torch.from_numpy(arrays["input_ids"][keep].astype(np.int64)),
-        "token_type_ids": torch.from_numpy(arrays["token_type_ids"][keep].astype(np.int64)),
-        "position_ids": torch.from_numpy(np.nonzero(keep)[1].astype(np.int64)),
-        "cu_seqlens": torch.from_numpy(cu),
-        "max_seqlen": int(lengths.max()),
-        "mlm_labels": torch.from_numpy(labels[keep]),
-        "next_sentence_label": torch.from_numpy(arrays["nsp_label"].astype(np.int64)),
-    }
-
-
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader `worker_init_fn`: SIGINT/SIGTERM sent to the whole process group (Ctrl-C, SLURM's
     scancel) must not kill the workers; the main process handles them (finishes the step, saves,
@@ -198,13 +187,24 @@ class PretrainingLoader:
 
     def __init__(self, dataset: PretrainingDataset, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, workers: int = 0, prefetch: int = 4, packed: bool = False,
-                 pin_memory: bool | None = None):
+                 buckets: int = 8, pin_memory: bool | None = None):
+        """packed: the static packed batches of bert_fast/data/packing.py, in at most `buckets`
+        shapes chosen from this rank's first epoch; else padded batches (`collate`)."""
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.dataset, self.batch_size, self.workers, self.prefetch = dataset, batch_size, workers, prefetch
-        self.collate = collate_packed if packed else collate
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.sampler = ResumableSampler(len(dataset), rank, world_size, seed, epoch=dataset.epoch)
+        self.collate = collate
+        if packed:
+            # From a fresh sampler of this epoch: the same buckets whatever position a run resumes at.
+            order = np.fromiter(iter(ResumableSampler(len(dataset), rank, world_size, seed,
+                                                      epoch=dataset.epoch)), dtype=np.int64)
+            settings = dataset.settings
+            totals = packing.likely_totals(dataset.lengths(), order, batch_size, seed=seed,
+                                           more=dataset.lengths(dataset.epoch + 1))
+            chosen = packing.choose_buckets(totals, batch_size * settings.max_seq_length, buckets)
+            self.collate = packing.StaticCollate(batch_size, settings, chosen)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -225,8 +225,9 @@ class PretrainingLoader:
                                 prefetch_factor=self.prefetch if self.workers else None, drop_last=False,
                                 generator=generator, worker_init_fn=ignore_stop_signals)
             for batch in loader:
-                self.sampler.consumed = min(self.sampler.size, self.sampler.consumed +
-                                            len(batch["next_sentence_label"]) * self.sampler.world_size)
+                samples = batch.get("sequences", len(batch["next_sentence_label"]))
+                self.sampler.consumed = min(self.sampler.size,
+                                            self.sampler.consumed + samples * self.sampler.world_size)
                 yield batch
             epoch = self.sampler.epoch + 1
             self.dataset.set_epoch(epoch)
