@@ -5,62 +5,99 @@ kernels + the extension, unpadded) and on the torch backend, against Hugging Fac
     python bench/e2e.py                        # GPU: BERT-large and -base, seq 128 and 512, bf16
     python bench/e2e.py --device cpu           # BERT-tiny and -mini, float32, torch backend vs HF
 
-Batches are full-length sequence pairs (the throughput targets assume them): random token ids,
-15% of positions predicted (BERT's max_predictions: 20 at seq 128, 80 at 512), NSP labels. Every
-provider trains with dropout 0.1 in bf16 weights (the model is cast, as DeepSpeed's bf16 mode does)
-and the same optimizer: our FusedLAMB with float32 master weights and clipping at 1.0 where the
-extension is built, otherwise torch's AdamW (the row's `optimizer` says which).
+Batches (`lengths`): `full`, full-length sequence pairs (the throughput targets assume them):
+random token ids, 15% of positions predicted (BERT's max_predictions: 20 at seq 128, 80 at 512),
+NSP labels; or `pipeline`, B samples from the data pipeline on Wikipedia-like documents
+(bench/data.py's synthetic shard through the C++ sample builder: their own lengths, masks and
+NSP pairs). Every provider trains with dropout 0.1 in bf16 weights (the model is cast, as
+DeepSpeed's bf16 mode does) and the same optimizer: our FusedLAMB with float32 master weights and
+clipping at 1.0 where the extension is built, otherwise torch's AdamW (the row's `optimizer`).
 
-`fast` takes the default attention (`model.attention_impl: auto`, bert_fast.ops.attention_impl);
-`fast_triton_attention` the same step with our Triton attention (kernels/attention.py) in it.
+Providers: `hf`, `torch` and `fast` take the padded batch (`fast` unpads it: one host sync);
+`fast_triton_attention` is `fast` with our Triton attention (kernels/attention.py) in place of the
+default (`model.attention_impl: auto`); `*_packed` take the training loader's static packed batch
+(bert_fast/data/packing.py; no host sync), `*_compiled` that step under
+`torch.compile(fullgraph=True)`, and `fast_graphed` replays it from a CUDA graph
+(bert_fast/cuda_graphs.py).
 
-Columns: seq/s and tokens/s (real tokens: here every token), TFLOP/s from `step_flops` (model
-FLOPs, recomputation not counted) and MFU against the device's measured dense bf16 matmul rate
-(bench/harness.py `matmul_tflops`, 8192^3; the trainer's logs use the datasheet peak).
-`peak_mb` is the whole step's footprint: weights,
-optimizer state and activations. Targets (issue 5, one H100, BERT-large, bf16): fast >= 1.5x HF's
-step throughput and MFU >= 50%; on the CPU the default path must not be slower than the torch path
-(there `auto` resolves to the torch backend, so the CPU rows compare torch with HF).
+Columns: seq/s and tokens/s (real tokens only), TFLOP/s from `step_flops` over the real tokens
+(model FLOPs, recomputation not counted) and MFU against the device's measured dense bf16 matmul
+rate (bench/harness.py `matmul_tflops`, 8192^3; the trainer's logs use the datasheet peak);
+`syncs`, the device-to-host reads of one step (bench/harness.py `SyncCounter`). `peak_mb` is the
+whole step's footprint: weights, optimizer state and activations. Targets (issue 19, BERT-large,
+bf16): fast >= 1.15x the torch backend and >= 1.4x HF at seq 128 and 512, MFU >= 58% at seq 128;
+on the CPU the default path must not be slower than the torch path.
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
-from harness import Benchmark, Unavailable, matmul_tflops
+from harness import Benchmark, SyncCounter, Unavailable, matmul_tflops
 
 from bert_fast import BertConfig, BertForPreTraining, extension
+from bert_fast.data import builder, packing
+from bert_fast.data.dataset import collate
+from bert_fast.data.settings import SampleSettings
 from bert_fast.optim import FusedLAMB, param_groups
 from bert_fast.train.flops import step_flops
 
 VOCAB = 30522
 MAX_PREDICTIONS = {128: 20, 512: 80}
+PADDED = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "next_sentence_label")
+PACKED = ("input_ids", "token_type_ids", "cu_seqlens", "max_seqlen", "mlm_positions", "mlm_labels",
+          "next_sentence_label")
 
 
 def predictions(seq: int) -> int:
     return MAX_PREDICTIONS.get(seq, max(1, round(0.15 * seq)))
 
 
-def case_flops(case: dict) -> float:
-    """Model FLOPs of one step (bert_fast/train/flops.py, the formula the trainer logs; recompute
-    not counted, the MLM head on the predicted rows only: what BERT needs)."""
-    config = BertConfig.from_preset(case["model"], vocab_size=VOCAB)
-    return step_flops(config, [case["seq"]] * case["batch"], predictions(case["seq"]) * case["batch"])
+def _full_batch(b: int, s: int) -> dict[str, np.ndarray]:
+    """Builder-shaped arrays (what `collate` and StaticCollate take) of full-length pairs."""
+    g = np.random.default_rng(0)
+    ids = g.integers(5, VOCAB, (b, s)).astype(np.int32)
+    ids[:, 0] = 2  # [CLS]-like first token
+    positions = np.stack([np.sort(g.permutation(s - 1)[:predictions(s)] + 1) for _ in range(b)])
+    types = np.repeat((np.arange(s) >= s // 2)[None].astype(np.int8), b, 0)
+    return {"input_ids": ids, "token_type_ids": types, "lengths": np.full(b, s, np.int32),
+            "mlm_positions": positions.astype(np.int32), "mlm_labels": np.take_along_axis(ids, positions, 1),
+            "nsp_label": g.integers(0, 2, b).astype(np.int32)}
+
+
+@functools.cache
+def _pipeline_samples(s: int) -> dict[str, np.ndarray]:
+    """Every sample of bench/data.py's Wikipedia-like shard at seq `s`, from the C++ builder."""
+    from data import synthetic_shard
+
+    shard = synthetic_shard(VOCAB, docs=600)
+    settings = SampleSettings(max_seq_length=s, vocab_size=VOCAB)
+    return builder.build(shard.tokens, shard.word_starts, shard.sentences, shard.documents, settings, 0)
+
+
+def _pipeline_batch(b: int, s: int) -> dict[str, np.ndarray]:
+    built = _pipeline_samples(s)
+    rows = np.random.default_rng(0).permutation(len(built["lengths"]))[:b]
+    return {k: built[k][rows] for k in builder.OUTPUTS}
 
 
 def make_inputs(case: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """The case's batch padded and packed (as the training loader builds it), and the row's real
+    tokens and model TFLOP of one step over them."""
     b, s = case["batch"], case["seq"]
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(5, VOCAB, (b, s), generator=g)
-    ids[:, 0] = 2  # [CLS]-like first token
-    token_type = (torch.arange(s) >= s // 2).long().expand(b, s).contiguous()
-    labels = torch.full((b, s), -100)
-    for row in range(b):
-        where = torch.randperm(s - 1, generator=g)[:predictions(s)] + 1
-        labels[row, where] = ids[row, where]
-    batch = {"input_ids": ids, "token_type_ids": token_type,
-             "attention_mask": torch.ones(b, s, dtype=torch.long), "mlm_labels": labels,
-             "next_sentence_label": torch.randint(0, 2, (b,), generator=g)}
-    return {**{k: v.to(device) for k, v in batch.items()}, "dtype": dtype, "state": {}}
+    arrays = (_pipeline_batch if case["lengths"] == "pipeline" else _full_batch)(b, s)
+    settings = SampleSettings(max_seq_length=s, vocab_size=VOCAB,
+                              max_predictions=arrays["mlm_positions"].shape[1])
+    total = int(arrays["lengths"].sum())
+    packed = packing.StaticCollate(b, settings, packing.choose_buckets([total], b * s))(arrays)
+    padded = collate(arrays)
+    move = lambda t: t.to(device) if torch.is_tensor(t) else t  # noqa: E731
+    config = BertConfig.from_preset(case["model"], vocab_size=VOCAB)
+    flops = step_flops(config, arrays["lengths"].tolist(), int((arrays["mlm_labels"] != -100).sum()))
+    return {"padded": {k: move(padded[k]) for k in PADDED}, "packed": {k: move(packed[k]) for k in PACKED},
+            "dtype": dtype, "state": {}, "row": {"real_tokens": total, "tflop": flops / 1e12}}
 
 
 def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -74,9 +111,13 @@ def optimizer_name(device: torch.device) -> str:
     return "FusedLAMB" if extension.available(device) else "torch AdamW"
 
 
-def _ours(backend: str, attention_impl: str = "auto"):
+def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run: str = "eager"):
+    """Our model on the padded or the packed batch, run eagerly, compiled (fullgraph) or graphed.
+    Returns the provider's state: model, optimizer, loss (a function), graphed (the loss
+    function ran the backward too), compiled."""
+
     def build(case, inputs):
-        device = inputs["input_ids"].device
+        device = inputs["padded"]["input_ids"].device
         if backend == "fast" and device.type != "cuda":
             raise Unavailable("the fast backend's Triton kernels need CUDA (the interpreter is for tests)")
         # `auto` on CUDA is the fast backend, and still runs the Triton kernels (with one warning)
@@ -86,9 +127,16 @@ def _ours(backend: str, attention_impl: str = "auto"):
                                         attention_impl=attention_impl)
         model = BertForPreTraining(config).to(device=device, dtype=inputs["dtype"]).train()
         optimizer = make_optimizer(model, device)
-        batch = {k: inputs[k] for k in ("input_ids", "token_type_ids", "attention_mask", "mlm_labels",
-                                        "next_sentence_label")}
-        return model, optimizer, lambda: model(**batch).loss
+        if run == "graphed":
+            from bert_fast.cuda_graphs import GraphedStep
+
+            graphed = GraphedStep(model)
+            return dict(model=model, optimizer=optimizer, loss=lambda: graphed(inputs["packed"])["loss"],
+                        graphed=True, compiled=False)
+        batch = dict(inputs[form], **({"validate": False} if form == "packed" else {}))
+        forward = torch.compile(model, fullgraph=True, dynamic=False) if run == "compiled" else model
+        return dict(model=model, optimizer=optimizer, loss=lambda: forward(**batch).loss, graphed=False,
+                    compiled=run == "compiled")
 
     return build
 
@@ -100,45 +148,54 @@ def _hf(case, inputs):
         raise Unavailable(f"transformers is not installed ({err})") from None
     from bert_fast.hf import config_to_hf
 
-    device = inputs["input_ids"].device
+    batch = inputs["padded"]
     values = config_to_hf(BertConfig.from_preset(case["model"], vocab_size=VOCAB))
     config = transformers.BertConfig(**values)
     model = transformers.BertForPreTraining._from_config(config, attn_implementation="sdpa")
-    model = model.to(device=device, dtype=inputs["dtype"]).train()
-    optimizer = make_optimizer(model, device)
+    model = model.to(device=batch["input_ids"].device, dtype=inputs["dtype"]).train()
+    optimizer = make_optimizer(model, batch["input_ids"].device)
 
     def loss():
-        return model(input_ids=inputs["input_ids"], token_type_ids=inputs["token_type_ids"],
-                     attention_mask=inputs["attention_mask"], labels=inputs["mlm_labels"],
-                     next_sentence_label=inputs["next_sentence_label"]).loss
+        return model(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
+                     attention_mask=batch["attention_mask"], labels=batch["mlm_labels"],
+                     next_sentence_label=batch["next_sentence_label"]).loss
 
-    return model, optimizer, loss
+    return dict(model=model, optimizer=optimizer, loss=loss, graphed=False, compiled=False)
 
 
 def training_step(build):
     """A provider: builds model + optimizer on its first call (kept in `inputs`, so they are freed
-    with the inputs before the next provider), then every call is one step."""
+    with the inputs before the next provider), runs one step (compiling, capturing, autotuning)
+    and counts the host syncs of the next; then every call is one step."""
+
+    def step(state):
+        state["optimizer"].zero_grad(set_to_none=not state["graphed"])  # a graph keeps its .grad
+        loss = state["loss"]()
+        if not state["graphed"]:  # a graphed step ran its backward
+            loss.backward()
+        state["optimizer"].step()
+        return loss.detach()
 
     def provider(inputs: dict, case: dict):
         state = inputs["state"]
         if not state:
-            state["model"], state["optimizer"], state["loss"] = build(case, inputs)
-        state["optimizer"].zero_grad(set_to_none=True)
-        loss = state["loss"]()
-        loss.backward()
-        state["optimizer"].step()
-        return loss.detach()
+            state.update(build(case, inputs))
+            step(state)
+            with SyncCounter(next(state["model"].parameters()).device, state["compiled"]) as counter:
+                step(state)
+            inputs["row"]["syncs"] = "fullgraph" if counter.count is None else counter.count
+        return step(state)
 
     return provider
 
 
 def derive(case: dict, row: dict, device: torch.device) -> dict:
     seconds = row["ms"] * 1e-3
-    out = {"seq_s": case["batch"] / seconds, "tokens_s": case["batch"] * case["seq"] / seconds,
-           "optimizer": optimizer_name(device)}
+    out = {"seq_s": case["batch"] / seconds, "tokens_s": row["real_tokens"] / seconds,
+           "tflops": row["tflop"] / seconds, "optimizer": optimizer_name(device)}
     peak = matmul_tflops(str(device)) if device.type == "cuda" else None
-    if peak and "tflops" in row:
-        out["mfu_pct"] = 100 * row["tflops"] / peak
+    if peak:
+        out["mfu_pct"] = 100 * out["tflops"] / peak
     return out
 
 
@@ -147,14 +204,26 @@ bench = Benchmark(
     make_inputs=make_inputs,
     providers={"hf": training_step(_hf), "torch": training_step(_ours("torch")),
                "fast": training_step(_ours("fast")),
-               "fast_triton_attention": training_step(_ours("fast", "triton"))},
+               "fast_triton_attention": training_step(_ours("fast", "triton")),
+               "fast_packed": training_step(_ours("fast", form="packed")),
+               "fast_compiled": training_step(_ours("fast", form="packed", run="compiled")),
+               "fast_graphed": training_step(_ours("fast", form="packed", run="graphed")),
+               "torch_packed": training_step(_ours("torch", form="packed")),
+               "torch_compiled": training_step(_ours("torch", form="packed", run="compiled"))},
     # The headline (BERT-large, seq 128) first: a run cut short by its time limit keeps it.
-    gpu_cases=[dict(model="large", seq=128, batch=128), dict(model="large", seq=512, batch=32),
-               dict(model="base", seq=128, batch=256), dict(model="base", seq=512, batch=64)],
-    cpu_cases=[dict(model="tiny", seq=128, batch=8), dict(model="mini", seq=128, batch=8)],
+    gpu_cases=[dict(model="large", seq=128, batch=128, lengths="full"),
+               dict(model="large", seq=512, batch=32, lengths="full"),
+               dict(model="large", seq=128, batch=128, lengths="pipeline"),
+               dict(model="large", seq=512, batch=32, lengths="pipeline"),
+               dict(model="base", seq=128, batch=256, lengths="full"),
+               dict(model="base", seq=512, batch=64, lengths="full")],
+    cpu_cases=[dict(model="tiny", seq=128, batch=8, lengths="full"),
+               dict(model="tiny", seq=128, batch=8, lengths="pipeline"),
+               dict(model="mini", seq=128, batch=8, lengths="full")],
     modes=("step",),
-    flops=lambda case, mode: case_flops(case),
-    cpu_providers=("hf", "torch"),
+    cpu_providers=("hf", "torch", "torch_packed", "torch_compiled"),
+    gpu_providers=("hf", "torch", "fast", "fast_triton_attention", "fast_packed", "fast_compiled",
+                   "fast_graphed"),
     baseline="hf",
     derive=derive,
     description=__doc__.splitlines()[0],

@@ -26,10 +26,12 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 BENCH_DIR = Path(__file__).resolve().parent
 MODES = ("forward", "backward", "full")
@@ -166,6 +168,8 @@ class Benchmark:
     flops: Callable[[dict, str], float] | None = None
     bytes: Callable[[dict, str], float] | None = None
     cpu_providers: tuple[str, ...] = ("eager",)
+    # Providers a GPU run takes by default (all when None); --providers names any.
+    gpu_providers: tuple[str, ...] | None = None
     baseline: str = "eager"
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
     # Extra columns of a measured row (seq/s, MFU, ...): derive(case, row, device) -> dict.
@@ -217,6 +221,8 @@ class Benchmark:
             if unknown:
                 raise SystemExit(f"--providers: unknown {unknown}; known: {names}")
             names = [n for n in names if n in wanted]
+        elif device.type == "cuda" and self.gpu_providers is not None:
+            names = [n for n in names if n in self.gpu_providers]
         if device.type != "cuda":
             dropped = [n for n in names if n not in self.cpu_providers]
             names = [n for n in names if n in self.cpu_providers]
@@ -258,7 +264,8 @@ class Benchmark:
             _sync(device)
             peak_mb = (torch.cuda.max_memory_allocated(device) - before) / 2**20
         med, lo, hi = time_ms(fn, device, grad_to_none=leaves)
-        return {"ms": med, "ms_p20": lo, "ms_p80": hi, "peak_mb": peak_mb}
+        # A provider may leave columns of its own (bench/e2e.py: real tokens, syncs per step).
+        return {"ms": med, "ms_p20": lo, "ms_p80": hi, "peak_mb": peak_mb, **inputs.get("row", {})}
 
     def run(self, args: argparse.Namespace) -> list[dict]:
         device = torch.device(args.device)
@@ -314,6 +321,58 @@ class Benchmark:
                         row["x_baseline"] = base_ms / row["ms"]
         write_results(out_dir, self.name, meta, rows, baseline=self.baseline)
         return rows
+
+
+class SyncCounter:
+    """Counts device-to-host reads inside the block (`with SyncCounter(device) as c: ...;
+    c.count`). On CUDA, torch's sync debug mode reports every synchronising call, compiled code
+    included. On the CPU nothing synchronises, so the calls that would on a GPU are counted:
+    `.item()`, `bool()` (aten._local_scalar_dense), `.tolist()`, and ops whose output shape
+    depends on values (nonzero, masked_select, unique); code compiled with fullgraph=True has
+    none (a read would have broken its graph), and a dispatch mode would stop it compiling, so
+    there `count` stays None."""
+
+    SHAPE_FROM_VALUES = ("nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_consecutive")
+
+    def __init__(self, device: torch.device, compiled: bool = False):
+        self.device, self.compiled, self.count = torch.device(device), compiled, None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            self._warnings = warnings.catch_warnings(record=True)
+            self._seen = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif not self.compiled:
+            self.count, counter = 0, self
+
+            class Mode(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    name = func.overloadpacket.__name__
+                    if name == "_local_scalar_dense" or name in SyncCounter.SHAPE_FROM_VALUES:
+                        counter.count += 1
+                    return func(*args, **(kwargs or {}))
+
+            self._tolist = torch.Tensor.tolist
+
+            def tolist(tensor):
+                counter.count += 1
+                return counter._tolist(tensor)
+
+            torch.Tensor.tolist = tolist
+            self._mode = Mode()
+            self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            self.count = sum("synchroniz" in str(w.message) for w in self._seen)
+            self._warnings.__exit__(*exc)
+        elif not self.compiled:
+            self._mode.__exit__(*exc)
+            torch.Tensor.tolist = self._tolist
+        return False
 
 
 def _describe(row: dict) -> str:

@@ -64,11 +64,16 @@ def _check(x, bias, approximate) -> None:
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """`gelu(x + bias)` over the last dimension of `x` ([..., N]) with `bias` [N]."""
     _check(x, bias, approximate)
-    extension.require(x.device)
-    _register()
+    if not torch.compiler.is_compiling():  # checked when the step ran eagerly; tracing cannot read the cache
+        extension.require(x.device)
+        _register()
     return torch.ops.bert_fast.bias_gelu(x, bias, approximate == "tanh")
 
 
 def bias_gelu_reference(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """Eager PyTorch: the torch backend and the test oracle."""
     return F.gelu(x + bias, approximate=approximate)
+
+
+if extension.available():  # registered before anything traces a call (torch.compile cannot)
+    _register()

@@ -67,3 +67,26 @@ def test_compiled_provider_is_cuda_only():
     provider = harness.compiled(lambda x: x * 2)
     with pytest.raises(harness.Unavailable, match="CUDA only"):
         provider({"x": torch.ones(3)}, {"n": 3})
+
+
+def test_sync_counter_counts_the_reads_a_gpu_would_wait_for():
+    x = torch.arange(6.0)
+    with harness.SyncCounter(torch.device("cpu")) as counter:
+        x.sum().item()
+        x.tolist()
+        bool(x[0] > 1)
+        torch.nonzero(x)
+        (x * 2).sum()  # stays on the device
+    assert counter.count == 4
+    with harness.SyncCounter(torch.device("cpu"), compiled=True) as counter:
+        x.tolist()
+    assert counter.count is None and torch.Tensor.tolist(x) == x.tolist()
+
+
+def test_a_provider_row_keeps_its_own_columns(tmp_path):
+    def provider(inputs, case):
+        inputs["row"] = {"real_tokens": 3}
+        return inputs["x"] * 2
+
+    rows = _bench({"eager": provider}, cpu_providers=("eager",)).main(["--out", str(tmp_path), "--modes", "forward"])
+    assert all(r["real_tokens"] == 3 for r in rows)

@@ -1,0 +1,80 @@
+"""The training step's forward and backward captured in CUDA graphs, one per batch shape.
+
+On packed static batches (bert_fast/data/packing.py) a step has no host sync and a handful of
+shapes, so after a few eager warm-up steps its whole forward and backward can be recorded once
+per shape and then replayed as one launch: no Python, no per-kernel launch cost, as NVIDIA's
+MLPerf BERT runs its graphed step. Gradients accumulate into the parameters' `.grad` in place (a
+graph writes into the tensors it was captured with), so the caller zeroes them in place between
+optimizer steps (`zero_grad(set_to_none=False)`), and a step's outputs are the graph's static
+tensors, overwritten by the next replay.
+
+What a graph cannot hold: host work inside the step (DeepSpeed ZeRO's gradient-reduction hooks,
+a loss scaler that reads the loss), tensors that change address, and the CPU. The training loop
+therefore graphs only where none of those apply (one rank, no ZeRO partitioning, bf16 or
+fp32) and refuses otherwise with the reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PACKED_TENSORS = ("input_ids", "token_type_ids", "cu_seqlens", "mlm_positions", "mlm_labels",
+                  "next_sentence_label")
+OUTPUTS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy", "mlm_predictions")
+
+
+class GraphedStep:
+    """`step(batch)` runs `model(**batch, validate=False)` and its loss's backward for a packed
+    batch (its tensors on the model's CUDA device), from a CUDA graph of that batch shape: the
+    first batch of each shape runs `warmup` eager steps on a side stream, is captured and then
+    replayed; later ones copy their tensors into the graph's inputs and replay. Returns the
+    outputs (OUTPUTS present in the model's output) as static tensors."""
+
+    def __init__(self, model: torch.nn.Module, warmup: int = 3):
+        params = list(model.parameters())
+        if not params or params[0].device.type != "cuda" or not torch.cuda.is_available():
+            raise RuntimeError("CUDA graphs need the model on a CUDA device; this run has "
+                               f"{params[0].device if params else 'no parameters'} "
+                               "(set train.cuda_graphs: false)")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup must be an int >= 1 (capture follows eager steps), got {warmup!r}")
+        self.model, self.warmup, self.params = model, warmup, [p for p in params if p.requires_grad]
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one memory pool
+
+    def __call__(self, batch: dict) -> dict:
+        key = (batch["max_seqlen"], *(tuple(batch[k].shape) for k in PACKED_TENSORS if k in batch))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(batch)
+        graph, inputs, outputs = self.graphs[key]
+        for name, tensor in inputs.items():
+            tensor.copy_(batch[name], non_blocking=True)
+        graph.replay()
+        return outputs
+
+    def _run(self, inputs: dict, max_seqlen: int) -> dict:
+        out = self.model(**inputs, max_seqlen=max_seqlen, validate=False)
+        out.loss.backward()
+        return {k: out[k].detach() for k in OUTPUTS if out.get(k) is not None}
+
+    def _capture(self, batch: dict) -> tuple:
+        inputs = {k: batch[k].clone() for k in PACKED_TENSORS if k in batch}
+        for p in self.params:  # a graph accumulates into .grad in place: it must exist first
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        kept = [p.grad.clone() for p in self.params]  # what the caller accumulated so far
+        rng = torch.cuda.get_rng_state()  # the warm-up's dropout draws must not shift this step's
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: allocator, autotuning, lazy init out of the graph
+            for _ in range(self.warmup):
+                self._run(inputs, batch["max_seqlen"])
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self._run(inputs, batch["max_seqlen"])
+        with torch.no_grad():  # undo the warm-up's gradients; capturing ran nothing
+            for p, g in zip(self.params, kept):
+                p.grad.copy_(g)
+        torch.cuda.set_rng_state(rng)
+        return graph, inputs, outputs
