@@ -131,6 +131,10 @@ def test_first_error_without_an_error_line_shows_the_end():
     assert cuda_check.first_error(log).splitlines() == [f"line {i}" for i in range(80, 100)]
 
 
+def test_elapsed():
+    assert [cuda_check.elapsed(s) for s in (5.4, 59.6, 119.7, 225.2)] == ["5s", "1m00s", "2m00s", "3m45s"]
+
+
 def test_compiled_objects():
     assert cuda_check.compiled_objects(GXX_FAILURE) == 3
     assert cuda_check.compiled_objects("ninja: no work to do.\n") == 0

@@ -1,6 +1,6 @@
 """`make cuda-check`: build `bert_fast._C` with its CUDA kernels on a machine without a GPU.
 
-    python3 tools/cuda_check.py [--torch VERSION] [--venv DIR] [--build DIR]
+    python3 tools/cuda_check.py [--torch VERSION] [--venv DIR] [--build DIR] [--clean]
 
 The CPU wheel of torch has no CUDA headers, so the CUDA bindings are only ever compiled by a CUDA
 build of torch: the first GPU run lost its extension to an error no CPU build showed. This builds
@@ -8,7 +8,7 @@ the extension as a GPU machine does (setup.py, BERT_FAST_CUDA=1, sm_80 and sm_90
 build of torch kept in its own venv (created once, reused after; nothing else touches it), with
 this machine's nvcc, then checks the result: both architectures' code for every kernel in csrc/*.cu
 is in the .so, it loads, says it has CUDA kernels, and every `bert_fast::` op has a CPU and a CUDA
-kernel. The CPU ops run once; nothing needs a GPU. Stdlib only: it runs with any python3 >= 3.10.
+kernel; one op runs on the CPU. Nothing needs a GPU. Stdlib only: it runs with any python3 >= 3.10.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def default_venv() -> Path:
 
 
 def elapsed(seconds: float) -> str:
-    return f"{seconds:.0f}s" if seconds < 60 else f"{int(seconds // 60)}m{seconds % 60:02.0f}s"
+    whole = round(seconds)
+    return f"{whole}s" if whole < 60 else f"{whole // 60}m{whole % 60:02d}s"
 
 
 # --- parsing (tested in tests/test_cuda_check.py) ---------------------------------------------
