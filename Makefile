@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny-cpu.yaml
 
-.PHONY: install pretrain test lint clean
+.PHONY: install pretrain test lint clean cuda-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ test: install
 lint: install
 	$(PIP) install --quiet -c constraints.txt ruff
 	$(VENV)/bin/ruff check .
+
+# The CUDA build of bert_fast._C (sm_80 + sm_90), checked on a machine without a GPU: a CUDA build
+# of torch in its own cached venv (~/.cache/bert_fast/cuda-check-venv, 4.7 GB), this machine's nvcc,
+# output in build/cuda-check/. Independent of .venv. CUDA_CHECK_TORCH=2.14.1 picks another torch.
+cuda-check:
+	$(PYTHON) tools/cuda_check.py $(if $(CUDA_CHECK_TORCH),--torch $(CUDA_CHECK_TORCH))
 
 clean:
 	rm -rf build *.egg-info bert_fast/_C*.so

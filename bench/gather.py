@@ -2,9 +2,10 @@
 
     python bench/gather.py RESULTS_DIR OUT_DIR [--steps STEPS_TSV] [--log LOG]
 
-OUT_DIR receives at most 8 files: suite.json (every benchmark's rows, the ceilings, the step
-statuses and the pretraining runs' metrics records), report.md (the step table, a table per
-pretraining run and every markdown table), suite.log (copied), build.log (the extension build's
+OUT_DIR receives at most 8 files: suite.json (every benchmark's rows, the ceilings, the GPU tests'
+outcomes with each failure's error text, the step statuses and the pretraining runs' metrics
+records), report.md (the step table, the GPU tests' counts and failures, a table per pretraining
+run and every markdown table), suite.log (copied), build.log (the extension build's
 whole log, when there is one; its end only past 8 MiB), plots.tar.gz (the PNGs and the pretraining
 runs' `RUN-metrics.jsonl`, else `RUN/metrics.jsonl`); gpu_suite.sh adds pytest-gpu*.xml (two at
 most). Safe to run after every step: a suite cut short by a timeout still leaves what it had
@@ -95,10 +96,16 @@ def gather(results: Path, out: Path, steps: list[dict], log: Path | None) -> lis
                                                      indent=1))
     report = ["# GPU suite report", "", "| step | status | seconds |", "|---|---|---|"]
     report += [f"| {s['step']} | {s['status']} | {s['seconds']} |" for s in steps]
+    # The GPU tests right after the steps (junit_report.py's gpu-tests.md): their failures, with
+    # the errors, are what a reader must not miss.
+    tests = results / "gpu-tests.md"
+    if tests.exists():
+        report += ["", tests.read_text().replace("# ", "## ", 1)]
     for name, records in runs.items():
         report += pretrain_table(name, records)
     for md in sorted(results.glob("*.md")):
-        report += ["", md.read_text().replace("\n# ", "\n## ", 1).replace("# ", "## ", 1)]
+        if md != tests:
+            report += ["", md.read_text().replace("\n# ", "\n## ", 1).replace("# ", "## ", 1)]
     atomic_write_text(out / "report.md", "\n".join(report) + "\n")
     written = [out / "suite.json", out / "report.md"]
     if log is not None and log.exists() and log.resolve() != (out / "suite.log").resolve():

@@ -11,7 +11,8 @@
 #
 #   --quick          a ~4-minute subset (--quick benchmark sizes, fewer steps)
 #   --out DIR        also gather the results into DIR as at most 8 files (suite.json, report.md,
-#                    suite.log, build.log, plots.tar.gz, pytest-gpu*.xml)
+#                    suite.log, build.log, plots.tar.gz, pytest-gpu*.xml); report.md opens with the
+#                    GPU tests' counts and every failure's error (gpu-tests.md)
 #   --budget SECONDS the whole suite's limit (default 450, 240 with --quick)
 #   --only STEPS     run only these steps (comma-separated, run in suite order; `env` and `install`
 #                    always run): reruns of failed steps in a later call. Named steps run even where
@@ -56,8 +57,10 @@ PY="${PYTHON:-python3}"
 Q=""
 [[ $QUICK == 1 ]] && Q="--quick"
 # Numerics, not tuning: one config per autotune key (kernels/attention.py), or the sweep spends
-# minutes compiling candidates.
-GPU_TEST="TRITON_INTERPRET=0 BERT_FAST_AUTOTUNE=0 $PY -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15"
+# minutes compiling candidates. -rfEs --tb=short: every failure's error in the log in a few lines
+# (a torch.compile error's long traceback runs to hundreds); its junit XML keeps the same text, and
+# bench/junit_report.py turns it into gpu-tests.md after the step.
+GPU_TEST="TRITON_INTERPRET=0 BERT_FAST_AUTOTUNE=0 $PY -m pytest -m gpu -q -rfEs --tb=short -p no:cacheprovider --durations=15"
 
 # name | limit in seconds | when | command. In order of value. when: 1 = always, 0 = not with
 # --quick, - = only when --only names it.
@@ -240,7 +243,8 @@ STEPS_TSV="$RESULTS/steps.tsv"
 : > "$STEPS_TSV"
 # A warm machine keeps the last call's files: what belongs to one run must not pass for this one's
 # (a stale build.pid would even name someone else's process at the end).
-rm -f "$RESULTS/build.pid" "$RESULTS/build.log" "$RESULTS"/pytest-gpu*.xml "$RESULTS"/pretrain*-metrics.jsonl
+rm -f "$RESULTS/build.pid" "$RESULTS/build.log" "$RESULTS"/pytest-gpu*.xml "$RESULTS"/gpu-tests.{md,json} \
+    "$RESULTS"/pretrain*-metrics.jsonl
 rm -rf "$RESULTS/pretrain-run" "$RESULTS/pretrain-base"
 export RESULTS PY WHEELS SITE PRETRAIN_OVERRIDES="${PRETRAIN_OVERRIDES:-}"
 export -f show_env install_package start_build wait_build run_pretrain run_pretrain_throughput
@@ -270,6 +274,7 @@ for step in "${STEPS[@]}"; do
     fi
     (( limit > left )) && limit=$left
     echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
+    log_from=$(wc -l < "$LOG")
     start=$(date +%s)
     # SIGINT first: pytest then stops cleanly and still writes its summary and junit XML.
     timeout --signal=INT --kill-after=10 "$limit" bash -c "$cmd" >> "$LOG" 2>&1
@@ -282,6 +287,13 @@ for step in "${STEPS[@]}"; do
     esac
     echo "--- $name: $status in ${seconds}s" | tee -a "$LOG"
     printf '%s\t%s\t%s\n' "$name" "$status" "$seconds" >> "$STEPS_TSV"
+    # A pytest step: its counts and each failure's first line here, whole errors in gpu-tests.md
+    # (a stand-in report with the end of its output when pytest died without writing one).
+    if [[ $cmd == *"--junitxml=\$RESULTS/"* ]]; then
+        xml=${cmd##*--junitxml=\$RESULTS/}
+        $PY bench/junit_report.py "$RESULTS" --xml "${xml%% *}" --rc "$rc" --log "$LOG" --log-from "$log_from" \
+            2>&1 | tee -a "$LOG"
+    fi
     gather
 done
 # The build's whole process group (setsid made it the leader): ninja and nvcc too.

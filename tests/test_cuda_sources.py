@@ -50,9 +50,10 @@ BINDINGS = sorted(CSRC.glob("*_cuda.cpp"))
 @pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers (set CUDA_HOME)")
 @pytest.mark.parametrize("source", BINDINGS, ids=lambda p: p.name)
 def test_cuda_bindings_compile_against_torch_headers(source, tmp_path):
-    """The tensor-side CUDA bindings are built only on GPU machines; a syntax-only compile here
-    catches API mistakes before GPU time is spent. The CPU wheel of torch lacks one generated
-    header of its CUDA build, so a stand-in provides it."""
+    """The tensor-side CUDA bindings are built only against a CUDA build of torch (GPU machines,
+    `make cuda-check`, which links them for real); a syntax-only compile here catches API mistakes
+    within the suite. The CPU wheel of torch lacks one generated header of its CUDA build, so a
+    stand-in provides it."""
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
