@@ -124,16 +124,18 @@ def test_a_format_1_manifest_is_still_read_and_says_what_it_checks_by_size_only(
         ckpt.validate(path)  # format 2 has a digest for every block of every file
 
 
-def test_deepspeeds_files_are_hashed_as_soon_as_each_is_written(tmp_path, monkeypatch):
-    """Each file DeepSpeed's checkpoint engine writes goes to the background hasher when torch.save
-    closes it, so it is hashed while the next is written (not after the whole save)."""
+def test_deepspeeds_files_are_hashed_as_their_bytes_are_written(tmp_path, monkeypatch):
+    """DeepSpeed's checkpoint engine writes each file through the hasher, so its digests are ready
+    when torch.save closes it (not computed after the whole save), and the bytes are those
+    torch.save writes to a path."""
     ce_module = pytest.importorskip("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine")
     from bert_fast.train import checksums
 
     events = []
-    submit = checksums.Hasher.submit
-    monkeypatch.setattr(checksums.Hasher, "submit", lambda self, path: (
-        events.append(("hash", os.path.basename(path))), submit(self, path))[1])
+    close = checksums.HashingWriter.close
+    monkeypatch.setattr(checksums.HashingWriter, "close", lambda self: (
+        close(self), events.append(("hashed", self.path.name)))[0])
+    state = {"w": torch.randn(300, 7), "opt": [torch.arange(5), {"m": torch.ones(4, dtype=torch.bfloat16)}]}
 
     class Engine:
         optimizer = None
@@ -145,16 +147,41 @@ def test_deepspeeds_files_are_hashed_as_soon_as_each_is_written(tmp_path, monkey
         def save_checkpoint(self, folder, tag, client_state, save_latest):
             for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
                 events.append(("write", name))
-                self.checkpoint_engine.save({"x": torch.arange(10)}, os.path.join(folder, tag, name))
+                self.checkpoint_engine.save(state_dict=state, path=os.path.join(folder, tag, name))
 
     engine = Engine()
     path = ckpt.save(engine, tmp_path, 1, {"step": 1}, keep=0)
-    assert events[:4] == [("write", "mp_rank_00_model_states.pt"), ("hash", "mp_rank_00_model_states.pt"),
-                          ("write", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
-                          ("hash", "zero_pp_rank_0_mp_rank_00_optim_states.pt")]
+    assert events == [("write", "mp_rank_00_model_states.pt"), ("hashed", "mp_rank_00_model_states.pt"),
+                      ("write", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                      ("hashed", "zero_pp_rank_0_mp_rank_00_optim_states.pt")]
     assert "save" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method again
     assert sorted(ckpt.validate(path)["files"]) == ["mp_rank_00_model_states.pt", "rng_rank00000.pt",
                                                     "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    engine.checkpoint_engine.save(state, str(tmp_path / "direct.pt"))  # unhooked: torch.save to a path
+    assert (path / "mp_rank_00_model_states.pt").read_bytes() == (tmp_path / "direct.pt").read_bytes()
+
+
+def test_a_hashing_writer_gives_the_sha256_of_each_block_whatever_the_writes(tmp_path):
+    """Writes of any size, across block boundaries, small ones hashed inline and large ones by the
+    threads: the digests are those of the file's blocks read back."""
+    import hashlib
+
+    from bert_fast.train import checksums
+
+    block = 256 << 10
+    data = os.urandom(3 * (1 << 20) + 12345)
+    cuts = [0, 5, 5 + (3 << 19), 5 + (3 << 19) + 7, 5 + (3 << 19) + 7 + block - 3, len(data)]
+    with checksums.Hasher(block=block) as hasher:
+        with hasher.writer(tmp_path / "f") as f:
+            for a, b in zip(cuts, cuts[1:]):
+                f.write(memoryview(data)[a:b])
+        with hasher.writer(tmp_path / "empty"):
+            pass
+        digests = hasher.digests()
+    assert (tmp_path / "f").read_bytes() == data
+    assert digests[tmp_path / "f"] == {"size": len(data), "sha256": [
+        hashlib.sha256(data[i:i + block]).hexdigest() for i in range(0, len(data), block)]}
+    assert digests[tmp_path / "empty"] == {"size": 0, "sha256": [hashlib.sha256(b"").hexdigest()]}
 
 
 def test_auto_resume_skips_a_corrupted_newest(tmp_path):

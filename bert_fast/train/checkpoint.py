@@ -14,8 +14,8 @@ Guarantees, assuming `root` is on a filesystem every rank sees (one node, or NFS
   start, bert_fast/train/leftovers.py); a crash after it leaves a complete checkpoint. Older
   checkpoints are not touched until the new one is in place; pruning deletes a folder's manifest
   first, so a half-deleted folder reads as invalid, never as valid.
-- Checked: each rank hashes the files it wrote in background threads, each as soon as DeepSpeed
-  has closed it, while it writes the next and fsyncs; rank 0 records every rank's digests.
+- Checked: each rank hashes the files it writes in background threads, DeepSpeed's as their bytes
+  are written, the others once closed; rank 0 records every rank's digests.
   `validate` refuses a folder without a parseable manifest (a partial save) or with a file
   missing, of another size, or with any block of another sha256 (truncated or corrupted), naming
   the bytes. Resume, init_from and export validate first.
@@ -215,9 +215,10 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
 
 @contextlib.contextmanager
 def _hashing_as_written(engine, hasher: checksums.Hasher):
-    """Hands every file DeepSpeed's checkpoint engine writes to `hasher` as soon as torch.save has
-    closed it, so it is hashed while the next one is written. Only DeepSpeed's default engine,
-    which writes synchronously; the files of any other are hashed once save_checkpoint returns."""
+    """DeepSpeed's checkpoint engine writes each file through `hasher.writer`, so its bytes are
+    hashed by the hasher's threads while they are written (the same bytes as torch.save to a path,
+    in DeepSpeed's default format). Only DeepSpeed's default engine, which writes synchronously
+    with torch.save; the files of any other are hashed once save_checkpoint returns."""
     ce = getattr(engine, "checkpoint_engine", None)
     try:
         from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
@@ -228,8 +229,8 @@ def _hashing_as_written(engine, hasher: checksums.Hasher):
         return
 
     def save(state_dict, path):
-        TorchCheckpointEngine.save(ce, state_dict, path)
-        hasher.submit(path)
+        with hasher.writer(path) as f:
+            torch.save(state_dict, f, _use_new_zipfile_serialization=ce.zipfile_serialization)
 
     ce.save = save
     try:
@@ -240,7 +241,8 @@ def _hashing_as_written(engine, hasher: checksums.Hasher):
 
 def _finish_own_files(staging: Path, rank: int, rng: dict, hasher: checksums.Hasher) -> dict[str, dict]:
     """This rank's RNG file, then every file it wrote made durable and hashed: {relative path:
-    {"size", "sha256"}}. fsync and hashing overlap (the hasher's threads read the page cache)."""
+    {"size", "sha256"}}. Files DeepSpeed wrote through the hasher are hashed already; the others
+    (the RNG file, those of another checkpoint engine) are hashed while the files are fsynced."""
     # Through a file object: given a path, torch.save names the archive's records after the file,
     # here a random temporary name, and the same state saved twice differed.
     rng_file = staging / f"rng_rank{rank:05d}.pt"

@@ -2,9 +2,10 @@
 
 One sha256 runs on one core (about 0.75-1.4 GB/s here), slower than a save writes to the page
 cache; blocks are hashed in parallel by a few threads (hashlib releases the GIL), so a rank hashes
-a file it has written while it writes the next one and fsyncs, and a resume verifies a checkpoint
-at the speed of several cores. A file of one block (up to 64 MiB) gets the plain sha256 of the
-file, as `sha256sum` prints it. A mismatch names the bytes that differ.
+the bytes of a file while it writes them (`Hasher.writer`, for DeepSpeed's torch.save) and a
+resume verifies a checkpoint at the speed of several cores. A file of one block (up to 64 MiB)
+gets the plain sha256 of the file, as `sha256sum` prints it. A mismatch names the bytes that
+differ.
 """
 
 from __future__ import annotations
@@ -42,35 +43,40 @@ def _block_sha256(path: Path, index: int, block: int) -> str:
 
 
 class Hasher:
-    """Hashes files in background threads as they are handed in; `digests()` waits for them.
-
-    A file must be complete when submitted (closed by its writer); `digests()` refuses one whose
-    size changed since. Use as a context manager: leaving it cancels what is not done."""
+    """Hashes files in background threads: as they are written through `writer()`, or once written
+    (`submit`); `digests()` waits for them. Use as a context manager: leaving it on an error
+    cancels what has not started."""
 
     def __init__(self, workers: int | None = None, block: int = BLOCK):
         self.block = block
         self._pool = ThreadPoolExecutor(max_workers=workers or threads(), thread_name_prefix="sha256")
         self._files: dict[Path, tuple[int, list[Future]]] = {}
+        self._written: dict[Path, dict] = {}
+
+    def writer(self, path: str | os.PathLike) -> HashingWriter:
+        """`path` opened for writing (a new file), hashed as its bytes go through."""
+        return HashingWriter(Path(os.path.abspath(path)), self)
 
     def submit(self, path: str | os.PathLike) -> None:
-        """Starts hashing `path` (once; a second submit of the same file is a no-op). Its
-        digests are keyed by its absolute path."""
+        """Starts hashing `path`, which its writer has closed (once; a second submit, or one of a
+        file written through `writer()`, is a no-op). Digests are keyed by absolute path."""
         path = Path(os.path.abspath(path))
-        if path in self._files:
+        if path in self._files or path in self._written:
             return
         size = path.stat().st_size
         self._files[path] = (size, [self._pool.submit(_block_sha256, path, i, self.block)
                                     for i in range(block_count(size, self.block))])
 
     def digests(self) -> dict[Path, dict]:
-        """{path: {"size": bytes, "sha256": [hex per block]}} of every submitted file."""
-        out = {}
+        """{path: {"size": bytes, "sha256": [hex per block]}} of every file handed in; refuses one
+        whose size changed since."""
+        out = dict(self._written)
         for path, (size, futures) in self._files.items():
-            digests = [f.result() for f in futures]
+            out[path] = {"size": size, "sha256": [f.result() for f in futures]}
+        for path, entry in out.items():
             now = path.stat().st_size
-            if now != size:
-                raise RuntimeError(f"{path} changed while it was hashed ({size} bytes, then {now})")
-            out[path] = {"size": size, "sha256": digests}
+            if now != entry["size"]:
+                raise RuntimeError(f"{path} changed after it was hashed ({entry['size']} bytes, then {now})")
         return out
 
     def close(self, wait: bool = True) -> None:
@@ -83,6 +89,65 @@ class Hasher:
 
     def __exit__(self, exc_type, *exc) -> None:
         self.close(wait=exc_type is None)
+
+
+class HashingWriter:
+    """A new binary file whose bytes are hashed, block by block, as they are written: a large
+    write is handed to the hasher's threads, one piece per block, while this thread writes it,
+    and returns once both are done (torch.save passes views of tensor memory, which must not be
+    read after the call). Sequential writes only: no seek, no fileno (torch.save then writes
+    everything through `write`, the same bytes as to a path in its default format)."""
+
+    _INLINE = 1 << 20  # smaller writes (pickle opcodes, headers) are hashed in this thread
+
+    def __init__(self, path: Path, hasher: Hasher):
+        self.path, self._hasher, self._block = path, hasher, hasher.block
+        self._file = open(path, "wb")
+        self._blocks: list = []  # one running sha256 per block reached
+        self._pos = 0
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        pieces, offset = [], 0
+        while offset < len(view):
+            index = (self._pos + offset) // self._block
+            take = min(len(view) - offset, (index + 1) * self._block - self._pos - offset)
+            while len(self._blocks) <= index:
+                self._blocks.append(hashlib.sha256())
+            pieces.append((self._blocks[index], view[offset:offset + take]))
+            offset += take
+        if len(view) < self._INLINE:
+            for digest, piece in pieces:
+                digest.update(piece)
+            written = self._file.write(view)
+        else:
+            jobs = [self._hasher._pool.submit(digest.update, piece) for digest, piece in pieces]
+            try:
+                written = self._file.write(view)
+            finally:
+                for job in jobs:
+                    job.result()
+        self._pos += len(view)
+        return written
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self._file.close()
+        digests = [d.hexdigest() for d in self._blocks] or [hashlib.sha256().hexdigest()]
+        self._hasher._written[self.path] = {"size": self._pos, "sha256": digests}
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # a failed write: no digest
+            self._file.close()
 
 
 def digest_files(paths: list[Path], block: int = BLOCK) -> dict[Path, dict]:
