@@ -184,6 +184,43 @@ def test_a_hashing_writer_gives_the_sha256_of_each_block_whatever_the_writes(tmp
     assert digests[tmp_path / "empty"] == {"size": 0, "sha256": [hashlib.sha256(b"").hexdigest()]}
 
 
+def test_a_failed_write_is_one_line_and_a_full_disk_names_the_space_needed_and_free(tmp_path, monkeypatch):
+    """torch.save's zip writer reports a full disk as 'unexpected pos', without an errno: a write
+    that fails with less space left than the rest of the checkpoint needs is a full disk (the
+    previous checkpoint's size; before the first, an estimate from the parameters); any other
+    failure names the folder and the error. The failed save's folder is removed."""
+    class Engine:
+        optimizer = None
+        module = torch.nn.Linear(10, 3)  # 33 float32 parameters
+
+        def zero_optimization_stage(self):
+            return 0
+
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            (tmp_path / "run" / ckpt.PARTIAL / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100 vs 64")
+
+    root = tmp_path / "run"
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 7)
+    with pytest.raises(CheckpointError) as first:
+        ckpt.save(Engine(), root, 1, {"step": 1}, keep=0)
+    assert str(first.value) == (
+        f"no space left on device writing {root / ckpt.PARTIAL / 'step_00000001'}: checkpoint step_00000001 "
+        f"needs 528 bytes (estimated: 33 parameters with an fp32 master copy and two fp32 optimizer moments "
+        f"each), its file system has 7 bytes free; free space there or set checkpoint.dir to another disk")
+    earlier = _fake(root, 1, payload=b"y" * 5000)
+    size = sum(e["size"] for e in ckpt.validate(earlier)["files"].values())
+    with pytest.raises(CheckpointError, match=rf"checkpoint step_00000002 needs {size / 1e3:.1f} kB "
+                                              rf"\({size:,} bytes, the size of step_00000001\), its file "
+                                              r"system has 7 bytes free"):
+        ckpt.save(Engine(), root, 2, {"step": 2}, keep=0)
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 10 ** 12)
+    with pytest.raises(CheckpointError, match=r"^writing .*step_00000002 failed: RuntimeError: \[enforce fail "
+                                              r"at inline_container.cc:672\] . unexpected pos 100 vs 64$"):
+        ckpt.save(Engine(), root, 2, {"step": 2}, keep=0)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]  # no .partial
+
+
 def test_auto_resume_skips_a_corrupted_newest(tmp_path):
     older = _fake(tmp_path, 10)
     newest = _fake(tmp_path, 20)

@@ -273,14 +273,26 @@ def _all_ranks(obj) -> list:
 
 
 def _write_failure(err: BaseException, staging: Path, engine) -> str:
-    """One line: a full disk with the space needed and free, else the folder and the error."""
+    """One line: a full disk with the space needed and free, else the folder and the error. A
+    full disk: an ENOSPC/EDQUOT behind the error, or (torch.save's zip writer reports it as
+    'unexpected pos', no errno) less space left than the rest of the checkpoint needed."""
     free = free_bytes(staging)
     needed, source = _space_needed(staging.parent.parent, engine)
-    if is_disk_full(err) or (free is not None and needed is not None and free < needed):
+    written = _bytes_in(staging)
+    if is_disk_full(err) or (free is not None and needed is not None and free + written < needed):
         return disk_full_message(staging, needed, f"checkpoint {staging.name}", free, basis=source,
                                  fix="free space there or set checkpoint.dir to another disk")
     text = " ".join(str(err).split())
     return f"writing {staging} failed: {type(err).__name__}: {text}"
+
+
+def _bytes_in(folder: Path) -> int:
+    """Bytes of the files under `folder` now (0 where it is gone; other ranks may be deleting)."""
+    total = 0
+    for f in folder.rglob("*") if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total
 
 
 def _space_needed(root: Path, engine) -> tuple[int | None, str]:
