@@ -8,14 +8,19 @@
 The recipe (configs/*.yaml) holds every setting; dotted overrides change any of them. The DeepSpeed
 config is generated from it, or merged with --deepspeed_config (conflicting settings are errors).
 Exit status: 0 when the steps are done or a SIGTERM/SIGINT stopped the run after saving a
-checkpoint; 1 when training stopped (non-finite loss, collapsed fp16 loss scale); 2 on a bad
-config or checkpoint.
+checkpoint; 1 when training stopped (non-finite loss, collapsed fp16 loss scale, a checkpoint that
+could not be written, a full disk, any other error during the run); 2 on a bad config or
+checkpoint; 130 on a second SIGINT. Every error is one line on stderr naming its cause (an
+unexpected one follows its traceback), and the process exits at once: DataLoader workers, the
+process group and open files are released on every way out.
 """
 
 import argparse
 import logging
 import os
 import sys
+import threading
+import traceback
 
 from bert_fast.train.checkpoint import CheckpointError
 from bert_fast.train.config import dump_config, load_config
@@ -60,13 +65,25 @@ def main(argv=None) -> int:
         outcome = train(config, resume=args.resume, deepspeed_config_path=args.deepspeed_config,
                         overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
-        print(f"pretrain.py: error: {err}", file=sys.stderr)
+        print(f"pretrain.py: error: {one_line(err)}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
-        print(f"pretrain.py: training stopped: {err}", file=sys.stderr)
+        print(f"pretrain.py: training stopped: {one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second SIGINT: the first one's checkpoint did not finish
+        print("pretrain.py: interrupted by a second SIGINT; the checkpoints already written stay valid",
+              file=sys.stderr)
+        return 130
+    except OSError as err:  # a full disk (DiskFullError names the path and the sizes), an I/O error
+        print(f"pretrain.py: error: {one_line(err)}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug, or a failure nobody foresaw: it ends the run as quickly
+        traceback.print_exc()
+        print(f"pretrain.py: error: {type(err).__name__}: {one_line(err)} (unexpected: the traceback above "
+              "shows where)", file=sys.stderr)
         return 1
     finally:
-        shutdown()
+        release_process_group()
     if outcome.records:
         print(done_report(outcome), flush=True)
     return 0
@@ -89,6 +106,18 @@ def done_report(outcome) -> str:
             f"{', tensorboard' if (outcome.output_dir / 'tensorboard').is_dir() else ''})\n"
             f"  last checkpoint: {saved or 'none'}\n"
             f"  export:          {export}")
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def release_process_group(timeout: float = 10.0) -> None:
+    """Destroys the process group, waiting at most `timeout` seconds: with a peer gone, a
+    backend may block there, and the process must still end."""
+    worker = threading.Thread(target=shutdown, daemon=True, name="destroy_process_group")
+    worker.start()
+    worker.join(timeout)
 
 
 def end_process(code: int) -> None:

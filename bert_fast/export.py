@@ -3,7 +3,8 @@
     python -m bert_fast.export <checkpoint or checkpoint root> <hf_dir> [--dtype float32|bfloat16|float16]
                                [--data <prepared folder>]
 
-The checkpoint is validated (bert_fast/train/checkpoint.py), its ZeRO 1/2/3 partitions are
+The checkpoint is validated first (bert_fast/train/checkpoint.py: every byte of every file against
+the sha256 of its 64 MiB block in the manifest), its ZeRO 1/2/3 partitions are
 consolidated to full fp32 weights on the CPU, loaded strictly into our BertForPreTraining with the
 config the run trained (client_state["model_config"], else the run config's model section), and
 written with bert_fast.hf.export_hf. The run's tokenizer goes beside it (vocab.txt, tokenizer.json,
@@ -131,7 +132,7 @@ def export_checkpoint(path: str | Path, hf_dir: str | Path, dtype: str | torch.d
         _check_vocab(corpus, config)
     model = BertForPreTraining(config)
     try:
-        model.load_state_dict(model_state_dict(checkpoint), strict=True)
+        model.load_state_dict(model_state_dict(checkpoint, validated=meta), strict=True)  # hashed once
     except RuntimeError as err:
         raise CheckpointError(f"{checkpoint}: weights do not fit the recorded model config: {err}") from None
     if dtype is not None:

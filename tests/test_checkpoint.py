@@ -76,11 +76,156 @@ def test_truncated_and_corrupted_files_are_refused(tmp_path):
         ckpt.validate(path)
 
 
+def test_every_block_of_a_file_over_64_mib_is_hashed_and_a_flip_names_its_bytes(tmp_path):
+    """main hashed files up to 64 MiB and recorded only the size of larger ones, so a flipped
+    byte in them passed. Now each 64 MiB block of every file has its sha256 (the plain sha256
+    of the file when it is one block), and a flip anywhere is refused, naming its block."""
+    import hashlib
+
+    block = 64 << 20
+    payload = bytearray(os.urandom(block + (1 << 20) + 3))
+    path = _fake(tmp_path, 1, payload=bytes(payload))
+    entries = ckpt.validate(path)["files"]
+    assert entries["mp_rank_00_model_states.pt"]["sha256"] == [
+        hashlib.sha256(payload[:block]).hexdigest(), hashlib.sha256(payload[block:]).hexdigest()]
+    rng = (path / "rng_rank00000.pt").read_bytes()
+    assert entries["rng_rank00000.pt"] == {"size": len(rng), "sha256": [hashlib.sha256(rng).hexdigest()]}
+    target = path / "mp_rank_00_model_states.pt"
+    for offset, where in ((block + 10, f"bytes {block}-{len(payload) - 1}"), (5, f"bytes 0-{block - 1}")):
+        flipped = bytearray(payload)
+        flipped[offset] ^= 1
+        target.write_bytes(flipped)
+        with pytest.raises(CheckpointError, match=f"mp_rank_00_model_states.pt {where} do not match the recorded "
+                                                  "sha256"):
+            ckpt.validate(path)
+    target.write_bytes(payload)
+    ckpt.validate(path)
+
+
+def test_a_format_1_manifest_is_still_read_and_says_what_it_checks_by_size_only(tmp_path):
+    """Checkpoints saved before every block was hashed (one sha256 per file up to 64 MiB, size
+    only above) still resume; the files checked by size only are named."""
+    import hashlib
+
+    path = tmp_path / "step_00000001"
+    path.mkdir()
+    (path / "small.pt").write_bytes(b"abc")
+    (path / "large.pt").write_bytes(b"x" * 10)
+    files = {"small.pt": {"size": 3, "sha256": hashlib.sha256(b"abc").hexdigest()}, "large.pt": {"size": 10}}
+    (path / ckpt.MANIFEST).write_text(json.dumps({"format": 1, "step": 1, "files": files}))
+    with pytest.warns(UserWarning, match="large.pt checked by size only"):
+        assert ckpt.validate(path)["step"] == 1
+    (path / "small.pt").write_bytes(b"abd")
+    with pytest.raises(CheckpointError, match="small.pt bytes 0-2 do not match"):
+        ckpt.validate(path)
+    files["small.pt"].pop("sha256")
+    (path / ckpt.MANIFEST).write_text(json.dumps({"format": 2, "sha256_block": 64, "step": 1, "files": files}))
+    with pytest.raises(CheckpointError, match="not a bert_fast checkpoint manifest"):
+        ckpt.validate(path)  # format 2 has a digest for every block of every file
+
+
+def test_deepspeeds_files_are_hashed_as_their_bytes_are_written(tmp_path, monkeypatch):
+    """DeepSpeed's checkpoint engine writes each file through the hasher, so its digests are ready
+    when torch.save closes it (not computed after the whole save), and the bytes are those
+    torch.save writes to a path."""
+    ce_module = pytest.importorskip("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine")
+    from bert_fast.train import checksums
+
+    events = []
+    close = checksums.HashingWriter.close
+    monkeypatch.setattr(checksums.HashingWriter, "close", lambda self: (
+        close(self), events.append(("hashed", self.path.name)))[0])
+    state = {"w": torch.randn(300, 7), "opt": [torch.arange(5), {"m": torch.ones(4, dtype=torch.bfloat16)}]}
+
+    class Engine:
+        optimizer = None
+        checkpoint_engine = ce_module.TorchCheckpointEngine()
+
+        def zero_optimization_stage(self):
+            return 1
+
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+                events.append(("write", name))
+                self.checkpoint_engine.save(state_dict=state, path=os.path.join(folder, tag, name))
+
+    engine = Engine()
+    path = ckpt.save(engine, tmp_path, 1, {"step": 1}, keep=0)
+    assert events == [("write", "mp_rank_00_model_states.pt"), ("hashed", "mp_rank_00_model_states.pt"),
+                      ("write", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
+                      ("hashed", "zero_pp_rank_0_mp_rank_00_optim_states.pt")]
+    assert "save" not in vars(engine.checkpoint_engine)  # DeepSpeed's own method again
+    assert sorted(ckpt.validate(path)["files"]) == ["mp_rank_00_model_states.pt", "rng_rank00000.pt",
+                                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+    engine.checkpoint_engine.save(state, str(tmp_path / "direct.pt"))  # unhooked: torch.save to a path
+    assert (path / "mp_rank_00_model_states.pt").read_bytes() == (tmp_path / "direct.pt").read_bytes()
+
+
+def test_a_hashing_writer_gives_the_sha256_of_each_block_whatever_the_writes(tmp_path):
+    """Writes of any size, across block boundaries, small ones hashed inline and large ones by the
+    threads: the digests are those of the file's blocks read back."""
+    import hashlib
+
+    from bert_fast.train import checksums
+
+    block = 256 << 10
+    data = os.urandom(3 * (1 << 20) + 12345)
+    cuts = [0, 5, 5 + (3 << 19), 5 + (3 << 19) + 7, 5 + (3 << 19) + 7 + block - 3, len(data)]
+    with checksums.Hasher(block=block) as hasher:
+        with hasher.writer(tmp_path / "f") as f:
+            for a, b in zip(cuts, cuts[1:]):
+                f.write(memoryview(data)[a:b])
+        with hasher.writer(tmp_path / "empty"):
+            pass
+        digests = hasher.digests()
+    assert (tmp_path / "f").read_bytes() == data
+    assert digests[tmp_path / "f"] == {"size": len(data), "sha256": [
+        hashlib.sha256(data[i:i + block]).hexdigest() for i in range(0, len(data), block)]}
+    assert digests[tmp_path / "empty"] == {"size": 0, "sha256": [hashlib.sha256(b"").hexdigest()]}
+
+
+def test_a_failed_write_is_one_line_and_a_full_disk_names_the_space_needed_and_free(tmp_path, monkeypatch):
+    """torch.save's zip writer reports a full disk as 'unexpected pos', without an errno: a write
+    that fails with less space left than the rest of the checkpoint needs is a full disk (the
+    previous checkpoint's size; before the first, an estimate from the parameters); any other
+    failure names the folder and the error. The failed save's folder is removed."""
+    class Engine:
+        optimizer = None
+        module = torch.nn.Linear(10, 3)  # 33 float32 parameters
+
+        def zero_optimization_stage(self):
+            return 0
+
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            (tmp_path / "run" / ckpt.PARTIAL / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 100)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 100 vs 64")
+
+    root = tmp_path / "run"
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 7)
+    with pytest.raises(CheckpointError) as first:
+        ckpt.save(Engine(), root, 1, {"step": 1}, keep=0)
+    assert str(first.value) == (
+        f"no space left on device writing {root / ckpt.PARTIAL / 'step_00000001'}: checkpoint step_00000001 "
+        f"needs 528 bytes (estimated: 33 parameters with an fp32 master copy and two fp32 optimizer moments "
+        f"each), its file system has 7 bytes free; free space there or set checkpoint.dir to another disk")
+    earlier = _fake(root, 1, payload=b"y" * 5000)
+    size = sum(e["size"] for e in ckpt.validate(earlier)["files"].values())
+    with pytest.raises(CheckpointError, match=rf"checkpoint step_00000002 needs {size / 1e3:.1f} kB "
+                                              rf"\({size:,} bytes, the size of step_00000001\), its file "
+                                              r"system has 7 bytes free"):
+        ckpt.save(Engine(), root, 2, {"step": 2}, keep=0)
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 10 ** 12)
+    with pytest.raises(CheckpointError, match=r"^writing .*step_00000002 failed: RuntimeError: \[enforce fail "
+                                              r"at inline_container.cc:672\] . unexpected pos 100 vs 64$"):
+        ckpt.save(Engine(), root, 2, {"step": 2}, keep=0)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]  # no .partial
+
+
 def test_auto_resume_skips_a_corrupted_newest(tmp_path):
     older = _fake(tmp_path, 10)
     newest = _fake(tmp_path, 20)
     (newest / "rng_rank00000.pt").write_bytes(b"")
-    (tmp_path / ckpt.PARTIAL / "step_00000030").mkdir()  # an unfinished save: never considered
+    (tmp_path / ckpt.PARTIAL / "step_00000030").mkdir(parents=True)  # an unfinished save: never considered
     with pytest.warns(UserWarning, match=r"skipping checkpoint .*step_00000020"):
         assert ckpt.resolve_resume(tmp_path, "auto") == older
     with pytest.raises(CheckpointError, match=r"cannot resume from .*step_00000020.*rng_rank00000.pt"):
@@ -352,6 +497,21 @@ def test_keep_two_and_latest(zero_run):
     meta = ckpt.validate(out / "z3" / "step_00000003")
     assert meta["world_size"] == WORLD and meta["zero_stage"] == 3 and meta["client_state"]["step"] == 3
     assert {"rng_rank00000.pt", "rng_rank00001.pt"} <= set(meta["files"]) and meta["git_revision"]
+
+
+@pytest.mark.slow
+def test_every_block_of_every_file_of_a_zero3_checkpoint_has_its_sha256(zero_run):
+    import hashlib
+
+    out, _ = zero_run
+    path = out / "z3" / "step_00000003"
+    meta = ckpt.validate(path)
+    block = meta["sha256_block"]
+    assert len(meta["files"]) == len([f for f in path.iterdir() if f.name != ckpt.MANIFEST])
+    for rel, entry in meta["files"].items():
+        data = (path / rel).read_bytes()
+        blocks = [data[i:i + block] for i in range(0, len(data), block)] or [b""]
+        assert entry == {"size": len(data), "sha256": [hashlib.sha256(b).hexdigest() for b in blocks]}, rel
 
 
 @pytest.mark.slow

@@ -47,7 +47,7 @@ def test_everything_an_earlier_run_leaves_is_found(tmp_path):
     found = {p.relative_to(output).as_posix() for p in earlier_run(output, output / "checkpoints")}
     assert found == {"metrics.jsonl", "config.yaml", "tensorboard", "checkpoints/latest",
                      "checkpoints/step_00000002", "checkpoints/step_00000004"}
-    (output / "checkpoints" / checkpoint.PARTIAL / "step_00000006").mkdir()  # a save that crashed
+    (output / "checkpoints" / checkpoint.PARTIAL / "step_00000006").mkdir(parents=True)  # a save that crashed
     assert output / "checkpoints" / checkpoint.PARTIAL in earlier_run(output, output / "checkpoints")
 
 

@@ -133,7 +133,7 @@ def test_window_rates_are_job_totals_and_mfu_is_per_gpu():
 def test_metrics_jsonl_has_no_nan_and_resume_drops_later_steps(tmp_path):
     import json
 
-    from bert_fast.train.metrics import Reporter, drop_records_after
+    from bert_fast.train.metrics import Reporter, repair_for_resume
 
     reporter = Reporter(tmp_path, 0, 10, 0, tensorboard=False)
     for step in (1, 2, 3):
@@ -146,7 +146,7 @@ def test_metrics_jsonl_has_no_nan_and_resume_drops_later_steps(tmp_path):
     assert records[1]["loss"] is None and records[0]["seq_per_s"] is None and records[0]["fingerprints"] == [None]
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"kind": "train", "st')  # a line cut short by a crash
-    drop_records_after(tmp_path, 2)
+    repair_for_resume(tmp_path, 2, None)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
@@ -163,8 +163,9 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_by_name(tmp_path):
                                                                         intermediate_size=1024), 10, 64)
     with pytest.raises(CheckpointError, match=f"{tmp_path}.*global batch 64.*train.global_batch is 128"):
         check_start("resume", tmp_path, meta, config, steps=100, global_batch=128)
-    with pytest.raises(ValueError, match="step 40, and train.steps=40"):
-        check_start("resume", tmp_path, meta, config, steps=40, global_batch=64)
+    check_start("resume", tmp_path, meta, config, steps=40, global_batch=64)  # the final one: finishes the run
+    with pytest.raises(ValueError, match="step 40, past train.steps=39"):
+        check_start("resume", tmp_path, meta, config, steps=39, global_batch=64)
 
     check_export_dir("")
     check_export_dir(str(tmp_path / "new"))

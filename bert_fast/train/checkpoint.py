@@ -3,20 +3,28 @@
 Layout: `root/step_XXXXXXXX/` holds DeepSpeed's files (model states, ZeRO partitions), one RNG file
 per rank (`rng_rankNNNNN.pt`: python `random`, numpy's global RNG, torch CPU and CUDA) and, written
 last, the manifest `bert_fast.json`: metadata (step, client_state with the run config, world size,
-ZeRO stage, git revision, DeepSpeed version, time) and every file of the folder with its size, plus
-a sha256 for files up to HASH_LIMIT bytes. `root/latest` names the newest tag (DeepSpeed's format).
+ZeRO stage, git revision, DeepSpeed version, time) and every file of the folder with its size and
+a sha256 of each 64 MiB block (bert_fast/train/checksums.py), whatever the file's size.
+`root/latest` names the newest tag (DeepSpeed's format).
 
 Guarantees, assuming `root` is on a filesystem every rank sees (one node, or NFS/Lustre/GPFS):
-- Atomic: every rank writes into `root/.partial/<tag>`; after a barrier rank 0 fsyncs, writes the
+- Atomic: every rank writes into `root/.partial/<tag>`; after every rank is done rank 0 writes the
   manifest (temp name + rename), then renames the folder to `root/<tag>` in one rename. A crash
-  before that rename leaves only `.partial`, which is never considered; a crash after it leaves a
-  complete checkpoint. Older checkpoints are not touched until the new one is in place; pruning
-  deletes a folder's manifest first, so a half-deleted folder reads as invalid, never as valid.
-- Validated: `validate` refuses a folder without a parseable manifest (a partial save) or with a
-  file missing, of another size, or with another hash (truncated or corrupted).
+  before that rename leaves only `.partial`, which is never considered (and removed at the next
+  start, bert_fast/train/leftovers.py); a crash after it leaves a complete checkpoint. Older
+  checkpoints are not touched until the new one is in place; pruning deletes a folder's manifest
+  first, so a half-deleted folder reads as invalid, never as valid.
+- Checked: each rank hashes the files it writes in background threads, DeepSpeed's as their bytes
+  are written, the others once closed; rank 0 records every rank's digests.
+  `validate` refuses a folder without a parseable manifest (a partial save) or with a file
+  missing, of another size, or with any block of another sha256 (truncated or corrupted), naming
+  the bytes. Resume, init_from and export validate first.
 - Collective: `save` and `load` must be called by every rank; rank 0 validates and commits and
-  broadcasts its outcome, so every rank raises the same CheckpointError instead of hanging.
-  Without torch.distributed initialised they run as world size 1.
+  broadcasts its outcome, so every rank raises the same CheckpointError instead of hanging. A
+  write that fails inside DeepSpeed's own save (which has collectives of its own) raises on that
+  rank at once, naming the folder (and, for a full disk, the space needed and free); its peers
+  then fail on the lost connection. Without torch.distributed initialised they run as world
+  size 1.
 """
 
 from __future__ import annotations
@@ -36,12 +44,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bert_fast.fileio import atomic_path, atomic_write_text, sha256_file
+from bert_fast.fileio import atomic_path, atomic_write_text
+from bert_fast.train import checksums
+from bert_fast.train.diskspace import disk_full_message, free_bytes, is_disk_full
 from bert_fast.train.partitions import zero_padding
 
 MANIFEST = "bert_fast.json"
-FORMAT = 1
-HASH_LIMIT = 64 << 20  # bytes; larger files (big optimizer partitions) are checked by size only
+FORMAT = 2  # 2: a sha256 per block of every file; 1: one sha256 per file up to 64 MiB, size only above
+_FORMAT1_BLOCK = 64 << 20
 PARTIAL = ".partial"
 _TAG = re.compile(r"^step_(\d{8,})$")
 _RANK_FILE = re.compile(r"_pp_rank_(\d+)_")
@@ -152,7 +162,7 @@ def _set_rng_state(state: dict) -> None:
 def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> Path:
     """Collective. Writes `root/step_{step:08d}` atomically (see the module docstring) and returns
     it. keep: how many checkpoints to leave under root, newest steps first (the one just written
-    always stays); 0 keeps all."""
+    always stays); 0 keeps all. Raises CheckpointError naming the folder when any rank fails."""
     if keep < 0:
         raise ValueError(f"keep must be >= 0 (0 keeps every checkpoint), got {keep}")
     try:
@@ -168,14 +178,24 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
         staging.mkdir(parents=True)
     _barrier()
     zero_padding(engine)  # so the same state always saves as the same bytes
-    engine.save_checkpoint(str(root / PARTIAL), tag=tag, client_state={}, save_latest=False)
-    # Through a file object: given a path, torch.save names the archive's records after the file,
-    # here a random temporary name, and the same state saved twice differed.
-    with atomic_path(staging / f"rng_rank{rank:05d}.pt") as tmp, open(tmp, "wb") as f:
-        torch.save(rng, f)
-    for f in _deepspeed_files(staging, rank):
-        _fsync(f)
-    _barrier()
+    with checksums.Hasher() as hasher:
+        try:
+            with _hashing_as_written(engine, hasher):
+                engine.save_checkpoint(str(root / PARTIAL), tag=tag, client_state={}, save_latest=False)
+        except Exception as err:  # DeepSpeed's save has collectives: this rank cannot rejoin its peers
+            message = _write_failure(err, staging, engine)
+            _discard(staging)  # its peers' writes fail too, and the run ends
+            raise CheckpointError(message) from err
+        try:
+            digests = _finish_own_files(staging, rank, rng, hasher)
+        except Exception as err:  # every rank learns of it below, or they would wait at the next barrier
+            digests = _write_failure(err, staging, engine)
+    outcomes = _all_ranks(digests)
+    failed = [(r, o) for r, o in enumerate(outcomes) if isinstance(o, str)]
+    if failed:
+        if rank == 0:
+            _discard(staging)
+        raise CheckpointError(f"saving failed on rank {failed[0][0]}: {failed[0][1]}")
     error = None
     if rank == 0:
         try:
@@ -184,21 +204,122 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
                     "deepspeed_version": _deepspeed_version(), "torch_version": torch.__version__,
                     "git_revision": _git_revision(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "client_state": client_state, "param_group_names": _param_group_names(engine)}
-            _commit(root, staging, final, meta, keep)
+            _commit(root, staging, final, meta, keep, {k: v for o in outcomes for k, v in o.items()})
         except Exception as err:  # every rank must learn of it, or they wait at the next barrier
-            error = f"{type(err).__name__}: {err}"
+            error = _write_failure(err, staging, engine)
     error = _from_rank0(error)
     if error is not None:
-        raise CheckpointError(f"{final}: saving failed on rank 0: {error}")
+        raise CheckpointError(f"saving failed on rank 0: {error}")
     return final
 
 
+@contextlib.contextmanager
+def _hashing_as_written(engine, hasher: checksums.Hasher):
+    """DeepSpeed's checkpoint engine writes each file through `hasher.writer`, so its bytes are
+    hashed by the hasher's threads while they are written (the same bytes as torch.save to a path,
+    in DeepSpeed's default format). Only DeepSpeed's default engine, which writes synchronously
+    with torch.save; the files of any other are hashed once save_checkpoint returns."""
+    ce = getattr(engine, "checkpoint_engine", None)
+    try:
+        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+    except ImportError:
+        TorchCheckpointEngine = None
+    if TorchCheckpointEngine is None or type(ce) is not TorchCheckpointEngine or "save" in vars(ce):
+        yield
+        return
+
+    def save(state_dict, path):
+        with hasher.writer(path) as f:
+            torch.save(state_dict, f, _use_new_zipfile_serialization=ce.zipfile_serialization)
+
+    ce.save = save
+    try:
+        yield
+    finally:
+        del ce.save
+
+
+def _finish_own_files(staging: Path, rank: int, rng: dict, hasher: checksums.Hasher) -> dict[str, dict]:
+    """This rank's RNG file, then every file it wrote made durable and hashed: {relative path:
+    {"size", "sha256"}}. Files DeepSpeed wrote through the hasher are hashed already; the others
+    (the RNG file, those of another checkpoint engine) are hashed while the files are fsynced."""
+    # Through a file object: given a path, torch.save names the archive's records after the file,
+    # here a random temporary name, and the same state saved twice differed.
+    rng_file = staging / f"rng_rank{rank:05d}.pt"
+    with atomic_path(rng_file) as tmp, open(tmp, "wb") as f:
+        torch.save(rng, f)
+    own = _deepspeed_files(staging, rank)
+    for f in [rng_file, *own]:
+        hasher.submit(f)
+    for f in own:
+        _fsync(f)
+    folder = Path(os.path.abspath(staging))
+    return {p.relative_to(folder).as_posix(): entry for p, entry in hasher.digests().items()}
+
+
+def _discard(staging: Path) -> None:
+    """Removes a failed save's folder (and `.partial` when empty), freeing its space at once."""
+    shutil.rmtree(staging, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        staging.parent.rmdir()
+
+
+def _all_ranks(obj) -> list:
+    if not _dist():
+        return [obj]
+    gathered = [None] * _world()
+    _dist().all_gather_object(gathered, obj)
+    return gathered
+
+
+def _write_failure(err: BaseException, staging: Path, engine) -> str:
+    """One line: a full disk with the space needed and free, else the folder and the error. A
+    full disk: an ENOSPC/EDQUOT behind the error, or (torch.save's zip writer reports it as
+    'unexpected pos', no errno) less space left than the rest of the checkpoint needed."""
+    free = free_bytes(staging)
+    needed, source = _space_needed(staging.parent.parent, engine)
+    written = _bytes_in(staging)
+    if is_disk_full(err) or (free is not None and needed is not None and free + written < needed):
+        return disk_full_message(staging, needed, f"checkpoint {staging.name}", free, basis=source,
+                                 fix="free space there or set checkpoint.dir to another disk")
+    text = " ".join(str(err).split())
+    return f"writing {staging} failed: {type(err).__name__}: {text}"
+
+
+def _bytes_in(folder: Path) -> int:
+    """Bytes of the files under `folder` now (0 where it is gone; other ranks may be deleting)."""
+    total = 0
+    for f in folder.rglob("*") if folder.is_dir() else []:
+        with contextlib.suppress(OSError):
+            total += f.stat().st_size if f.is_file() else 0
+    return total
+
+
+def _space_needed(root: Path, engine) -> tuple[int | None, str]:
+    """(bytes, how it was found): the newest readable checkpoint's size (the same run saves the
+    same shapes), else an estimate from the model."""
+    for _, path in reversed(checkpoints(root)):
+        try:
+            files = read_metadata(path)["files"]
+            return sum(int(e["size"]) for e in files.values()), f"the size of {path.name}"
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            continue
+    try:
+        params = list(engine.module.parameters())
+        count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+        size = sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 12) for p in params)
+    except Exception:  # a failure path: never raise from here
+        return None, "no earlier checkpoint to measure"
+    return size, (f"estimated: {count:,} parameters with an fp32 master copy and two fp32 optimizer "
+                  "moments each")
+
+
 def _deepspeed_files(staging: Path, rank: int) -> list[Path]:
-    """The files DeepSpeed wrote into `staging` for `rank`, which it makes durable itself: its ZeRO
-    partitions (`*_pp_rank_<rank>_*`) and, on rank 0, those of no rank (stage 0-2 model states).
-    Never another rank's, which may still be written or renamed: rank 0 once opened rank 1's RNG
-    file by its temporary name as rank 1 renamed it (FileNotFoundError, 1 run of the checkpoint
-    tests in 20). The RNG files are made durable by atomic_path."""
+    """The files DeepSpeed wrote into `staging` for `rank`, which this rank makes durable and hashes:
+    its ZeRO partitions (`*_pp_rank_<rank>_*`) and, on rank 0, those of no rank (stage 0-2 model
+    states, zero_to_fp32.py). Never another rank's, which may still be written or renamed: rank 0
+    once opened rank 1's RNG file by its temporary name as rank 1 renamed it (FileNotFoundError,
+    1 run of the checkpoint tests in 20). The RNG files are made durable by atomic_path."""
     files = []
     for f in staging.iterdir():
         if f.name.startswith((".", "rng_rank")) or not f.is_file():
@@ -215,16 +336,26 @@ def _deepspeed_version() -> str:
     return deepspeed.__version__
 
 
-def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int) -> None:
-    files = {}
-    for f in sorted(p for p in staging.rglob("*") if p.is_file()):
-        size = f.stat().st_size
-        files[f.relative_to(staging).as_posix()] = (
-            {"size": size, "sha256": sha256_file(f)} if size <= HASH_LIMIT else {"size": size})
+def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int,
+            digests: dict[str, dict] | None = None) -> None:
+    """Rank 0: the manifest (from the ranks' `digests`; a file none of them hashed is hashed
+    here), the rename into place, `latest`, pruning."""
+    digests = dict(digests or {})
+    present = {f.relative_to(staging).as_posix(): f for f in sorted(staging.rglob("*")) if f.is_file()}
+    gone = sorted(set(digests) - set(present))
+    if gone:
+        raise CheckpointError(f"{staging}: {', '.join(gone)} vanished after it was written")
+    todo = [f for rel, f in present.items() if rel not in digests]
+    digests.update((p.relative_to(staging).as_posix(), e) for p, e in checksums.digest_files(todo).items())
+    for rel, f in present.items():
+        if f.stat().st_size != digests[rel]["size"]:
+            raise CheckpointError(f"{staging}: {rel} changed after it was hashed")
+    files = {rel: digests[rel] for rel in present}
     missing = [r for r in range(meta["world_size"]) if f"rng_rank{r:05d}.pt" not in files]
     if missing:
         raise CheckpointError(f"{staging}: no RNG file from ranks {missing}; is {root} shared by all ranks?")
-    atomic_write_text(staging / MANIFEST, json.dumps({**meta, "files": files}, indent=1) + "\n")
+    manifest = {**meta, "sha256_block": checksums.BLOCK, "files": files}
+    atomic_write_text(staging / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     _fsync(staging)
     replaced = root / PARTIAL / f"replaced_{final.name}"
     if final.exists():  # the same step saved again: move the old one aside, never merge
@@ -233,6 +364,8 @@ def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int) -> No
     os.rename(staging, final)
     _fsync(root)
     shutil.rmtree(replaced, ignore_errors=True)
+    with contextlib.suppress(OSError):  # empty now, unless another save of this run is under way
+        (root / PARTIAL).rmdir()
     atomic_write_text(root / "latest", final.name)
     if keep:
         for _, old in checkpoints(root)[:-keep]:
@@ -240,6 +373,14 @@ def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int) -> No
                 (old / MANIFEST).unlink(missing_ok=True)  # invalid from here on, then delete
                 shutil.rmtree(old, ignore_errors=True)
     _fsync(root)
+
+
+def point_latest(root: str | Path, path: Path) -> None:
+    """Rank 0, on resume: `latest` names the checkpoint resumed from (a save killed after its
+    rename but before `latest` left the previous name there)."""
+    latest = Path(root) / "latest"
+    if not latest.is_file() or latest.read_text().strip() != path.name:
+        atomic_write_text(latest, path.name)
 
 
 # ---- validate and find -------------------------------------------------------------------
@@ -257,25 +398,53 @@ def read_metadata(path: str | Path) -> dict:
         meta = json.loads(manifest.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{manifest}: unreadable manifest ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
-        raise CheckpointError(f"{manifest}: not a bert_fast checkpoint manifest of format {FORMAT}")
+    if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT) or not isinstance(
+            meta.get("files"), dict) or not all(_entry_ok(e, meta) for e in meta["files"].values()):
+        raise CheckpointError(f"{manifest}: not a bert_fast checkpoint manifest of format 1 or {FORMAT}")
     return meta
 
 
+def _entry_ok(entry, meta: dict) -> bool:
+    """Format 2: a size and one sha256 per block. Format 1: a size, and a sha256 up to 64 MiB."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
+        return False
+    digests = entry.get("sha256")
+    if meta["format"] == 1:
+        return digests is None or isinstance(digests, str)
+    block = meta.get("sha256_block")
+    return isinstance(block, int) and block > 0 and isinstance(digests, list) and len(digests) == (
+        checksums.block_count(entry["size"], block))
+
+
 def validate(path: str | Path) -> dict:
-    """Raises CheckpointError for a partial or corrupted checkpoint; returns its metadata."""
+    """Raises CheckpointError for a partial or corrupted checkpoint; returns its metadata.
+    Every byte of every file is hashed (in parallel threads) and compared with the manifest."""
     path = Path(path)
     meta = read_metadata(path)
+    recorded, size_only = {}, []
     for rel, entry in meta["files"].items():
         f = path / rel
         if not f.is_file():
             raise CheckpointError(f"{path}: {rel} is missing")
         size = f.stat().st_size
-        if size != entry.get("size"):
+        if size != entry["size"]:
             raise CheckpointError(f"{path}: {rel} has {size} bytes, the manifest records "
-                                  f"{entry.get('size')} (truncated or overwritten)")
-        if "sha256" in entry and sha256_file(f) != entry["sha256"]:
-            raise CheckpointError(f"{path}: {rel} does not match its recorded sha256 (corrupted)")
+                                  f"{entry['size']} (truncated or overwritten)")
+        digests = entry.get("sha256")
+        if digests is None:
+            size_only.append(rel)
+        else:  # format 1 recorded one sha256 of the whole file: one block of 64 MiB
+            recorded[rel] = [digests] if isinstance(digests, str) else digests
+    try:
+        bad = checksums.mismatches(path, recorded, meta.get("sha256_block", _FORMAT1_BLOCK))
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read it to check its sha256 ({err})") from None
+    if bad:
+        more = f" (and {len(bad) - 1} more blocks)" if len(bad) > 1 else ""
+        raise CheckpointError(f"{path}: {bad[0]}{more} do not match the recorded sha256 (corrupted)")
+    if size_only:
+        warnings.warn(f"{path}: saved by an older bert_fast that recorded only the size of files over "
+                      f"64 MiB; {', '.join(size_only)} checked by size only", stacklevel=2)
     return meta
 
 
@@ -304,13 +473,15 @@ def _optimizer_partitioned(meta: dict) -> bool:
     return any("zero_pp_rank_" in name and name.endswith("optim_states.pt") for name in meta["files"])
 
 
-def load(engine, path: str | Path, load_optimizer: bool = True) -> dict:
+def load(engine, path: str | Path, load_optimizer: bool = True, validated: dict | None = None) -> dict:
     """Collective. Loads the checkpoint into `engine` and restores this rank's RNG states;
     returns client_state. load_optimizer=False takes the weights only (any world size, any ZeRO
-    stage) and leaves optimizer, lr scheduler and RNG as they are."""
+    stage) and leaves optimizer, lr scheduler and RNG as they are. validated: the metadata
+    `validate(path)` returned on rank 0 of this run moments ago (the loop's preflight did), so
+    the files are not hashed a second time; None: rank 0 validates them here."""
     path = Path(path)
-    error, meta = None, None
-    if _rank() == 0:
+    error, meta = None, validated
+    if _rank() == 0 and validated is None:
         try:
             meta = validate(path)
         except CheckpointError as err:
@@ -321,7 +492,7 @@ def load(engine, path: str | Path, load_optimizer: bool = True) -> dict:
     world, stage = _world(), int(engine.zero_optimization_stage())
     saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
     if not load_optimizer:
-        _load_weights(engine, model_state_dict(path))
+        _load_weights(engine, model_state_dict(path, validated=meta))
         zero_padding(engine)
         return meta["client_state"]
     if saved_world != world and _optimizer_partitioned(meta):
@@ -411,10 +582,11 @@ def _set_stage3_masters(optimizer, names: dict[int, str], state: dict[str, torch
                 offset += width
 
 
-def model_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of a checkpoint (ZeRO partitions consolidated on CPU)."""
+def model_state_dict(path: str | Path, validated: dict | None = None) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a checkpoint (ZeRO partitions consolidated on CPU).
+    validated: what `validate(path)` returned moments ago (not hashed again); None validates."""
     path = Path(path)
-    meta = validate(path)
+    meta = validate(path) if validated is None else validated
     if _optimizer_partitioned(meta):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -23,6 +23,14 @@ and train.steps, and that export.hf_dir can be written at the end; then rank 0 s
 recipe in the output folder (`config.yaml`). Throughput windows leave out the time of evaluation
 and checkpoints; MFU is per GPU (job TFLOP/s / world size / peak).
 
+Faults: rank 0 first removes what a killed run left in the run's folders
+(bert_fast/train/leftovers.py); a resumed run puts metrics.jsonl back as it was at its checkpoint
+(each record once, in order; the checkpoint's own record rebuilt if the kill came before it) and
+points `latest` at it. A resume from the checkpoint at train.steps finishes the run (fingerprints,
+export). A checkpoint that cannot be written stops the run (TrainingStopped, naming the cause and
+the last good checkpoint), and on every way out the DataLoader workers are shut down before the
+exception leaves, so pretrain.py can end at once.
+
 A resumed run continues with the same batches (the sampler position is in the checkpoint), the
 same dropout draws (RNG states per rank) and the same schedule, so its losses equal those of an
 uninterrupted run (bit for bit on the CPU in float32).
@@ -41,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from bert_fast.fileio import atomic_write_text
-from bert_fast.train import checkpoint
+from bert_fast.train import checkpoint, leftovers
 from bert_fast.train.batches import make_batches
 from bert_fast.train.config import (
     batch_plan,
@@ -54,7 +62,7 @@ from bert_fast.train.config import (
 )
 from bert_fast.train.engine import build, global_grad_norm, init_distributed, loss_scale
 from bert_fast.train.flops import peak_tflops, step_flops
-from bert_fast.train.metrics import Reporter, Window, drop_records_after
+from bert_fast.train.metrics import Reporter, Window, checkpoint_record, repair_for_resume
 from bert_fast.train.output import RECIPE, claim
 from bert_fast.train.preflight import check_export_dir, check_start, find_start
 from bert_fast.train.stops import LossScaleWatch, Signals, TrainingStopped, agree
@@ -142,6 +150,11 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     for folder, aside in moves if rank == 0 else []:
         print(f"pretrain: moved the earlier run in {folder} to {aside}", file=stream or sys.stdout,
               flush=True)
+    if rank == 0:  # before any rank reads there: the others wait for find_start's broadcast
+        removed = leftovers.remove(output, root, config["export"]["hf_dir"])
+        if removed:
+            print(f"pretrain: removed what a killed run left: {', '.join(map(str, removed))}",
+                  file=stream or sys.stdout, flush=True)
     check_export_dir(config["export"]["hf_dir"])
     # A bad checkpoint fails before the build, on every rank alike.
     kind, path, meta = find_start(root, resume, c["init_from"])
@@ -152,28 +165,35 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     engine, scheduler = build(config, model_cfg, ds_config, device)
 
     start, last_saved = 0, None
-    if kind == "resume":
-        state = checkpoint.load(engine, path)
+    if kind == "resume":  # validated on rank 0 by find_start: not hashed again
+        state = checkpoint.load(engine, path, validated=meta)
         start, last_saved = state["step"], path
         batches.load_state_dict(state["data"])
     elif kind == "init_from":
-        checkpoint.load(engine, path, load_optimizer=False)
+        checkpoint.load(engine, path, load_optimizer=False, validated=meta)
     if rank == 0:
         if resume:  # what the run logged after its checkpoint (all of it, if none) is logged again
-            drop_records_after(output, start)
+            repair_for_resume(output, start, last_saved)
+        if kind == "resume":
+            checkpoint.point_latest(root, path)
         output.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output / RECIPE, dump_config(config))
         print(f"pretrain: {world} rank(s) on {device.type}, global batch {global_batch} = {micro} x "
               f"{accumulation} accumulation x {world}, ZeRO {engine.zero_optimization_stage()}, "
               f"{'bf16' if engine.bfloat16_enabled() else 'fp16' if engine.fp16_enabled() else 'fp32'}, "
               + (f"resumed from {path} at step {start}" if kind == "resume" else
-                 f"weights from {path}" if kind == "init_from" else "from scratch"),
+                 f"weights from {path}" if kind == "init_from" else "from scratch")
+              + (" (the last step: nothing left to train, finishing the run)" if start == t["steps"] else ""),
               file=stream or sys.stdout, flush=True)
 
     def save(step: int) -> Path:
         state = {"step": step, "data": batches.state_dict(), "config": config,
                  "model_config": model_cfg.to_dict(), "global_batch": global_batch}
-        return checkpoint.save(engine, root, step, state, keep=c["keep"])
+        try:
+            return checkpoint.save(engine, root, step, state, keep=c["keep"])
+        except checkpoint.CheckpointError as err:
+            raise TrainingStopped(f"step {step}: checkpoint not saved: {err}. The last good checkpoint "
+                                  f"is {last_saved or 'none'}") from None
 
     peak = peak_tflops(device, lg["peak_tflops"])
     reporter = Reporter(output, rank, t["steps"], start, lg["tensorboard"], stream, resumed=bool(resume))
@@ -234,7 +254,7 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
             if stop or step == t["steps"] or (c["every"] and step % c["every"] == 0):
                 last_saved = save(step)
                 if rank == 0:
-                    reporter.record({"step": step, "checkpoint": str(last_saved)}, kind="checkpoint")
+                    reporter.record(checkpoint_record(step, last_saved), kind="checkpoint")
             window.exclude(time.perf_counter() - paused)
             if stop:
                 if rank == 0:
@@ -247,9 +267,11 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
                              "agree": len(set(fingerprints)) == 1}, kind="ranks")
             if len(set(fingerprints)) != 1:
                 raise TrainingStopped(f"the ranks' parameters differ at the end of training: {fingerprints}")
-    finally:
-        reporter.close()
+    finally:  # on every way out: the DataLoader workers (which ignore SIGTERM) go now, not at exit
+        if hasattr(stream_, "close"):
+            stream_.close()
         signals.restore()
+        reporter.close()
     exported = None
     if step == t["steps"] and config["export"]["hf_dir"] and last_saved is not None:
         exported = _export(last_saved, config["export"]["hf_dir"], rank, stream)

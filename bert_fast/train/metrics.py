@@ -17,6 +17,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bert_fast.fileio import atomic_write_text
+from bert_fast.train.diskspace import write_error
+from bert_fast.train.output import METRICS
 
 # Summed per micro batch on the device: losses weighted by their counts, so means are exact.
 DEVICE_SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count",
@@ -87,25 +89,47 @@ def _finite(value):
     return value
 
 
-def drop_records_after(output_dir: Path, step: int) -> None:
-    """On resume from `step`: the records of later steps (written after the last checkpoint by the
-    run that crashed) are logged again by this one, so they go; the file is rewritten atomically."""
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept, dropped = [], False
-    for line in path.read_text(encoding="utf-8").splitlines():
+def _line(kind: str, record: dict) -> str:
+    """One metrics.jsonl line: full precision (resumed runs are compared bit for bit), no NaN."""
+    return json.dumps(_finite({"kind": kind, **record}), allow_nan=False) + "\n"
+
+
+def checkpoint_record(step: int, path) -> dict:
+    return {"step": step, "checkpoint": str(path)}
+
+
+def repair_for_resume(output_dir: Path, step: int, saved: Path | None) -> None:
+    """Rank 0, before a resumed run logs: metrics.jsonl as the run left it at `step`, where its
+    checkpoint `saved` was taken (0 and None: no checkpoint, the run starts over), whatever kill
+    came before. Kept: the records of steps up to `step`, each kind of each step once, in the
+    order written. Dropped: what the killed run logged after its checkpoint (it is logged again),
+    a line cut short, and the end-of-run record of `step` ('ranks', written after the final
+    checkpoint, written again). Added: the checkpoint's record, when a kill came between the
+    checkpoint's rename and its record. Rewritten atomically, and only when something changes."""
+    path = Path(output_dir) / METRICS
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.is_file() else []
+    kept, seen = [], set()
+    for line in lines:
         try:
-            record_step = json.loads(line).get("step")
-        except (json.JSONDecodeError, AttributeError):
-            dropped = True  # a line cut short by the crash
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line the kill cut short
             continue
-        if isinstance(record_step, int) and record_step > step:
-            dropped = True
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or not line.endswith("\n"):
             continue
-        kept.append(line + "\n")
-    if dropped:
-        atomic_write_text(path, "".join(kept))
+        key = (record.get("kind"), record["step"])
+        if record["step"] > step or key in seen or key == ("ranks", step):
+            continue
+        seen.add(key)
+        kept.append(line)
+    if saved is not None and ("checkpoint", step) not in seen:
+        kept.append(_line("checkpoint", checkpoint_record(step, saved)))
+    if kept == lines:
+        return
+    text = "".join(kept)
+    try:
+        atomic_write_text(path, text)
+    except OSError as err:
+        raise write_error(path, err, len(text.encode()), f"rewriting {METRICS} for the resume") from None
 
 
 class Reporter:
@@ -118,7 +142,8 @@ class Reporter:
         if rank != 0:
             return
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = (output_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self.path = output_dir / METRICS
+        self.jsonl = self.path.open("a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -136,9 +161,13 @@ class Reporter:
     def record(self, record: dict, kind: str = "train") -> None:
         if self.rank != 0:
             return
-        record = _finite({"kind": kind, **record})  # full precision: resumed runs are compared bit for bit
-        self.jsonl.write(json.dumps(record, allow_nan=False) + "\n")
-        self.jsonl.flush()
+        line = _line(kind, record)
+        try:
+            self.jsonl.write(line)
+            self.jsonl.flush()
+        except OSError as err:
+            raise write_error(self.path, err, len(line.encode()), "a metrics record") from None
+        record = _finite({"kind": kind, **record})
         if self.tb is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":

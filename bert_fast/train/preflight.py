@@ -99,6 +99,6 @@ def check_start(kind: str, path: Path, meta: dict, model_cfg, steps: int, global
         raise CheckpointError(f"{path}: saved with global batch {state['global_batch']}, this run's "
                               f"train.global_batch is {global_batch}; the data position and schedule "
                               "would not continue the run (set train.global_batch to match)")
-    if meta["step"] >= steps:
-        raise ValueError(f"{path} is at step {meta['step']}, and train.steps={steps}: nothing left to "
+    if meta["step"] > steps:  # at train.steps, a resume finishes the run (fingerprints, export)
+        raise ValueError(f"{path} is at step {meta['step']}, past train.steps={steps}: nothing left to "
                          "train (raise train.steps to continue)")
