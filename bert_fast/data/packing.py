@@ -163,3 +163,26 @@ class StaticCollate:
         if bad:
             raise ValueError(f"the sample builder produced out-of-range {', '.join(bad)} "
                              f"(vocab_size={s.vocab_size}, max_seq_length={s.max_seq_length})")
+
+
+def pack_full_length(batch: dict, predictions: int) -> dict:
+    """A padded batch whose every row is real (attention_mask all 1, e.g. SyntheticBatches) in the
+    packed static form of StaticCollate: one shape, B x `predictions` MLM slots. Refuses a row
+    with padding or with more than `predictions` masked tokens."""
+    ids, labels = batch["input_ids"], batch["mlm_labels"]
+    b, s = ids.shape
+    if not bool(batch["attention_mask"].bool().all()):
+        raise ValueError("pack_full_length takes batches without padding (attention_mask all 1)")
+    predicted = labels != IGNORE_INDEX
+    most = int(predicted.sum(1).max()) if b else 0
+    if most > predictions:
+        raise ValueError(f"a row has {most} masked tokens, more than its {predictions} MLM slots")
+    # Each row's predicted positions first, in order (a stable sort of "not predicted").
+    order = torch.sort((~predicted).to(torch.int8), dim=1, stable=True).indices[:, :predictions]
+    taken = torch.gather(predicted, 1, order)
+    positions = torch.where(taken, order + torch.arange(b)[:, None] * s, 0)
+    return {"input_ids": ids.reshape(-1), "token_type_ids": batch["token_type_ids"].reshape(-1),
+            "cu_seqlens": torch.arange(0, (b + 1) * s, s, dtype=torch.int32), "max_seqlen": s,
+            "mlm_positions": positions.reshape(-1),
+            "mlm_labels": torch.where(taken, torch.gather(labels, 1, order), IGNORE_INDEX).reshape(-1),
+            "next_sentence_label": batch["next_sentence_label"], "tokens": b * s, "sequences": b}

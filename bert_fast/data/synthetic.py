@@ -27,6 +27,7 @@ class SyntheticBatches:
     topic_size: int = 8
     mask_prob: float = 0.15
     seed: int = 0
+    max_predictions: int = 0  # > 0: at most this many masked tokens per row (the first ones drawn)
 
     def __post_init__(self):
         if self.seq_length < 5:
@@ -34,6 +35,8 @@ class SyntheticBatches:
         if FIRST_TOKEN + self.topics * self.topic_size > self.vocab_size:
             raise ValueError(f"vocab_size {self.vocab_size} is too small for {self.topics} topics "
                              f"of {self.topic_size} tokens from id {FIRST_TOKEN}")
+        if not isinstance(self.max_predictions, int) or self.max_predictions < 0:
+            raise ValueError(f"max_predictions must be an int >= 0, got {self.max_predictions!r}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -60,6 +63,8 @@ class SyntheticBatches:
         special = (input_ids == CLS) | (input_ids == SEP)
 
         chosen = (torch.rand(b, s, generator=self.generator) < self.mask_prob) & ~special
+        if self.max_predictions:
+            chosen &= chosen.cumsum(1) <= self.max_predictions
         labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
         action = torch.rand(b, s, generator=self.generator)
         replaced = torch.where(action < 0.8, torch.full_like(input_ids, MASK),

@@ -4,6 +4,9 @@
 `bert-fast data prepare`, or "synthetic" (bert_fast/data/synthetic.py; no held-out set).
 `data.eval_source`: "heldout" keeps the corpus's last shard out of training and evaluates on it,
 a prepared folder evaluates on that corpus, "none" turns evaluation off.
+
+Every batch is in the packed static form (bert_fast/data/packing.py), built and checked on the
+host: at most `data.buckets` shapes per run, and nothing the step has to read back from the device.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from pathlib import Path
 from bert_fast.config import BertConfig
 from bert_fast.data.corpus import default_prepared
 from bert_fast.data.dataset import PretrainingDataset, PretrainingLoader
+from bert_fast.data.packing import pack_full_length
 from bert_fast.data.shards import PreparedCorpus
 from bert_fast.data.synthetic import SyntheticBatches
+from bert_fast.train.config import data_settings
 
 
 @dataclasses.dataclass
@@ -27,7 +32,8 @@ class Batches:
     def stream(self):
         """Endless training batches (resumable through `state_dict` where the source has one)."""
         if isinstance(self.train, SyntheticBatches):
-            return iter(self.train.next, None)
+            synthetic = self.train
+            return (pack_full_length(synthetic.next(), synthetic.max_predictions) for _ in iter(int, 1))
         return iter(self.train)
 
     def state_dict(self) -> dict:
@@ -48,8 +54,10 @@ def _folder(source: str, key: str) -> Path:
 def make_batches(config: dict, model_cfg: BertConfig, rank: int = 0, world_size: int = 1) -> Batches:
     d, t = config["data"], config["train"]
     if d["source"] == "synthetic":
+        predictions = data_settings(config).predictions
         train = SyntheticBatches(t["micro_batch"], d["seq_length"], model_cfg.vocab_size,
-                                 mask_prob=d["mask_prob"], seed=t["seed"] * world_size + rank)
+                                 mask_prob=d["mask_prob"], seed=t["seed"] * world_size + rank,
+                                 max_predictions=predictions)
         return Batches(train, None, model_cfg)
     if d["source"] == "corpus":
         folder = default_prepared(d["vocab_size"])
@@ -76,11 +84,12 @@ def make_batches(config: dict, model_cfg: BertConfig, rank: int = 0, world_size:
                              f"data.source {corpus.vocab_size}")
         eval_set = PretrainingDataset(other, PretrainingDataset.settings_for(other, **sample))
     train = PretrainingLoader(PretrainingDataset(corpus, settings, shards=train_shards), t["micro_batch"],
-                              rank=rank, world_size=world_size, seed=t["seed"], workers=d["workers"])
+                              rank=rank, world_size=world_size, seed=t["seed"], workers=d["workers"],
+                              packed=True, buckets=d["buckets"])
     held_out = None
     if eval_set is not None:  # a fixed set: the same batches at every evaluation
         held_out = PretrainingLoader(eval_set, t["micro_batch"], rank=rank, world_size=world_size,
-                                     seed=t["seed"] + 1, workers=0)
+                                     seed=t["seed"] + 1, workers=0, packed=True, buckets=d["buckets"])
     model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size,
                                     pad_token_id=corpus.special["pad_id"])
     return Batches(train, held_out, model_cfg)

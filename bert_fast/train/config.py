@@ -27,10 +27,14 @@ DEFAULTS = {
     # a prepared folder.
     "data": {"source": "corpus", "seq_length": 128, "objective": "nsp", "mask_prob": 0.15,
              "max_predictions": 0, "short_seq_prob": 0.1, "whole_word_mask": False, "vocab_size": 8192,
-             "workers": 1, "eval_source": "heldout"},
+             "workers": 1, "eval_source": "heldout", "buckets": 8},
     # global_batch 0: micro_batch x world size (no accumulation). threads 0: torch's default.
+    # check_every: steps between the loop's reads of the device (non-finite loss, stop signals);
+    # log, eval and checkpoint steps check too. compile: torch.compile(fullgraph=True), one graph
+    # per batch shape. cuda_graphs: the compiled step replayed from CUDA graphs (GPU only).
     "train": {"steps": 300, "micro_batch": 32, "global_batch": 0, "seed": 0, "max_grad_norm": 1.0,
-              "activation_checkpointing": False, "threads": 0, "output_dir": "runs/default"},
+              "activation_checkpointing": False, "threads": 0, "output_dir": "runs/default",
+              "check_every": 10, "compile": False, "cuda_graphs": False},
     "optimizer": {"name": "adamw", "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01},
     # warmup_ratio > 0 wins over warmup_steps; power 1.0 is linear-like poly, NVIDIA's BERT uses 0.5.
     "schedule": {"warmup_steps": 0, "warmup_ratio": 0.0, "decay": "poly", "power": 1.0,
@@ -225,6 +229,7 @@ _RANGES = [
     ("train.steps", 1, None, True), ("train.micro_batch", 1, None, True),
     ("train.global_batch", 0, None, True), ("train.max_grad_norm", 0, None, True),
     ("train.threads", 0, None, True), ("data.workers", 0, None, True),
+    ("train.check_every", 1, None, True), ("data.buckets", 1, 64, True),
     ("optimizer.lr", 0, None, True), ("optimizer.eps", 0, None, False),
     ("optimizer.weight_decay", 0, None, True),
     ("schedule.warmup_steps", 0, None, True), ("schedule.power", 0, None, False),

@@ -2,13 +2,18 @@
 signals, stability checks and metrics.
 
 Per optimizer step: `accumulation` micro batches (forward, `engine.backward`, `engine.step`, which
-applies the optimizer at the accumulation boundary); the step's loss is checked for NaN/inf before
-the optimizer runs, so a diverged run stops with its weights and checkpoints still good. fp16 steps
-that overflow are skipped by DeepSpeed's loss scaler, counted and logged; a run whose scale has
-fallen to `precision.min_loss_scale` and still overflows is stopped. SIGTERM/SIGINT finish the
-step in flight, save a checkpoint and end the run normally. Both checks are one all-reduce at the
-last micro batch of a step (bert_fast/train/stops.py), so every rank stops at the same step for
-the same reason, never one rank raising while the others wait in a collective.
+applies the optimizer at the accumulation boundary), each a packed static batch checked on the
+host by the loader, so the step itself never waits for the device: the loop reads the device only
+every `train.check_every` steps and at log, eval and checkpoint steps. There, before the optimizer
+runs, it checks that no loss since the last check was NaN/inf (the first bad step is kept on the
+device) and whether a rank received a signal: one all-reduce (bert_fast/train/stops.py), so every
+rank stops at the same step for the same reason, never one rank raising while the others wait in
+a collective. A checkpoint is only written at a checked step, so a diverged run stops with its
+checkpoints good (the weights in memory took the steps since the last check). fp16 steps that
+overflow are skipped by DeepSpeed's loss scaler, counted and logged; a run whose scale has fallen
+to `precision.min_loss_scale` and still overflows is stopped. SIGTERM/SIGINT finish the steps up
+to the next check, save a checkpoint and end the run normally. `train.compile` and
+`train.cuda_graphs`: bert_fast/train/compiled.py.
 
 Signals: DataLoader workers ignore SIGINT/SIGTERM, so a signal to the whole process group (SLURM's
 scancel, Ctrl-C in a terminal) reaches the ranks and the run saves and exits 0. The DeepSpeed
@@ -45,12 +50,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from bert_fast.fileio import atomic_write_text
 from bert_fast.train import checkpoint, leftovers
 from bert_fast.train.batches import make_batches
+from bert_fast.train.compiled import check_compile, compile_model
 from bert_fast.train.config import (
     batch_plan,
     checkpoint_dir,
@@ -65,11 +72,13 @@ from bert_fast.train.flops import peak_tflops, step_flops
 from bert_fast.train.metrics import Reporter, Window, checkpoint_record, repair_for_resume
 from bert_fast.train.output import RECIPE, claim
 from bert_fast.train.preflight import check_export_dir, check_start, find_start
-from bert_fast.train.stops import LossScaleWatch, Signals, TrainingStopped, agree
+from bert_fast.train.stops import FiniteWatch, LossScaleWatch, Signals, TrainingStopped, agree
 
 __all__ = ["LossScaleWatch", "Outcome", "TrainingStopped", "evaluate", "rank_fingerprints", "train"]
 
-MODEL_KEYS = ("input_ids", "token_type_ids", "attention_mask", "mlm_labels", "next_sentence_label")
+# A packed loader batch (bert_fast/data/packing.py): these tensors, max_seqlen and host counts.
+MODEL_KEYS = ("input_ids", "token_type_ids", "cu_seqlens", "mlm_positions", "mlm_labels",
+              "next_sentence_label")
 
 
 def _peak_memory_gb(device: torch.device) -> float:
@@ -79,12 +88,15 @@ def _peak_memory_gb(device: torch.device) -> float:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_KEYS}
+    """The model's arguments: checked by the loader already, so the forward reads nothing back."""
+    return {**{k: batch[k].to(device, non_blocking=True) for k in MODEL_KEYS},
+            "max_seqlen": batch["max_seqlen"], "validate": False}
 
 
 def _batch_flops(model_cfg, batch: dict) -> float:
-    lengths = batch["attention_mask"].sum(1)
-    return step_flops(model_cfg, lengths, int((batch["mlm_labels"] != -100).sum()))
+    """From the host batch (before it goes to the device): its real lengths and MLM targets."""
+    lengths = np.diff(batch["cu_seqlens"].numpy()[:batch["sequences"] + 1])  # numpy: not a tensor read
+    return step_flops(model_cfg, lengths.tolist(), int((batch["mlm_labels"].numpy() != -100).sum()))
 
 
 def rank_fingerprints(engine, world_size: int) -> list[float]:
@@ -113,8 +125,8 @@ def evaluate(engine, batches, count: int, device: torch.device, world_size: int)
     engine.eval()
     with torch.no_grad():
         for _, batch in zip(range(count), loader):
-            batch = _to_device(batch, device)
-            window.add(engine(**batch), batch, 0.0)
+            inputs = _to_device(batch, device)
+            window.add(engine(**inputs), inputs, batch, 0.0)
     engine.train()
     s = window.summary(world_size)
     return {k: s[k] for k in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")}
@@ -162,7 +174,9 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     model_cfg = batches.model_config
     if kind is not None:
         check_start(kind, path, meta, model_cfg, t["steps"], global_batch)
+    check_compile(config, device)
     engine, scheduler = build(config, model_cfg, ds_config, device)
+    compile_model(engine.module, config)
 
     start, last_saved = 0, None
     if kind == "resume":  # validated on rank 0 by find_start: not hashed again
@@ -201,6 +215,16 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     stream_ = batches.stream()
     window, records = Window(device), []
     watch = LossScaleWatch(config["precision"]["min_loss_scale"], config["precision"]["hysteresis"])
+    finite = FiniteWatch(device)
+
+    def evaluates(n: int) -> bool:
+        return bool(batches.eval is not None and config["eval"]["every"]
+                    and (n % config["eval"]["every"] == 0 or n == t["steps"]))
+
+    def checks(n: int) -> bool:  # the steps that read the device anyway, and every check_every
+        return (n % t["check_every"] == 0 or n % lg["every"] == 0 or n == t["steps"] or evaluates(n)
+                or bool(c["every"] and n % c["every"] == 0))
+
     step = start
     try:
         while step < t["steps"]:
@@ -209,21 +233,18 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
             stop = False
             for i in range(accumulation):
                 batch = next(stream_)
-                flops = _batch_flops(model_cfg, batch)
-                batch = _to_device(batch, device)
-                out = engine(**batch)
+                inputs = _to_device(batch, device)
+                out = engine(**inputs)
                 engine.backward(out.loss)
                 step_loss += out.loss.detach().float()
-                window.add(out, batch, flops)
+                window.add(out, inputs, batch, _batch_flops(model_cfg, batch))
                 if i == accumulation - 1:
-                    local = not bool(torch.isfinite(step_loss))
-                    nonfinite, stop = agree(local, signals.received is not None, world, device)
-                    if nonfinite:
-                        where = f"the loss is {step_loss.item()}" if local else "another rank's loss is"
-                        raise TrainingStopped(
-                            f"step {step + 1}: {where} (not finite); stopping before the optimizer "
-                            f"applies it. The last good checkpoint is {last_saved or 'none'}. "
-                            "Lower optimizer.lr, raise schedule warmup, or use precision.bf16.")
+                    finite.add(step + 1, step_loss)
+                    if checks(step + 1):
+                        first = finite.read()
+                        nonfinite, stop = agree(first > 0, signals.received is not None, world, device)
+                        if nonfinite:
+                            raise TrainingStopped(_nonfinite_message(first, step + 1, last_saved))
                 try:
                     engine.step()
                 except Exception as err:  # DeepSpeed's scaler raises once the scale is at its minimum
@@ -247,8 +268,7 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
                 reporter.record(record)
                 window.reset()
             paused = time.perf_counter()  # evaluation and checkpoints are not training throughput
-            if batches.eval is not None and config["eval"]["every"] and (
-                    step % config["eval"]["every"] == 0 or step == t["steps"]):
+            if evaluates(step):
                 scores = evaluate(engine, batches, config["eval"]["batches"], device, world)
                 reporter.record({"step": step, **scores}, kind="eval")
             if stop or step == t["steps"] or (c["every"] and step % c["every"] == 0):
@@ -276,6 +296,18 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     if step == t["steps"] and config["export"]["hf_dir"] and last_saved is not None:
         exported = _export(last_saved, config["export"]["hf_dir"], rank, stream)
     return Outcome(records if rank == 0 else [], output, last_saved, exported)
+
+
+def _nonfinite_message(first: int, checked: int, last_saved: Path | None) -> str:
+    """first: this rank's first step with a non-finite loss (0: another rank's)."""
+    where = (f"step {first}: the loss is not finite" if first else
+             f"step {checked}: another rank's loss is not finite")
+    if first and first < checked:
+        where += f" (found at the check of step {checked}; the steps between were applied)"
+    else:
+        where += "; stopping before the optimizer applies it"
+    return (f"{where}. The last good checkpoint is {last_saved or 'none'}. "
+            "Lower optimizer.lr, raise schedule warmup, or use precision.bf16.")
 
 
 def _export(saved: Path, hf_dir: str, rank: int, stream) -> Path:

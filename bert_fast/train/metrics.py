@@ -21,10 +21,10 @@ from bert_fast.train.diskspace import write_error
 from bert_fast.train.output import METRICS
 
 # Summed per micro batch on the device: losses weighted by their counts, so means are exact.
-DEVICE_SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count",
-               "tokens")
-# Known on the host already (batch shapes, the FLOP formula): summed there, no copy per step.
-HOST_SUMS = ("sequences", "flops")
+DEVICE_SUMS = ("loss", "mlm_loss", "nsp_loss", "mlm_correct", "mlm_count", "nsp_correct", "nsp_count")
+# Known on the host already (the loader counts real tokens and sequences, the FLOP formula):
+# summed there, no copy per step.
+HOST_SUMS = ("sequences", "tokens", "flops")
 
 
 class Window:
@@ -45,16 +45,18 @@ class Window:
         """Leaves `seconds` (evaluation, checkpointing) out of the window's wall time."""
         self.excluded += seconds
 
-    def add(self, out, batch: dict, flops: float) -> None:
+    def add(self, out, inputs: dict, batch: dict, flops: float) -> None:
+        """`inputs`: the model's arguments (on the device); `batch`: the packed loader batch they
+        came from, whose host counts `sequences` and `tokens` are summed on the host."""
         mlm_count = out.mlm_predictions.double()
-        nsp_count = (batch["next_sentence_label"] != -100).sum().double()
+        nsp_count = (inputs["next_sentence_label"] != -100).sum().double()
         self.sums += torch.stack([
             out.loss.detach().double(), out.mlm_loss.detach().double(), out.nsp_loss.detach().double(),
             out.mlm_accuracy.detach().double() * mlm_count, mlm_count,
-            out.nsp_accuracy.detach().double() * nsp_count, nsp_count,
-            batch["attention_mask"].sum().double()])
-        self.host_sums[0] += batch["input_ids"].shape[0]
-        self.host_sums[1] += flops
+            out.nsp_accuracy.detach().double() * nsp_count, nsp_count])
+        self.host_sums[0] += batch["sequences"]
+        self.host_sums[1] += batch["tokens"]
+        self.host_sums[2] += flops
         self.micro_steps += 1
 
     def summary(self, world_size: int, peak_tflops: float | None = None) -> dict:

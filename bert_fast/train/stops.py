@@ -20,7 +20,7 @@ class TrainingStopped(RuntimeError):
 
 
 class Signals:
-    """SIGTERM/SIGINT set a flag; the loop stops at the end of the step. A second SIGINT
+    """SIGTERM/SIGINT set a flag; the loop stops at its next check (train.check_every). A second SIGINT
     interrupts at once (the handler is removed after the first)."""
 
     def __init__(self):
@@ -48,6 +48,20 @@ def agree(nonfinite: bool, signalled: bool, world_size: int, device: torch.devic
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         nonfinite, signalled = (bool(v) for v in flags.tolist())
     return nonfinite, signalled
+
+
+class FiniteWatch:
+    """The first step whose loss was not finite, kept on the device (0: none yet), so the loop
+    reads it only at its checks (train.check_every, log, eval and checkpoint steps), not every step."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.zeros((), dtype=torch.int64, device=device)
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.first = torch.where((self.first == 0) & ~torch.isfinite(loss), step, self.first)
+
+    def read(self) -> int:
+        return int(self.first)
 
 
 class LossScaleWatch:

@@ -1,0 +1,67 @@
+"""`train.compile` and `train.cuda_graphs`: the model's step through torch.compile.
+
+The loader's packed static batches come in at most `data.buckets` shapes (bert_fast/data/
+packing.py) and the step reads nothing back from the device, so the model compiles with
+`fullgraph=True, dynamic=False`: one graph per batch shape (and per train/eval mode), no break.
+Only the module's `forward` is compiled (replaced on the instance): its parameter names and
+checkpoints stay as they are, and DeepSpeed's module hooks (timers, ZeRO) run outside the graph.
+
+`train.cuda_graphs` compiles with mode "reduce-overhead": Inductor records each shape's forward
+and backward in a CUDA graph (CUDA graph trees) and replays it, the whole step one launch, as
+NVIDIA's MLPerf BERT runs its graphed step. DeepSpeed's hooks and the optimizer run eagerly
+around the graphs, so gradient reduction must not happen inside the backward: ZeRO 2 and 3
+(which reduce and partition gradients during it) are refused, as are the CPU and fp16's loss
+scaler (the scaler reads the loss). bert_fast/cuda_graphs.py captures the eager model directly;
+bench/e2e.py compares the two.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+__all__ = ["check_compile", "compile_model"]
+
+
+def check_compile(config: dict, device: torch.device) -> None:
+    """Refuses, naming the key, what cannot be compiled or graphed in this run."""
+    t = config["train"]
+    if not (t["compile"] or t["cuda_graphs"]):
+        return
+    key = "train.cuda_graphs" if t["cuda_graphs"] else "train.compile"
+    stage = config["zero"]["stage"]
+    if stage == 3:
+        raise ValueError(f"{key}: zero.stage=3 gathers parameters in module hooks, which break the "
+                         "graph; use zero.stage <= 2 or set it false")
+    if config["model"].get("backend") == "fast" and os.environ.get("TRITON_INTERPRET") == "1":
+        raise ValueError(f"{key}: the Triton interpreter (TRITON_INTERPRET=1) cannot be compiled; "
+                         "compile the fast backend on a GPU, or set it false")
+    if t["cuda_graphs"]:
+        if device.type != "cuda":
+            raise ValueError(f"train.cuda_graphs needs a CUDA device; this run is on {device.type} "
+                             "(set train.cuda_graphs=false)")
+        if stage == 2:
+            raise ValueError("train.cuda_graphs: zero.stage=2 reduces gradients inside the backward, "
+                             "which a CUDA graph cannot hold; use zero.stage 0 or 1")
+        if config["precision"]["fp16"]:
+            raise ValueError("train.cuda_graphs: precision.fp16's loss scaler reads the loss every "
+                             "step; use precision.bf16")
+
+
+def _allow_recompiles(count: int) -> None:
+    """Dynamo gives up on a function after a few recompiles (8 by default): raise the limit to
+    the shapes a run has (training and evaluation buckets, in train and eval mode)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), count))
+
+
+def compile_model(module: torch.nn.Module, config: dict) -> None:
+    """Compiles `module` in place as `train.compile` / `train.cuda_graphs` ask (check_compile first)."""
+    t = config["train"]
+    if not (t["compile"] or t["cuda_graphs"]):
+        return
+    _allow_recompiles(4 * config["data"]["buckets"] + 4)
+    module.forward = torch.compile(module.forward, fullgraph=True, dynamic=False,
+                                   mode="reduce-overhead" if t["cuda_graphs"] else None)
