@@ -24,8 +24,10 @@ partitions; `bert_fast.zero_lamb.attach` tells it which pieces of which tensors 
 trust ratios stay exact.
 
 Where the extension has no kernels for the parameters' device (a CUDA machine whose build found no
-CUDA toolkit), both optimizers step through bert_fast.optim_fallback instead: LAMB as multi-tensor
-torch._foreach_* ops with the same math (ZeRO layouts included), AdamW as torch's fused AdamW. One
+CUDA toolkit), both optimizers step through bert_fast.optim_fallback instead: LAMB on CUDA as
+Triton kernels with the CUDA kernels' passes and bytes (bert_fast.kernels.lamb), elsewhere as
+multi-tensor torch._foreach_* ops with the same math (ZeRO layouts included), AdamW as torch's
+fused AdamW. One
 warning per process says so (bert_fast.extension.use_fallback); BERT_FAST_CUDA=1 refuses instead.
 """
 
@@ -290,18 +292,28 @@ class FusedLAMB(_Fused):
             segments, slots = self._whole_segments(ps), len(ps)
         else:
             segments, slots = layout.segments, layout.num_slots
+        # The fused ops, or where the extension has no kernels for the device: on CUDA the Triton
+        # kernels with the same contract, elsewhere the foreach fallback (which hands phase 2 the
+        # updates it kept instead of recomputing them).
+        ops = torch.ops.bert_fast
+        foreach = False
         if fallback:
+            if fallback_ops.triton_lamb(ps[0].device):
+                from bert_fast.kernels import lamb as ops
+            else:
+                foreach = True
+        if foreach:
             norms, updates = fallback_ops.lamb_phase1(masters, grads, ms, vs, segments, slots, clip, *hp)
         else:
-            norms = torch.ops.bert_fast.lamb_phase1(masters, grads, ms, vs, segments, slots, clip, *hp)
+            norms = ops.lamb_phase1(masters, grads, ms, vs, segments, slots, clip, *hp)
         if layout is not None:
             torch.distributed.all_reduce(norms, group=layout.group)
         step_sizes = lamb_step_sizes(norms, group["lr"], adaptive)
-        if fallback:
+        if foreach:
             fallback_ops.lamb_phase2(masters, copies, updates, segments, step_sizes,
                                      lr=None if adaptive else group["lr"])
         else:
-            torch.ops.bert_fast.lamb_phase2(masters, copies, ms, vs, segments, step_sizes, *hp)
+            ops.lamb_phase2(masters, copies, ms, vs, segments, step_sizes, *hp)
 
 
 def lamb_step_sizes(norms: torch.Tensor, lr: float, adaptive: bool) -> torch.Tensor:

@@ -1,9 +1,14 @@
-"""PyTorch fallbacks of the fused optimizer ops (csrc/optim*), for a device the extension has no
-kernels for: a CUDA machine whose `bert_fast._C` was built without a CUDA toolkit
-(bert_fast.extension.use_fallback). Plain functions over lists of tensors; they run on any device.
+"""Fallbacks of the fused optimizer ops (csrc/optim*), for a device the extension has no kernels
+for: a CUDA machine whose `bert_fast._C` was built without a CUDA toolkit
+(bert_fast.extension.use_fallback). Plain functions over lists of tensors.
+
+LAMB on CUDA (`triton_lamb`): the Triton kernels of bert_fast.kernels.lamb, the CUDA kernels'
+contract and passes (40 bytes per float32 parameter, as csrc/optim_kernels.cu; Triton needs no
+CUDA toolkit). On any other device, or without Triton, the functions below:
 
 LAMB: the same float32 math as `lamb_phase1` / `lamb_phase2` (csrc/optim_math.h), in the same order
-of operations, as multi-tensor `torch._foreach_*` ops (one launch per op for all tensors on CUDA).
+of operations, as multi-tensor `torch._foreach_*` ops (one launch per op for all tensors on CUDA;
+about 130 bytes per parameter, so on a GPU 2.5-3x the fused step, which is why CUDA takes Triton).
 They work on the same segments (rows of tensor, start, length, slot: whole tensors, or under ZeRO
 the pieces of original tensors inside a flat partition), so the per-slot sums of squares, and with
 them the trust ratios after FusedLAMB's all-reduce, are exact under ZeRO as the kernels' are;
@@ -22,11 +27,28 @@ contract a * b + c into one rounding, and sums of squares reduce in another orde
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 # Per segments tensor (held, so its id stays unique) and device: its rows as Python tuples, whether
 # they are whole tensors in order, and the slot and length of each row on the device.
 _segment_cache: dict[tuple[int, torch.device], tuple] = {}
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def triton_lamb(device: torch.device) -> bool:
+    """Whether LAMB's fallback on `device` runs the Triton kernels (bert_fast.kernels.lamb): on
+    CUDA devices where Triton imports; the foreach functions below elsewhere."""
+    return device.type == "cuda" and _triton_importable()
 
 
 def _segments(segments: torch.Tensor, tensors: list[torch.Tensor]):
