@@ -1,10 +1,14 @@
 """One optimizer step over BERT parameter sets: our fused LAMB / AdamW (csrc/optim*) against the
 per-tensor reference loop, torch.optim.AdamW (foreach and fused), DeepSpeed's FusedLamb /
-FusedAdam where its CUDA ops build, and our PyTorch fallback (`fallback`: the same optimizers
-stepping through bert_fast.optim_fallback, as where bert_fast._C has no kernels for the device).
+FusedAdam where its CUDA ops build, and our fallbacks, the same optimizers as where bert_fast._C
+has no kernels for the device: `fallback` steps LAMB through bert_fast.optim_fallback's
+torch._foreach_* ops (what other devices run), `fallback_triton` through the Triton kernels of
+bert_fast.kernels.lamb (what a CUDA device runs; GPU only; AdamW steps as in `fallback`).
 
     python bench/optim.py                      # GPU: BERT-base and -large parameter sets
     python bench/optim.py --device cpu         # BERT-tiny and -mini parameter sets
+    python bench/optim.py --compile-report     # sm_90 builds of the Triton LAMB, no GPU:
+                                               # writes bench/results/aot/optim.json
 
 Cases: `model` (the parameter set: every tensor of BertForPreTraining at that preset, split into
 decay / no-decay groups by bert_fast.optim.param_groups) x `opt` (lamb or adamw). Parameters,
@@ -16,7 +20,9 @@ GB/s counts the minimum any Adam-style step must move, 28 bytes per parameter: r
 and write w, m, v in float32. LAMB needs more (a grad-norm pass and a second pass for the trust
 ratio), so its share of the copy bandwidth shows how far it is from that floor. Targets (issue 4):
 CPU >= 3x the reference loop; H100 within 1.1x of a bandwidth pass over params + grads + moments.
-Issue 21: on a GPU the fallback's step time within 1.3x of `ours` (compare the two rows).
+Issue 21: on a GPU the fallback's step time within 1.3x of `ours`: compare `fallback_triton` (what
+FusedLAMB runs on CUDA without the kernels) and `ours`; `fallback` (foreach) moves about 130 bytes
+per LAMB parameter against their 40.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import warnings
 import torch
 from harness import Benchmark, Unavailable
 
-from bert_fast import BertConfig, BertForPreTraining, extension
+from bert_fast import BertConfig, BertForPreTraining, extension, optim_fallback
+from bert_fast.kernels import lamb_aot
 from bert_fast.optim import FusedAdamW, FusedLAMB, LAMBReference, param_groups
 
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6)
@@ -69,25 +76,30 @@ def _ours(groups, case, device):
     return FusedAdamW(groups, **HP)
 
 
-def _fallback(groups, case, device):
+def _fallback(triton: bool):
     """`ours` with the kernels taken away (extension.available says no), as on a GPU machine
-    whose build found no CUDA toolkit."""
-    opt = _ours(groups, case, device)
-    fused_step = opt.step
+    whose build found no CUDA toolkit; LAMB through the Triton kernels or the foreach ops."""
+    def make(groups, case, device):
+        if triton and not optim_fallback.triton_lamb(device):
+            raise Unavailable("the Triton LAMB fallback runs on CUDA devices only")
+        opt = _ours(groups, case, device)
+        fused_step = opt.step
 
-    def step(closure=None):
-        real = extension.available
-        extension.available = lambda device="cpu": False
-        try:
-            with warnings.catch_warnings():
-                # said once per process, not once per timed step
-                warnings.filterwarnings("ignore", ".*PyTorch fallbacks", UserWarning)
-                return fused_step(closure)
-        finally:
-            extension.available = real
+        def step(closure=None):
+            real, real_triton = extension.available, optim_fallback.triton_lamb
+            extension.available = lambda device="cpu": False
+            optim_fallback.triton_lamb = real_triton if triton else (lambda device: False)
+            try:
+                with warnings.catch_warnings():
+                    # said once per process, not once per timed step
+                    warnings.filterwarnings("ignore", ".*PyTorch fallbacks", UserWarning)
+                    return fused_step(closure)
+            finally:
+                extension.available, optim_fallback.triton_lamb = real, real_triton
 
-    opt.step = step
-    return opt
+        opt.step = step
+        return opt
+    return make
 
 
 def _torch(kind):
@@ -121,7 +133,8 @@ bench = Benchmark(
     description=__doc__,
     make_inputs=make_inputs,
     providers={"reference": _stepper("reference", _reference), "ours": _stepper("ours", _ours),
-               "fallback": _stepper("fallback", _fallback),
+               "fallback": _stepper("fallback", _fallback(False)),
+               "fallback_triton": _stepper("fallback_triton", _fallback(True)),
                "torch_foreach": _stepper("torch_foreach", _torch("foreach")),
                "torch_fused": _stepper("torch_fused", _torch("fused")),
                "deepspeed": _stepper("deepspeed", _deepspeed)},
@@ -131,6 +144,7 @@ bench = Benchmark(
     bytes=lambda case, mode: 28 * _numel(case),
     cpu_providers=("reference", "ours", "fallback", "torch_foreach", "torch_fused"),
     baseline="reference",
+    aot_report=lamb_aot.optim_report,
 )
 
 if __name__ == "__main__":
