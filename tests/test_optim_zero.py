@@ -1,8 +1,8 @@
 """FusedLAMB under DeepSpeed ZeRO 1, 2 and 3 on 2 CPU ranks (gloo) == LAMB without ZeRO on one
 process with the same global batch; the bf16 wrappers (ZeRO 1/2/3, BF16_Optimizer) == bf16
 without ZeRO; the PyTorch fallback (bert_fast.optim_fallback, for a build without kernels for the
-device, simulated by replacing extension.available) == the kernels under ZeRO 1 and 2; and the
-refusal of settings that cannot be exact.
+device, simulated by replacing extension.available) == the kernels under ZeRO 1 and 2, and its
+Triton LAMB (what CUDA devices run, interpreted here) under ZeRO 1, 2 and 3; and the refusal of settings that cannot be exact.
 
 One launch checks everything (DeepSpeed's first start is slow). The model's sizes put the
 partition boundaries inside tensors (ZeRO-3 partitions every tensor and steps several sub-groups
@@ -24,7 +24,7 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed 
 
 from ranks import run_ranks  # noqa: E402
 
-from bert_fast import extension  # noqa: E402
+from bert_fast import extension, optim_fallback  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
@@ -175,6 +175,13 @@ def _worker(rank, result):
         result["fallback_zero2_bf16_vs_fused"] = err(_train_zero(2, rank, **bf16)[0], fused["zero2_bf16"])
         result["fallback_adamw_zero2_vs_fused"] = err(_train_zero(2, rank, optimizer="FusedAdamW")[0], fused["adamw"])
         result["fallback_warned"] = extension._warned
+        # The Triton fallback, as a CUDA device takes it (CPU tensors: the interpreter), on the
+        # same partitions; ZeRO-3's padding between tensors is in no segment. Not bf16: the
+        # interpreter rounds float32 to bf16 otherwise than the compiled kernel (test_lamb_triton.py).
+        with mock.patch.object(optim_fallback, "triton_lamb", lambda device: True):
+            for stage in (1, 2, 3):
+                result[f"triton_zero{stage}_vs_fused"] = err(_train_zero(stage, rank, **_STAGE[stage])[0],
+                                                             fused[stage])
     result["refusals"] = _refusals()
 
 
@@ -232,6 +239,14 @@ def test_fallback_under_zero_matches_the_kernels(zero_results, run):
     their all-reduce and DeepSpeed's global clip norm, as FusedLAMB's kernels do."""
     for r in zero_results:
         assert r["fallback_warned"] and r[f"fallback_{run}_vs_fused"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_triton_fallback_under_zero_matches_the_kernels(zero_results, stage):
+    """LAMB's Triton fallback (bert_fast.kernels.lamb, what CUDA devices run without the kernels)
+    on the same segment tables, all-reduce in between, as the kernels."""
+    for r in zero_results:
+        assert r[f"triton_zero{stage}_vs_fused"] <= 1e-6, r
 
 
 @pytest.mark.parametrize("stage", [2, 3])
