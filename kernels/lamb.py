@@ -33,6 +33,8 @@ References: apex `multi_tensor_lamb.cu` (https://github.com/NVIDIA/apex), csrc/o
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
@@ -205,8 +207,9 @@ def _lamb_phase2_kernel(
 
 
 def _f32(x: float) -> float:
-    """`x` rounded to float32, as csrc/optim.cpp hands the kernels their coefficients."""
-    return torch.tensor(x, dtype=torch.float64).float().item()
+    """`x` rounded to float32, as csrc/optim.cpp hands the kernels their coefficients (on the
+    host, without a tensor: no `aten._local_scalar_dense` in a step)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
 
 
 def lamb_coefficients(beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2) -> dict:

@@ -193,3 +193,19 @@ def test_misaligned_pieces_take_the_unaligned_build():
     whole = torch.tensor([[0, 0, w.numel(), 0]])
     _, aligned = triton_lamb._plan(whole, [w], 1).table([[w], [grad], [m], [v], []])
     assert aligned == all(t.data_ptr() % 16 == 0 for t in (w, grad, m, v))
+
+
+def test_a_step_reads_nothing_from_the_device(triton_on_cpu):
+    """After the first step (which builds the chunk table from the CPU segments), a step on the
+    Triton path makes no device-to-host read: coefficients are rounded on the host, step sizes
+    and clip stay device tensors, and address tables are rebuilt from data pointers only."""
+    from tests.helpers import count_launches_and_syncs
+
+    groups = make_groups(SHAPES)
+    opt = FusedLAMB(groups, lr=1e-2)
+    set_grads([groups], 0, 0.1)
+    opt.step()
+    set_grads([groups], 1, 0.1)  # new grad tensors: new addresses
+    with count_launches_and_syncs() as counts:
+        opt.step()
+    assert counts["syncs"] == 0, counts
