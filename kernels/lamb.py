@@ -224,8 +224,18 @@ class _Plan:
     allocation (a few at most: the grads' addresses alternate between steps at most)."""
 
     def __init__(self, segments: torch.Tensor, numels: list[int], num_slots: int, device):
+        if (segments.device.type != "cpu" or segments.dtype != torch.int64 or segments.dim() != 2
+                or segments.shape[1] != 4):
+            raise ValueError(f"segments must be an int64 CPU tensor of shape [n, 4], got {segments.dtype} "
+                             f"{tuple(segments.shape)} on {segments.device}")
         chunks = []
-        for t, start, length, slot in segments.tolist():
+        for i, (t, start, length, slot) in enumerate(segments.tolist()):
+            # As csrc/optim_args.h make_chunks: a bad row would make the kernels touch memory
+            # outside the tensors.
+            if not (0 <= t < len(numels) and 0 <= start <= numels[t] and 0 <= length <= numels[t] - start
+                    and 0 <= slot < num_slots):
+                raise ValueError(f"segments[{i}] = ({t}, {start}, {length}, {slot}) lies outside the "
+                                 f"{len(numels)} tensors or the {num_slots} slots")
             for c in range(0, length, CHUNK):
                 chunks.append((t, start + c, min(CHUNK, length - c), slot))
         chunks.sort(key=lambda c: c[3])  # stable: each slot's chunks in segment order
@@ -249,6 +259,7 @@ class _Plan:
         key = tuple(a for col in columns for a in col)
         hit = self.tables.get(key)
         if hit is None:
+            _check_lists(lists)
             sizes = [ts[0].element_size() if ts else 0 for ts in lists]
             aligned = all(col[t] == 0 or (col[t] + start * size) % 16 == 0
                           for col, size in zip(columns, sizes) for t, start in self.starts)
@@ -257,6 +268,26 @@ class _Plan:
                 self.tables.clear()
             hit = self.tables[key] = (table.to(lists[0][0].device), aligned)
         return hit
+
+
+_NAMES = ("params", "grads", "exp_avg", "exp_avg_sq", "model_params")
+
+
+def _check_lists(lists: list[list[torch.Tensor]]) -> None:
+    """What the kernels assume of the tensors behind a new address table (csrc/optim_args.h
+    checks the same): contiguous, on the params' device, one dtype per list, the params' sizes."""
+    params = lists[0]
+    for name, ts in zip(_NAMES, lists):
+        if ts and len(ts) != len(params):
+            raise ValueError(f"{name} has {len(ts)} tensors, expected {len(params)}")
+        for i, (t, p) in enumerate(zip(ts, params)):
+            same = t.device == p.device and t.dtype == ts[0].dtype and t.numel() == p.numel()
+            if not (same and t.is_contiguous()):
+                raise ValueError(f"{name}[{i}] must be contiguous, on {p.device}, {ts[0].dtype} and of "
+                                 f"{p.numel()} elements; got {t.dtype} {tuple(t.shape)} on {t.device}"
+                                 f"{'' if t.is_contiguous() else ', not contiguous'}")
+    if params[0].dtype != torch.float32 or any(ts and ts[0].dtype != torch.float32 for ts in lists[2:4]):
+        raise TypeError("params, exp_avg and exp_avg_sq must be float32")
 
 
 _plans: dict[tuple[int, torch.device], _Plan] = {}

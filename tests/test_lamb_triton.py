@@ -209,3 +209,25 @@ def test_a_step_reads_nothing_from_the_device(triton_on_cpu):
     with count_launches_and_syncs() as counts:
         opt.step()
     assert counts["syncs"] == 0, counts
+
+
+def test_bad_tables_are_refused_before_a_launch():
+    """What csrc/optim_args.h refuses, refused on the host before a kernel could touch memory
+    outside the tensors."""
+    w, grad, m, v, _ = _zero_case(n=100)
+    clip = torch.tensor([1.0])
+
+    def phase1(segments, ws=(w,), gs=(grad,)):
+        return triton_lamb.lamb_phase1(list(ws), list(gs), [m], [v], segments, 2, clip, *HYPER, True)
+
+    for bad in ([[1, 0, 10, 0]], [[0, 95, 10, 0]], [[0, -1, 10, 0]], [[0, 0, 10, 2]]):
+        with pytest.raises(ValueError, match=r"segments\[0\]"):
+            phase1(torch.tensor(bad))
+    with pytest.raises(ValueError, match="segments must be an int64 CPU tensor"):
+        phase1(torch.tensor([[0, 0, 10]]))
+    with pytest.raises(ValueError, match=r"grads\[0\] must be contiguous"):
+        phase1(torch.tensor([[0, 0, 50, 0]]), gs=(torch.randn(200)[::2],))
+    with pytest.raises(ValueError, match=r"grads\[0\]"):
+        phase1(torch.tensor([[0, 0, 50, 0]]), gs=(torch.randn(99),))
+    with pytest.raises(TypeError, match="float32"):
+        phase1(torch.tensor([[0, 0, 50, 0]]), ws=(w.double(),))
