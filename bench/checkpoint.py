@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -152,7 +153,14 @@ def main(argv=None) -> int:
     write_results(args.out, args.name, stamp(torch.device("cpu"), torch.bfloat16), rows,
                   baseline="size only above 64 MiB (main)")
     md = args.out / f"{args.name}.md"
-    command = " ".join(["python bench/checkpoint.py", *(argv if argv is not None else sys.argv[1:])])
+    given, shown = list(argv if argv is not None else sys.argv[1:]), []
+    while given:  # the command without --note, which follows it
+        arg = given.pop(0)
+        if arg == "--note":
+            given.pop(0)
+        elif not arg.startswith("--note="):
+            shown.append(arg)
+    command = shlex.join(["python", "bench/checkpoint.py", *shown])
     md.write_text(md.read_text() + f"\nMade by `{command}`; one untimed save first. "
                   f"{os.cpu_count()} cores. {args.note}\n")
     return 0
