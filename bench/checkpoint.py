@@ -2,6 +2,7 @@
 every byte costs.
 
     python bench/checkpoint.py [--repeats 5] [--dir /tmp] [--preset large] [--name checkpoint] [--out DIR]
+        [--note TEXT]
     python bench/checkpoint.py --dir /dev/shm --preset base --name checkpoint-tmpfs   # memory-speed writes
 
 The large-phase1 recipe's engine (BERT-large, 335M parameters, bf16, ZeRO-1, LAMB; world of one
@@ -9,22 +10,28 @@ on the CPU, gloo) after one step, so the optimizer holds its state: a checkpoint
 (bf16 module 0.67 GB, fp32 master weights and two moments 4.0 GB). Rows, each the median
 (20th-80th percentile) of `--repeats` runs, providers alternating so both see the same disk:
 
-- save, `size only above 64 MiB (main)`: bert_fast.train.checkpoint.save with main's rule (a
-  sha256 of the files up to 64 MiB, at the commit, after every file is written and fsynced;
-  every file of this checkpoint but the RNG file is larger, so it is checked by size only);
-- save, `sha256 of every byte`: this branch (each 64 MiB block hashed in background threads as
-  soon as DeepSpeed closes the file, while the next is written and while the files are fsynced);
+- save, `size only above 64 MiB (main)`: bert_fast.train.checkpoint.save with main's rule:
+  DeepSpeed's own torch.save to a path (no HashingWriter), then a sha256 of the files up to
+  64 MiB, at the commit, after every file is written and fsynced; every file of this checkpoint
+  but the RNG file is larger, so it is checked by size only;
+- save, `sha256 of every byte`: this branch (DeepSpeed's torch.save writes through
+  checksums.HashingWriter, whose threads hash each 64 MiB block while the same bytes are written;
+  the RNG file is hashed while the files are fsynced);
 - validate (what resume, init_from and export do first), under the same two rules.
 
-`overhead_pct` = this save's time / main's - 1. Validation reads the files just written (in the
-page cache, as a resume right after a save; a cold resume reads at the disk's speed). Written to
-bench/results/cpu/<name>.{json,md}; `dir` says where the checkpoints went (/tmp: this VM's disk).
+`overhead_pct` = this save's time / main's - 1. This save leaves out the zip records' CRC32
+(torch.load never checks it; main's save computes it in the writing thread, ~1 GB/s). Validation
+reads the files just written (in the page cache, as a resume right after a save; a cold resume
+reads at the disk's speed). Written to bench/results/cpu/<name>.{json,md}; `dir` says where the
+checkpoints went (/tmp: this VM's disk).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
 import shutil
 import statistics
 import sys
@@ -43,8 +50,9 @@ LIMIT = 64 << 20  # main's HASH_LIMIT
 
 
 class SizeOnlyAbove64MiB(checksums.Hasher):
-    """main's rule in the same code path: nothing is hashed while the files are written; at the
-    commit, files up to 64 MiB are hashed one after another and larger ones recorded by size."""
+    """main's rule in the same code path: nothing is hashed while the files are written (used with
+    `_plain_deepspeed_save`; a `writer()` of this class would still hash); at the commit, files up
+    to 64 MiB are hashed one after another and larger ones recorded by size."""
 
     def submit(self, path) -> None:
         self._files[Path(os.path.abspath(path))] = (Path(path).stat().st_size, [])
@@ -52,6 +60,12 @@ class SizeOnlyAbove64MiB(checksums.Hasher):
     def digests(self) -> dict:
         return {p: {"size": size, **({"sha256": [checksums._block_sha256(p, 0, self.block)]} if size <= LIMIT
                                      else {})} for p, (size, _) in self._files.items()}
+
+
+@contextlib.contextmanager
+def _plain_deepspeed_save(engine, hasher):
+    """main's save: DeepSpeed's checkpoint engine untouched (torch.save to a path, nothing hashed)."""
+    yield
 
 
 def engine_after_one_step(preset: str):
@@ -83,20 +97,24 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="large")
     parser.add_argument("--name", default="checkpoint", help="results file name")
     parser.add_argument("--out", type=Path, default=BENCH_DIR / "results" / "cpu")
+    parser.add_argument("--note", default="", help="a line about the machine, added to the .md")
     args = parser.parse_args(argv)
     engine, config, model_cfg = engine_after_one_step(args.preset)
     params = sum(p.numel() for p in engine.module.parameters())
-    every_byte = checksums.Hasher
+    every_byte, hashing_as_written = checksums.Hasher, checkpoint._hashing_as_written
     rules = {"size only above 64 MiB (main)": SizeOnlyAbove64MiB, "sha256 of every byte": every_byte}
     saves = {name: [] for name in rules}
     checks = {name: [] for name in rules}
     root = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=args.dir))
     state = {"config": config, "model_config": model_cfg.to_dict()}
     size = 0
-    try:
+    try:  # an untimed save first: a process's first save is seconds slower (its memory is new)
+        checkpoint.save(engine, root, 1, {**state, "step": 1}, keep=1)
         for repeat in range(args.repeats):
             for name, hasher in rules.items():
                 checkpoint.checksums.Hasher = hasher
+                plain = hasher is not every_byte
+                checkpoint._hashing_as_written = _plain_deepspeed_save if plain else hashing_as_written
                 shutil.rmtree(root, ignore_errors=True)
                 os.sync()  # each save starts with the disk's write-back done
                 start = time.perf_counter()
@@ -115,7 +133,7 @@ def main(argv=None) -> int:
                 print(f"repeat {repeat + 1}: {name}: save {saves[name][-1]:.2f} s, validate "
                       f"{checks[name][-1]:.2f} s", file=sys.stderr)
     finally:
-        checkpoint.checksums.Hasher = every_byte
+        checkpoint.checksums.Hasher, checkpoint._hashing_as_written = every_byte, hashing_as_written
         shutil.rmtree(root, ignore_errors=True)
     rows = []
     for mode, times in (("save", saves), ("validate", checks)):
@@ -134,6 +152,17 @@ def main(argv=None) -> int:
                   f"{overhead}")
     write_results(args.out, args.name, stamp(torch.device("cpu"), torch.bfloat16), rows,
                   baseline="size only above 64 MiB (main)")
+    md = args.out / f"{args.name}.md"
+    given, shown = list(argv if argv is not None else sys.argv[1:]), []
+    while given:  # the command without --note, which follows it
+        arg = given.pop(0)
+        if arg == "--note":
+            given.pop(0)
+        elif not arg.startswith("--note="):
+            shown.append(arg)
+    command = shlex.join(["python", "bench/checkpoint.py", *shown])
+    md.write_text(md.read_text() + f"\nMade by `{command}`; one untimed save first. "
+                  f"{os.cpu_count()} cores. {args.note}\n")
     return 0
 
 

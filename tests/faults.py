@@ -51,9 +51,20 @@ class _Counter:
         return self.left == 0
 
 
+def _name(target):
+    """The file torch.save writes: a path, checksums.HashingWriter's `path`, a file's `name`."""
+    return getattr(target, "path", getattr(target, "name", target))
+
+
 def _in_staging(target) -> bool:
-    name = getattr(target, "name", target)
+    name = _name(target)
     return isinstance(name, (str, os.PathLike)) and "/.partial/" in os.fspath(name)
+
+
+def _deepspeed_file(f) -> bool:
+    """DeepSpeed's checkpoint engine saves to a path, or (bert_fast.train.checkpoint hashing its
+    writes) to a checksums.HashingWriter; our RNG file is a plain open file."""
+    return isinstance(f, (str, os.PathLike)) or type(f).__name__ == "HashingWriter"
 
 
 def install(site: str, n: int) -> None:
@@ -69,20 +80,20 @@ def install(site: str, n: int) -> None:
 
     def half_then(fault):
         def torch_save(obj, f, *args, **kwargs):
-            deepspeed_file = isinstance(f, (str, os.PathLike))
+            deepspeed_file = _deepspeed_file(f)
             wanted = {"deepspeed-write": deepspeed_file, "enospc": deepspeed_file, "rng-write": not deepspeed_file}
             if not (_in_staging(f) and wanted[site] and count.hit()):
                 return save(obj, f, *args, **kwargs)
             data = io.BytesIO()
             save(obj, data, *args, **kwargs)
             half = data.getvalue()[:len(data.getvalue()) // 2]
-            if deepspeed_file:
+            if isinstance(f, (str, os.PathLike)):
                 with open(f, "wb") as out:
                     out.write(half)
             else:
                 f.write(half)
                 f.flush()
-            fault(os.fspath(getattr(f, "name", f)))
+            fault(os.fspath(_name(f)))
         return torch_save
 
     def no_space(path):

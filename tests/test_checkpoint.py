@@ -161,6 +161,53 @@ def test_deepspeeds_files_are_hashed_as_their_bytes_are_written(tmp_path, monkey
     assert (path / "mp_rank_00_model_states.pt").read_bytes() == (tmp_path / "direct.pt").read_bytes()
 
 
+def test_deepspeeds_zip_files_are_written_without_their_crc32_and_load(tmp_path):
+    """In the zip format (DeepSpeed's config default) the records' CRC32, which torch.load never
+    checks and which cost as much time as the sha256, is left out while DeepSpeed's files are
+    written, and only then: the bytes are torch.save's to a file object with
+    set_crc32_options(False) (records named archive/..., not after the file), the file loads,
+    the sha256 still refuses a changed byte, and torch.save's option is restored."""
+    import io
+    import zipfile
+
+    ce_module = pytest.importorskip("deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine")
+    if not hasattr(torch.serialization, "get_crc32_options"):
+        pytest.skip("torch < 2.6 always writes the CRC32")
+    state = {"w": torch.randn(300, 7), "m": torch.ones(4, dtype=torch.bfloat16)}
+
+    class Engine:
+        optimizer = None
+        checkpoint_engine = ce_module.TorchCheckpointEngine()
+
+        def zero_optimization_stage(self):
+            return 1
+
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            self.checkpoint_engine.save(state_dict=state, path=os.path.join(folder, tag, "mp_rank_00_model_states.pt"))
+
+    engine = Engine()
+    engine.checkpoint_engine.zipfile_serialization = True
+    assert torch.serialization.get_crc32_options() is True
+    path = ckpt.save(engine, tmp_path, 1, {"step": 1}, keep=0)
+    assert torch.serialization.get_crc32_options() is True
+    written = path / "mp_rank_00_model_states.pt"
+    buffer = io.BytesIO()
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, buffer)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert written.read_bytes() == buffer.getvalue()
+    assert {i.CRC for i in zipfile.ZipFile(written).infolist()} == {0}
+    loaded = torch.load(written, weights_only=True)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    data = bytearray(written.read_bytes())
+    data[-200] ^= 1
+    written.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="mp_rank_00_model_states.pt bytes"):
+        ckpt.validate(path)
+
+
 def test_a_hashing_writer_gives_the_sha256_of_each_block_whatever_the_writes(tmp_path):
     """Writes of any size, across block boundaries, small ones hashed inline and large ones by the
     threads: the digests are those of the file's blocks read back."""
