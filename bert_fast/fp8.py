@@ -10,16 +10,16 @@ the bias is never part of the FP8 GEMM. `bert_fast.ops.linear` is the one entry 
 Scaling (`precision.fp8_scaling`), per tensor role (input, weight, gradient) and per GEMM:
 - `current`: scale = fp8_max / amax(tensor now). Never overflows; one reduction before each cast.
 - `delayed` (Transformer Engine's recipe): scale = fp8_max / max(amax history of the last
-  `precision.fp8_amax_history` steps); the amax seen now is recorded and enters the history at the
-  next training forward (`Fp8State.roll`, all-reduced with MAX across data-parallel ranks so every
-  rank scales alike and the checkpoint rank 0 writes is every rank's). Values past the stale scale
-  saturate to +-fp8_max. An empty history (the first step) falls back to the current amax.
-  The history and scales are module buffers (`*.fp8.<gemm>.amax_history`, `.amax_now`,
-  `.scale`, float32 whatever the model's dtype), so DeepSpeed's checkpoints save and restore them
-  and a resumed run is bit-exact.
-Non-finite values: a NaN or inf input gives a NaN output (a plain cast would saturate inf to 448 on
-the CPU, hiding it), so the loop's non-finite-loss check still fires; its amax is left out of the
-history, so one bad step does not poison the scales of the steps after it.
+  `precision.fp8_amax_history` training forwards, i.e. micro-batches); the amax seen now (forward
+  and backward) is recorded and enters the history at the next training forward (`roll`,
+  all-reduced with MAX across data-parallel ranks so every rank scales alike and the checkpoint
+  rank 0 writes is every rank's). Values past the stale scale saturate to +-fp8_max. An empty
+  history (the first step) falls back to the current amax. The history and scales are module
+  buffers (`*.fp8.<gemm>.amax_history`, `.amax_now`, `.scale`, float32 whatever the model's
+  dtype), so DeepSpeed's checkpoints save and restore them and a resumed run is bit-exact.
+Non-finite values: a NaN or inf input gives a NaN output (its amax makes the scale NaN; a plain
+cast would saturate inf to 448 on the CPU, hiding it), so the loop's non-finite-loss check still
+fires; its amax is left out of the history, so one bad step does not poison the steps after it.
 
 GEMM: `torch._scaled_mm` (second operand column-major; on CUDA every dimension a multiple of 16:
 operands are zero-padded where not, which changes no result). On the CPU torch 2.13 runs
@@ -148,12 +148,10 @@ def _scale_from_amax(amax: torch.Tensor, dtypes, empty: float = 1.0) -> torch.Te
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
-    """`x * scale` cast to `dtype`, saturating finite values at +-fp8_max; NaN and inf become NaN
-    (a plain cast saturates inf on the CPU). scale: a 0-d float32 tensor."""
+    """`x * scale` cast to `dtype`, saturating at +-fp8_max (inf too: `_scale_for` makes the scale
+    NaN for a tensor holding NaN or inf, so those come out NaN). scale: a 0-d float32 tensor."""
     top = fp8_max(dtype)
-    scaled = (x.float() * scale).clamp(-top, top)
-    scaled = scaled + (x - x).float()  # 0 where x is finite, NaN where it is inf or NaN
-    return scaled.to(dtype)
+    return (x.float() * scale).clamp(-top, top).to(dtype)
 
 
 def _amax(x: torch.Tensor) -> torch.Tensor:
@@ -163,15 +161,17 @@ def _amax(x: torch.Tensor) -> torch.Tensor:
 def _scale_for(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int,
                record: bool) -> torch.Tensor:
     """The scale to cast `x` with: current, or delayed from `state` (current while its history is
-    empty); records x's amax into the state when `record`."""
+    empty); records x's amax into the state when `record`. NaN when x holds a NaN or inf (its amax
+    does), so the cast gives NaN rather than saturating an inf to a finite value: the loss turns
+    non-finite and the loop's check fires, at no extra pass over x."""
     amax = _amax(x)
-    current = _scale_from_amax(amax, dtype)
-    if state is None or not state.delayed:
-        return current
-    if record:
-        state.record(role, amax)
-    stored = state.scale[role]
-    return torch.where(stored > 0, stored, current)
+    scale = _scale_from_amax(amax, dtype)
+    if state is not None and state.delayed:
+        if record:
+            state.record(role, amax)
+        stored = state.scale[role]
+        scale = torch.where(stored > 0, stored, scale)
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
 
 
 # ---- the GEMM ----------------------------------------------------------------------------------

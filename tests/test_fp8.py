@@ -109,11 +109,15 @@ def test_bf16_inputs_give_bf16_outputs_and_gradients():
     assert ((y.double() - want).norm() / want.norm()).item() < 0.05
 
 
-def test_quantize_saturates_finite_values_and_turns_inf_and_nan_into_nan():
-    t = torch.tensor([1e6, -1e6, 3.0, float("inf"), float("-inf"), float("nan")])
-    q = fp8.quantize(t, E4M3, torch.tensor(1.0)).float()
-    assert q[:3].tolist() == [448.0, -448.0, 3.0]
-    assert torch.isnan(q[3:]).all()  # a plain .to(float8_e4m3fn) gives +-448 for inf on the CPU
+def test_quantize_saturates_and_a_non_finite_tensor_gets_a_nan_scale():
+    q = fp8.quantize(torch.tensor([1e6, -1e6, 3.0]), E4M3, torch.tensor(1.0)).float()
+    assert q.tolist() == [448.0, -448.0, 3.0]
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        t = torch.tensor([1.0, bad])
+        # A plain .to(float8_e4m3fn) gives +-448 for inf on the CPU: the NaN scale keeps it visible.
+        for state in (None, Fp8State(Fp8Recipe("delayed"))):
+            scale = fp8._scale_for(t, E4M3, state, 0, record=True)
+            assert torch.isnan(scale) and torch.isnan(fp8.quantize(t, E4M3, scale).float()).all()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])

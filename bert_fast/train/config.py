@@ -43,7 +43,7 @@ DEFAULTS = {
     # fp8: the encoder's four GEMMs per layer in FP8 (bert_fast/fp8.py; CUDA compute capability >= 8.9),
     # e4m3 activations and weights, gradients in fp8_grad_format ("e5m2" or "e4m3"), per-tensor
     # scales from the tensor's amax now (fp8_scaling "current") or from the largest of the last
-    # fp8_amax_history steps' amaxes ("delayed", saved in checkpoints).
+    # fp8_amax_history training forwards' (micro-batches') amaxes ("delayed", saved in checkpoints).
     "precision": {"bf16": False, "fp16": False, "initial_scale_power": 16, "loss_scale_window": 1000,
                   "hysteresis": 2, "min_loss_scale": 1.0, "fp8": False, "fp8_scaling": "current",
                   "fp8_grad_format": "e5m2", "fp8_amax_history": 16},
