@@ -328,3 +328,23 @@ def test_devices_without_fp8_are_refused_naming_the_key(monkeypatch):
         fp8.check_device(torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     fp8.check_device(torch.device("cuda", 0))
+
+
+def test_resume_needs_the_same_fp8_scaling_state(tmp_path):
+    from bert_fast.train.checkpoint import CheckpointError
+    from bert_fast.train.preflight import check_start
+
+    config = BertConfig.from_preset("tiny", vocab_size=500)
+    delayed = load_config(None, ["precision.fp8=true", "precision.fp8_scaling=delayed"])
+    meta = {"step": 40, "client_state": {"model_config": config.to_dict(), "global_batch": 64, "config": delayed}}
+    check_start("resume", tmp_path, meta, config, 100, 64, delayed["precision"])
+    check_start("init_from", tmp_path, meta, config, 100, 64, load_config(None)["precision"])  # weights only
+    for other, says in ((load_config(None), "this run has no FP8 scaling state"),
+                        (load_config(None, ["precision.fp8=true"]), "this run has no FP8 scaling state"),
+                        (load_config(None, ["precision.fp8=true", "precision.fp8_scaling=delayed",
+                                            "precision.fp8_amax_history=8"]), "this run has .*fp8_amax_history=8")):
+        with pytest.raises(CheckpointError, match=f"saved with precision.fp8_scaling=delayed, "
+                                                  f"precision.fp8_amax_history=16, {says}"):
+            check_start("resume", tmp_path, meta, config, 100, 64, other["precision"])
+    meta["client_state"]["config"] = load_config(None, ["precision.fp8=true"])  # current: no state
+    check_start("resume", tmp_path, meta, config, 100, 64, load_config(None)["precision"])

@@ -174,7 +174,7 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     batches = make_batches(config, model_config(config), rank, world)
     model_cfg = batches.model_config
     if kind is not None:
-        check_start(kind, path, meta, model_cfg, t["steps"], global_batch)
+        check_start(kind, path, meta, model_cfg, t["steps"], global_batch, config["precision"])
     check_compile(config, device)
     if config["precision"]["fp8"]:
         fp8.check_device(device)
