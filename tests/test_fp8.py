@@ -348,3 +348,21 @@ def test_resume_needs_the_same_fp8_scaling_state(tmp_path):
             check_start("resume", tmp_path, meta, config, 100, 64, other["precision"])
     meta["client_state"]["config"] = load_config(None, ["precision.fp8=true"])  # current: no state
     check_start("resume", tmp_path, meta, config, 100, 64, load_config(None)["precision"])
+
+
+def test_weights_only_loads_leave_fp8_state_fresh_and_stay_strict_otherwise():
+    """init_from and exports take a checkpoint's weights (checkpoint.model_state_dict drops FP8
+    state): into a model with FP8 state they load, the state left as it was; anything else missing
+    or unexpected is still an error."""
+    from bert_fast.train.checkpoint import _load_module_weights
+
+    source = _model(Fp8Recipe("delayed"), seed=1)
+    weights = {k: v for k, v in source.state_dict().items() if not fp8.is_state_key(k)}
+    target = _model(Fp8Recipe("delayed"), seed=2)
+    _load_module_weights(target, weights)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in weights.items())
+    _load_module_weights(_model(), weights)  # a run without FP8
+    with pytest.raises(RuntimeError, match=r"missing keys \['mlm_bias'\]"):
+        _load_module_weights(target, {k: v for k, v in weights.items() if k != "mlm_bias"})
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        _load_module_weights(_model(), source.state_dict())  # state where the model has none
