@@ -36,8 +36,10 @@ lint: install
 # The CUDA build of bert_fast._C (sm_80 + sm_90), checked on a machine without a GPU: a CUDA build
 # of torch in its own cached venv (~/.cache/bert_fast/cuda-check-venv, 4.7 GB), this machine's nvcc,
 # output in build/cuda-check/. Independent of .venv. CUDA_CHECK_TORCH=2.14.1 picks another torch.
+# CUDA_CHECK_NVCC=pypi builds as a GPU machine without a toolkit does: this machine's nvcc hidden,
+# nvcc and the CUDA headers from PyPI (setup.py, tools/pypi_cuda.py), output in build/cuda-check-pypi/.
 cuda-check:
-	$(PYTHON) tools/cuda_check.py $(if $(CUDA_CHECK_TORCH),--torch $(CUDA_CHECK_TORCH))
+	$(PYTHON) tools/cuda_check.py $(if $(CUDA_CHECK_TORCH),--torch $(CUDA_CHECK_TORCH)) $(if $(filter pypi,$(CUDA_CHECK_NVCC)),--pypi-nvcc)
 
 clean:
 	rm -rf build *.egg-info bert_fast/_C*.so

@@ -3,6 +3,12 @@
 `bert_fast._C` is built from csrc/: the C++ sources always, the CUDA sources (`*.cu`,
 `*_cuda.cpp`) only when a CUDA toolkit and a CUDA build of torch are both present.
 `BERT_FAST_CUDA=1` insists on CUDA (and fails loudly without it), `BERT_FAST_CUDA=0` skips it.
+With a CUDA build of torch and no toolkit (no CUDA_HOME, CUDA_PATH, nvcc on PATH or /usr/local/cuda),
+nvcc and the CUDA headers come from PyPI's NVIDIA packages for torch's CUDA release (tools/pypi_cuda.py;
+CUDA 13 has them), installed into build/pypi-cuda/ (BERT_FAST_PYPI_CUDA: another folder);
+`BERT_FAST_NVCC=pypi` takes them even where a toolkit is installed. The build prints one line naming
+the toolkit it used. Without either, only the C++ kernels are built and the CUDA device runs the
+PyTorch fallbacks (bert_fast/extension.py).
 kernels/ is packaged as `bert_fast.kernels` so it never clashes with the PyPI package `kernels`.
 
 torch must already be installed (`pip install --no-build-isolation`, as the Makefile does):
@@ -10,14 +16,50 @@ build isolation would fetch a second, multi-GB torch just to compile against.
 """
 
 import os
+import site
+import sys
 from pathlib import Path
 
 import torch
 from setuptools import Extension, find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
+sys.path.insert(0, str(ROOT / "tools"))
+import pypi_cuda  # noqa: E402
+
+sys.path.pop(0)
+
+
+def find_toolkit() -> str | None:
+    """The CUDA toolkit torch's build helpers will use, in words; fetches PyPI's when there is no
+    other. Runs before they are imported: they read CUDA_HOME once, at import."""
+    if (os.environ.get("BERT_FAST_EXT") == "0" or os.environ.get("BERT_FAST_CUDA") == "0"
+            or torch.version.cuda is None):
+        return None
+    nvcc = os.environ.get("BERT_FAST_NVCC", "")
+    if nvcc not in ("", "pypi"):
+        raise ValueError(f"BERT_FAST_NVCC must be unset or pypi, got {nvcc!r}")
+    system = None if nvcc == "pypi" else pypi_cuda.system_cuda_home()
+    if system is not None:
+        return f"the CUDA toolkit in {system}"
+    cache = Path(os.environ.get("BERT_FAST_PYPI_CUDA") or ROOT / "build" / "pypi-cuda").resolve()
+    sites = list(dict.fromkeys([Path(torch.__file__).parent.parent, *map(Path, site.getsitepackages())]))
+    try:
+        home, line = pypi_cuda.toolkit_for_torch(torch.version.cuda, cache, sites)
+    except pypi_cuda.ToolkitError as err:
+        if os.environ.get("BERT_FAST_CUDA") == "1":
+            raise
+        print(f"bert_fast: no CUDA toolkit, building the C++ kernels only (the GPU will run the PyTorch "
+              f"fallbacks): {err}", file=sys.stderr, flush=True)
+        return None
+    os.environ["CUDA_HOME"] = str(home)
+    return line
+
+
+TOOLKIT = find_toolkit()
+
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 def want_cuda() -> bool:
@@ -46,6 +88,8 @@ def extension():
     if want_cuda():
         # Ampere and Hopper unless the user says otherwise (TORCH_CUDA_ARCH_LIST).
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        print(f"bert_fast: building the CUDA kernels with {TOOLKIT or f'the CUDA toolkit in {CUDA_HOME}'}",
+              file=sys.stderr, flush=True)
         return CUDAExtension(
             "bert_fast._C", rel(cpp_sources + cuda_sources), define_macros=[("BERT_FAST_WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]})

@@ -244,8 +244,11 @@ bench = Benchmark(
                dict(model="mini", seq=128, batch=8, lengths="full")],
     modes=("step",),
     cpu_providers=("hf", "torch", "torch_packed", "torch_compiled", "fast_packed_fp8"),
-    gpu_providers=("hf", "torch", "fast", "fast_triton_attention", "fast_packed", "fast_compiled",
-                   "fast_graphed", "fast_packed_fp8", "fast_packed_fp8_current"),
+    # In order of value (a row cut short by the suite's time limit loses the last): the training
+    # loop's packed step, its FP8 form (issue 23's 1.3x) and its graphs before the padded forms;
+    # compiling a large model takes the longest.
+    gpu_providers=("hf", "torch", "fast_packed", "fast_packed_fp8", "fast_graphed", "fast",
+                   "fast_triton_attention", "fast_packed_fp8_current", "fast_compiled"),
     baseline="hf",
     derive=derive,
     description=__doc__.splitlines()[0],

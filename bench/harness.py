@@ -168,7 +168,7 @@ class Benchmark:
     flops: Callable[[dict, str], float] | None = None
     bytes: Callable[[dict, str], float] | None = None
     cpu_providers: tuple[str, ...] = ("eager",)
-    # Providers a GPU run takes by default (all when None); --providers names any.
+    # Providers a GPU run takes by default, in this order (all when None); --providers names any.
     gpu_providers: tuple[str, ...] | None = None
     baseline: str = "eager"
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
@@ -222,7 +222,7 @@ class Benchmark:
                 raise SystemExit(f"--providers: unknown {unknown}; known: {names}")
             names = [n for n in names if n in wanted]
         elif device.type == "cuda" and self.gpu_providers is not None:
-            names = [n for n in names if n in self.gpu_providers]
+            names = [n for n in self.gpu_providers if n in names]  # in the order given: of value
         if device.type != "cuda":
             dropped = [n for n in names if n not in self.cpu_providers]
             names = [n for n in names if n in self.cpu_providers]

@@ -1,6 +1,7 @@
 """One optimizer step over BERT parameter sets: our fused LAMB / AdamW (csrc/optim*) against the
-per-tensor reference loop, torch.optim.AdamW (foreach and fused) and DeepSpeed's FusedLamb /
-FusedAdam where its CUDA ops build.
+per-tensor reference loop, torch.optim.AdamW (foreach and fused), DeepSpeed's FusedLamb /
+FusedAdam where its CUDA ops build, and our PyTorch fallback (`fallback`: the same optimizers
+stepping through bert_fast.optim_fallback, as where bert_fast._C has no kernels for the device).
 
     python bench/optim.py                      # GPU: BERT-base and -large parameter sets
     python bench/optim.py --device cpu         # BERT-tiny and -mini parameter sets
@@ -15,14 +16,17 @@ GB/s counts the minimum any Adam-style step must move, 28 bytes per parameter: r
 and write w, m, v in float32. LAMB needs more (a grad-norm pass and a second pass for the trust
 ratio), so its share of the copy bandwidth shows how far it is from that floor. Targets (issue 4):
 CPU >= 3x the reference loop; H100 within 1.1x of a bandwidth pass over params + grads + moments.
+Issue 21: on a GPU the fallback's step time within 1.3x of `ours` (compare the two rows).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from harness import Benchmark, Unavailable
 
-from bert_fast import BertConfig, BertForPreTraining
+from bert_fast import BertConfig, BertForPreTraining, extension
 from bert_fast.optim import FusedAdamW, FusedLAMB, LAMBReference, param_groups
 
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6)
@@ -65,6 +69,27 @@ def _ours(groups, case, device):
     return FusedAdamW(groups, **HP)
 
 
+def _fallback(groups, case, device):
+    """`ours` with the kernels taken away (extension.available says no), as on a GPU machine
+    whose build found no CUDA toolkit."""
+    opt = _ours(groups, case, device)
+    fused_step = opt.step
+
+    def step(closure=None):
+        real = extension.available
+        extension.available = lambda device="cpu": False
+        try:
+            with warnings.catch_warnings():
+                # said once per process, not once per timed step
+                warnings.filterwarnings("ignore", ".*PyTorch fallbacks", UserWarning)
+                return fused_step(closure)
+        finally:
+            extension.available = real
+
+    opt.step = step
+    return opt
+
+
 def _torch(kind):
     def make(groups, case, device):
         if case["opt"] != "adamw":
@@ -96,6 +121,7 @@ bench = Benchmark(
     description=__doc__,
     make_inputs=make_inputs,
     providers={"reference": _stepper("reference", _reference), "ours": _stepper("ours", _ours),
+               "fallback": _stepper("fallback", _fallback),
                "torch_foreach": _stepper("torch_foreach", _torch("foreach")),
                "torch_fused": _stepper("torch_fused", _torch("fused")),
                "deepspeed": _stepper("deepspeed", _deepspeed)},
@@ -103,7 +129,7 @@ bench = Benchmark(
     cpu_cases=[dict(model=m, opt=o) for m in ("tiny", "mini") for o in ("lamb", "adamw")],
     modes=("forward",),
     bytes=lambda case, mode: 28 * _numel(case),
-    cpu_providers=("reference", "ours", "torch_foreach", "torch_fused"),
+    cpu_providers=("reference", "ours", "fallback", "torch_foreach", "torch_fused"),
     baseline="reference",
 )
 

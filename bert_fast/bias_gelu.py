@@ -3,6 +3,8 @@
 The FFN's first GEMM runs without its bias; this op adds the bias and applies GELU in one
 memory pass, and the backward recomputes `x + bias` instead of storing it (as Megatron-LM's
 `bias_gelu_impl` does). The CUDA kernel is csrc/bias_gelu_kernels.cu; the CPU one csrc/bias_gelu.cpp.
+Where the extension has no kernels for the device (`extension.use_fallback`), the eager reference
+runs instead.
 """
 
 from __future__ import annotations
@@ -64,9 +66,14 @@ def _check(x, bias, approximate) -> None:
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """`gelu(x + bias)` over the last dimension of `x` ([..., N]) with `bias` [N]."""
     _check(x, bias, approximate)
-    if not torch.compiler.is_compiling():  # checked when the step ran eagerly; tracing cannot read the cache
-        extension.require(x.device)
-        _register()
+    if torch.compiler.is_compiling():  # decided when the step ran eagerly; tracing cannot read the cache
+        fallback = extension.fallback_chosen(x.device)
+    else:
+        fallback = extension.use_fallback(x.device)
+        if not fallback:
+            _register()
+    if fallback:
+        return bias_gelu_reference(x, bias, approximate)
     return torch.ops.bert_fast.bias_gelu(x, bias, approximate == "tanh")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +19,6 @@ from bert_fast.bias_gelu import bias_gelu as _bias_gelu_ext
 from bert_fast.bias_gelu import bias_gelu_reference
 from bert_fast.checks import FLOAT_DTYPES, INT_DTYPES, check_same, check_tensor
 from bert_fast.config import ATTENTION_IMPLS, BACKENDS
-
-_warned: set[str] = set()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -34,20 +31,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def _use_extension(backend: str, device: torch.device, op: str) -> bool:
-    """Whether `op` should run the C++/CUDA extension. Explicit `fast` without a usable build is
-    an error; `auto` falls back to torch with a single warning."""
+    """Whether `op` should run the C++/CUDA extension. Where it has no kernels for `device`, both
+    `auto` and `fast` run torch, with one warning per process (`extension.use_fallback`;
+    BERT_FAST_CUDA=1 makes that an error)."""
     chosen = resolve_backend(backend, device)
     if chosen == "torch":
         return False
-    if extension.available(device):
-        return True
-    if backend == "fast":
-        extension.require(device)
-    if op not in _warned:
-        _warned.add(op)
-        warnings.warn(f"bert_fast.ops.{op}: the extension cannot run on {device}; using torch",
-                      stacklevel=3)
-    return False
+    if torch.compiler.is_compiling():  # decided when the step ran eagerly
+        return not extension.fallback_chosen(device)
+    return not extension.use_fallback(device)
 
 
 def triton_runs_on(device: torch.device) -> bool:

@@ -22,6 +22,11 @@ float16 or bfloat16; the optimizer keeps float32 master weights and moments for 
 ones and writes the rounded result back. Under DeepSpeed ZeRO 1-3 the optimizer sees flat
 partitions; `bert_fast.zero_lamb.attach` tells it which pieces of which tensors each holds so the
 trust ratios stay exact.
+
+Where the extension has no kernels for the parameters' device (a CUDA machine whose build found no
+CUDA toolkit), both optimizers step through bert_fast.optim_fallback instead: LAMB as multi-tensor
+torch._foreach_* ops with the same math (ZeRO layouts included), AdamW as torch's fused AdamW. One
+warning per process says so (bert_fast.extension.use_fallback); BERT_FAST_CUDA=1 refuses instead.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 import torch
 
 from bert_fast import extension
+from bert_fast import optim_fallback as fallback_ops
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -176,8 +182,7 @@ class _Fused(torch.optim.Optimizer):
         buckets = defaultdict(list)
         for p in params:
             buckets[(p.device, p.grad.dtype, p.dtype)].append(p)
-        for (device, _, _), ps in buckets.items():
-            extension.require(device)
+        for ps in buckets.values():
             if any(id(p) in self._zero for p in ps) and len(ps) != 1:
                 raise RuntimeError("a ZeRO partition must be alone in its parameter group")
         return buckets.values()
@@ -190,7 +195,7 @@ class _Fused(torch.optim.Optimizer):
         return (masters, copies, grads, [s["exp_avg"] for s in states],
                 [s["exp_avg_sq"] for s in states])
 
-    def _clip(self, groups, device) -> torch.Tensor:
+    def _clip(self, groups, device, fallback: bool) -> torch.Tensor:
         """max(1, ||g|| / max_grad_norm) over every gradient of every group, as a float32 [1]
         tensor on `device` (no host sync). Under ZeRO, DeepSpeed's global norm is exact."""
         max_norm = self.defaults["max_grad_norm"]
@@ -205,8 +210,9 @@ class _Fused(torch.optim.Optimizer):
             for p in params:
                 by_dtype[p.grad.dtype].append(p.grad.detach().contiguous())
             sumsq = torch.zeros(1, dtype=torch.float32, device=device)
+            sumsq_op = fallback_ops.optim_sumsq if fallback else torch.ops.bert_fast.optim_sumsq
             for grads in by_dtype.values():
-                sumsq = sumsq + torch.ops.bert_fast.optim_sumsq(grads).sum()
+                sumsq = sumsq + sumsq_op(grads).sum()
             norm = sumsq.sqrt()
         self.grad_norm = norm  # for logging; a device tensor, read only when a log line is written
         return torch.clamp(norm / max_norm, min=1.0)
@@ -225,19 +231,21 @@ class _Fused(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         live = [(g, ps) for g in self.param_groups if (ps := self._live(g))]
-        clip = {}  # one global grad-norm clip factor per device, over every live group
+        clip, fallback = {}, {}  # per device: one global grad-norm clip factor, over every live group
         for group, params in live:
             group["step"] += 1
             for ps in self._buckets(params):
                 device = ps[0].device
                 if device not in clip:
-                    clip[device] = self._clip([g for g, _ in live], device)
+                    fallback[device] = extension.use_fallback(device)
+                    clip[device] = self._clip([g for g, _ in live], device, fallback[device])
                 tensors = self._lists(ps, [self._state(p) for p in ps])
-                self._update(group, ps, tensors, clip[device])
+                self._update(group, ps, tensors, clip[device], fallback[device])
         return loss
 
-    def _update(self, group, ps, tensors, clip) -> None:
-        """One fused update of the bucket `ps` (masters, copies, grads, exp_avg, exp_avg_sq)."""
+    def _update(self, group, ps, tensors, clip, fallback: bool) -> None:
+        """One fused update of the bucket `ps` (masters, copies, grads, exp_avg, exp_avg_sq),
+        through bert_fast.optim_fallback when `fallback`."""
         raise NotImplementedError
 
     def load_state_dict(self, state_dict):
@@ -270,7 +278,7 @@ class FusedLAMB(_Fused):
                         adam_w_mode=bool(adam_w_mode), use_nvlamb=bool(use_nvlamb))
         super().__init__(params, defaults)
 
-    def _update(self, group, ps, tensors, clip):
+    def _update(self, group, ps, tensors, clip, fallback):
         masters, copies, grads, ms, vs = tensors
         b1, b2 = group["betas"]
         step = group["step"]
@@ -282,11 +290,18 @@ class FusedLAMB(_Fused):
             segments, slots = self._whole_segments(ps), len(ps)
         else:
             segments, slots = layout.segments, layout.num_slots
-        norms = torch.ops.bert_fast.lamb_phase1(masters, grads, ms, vs, segments, slots, clip, *hp)
+        if fallback:
+            norms, updates = fallback_ops.lamb_phase1(masters, grads, ms, vs, segments, slots, clip, *hp)
+        else:
+            norms = torch.ops.bert_fast.lamb_phase1(masters, grads, ms, vs, segments, slots, clip, *hp)
         if layout is not None:
             torch.distributed.all_reduce(norms, group=layout.group)
         step_sizes = lamb_step_sizes(norms, group["lr"], adaptive)
-        torch.ops.bert_fast.lamb_phase2(masters, copies, ms, vs, segments, step_sizes, *hp)
+        if fallback:
+            fallback_ops.lamb_phase2(masters, copies, updates, segments, step_sizes,
+                                     lr=None if adaptive else group["lr"])
+        else:
+            torch.ops.bert_fast.lamb_phase2(masters, copies, ms, vs, segments, step_sizes, *hp)
 
 
 def lamb_step_sizes(norms: torch.Tensor, lr: float, adaptive: bool) -> torch.Tensor:
@@ -318,10 +333,14 @@ class FusedAdamW(_Fused):
         _check_params(params)
         return params
 
-    def _update(self, group, ps, tensors, clip):
+    def _update(self, group, ps, tensors, clip, fallback):
         masters, copies, grads, ms, vs = tensors
         b1, b2 = group["betas"]
         step = group["step"]
+        if fallback:
+            fallback_ops.adamw_step(masters, copies, grads, ms, vs, clip, group["lr"], b1, b2, group["eps"],
+                                    group["weight_decay"], step, clipping=self.defaults["max_grad_norm"] > 0)
+            return
         torch.ops.bert_fast.adamw_step(masters, copies, grads, ms, vs, clip, group["lr"], b1, b2,
                                        group["eps"], group["weight_decay"], 1.0 - b1 ** step,
                                        1.0 - b2 ** step)

@@ -1,6 +1,8 @@
 """tools/cuda_check.py (`make cuda-check`) without its multi-GB venv: what it reads from nvcc,
-cuobjdump and a failed build's log, which kernels it expects, and that it refuses a CPU torch.
-The build itself runs as `make cuda-check` (CI's .ci/run), not in this suite."""
+cuobjdump and a failed build's log, which kernels it expects, and that it refuses a CPU torch;
+and tools/pypi_cuda.py (setup.py's toolkit from PyPI) on a fake pip-installed layout. The builds
+themselves run as `make cuda-check` and `make cuda-check CUDA_CHECK_NVCC=pypi` (CI's .ci/run), not
+in this suite."""
 
 import os
 import shutil
@@ -14,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 try:
     import cuda_check
+    import pypi_cuda
 finally:
     sys.path.remove(str(ROOT / "tools"))
 
@@ -198,3 +201,112 @@ def test_refuses_a_cpu_build_of_torch(tmp_path):
     assert done.returncode == 1
     assert f"torch {torch.__version__} in {venv} is a CPU build" in done.stderr
     assert not (tmp_path / "build" / "build.log").exists()
+
+
+# --- the toolkit from PyPI (tools/pypi_cuda.py) --------------------------------------------------
+
+def _touch(path: Path, text: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _pip_layout(site: Path, version: str = "13.0.88") -> None:
+    """What `pip install --target site nvidia-cuda-nvcc==13.0.* ...` leaves: one nvidia/cu13/."""
+    root = site / "nvidia" / "cu13"
+    for name in ("bin/nvcc", "bin/ptxas", "bin/nvcc.profile", "nvvm/bin/cicc", "include/cuda_runtime.h",
+                 "include/crt/host_config.h", "include/cuda_fp16.h", "lib/libcudart.so.13", "nvidia_init.py"):
+        _touch(root / name, f"packages {name}")
+    _touch(site / "nvidia" / "__init__.py")
+    (site / f"nvidia_cuda_nvcc-{version}.dist-info").mkdir()
+
+
+def _torch_site(site: Path) -> None:
+    """The environment torch's CUDA wheel was installed into: cuBLAS etc. beside it."""
+    for name in ("cu13/include/cublas_v2.h", "cu13/include/cuda_fp16.h", "cu13/lib/libcublas.so.13",
+                 "cu13/lib/libcudart.so.13", "cudnn/include/cudnn.h", "cudnn/lib/libcudnn.so.9"):
+        _touch(site / "nvidia" / name, f"torch's {name}")
+
+
+def test_requirements_match_torchs_cuda_release():
+    assert pypi_cuda.requirements("13.0") == ["nvidia-cuda-nvcc==13.0.*", "nvidia-cuda-crt==13.0.*",
+                                              "nvidia-nvvm==13.0.*", "nvidia-cuda-runtime==13.0.*",
+                                              "nvidia-cuda-cccl==13.0.*"]
+    assert pypi_cuda.requirements("13.2.1")[0] == "nvidia-cuda-nvcc==13.2.*"
+    with pytest.raises(pypi_cuda.ToolkitError, match="no nvcc for CUDA 12.8.*ptxas and libnvvm only.*CUDA_HOME"):
+        pypi_cuda.requirements("12.8")
+    with pytest.raises(pypi_cuda.ToolkitError, match="not a CUDA build"):
+        pypi_cuda.requirements(None)
+
+
+def test_cuda_home_assembled_from_a_pip_layout(tmp_path):
+    packages, env_site = tmp_path / "packages", tmp_path / "site-packages"
+    _pip_layout(packages)
+    _torch_site(env_site)
+    assert pypi_cuda.nvcc_root(packages) == packages / "nvidia" / "cu13"
+    assert pypi_cuda.nvcc_root(env_site) is None
+    roots = pypi_cuda.package_roots([packages, env_site])
+    home = pypi_cuda.assemble_home(tmp_path / "home", pypi_cuda.nvcc_root(packages), roots)
+    # nvcc runs from the package's own bin/, next to nvvm/: its profile finds cicc relative to itself.
+    assert (home / "bin" / "nvcc").resolve() == (packages / "nvidia/cu13/bin/nvcc").resolve()
+    assert (home / "nvvm" / "bin" / "cicc").read_text() == "packages nvvm/bin/cicc"
+    include, lib = home / "include", home / "lib64"
+    assert (include / "crt" / "host_config.h").read_text() == "packages include/crt/host_config.h"
+    assert (include / "cuda_fp16.h").read_text() == "packages include/cuda_fp16.h"  # the nvcc release wins
+    assert (include / "cublas_v2.h").read_text() == "torch's cu13/include/cublas_v2.h"  # ATen's CUDA headers
+    assert (include / "cudnn.h").exists() and (lib / "libcublas.so.13").exists()
+    assert (lib / "libcudart.so").resolve() == (packages / "nvidia/cu13/lib/libcudart.so.13").resolve()
+    assert not (include / "__init__.py").exists()
+
+
+def test_toolkit_for_torch_installs_once_and_names_itself(tmp_path, monkeypatch):
+    installs = []
+
+    def install(reqs, target, python=sys.executable):
+        installs.append(reqs)
+        _pip_layout(target)
+
+    monkeypatch.setattr(pypi_cuda, "install", install)
+    env_site = tmp_path / "site-packages"
+    _torch_site(env_site)
+    home, line = pypi_cuda.toolkit_for_torch("13.0", tmp_path / "cache", [env_site])
+    assert home == tmp_path / "cache" / "13.0" / "home" and (home / "bin" / "nvcc").exists()
+    assert line == f"nvcc 13.0.88 from PyPI (nvidia-cuda-nvcc for torch's CUDA 13.0) in {home}"
+    assert pypi_cuda.toolkit_for_torch("13.0", tmp_path / "cache", [env_site]) == (home, line)
+    assert installs == [pypi_cuda.requirements("13.0")]  # reused, not installed again
+    with pytest.raises(pypi_cuda.ToolkitError, match="12.4"):
+        pypi_cuda.toolkit_for_torch("12.4", tmp_path / "cache", [env_site])
+
+
+def test_the_build_names_its_toolkit_in_one_line(tmp_path):
+    """setup.py's line, as cuda_check reads it back from the build log."""
+    line = pypi_cuda.describe("13.0", "13.0.88", tmp_path / "home")
+    log = ("running build_ext\n"
+           f"bert_fast: building the CUDA kernels with {line}\n"
+           "[1/9] c++ -MMD -c csrc/extension.cpp\n")
+    assert cuda_check.toolkit_used(log) == line
+    assert cuda_check.toolkit_used("running build_ext\n") is None
+    setup = (ROOT / "setup.py").read_text()
+    assert 'print(f"bert_fast: building the CUDA kernels with {' in setup
+
+
+def test_pypi_mode_hides_the_system_nvcc(tmp_path, monkeypatch):
+    system, other = tmp_path / "cuda" / "bin", tmp_path / "tools"
+    _touch(system / "nvcc")
+    _touch(other / "ninja")
+    assert cuda_check.hide_nvcc(f"{system}:{other}::{system}") == str(other)
+    monkeypatch.setenv("PATH", f"{system}:{other}")
+    monkeypatch.setenv("CUDA_HOME", str(system.parent))
+    python = tmp_path / "venv" / "bin" / "python"
+    env = cuda_check.build_env(python, None, tmp_path / "build")
+    assert "CUDA_HOME" not in env and "CUDA_PATH" not in env and env["BERT_FAST_NVCC"] == "pypi"
+    assert env["PATH"] == f"{python.parent}:{other}"
+    assert env["BERT_FAST_PYPI_CUDA"] == str(tmp_path / "build" / "pypi-cuda")
+    system_env = cuda_check.build_env(python, system.parent, tmp_path / "build")
+    assert system_env["CUDA_HOME"] == str(system.parent) and "BERT_FAST_NVCC" not in system_env
+
+
+def test_make_target_passes_the_pypi_option():
+    pypi = subprocess.run(["make", "-n", "cuda-check", "CUDA_CHECK_NVCC=pypi"], capture_output=True, text=True,
+                          cwd=ROOT)
+    assert pypi.stdout.split() == ["python3", "tools/cuda_check.py", "--pypi-nvcc"]

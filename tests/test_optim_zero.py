@@ -1,6 +1,8 @@
 """FusedLAMB under DeepSpeed ZeRO 1, 2 and 3 on 2 CPU ranks (gloo) == LAMB without ZeRO on one
 process with the same global batch; the bf16 wrappers (ZeRO 1/2/3, BF16_Optimizer) == bf16
-without ZeRO; and the refusal of settings that cannot be exact.
+without ZeRO; the PyTorch fallback (bert_fast.optim_fallback, for a build without kernels for the
+device, simulated by replacing extension.available) == the kernels under ZeRO 1 and 2; and the
+refusal of settings that cannot be exact.
 
 One launch checks everything (DeepSpeed's first start is slow). The model's sizes put the
 partition boundaries inside tensors (ZeRO-3 partitions every tensor and steps several sub-groups
@@ -13,6 +15,7 @@ comparison can fail. fp16 is not covered: DeepSpeed's CPU accelerator refuses it
 from __future__ import annotations
 
 import glob
+from unittest import mock
 
 import pytest
 import torch
@@ -142,13 +145,16 @@ def _worker(rank, result):
         return (a - b).abs().max().item() / scale
 
     result["single_vs_f64"] = err(single.double(), exact)
+    fused = {}
     for stage in (1, 2, 3):
         zero, norms = _train_zero(stage, rank, **_STAGE[stage])
+        fused[stage] = zero
         result[f"zero{stage}_clipped_steps"] = sum(n > LAMB["max_grad_norm"] for n in norms)
         result[f"zero{stage}_vs_single"] = err(zero, single)
         result[f"zero{stage}_vs_f64"] = err(zero.double(), exact)
     # AdamW is elementwise; only its clipping needs the layout's global norm.
-    result["adamw_zero2_vs_single"] = err(_train_zero(2, rank, optimizer="FusedAdamW")[0], _train_single(FusedAdamW))
+    fused["adamw"] = _train_zero(2, rank, optimizer="FusedAdamW")[0]
+    result["adamw_zero2_vs_single"] = err(fused["adamw"], _train_single(FusedAdamW))
     for stage in (2, 3):
         result[f"zero{stage}_naive_vs_single"] = err(_train_zero(stage, rank, naive=True, **_STAGE[stage])[0], single)
     # bf16: the reference is stage 0 (FP16_UnfusedOptimizer steps whole fp32 copies of the
@@ -159,9 +165,16 @@ def _worker(rank, result):
     result["zero0_bf16_vs_single"] = err(bf16_ref, single)
     fp32_acc = dict(data_types={"grad_accum_dtype": "fp32"}, **bf16)  # ZeRO-1 -> BF16_Optimizer
     for name, stage, extra in (("zero2", 2, bf16), ("zero3", 3, bf16), ("zero1_fp32_acc", 1, fp32_acc)):
-        result[f"{name}_bf16_vs_stage0"] = err(_train_zero(stage, rank, **_STAGE[stage], **extra)[0], bf16_ref)
+        fused[f"{name}_bf16"] = _train_zero(stage, rank, **_STAGE[stage], **extra)[0]
+        result[f"{name}_bf16_vs_stage0"] = err(fused[f"{name}_bf16"], bf16_ref)
     result["zero1_fp32_acc_bf16_naive_vs_stage0"] = err(_train_zero(1, rank, naive=True, **fp32_acc)[0], bf16_ref)
     result["trained"] = err(single, torch.cat([p.detach().flatten() for p in _model().parameters()]))
+    with mock.patch.object(extension, "available", lambda device="cpu": False):  # no kernels: the fallback
+        for stage in (1, 2):
+            result[f"fallback_zero{stage}_vs_fused"] = err(_train_zero(stage, rank)[0], fused[stage])
+        result["fallback_zero2_bf16_vs_fused"] = err(_train_zero(2, rank, **bf16)[0], fused["zero2_bf16"])
+        result["fallback_adamw_zero2_vs_fused"] = err(_train_zero(2, rank, optimizer="FusedAdamW")[0], fused["adamw"])
+        result["fallback_warned"] = extension._warned
     result["refusals"] = _refusals()
 
 
@@ -211,6 +224,14 @@ def test_bf16_partitioned_matches_bf16_stage0(zero_results, name):
         # element by about lr whatever its gradient's size, so bf16 rounding of a near-zero
         # gradient can turn a step around. 5e-2 catches bf16 training going astray, not rounding.
         assert r["zero0_bf16_vs_single"] <= 5e-2, r
+
+
+@pytest.mark.parametrize("run", ["zero1", "zero2", "zero2_bf16", "adamw_zero2"])
+def test_fallback_under_zero_matches_the_kernels(zero_results, run):
+    """The fallback steps the same flat partitions through the same segments: per-slot norms,
+    their all-reduce and DeepSpeed's global clip norm, as FusedLAMB's kernels do."""
+    for r in zero_results:
+        assert r["fallback_warned"] and r[f"fallback_{run}_vs_fused"] <= 1e-6, r
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -1,6 +1,6 @@
 """`make cuda-check`: build `bert_fast._C` with its CUDA kernels on a machine without a GPU.
 
-    python3 tools/cuda_check.py [--torch VERSION] [--venv DIR] [--build DIR] [--clean]
+    python3 tools/cuda_check.py [--torch VERSION] [--venv DIR] [--build DIR] [--clean] [--pypi-nvcc]
 
 The CPU wheel of torch has no CUDA headers, so the CUDA bindings are only ever compiled by a CUDA
 build of torch: the first GPU run lost its extension to an error no CPU build showed. This builds
@@ -9,6 +9,10 @@ build of torch kept in its own venv (created once, reused after; nothing else to
 this machine's nvcc, then checks the result: both architectures' code for every kernel in csrc/*.cu
 is in the .so, it loads, says it has CUDA kernels, and every `bert_fast::` op has a CPU and a CUDA
 kernel; one op runs on the CPU. Nothing needs a GPU. Stdlib only: it runs with any python3 >= 3.10.
+
+`--pypi-nvcc` builds as a GPU machine without a toolkit does: this machine's nvcc hidden from PATH,
+CUDA_HOME and CUDA_PATH unset, setup.py takes nvcc and the CUDA headers from PyPI
+(tools/pypi_cuda.py, installed into the build folder) and the summary names the toolkit it used.
 """
 
 from __future__ import annotations
@@ -90,6 +94,20 @@ def source_kernels(sources: list[Path]) -> set[str]:
 def missing_kernels(expected: set[str], mangled: set[str]) -> set[str]:
     """The kernels of `expected` with no compiled function (Itanium mangling embeds `<len><name>`)."""
     return {name for name in expected if not any(f"{len(name)}{name}" in m for m in mangled)}
+
+
+TOOLKIT_LINE = re.compile(r"^bert_fast: building the CUDA kernels with (.+)$", re.M)
+
+
+def toolkit_used(log: str) -> str | None:
+    """The toolkit setup.py says it built with (its one line), from a build log."""
+    found = TOOLKIT_LINE.findall(log)
+    return found[-1] if found else None
+
+
+def hide_nvcc(path: str) -> str:
+    """PATH without the folders that hold an nvcc."""
+    return os.pathsep.join(d for d in path.split(os.pathsep) if d and not (Path(d) / "nvcc").exists())
 
 
 def compiled_objects(log: str) -> int:
@@ -198,18 +216,34 @@ def venv_torch(python: Path) -> tuple[str, str | None]:
     return version, None if cuda == "None" else cuda
 
 
-def build(python: Path, cuda_home: Path, build_dir: Path, clean: bool) -> tuple[Path, float]:
+def build_env(python: Path, cuda_home: Path | None, build_dir: Path) -> dict:
+    """setup.py's environment: this machine's toolkit, or (cuda_home None) none at all, so that
+    setup.py takes PyPI's into build_dir/pypi-cuda."""
+    arch_list = ";".join(f"{a[0]}.{a[1:]}" for a in ARCHES)  # "8.0;9.0"
+    env = dict(os.environ, BERT_FAST_CUDA="1", TORCH_CUDA_ARCH_LIST=arch_list,
+               MAX_JOBS=str(os.cpu_count() or 1))
+    for var in ("BERT_FAST_EXT", "BERT_FAST_NVCC", "BERT_FAST_PYPI_CUDA"):
+        env.pop(var, None)
+    path = f"{python.parent}:{os.environ.get('PATH', '')}"
+    if cuda_home is not None:
+        env.update(CUDA_HOME=str(cuda_home), PATH=f"{cuda_home / 'bin'}:{path}")
+    else:
+        env.pop("CUDA_HOME", None)
+        env.pop("CUDA_PATH", None)
+        # /usr/local/cuda is not on PATH but torch would find it there: BERT_FAST_NVCC=pypi.
+        env.update(PATH=hide_nvcc(path), BERT_FAST_NVCC="pypi",
+                   BERT_FAST_PYPI_CUDA=str(build_dir / "pypi-cuda"))
+    return env
+
+
+def build(python: Path, cuda_home: Path | None, build_dir: Path, clean: bool) -> tuple[Path, float]:
     """setup.py build_ext out of the source tree (the CPU venv's in-place .so is left alone).
     Objects are kept: ninja rebuilds those whose sources, headers (torch's too: depfiles) or
     flags changed, then links. Without the old .so, a failed build cannot pass for a good one."""
     shutil.rmtree(build_dir / "lib", ignore_errors=True)
     if clean:
         shutil.rmtree(build_dir / "temp", ignore_errors=True)
-    arch_list = ";".join(f"{a[0]}.{a[1:]}" for a in ARCHES)  # "8.0;9.0"
-    env = dict(os.environ, BERT_FAST_CUDA="1", TORCH_CUDA_ARCH_LIST=arch_list,
-               MAX_JOBS=str(os.cpu_count() or 1), CUDA_HOME=str(cuda_home),
-               PATH=f"{cuda_home / 'bin'}:{python.parent}:{os.environ.get('PATH', '')}")
-    env.pop("BERT_FAST_EXT", None)
+    env = build_env(python, cuda_home, build_dir)
     log = build_dir / "build.log"
     start = time.monotonic()
     rc = run_logged([str(python), "setup.py", "build_ext", "--build-lib", str(build_dir / "lib"),
@@ -222,8 +256,8 @@ def build(python: Path, cuda_home: Path, build_dir: Path, clean: bool) -> tuple[
     return found[0], seconds
 
 
-def find_cuobjdump(python: Path, cuda_home: Path) -> str:
-    for candidate in (shutil.which("cuobjdump"), cuda_home / "bin" / "cuobjdump"):
+def find_cuobjdump(python: Path, cuda_home: Path | None) -> str:
+    for candidate in (shutil.which("cuobjdump"), cuda_home and cuda_home / "bin" / "cuobjdump"):
         if candidate and Path(candidate).exists():
             return str(candidate)
     # triton ships one (torch's CUDA build depends on triton).
@@ -304,10 +338,13 @@ def check_cuda_versions(version: str, torch_cuda: str | None, release: str, venv
 
 def check(args: argparse.Namespace) -> list[str]:
     """Every step; returns the summary's lines."""
-    nvcc = find_nvcc()
-    version_text = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
-    release = nvcc_release(version_text)
-    cuda_home = cuda_home_of(nvcc)
+    if args.pypi_nvcc:
+        release, cuda_home = None, None
+    else:
+        nvcc = find_nvcc()
+        version_text = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True).stdout
+        release = nvcc_release(version_text)
+        cuda_home = cuda_home_of(nvcc)
     args.build.mkdir(parents=True, exist_ok=True)
     args.venv.parent.mkdir(parents=True, exist_ok=True)
     # One check at a time per venv: a second would find it half-built.
@@ -320,15 +357,25 @@ def check(args: argparse.Namespace) -> list[str]:
         venv_note = ensure_venv(args.venv, args.torch, args.build)
         python = args.venv / "bin" / "python"
         version, torch_cuda = venv_torch(python)
-        check_cuda_versions(version, torch_cuda, release, args.venv)
+        if args.pypi_nvcc:
+            if torch_cuda is None:
+                check_cuda_versions(version, torch_cuda, "", args.venv)
+            toolkit = "no system nvcc (hidden from PATH): nvcc from PyPI"
+        else:
+            check_cuda_versions(version, torch_cuda, release, args.venv)
+            toolkit = f"nvcc {release} in {cuda_home}"
         print(f"cuda-check: torch {version} (CUDA {torch_cuda}), venv {args.venv} ({venv_note}); "
-              f"nvcc {release} in {cuda_home}; building sm_{', sm_'.join(ARCHES)} ...", flush=True)
+              f"{toolkit}; building sm_{', sm_'.join(ARCHES)} ...", flush=True)
         so, seconds = build(python, cuda_home, args.build, args.clean)
         kernels = check_device_code(so, find_cuobjdump(python, cuda_home))
         ops = check_import(python, so)
     log = args.build / "build.log"
     shown = so.relative_to(ROOT) if so.is_relative_to(ROOT) else so
-    return [f"  built {shown} ({so.stat().st_size / 2**20:.1f} MiB) in {elapsed(seconds)} "
+    used = toolkit_used(log.read_text())
+    if args.pypi_nvcc and (used is None or "from PyPI" not in used):
+        raise CheckError(f"setup.py did not build with PyPI's nvcc (it says: {used!r}; log {log})")
+    return [f"  toolkit: {used}",
+            f"  built {shown} ({so.stat().st_size / 2**20:.1f} MiB) in {elapsed(seconds)} "
             f"({compiled_objects(log.read_text())} objects compiled, the others up to date; log {log})",
             f"  device code: SASS for sm_{', sm_'.join(ARCHES)}, {kernels} kernels each, every "
             "__global__ of csrc/*.cu in both",
@@ -340,9 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch", default=DEFAULT_TORCH,
                    help=f"torch version to build against (default {DEFAULT_TORCH})")
     p.add_argument("--venv", type=Path, default=default_venv(), help="the cached venv (default %(default)s)")
-    p.add_argument("--build", type=Path, default=ROOT / "build" / "cuda-check", help="build folder and logs")
+    p.add_argument("--build", type=Path, default=None,
+                   help="build folder and logs (default build/cuda-check; build/cuda-check-pypi with "
+                        "--pypi-nvcc)")
     p.add_argument("--clean", action="store_true", help="compile every object again (default: what changed)")
+    p.add_argument("--pypi-nvcc", action="store_true",
+                   help="hide this machine's nvcc; setup.py takes nvcc and the CUDA headers from PyPI")
     args = p.parse_args(argv)
+    if args.build is None:
+        args.build = ROOT / "build" / ("cuda-check-pypi" if args.pypi_nvcc else "cuda-check")
     start = time.monotonic()
     try:
         summary = check(args)
