@@ -117,11 +117,10 @@ class Fp8State(nn.Module):
         return self
 
     @torch.no_grad()
-    def roll(self, amax_now: torch.Tensor | None = None) -> None:
-        """The step's amaxes (`amax_now`, or the given all-reduced ones) enter the history; the
-        scales follow from the new history; the next step's amaxes start at 0."""
-        now = self.amax_now if amax_now is None else amax_now
-        self.amax_history.copy_(torch.cat([now[:, None], self.amax_history[:, :-1]], dim=1))
+    def roll(self) -> None:
+        """The step's amaxes (`amax_now`, reduced across ranks by the module-level `roll`) enter
+        the history; the scales follow from the new history; the next step's amaxes start at 0."""
+        self.amax_history.copy_(torch.cat([self.amax_now[:, None], self.amax_history[:, :-1]], dim=1))
         self.amax_now.zero_()
         self.scale.copy_(_scale_from_amax(self.amax_history.amax(dim=1), (E4M3, E4M3, self.recipe.grad_dtype),
                                           empty=0.0))
@@ -290,18 +289,30 @@ def states_of(model: nn.Module) -> list[Fp8State]:
 
 
 @torch.no_grad()
-def roll(states: list[Fp8State]) -> None:
-    """Moves every delayed state's step amaxes into its history (one MAX all-reduce of all of them
-    across ranks when torch.distributed runs with more than one rank). No host sync."""
+def reduce_amaxes(states: list[Fp8State]) -> list[torch.Tensor]:
+    """Every delayed state's step amaxes (`amax_now`), max-reduced across ranks in place (one
+    all-reduce when torch.distributed runs with more than one rank; idempotent) and returned.
+    checkpoint.save calls it, so the file rank 0 writes holds every rank's amaxes."""
     delayed = [s for s in states if s.delayed]
     if not delayed:
-        return
+        return []
     now = torch.stack([s.amax_now for s in delayed])
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(now, op=dist.ReduceOp.MAX)
-    for s, amax in zip(delayed, now):
-        s.roll(amax)
+        for s, amax in zip(delayed, now):
+            s.amax_now.copy_(amax)
+    return list(now)
+
+
+@torch.no_grad()
+def roll(states: list[Fp8State]) -> None:
+    """Moves every delayed state's step amaxes, max-reduced across ranks (`reduce_amaxes`), into
+    its history. No host sync."""
+    reduce_amaxes(states)
+    for s in states:
+        if s.delayed:
+            s.roll()
 
 
 def is_state_key(name: str) -> bool:

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from bert_fast import extension, fp8  # noqa: E402
 from bert_fast.fp8 import Fp8Recipe, Fp8State  # noqa: E402
 from bert_fast.train import checkpoint  # noqa: E402
+from bert_fast.train.engine import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
@@ -39,8 +40,11 @@ def _env(emulate: bool = True) -> dict:
     return {**env, fp8.EMULATE_ENV: "1"} if emulate else env
 
 
-def _run(out: Path, *extra: str, emulate: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
+def _run(out: Path, *extra: str, emulate: bool = True, ranks: int = 1) -> subprocess.CompletedProcess:
+    """pretrain.py as one process, or on `ranks` gloo ranks through DeepSpeed's launcher."""
+    launcher = [] if ranks == 1 else ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
+                                      "--master_port", str(free_port())]
+    done = subprocess.run([sys.executable, *launcher, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
                            f"train.output_dir={out}", *COMMON, *extra], cwd=ROOT, env=_env(emulate),
                           capture_output=True, text=True, timeout=600)
     return done
@@ -69,36 +73,47 @@ def test_fp8_trains_within_2_percent_of_bf16(tmp_path):
     assert low != bf16  # the FP8 GEMMs ran
 
 
-def _module_state(saved: Path) -> dict[str, torch.Tensor]:
-    return torch.load(saved / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+def _state(saved: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's FP8 scaling state (every rank's model-states file: they must agree) and its
+    consolidated fp32 weights."""
+    files = sorted(saved.glob("*model_states.pt"))
+    ranks = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
+    state = {k: v for k, v in ranks[0].items() if fp8.is_state_key(k)}
+    assert state and all(torch.equal(r[k], v) for r in ranks for k, v in state.items())
+    return {**state, **checkpoint.model_state_dict(saved)}
 
 
-def test_resume_from_a_mid_run_checkpoint_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("ranks, stage", [(1, 0), (2, 0), (2, 3)], ids=["1rank-zero0", "2ranks-zero0", "2ranks-zero3"])
+def test_resume_from_a_mid_run_checkpoint_is_bit_exact(tmp_path, ranks, stage):
     """20 steps with a checkpoint at 10, then the same run resumed from it: steps 11-20 log the same
-    losses to the last bit, which needs the delayed-scaling histories (in the checkpoint's module
-    state, float32 under bf16) restored along with the weights."""
+    losses to the last bit and end with the same weights and amax histories, which needs the
+    delayed-scaling histories (module buffers, float32 under bf16, equal on every rank) restored
+    along with the weights. One process at ZeRO 0, two gloo ranks at ZeRO 0 (rank 0 writes the
+    module state: checkpoint.save max-reduces the step's amaxes first) and at ZeRO 3."""
     steps = ["train.steps=20", "schedule.warmup_steps=5", "log.every=1", "checkpoint.every=10",
              "checkpoint.keep=0", "precision.fp8=true", "precision.fp8_scaling=delayed",
-             "precision.fp8_amax_history=4"]
+             "precision.fp8_amax_history=4", f"zero.stage={stage}"]
+    if ranks > 1:
+        steps.append("train.micro_batch=8")
     out = tmp_path / "run"
-    done = _run(out, *steps)
+    done = _run(out, *steps, ranks=ranks)
     assert done.returncode == 0, done.stderr[-3000:]
     straight = _losses(out)
     saved = out / "checkpoints" / "step_00000010"
-    history = _module_state(saved)["bert.layers.1.fp8.ffn_out.amax_history"]
+    history = _state(saved)["bert.layers.1.fp8.ffn_out.amax_history"]
     assert history.dtype == torch.float32 and (history > 0).all()  # 10 steps filled all 4 slots
     assert not any(fp8.is_state_key(k) for k in checkpoint.model_state_dict(saved))  # weights only
 
     final = out / "checkpoints" / "step_00000020"
-    before = _module_state(final)
+    before = _state(final)
     shutil.rmtree(final)  # a resume may not save beside later ones
-    done = _run(out, *steps, "--resume", str(saved))
+    done = _run(out, *steps, "--resume", str(saved), ranks=ranks)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {saved} at step 10" in done.stdout
     resumed = _losses(out)
     assert sorted(resumed) == list(range(1, 21))
     assert [resumed[s] for s in range(11, 21)] == [straight[s] for s in range(11, 21)]
-    after = _module_state(final)  # weights and scaling state at step 20, to the bit
+    after = _state(final)  # weights and scaling state at step 20, to the bit
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
@@ -112,6 +127,8 @@ def _roll_worker(rank, result):
     """Each rank saw other amaxes this step; after the roll both hold the larger of each."""
     state = Fp8State(Fp8Recipe("delayed", amax_history=2))
     state.amax_now.copy_(torch.tensor([1.0, 4.0, 2.0]) if rank == 0 else torch.tensor([3.0, 0.5, 2.0]))
+    fp8.reduce_amaxes([state])  # what checkpoint.save does: in place, and again in roll changes nothing
+    result["reduced"] = state.amax_now.tolist()
     fp8.roll([state])
     result["history"] = state.amax_history.tolist()
     result["scale"] = state.scale.tolist()
@@ -122,5 +139,6 @@ def test_delayed_scaling_agrees_across_ranks(tmp_path):
 
     results = run_ranks(_roll_worker, 2, tmp_path).finished_results()
     assert results[0] == results[1]
+    assert results[0]["reduced"] == [3.0, 4.0, 2.0]
     assert results[0]["history"] == [[3.0, 0.0], [4.0, 0.0], [2.0, 0.0]]
     assert results[0]["scale"] == pytest.approx([448 / 3, 448 / 4, 57344 / 2])
