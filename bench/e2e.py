@@ -18,7 +18,10 @@ Providers: `hf`, `torch` and `fast` take the padded batch (`fast` unpads it: one
 default (`model.attention_impl: auto`); `*_packed` take the training loader's static packed batch
 (bert_fast/data/packing.py; no host sync), `*_compiled` that step under
 `torch.compile(fullgraph=True)`, and `fast_graphed` replays it from a CUDA graph
-(bert_fast/cuda_graphs.py).
+(bert_fast/cuda_graphs.py). `fast_packed_fp8` is `fast_packed` with the encoder's four GEMMs per
+layer in FP8 (precision.fp8, bert_fast/fp8.py) under delayed scaling, `fast_packed_fp8_current`
+under current scaling: GPUs of compute capability 8.9+ only (a row on the CPU says why not). Issue
+23's target: fp8 >= 1.3x `fast_packed` (bf16) at BERT-large seq 128 and 512 on H100/H200.
 
 Columns: seq/s and tokens/s (real tokens only), TFLOP/s from `step_flops` over the real tokens
 (model FLOPs, recomputation not counted) and MFU against the device's measured dense bf16 matmul
@@ -37,7 +40,7 @@ import numpy as np
 import torch
 from harness import Benchmark, SyncCounter, Unavailable, matmul_tflops
 
-from bert_fast import BertConfig, BertForPreTraining, extension
+from bert_fast import BertConfig, BertForPreTraining, extension, fp8
 from bert_fast.data import builder, packing
 from bert_fast.data.dataset import collate
 from bert_fast.data.settings import SampleSettings
@@ -111,13 +114,27 @@ def optimizer_name(device: torch.device) -> str:
     return "FusedLAMB" if extension.available(device) else "torch AdamW"
 
 
-def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run: str = "eager"):
-    """Our model on the padded or the packed batch, run eagerly, compiled (fullgraph) or graphed.
+def _fp8_unavailable(device: torch.device) -> str | None:
+    """Why FP8 GEMMs cannot be timed here, or None: they need FP8 tensor cores (sm_89+); the
+    CPU only emulates them in float32 (bert_fast/fp8.py), which times nothing of interest."""
+    if device.type != "cuda":
+        return "FP8 GEMMs need a CUDA GPU with compute capability >= 8.9 (the CPU only emulates them)"
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        return f"FP8 GEMMs need compute capability >= 8.9, {torch.cuda.get_device_name(device)} has less"
+    return None
+
+
+def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run: str = "eager",
+          fp8_scaling: str | None = None):
+    """Our model on the padded or the packed batch, run eagerly, compiled (fullgraph) or graphed,
+    with the encoder GEMMs in FP8 when `fp8_scaling` ('current' or 'delayed') is given.
     Returns the provider's state: model, optimizer, loss (a function), graphed (the loss
     function ran the backward too), compiled."""
 
     def build(case, inputs):
         device = inputs["padded"]["input_ids"].device
+        if fp8_scaling is not None and (why := _fp8_unavailable(device)):
+            raise Unavailable(why)
         if backend == "fast" and device.type != "cuda":
             raise Unavailable("the fast backend's Triton kernels need CUDA (the interpreter is for tests)")
         # `auto` on CUDA is the fast backend, and still runs the Triton kernels (with one warning)
@@ -125,7 +142,10 @@ def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run:
         config = BertConfig.from_preset(case["model"], vocab_size=VOCAB,
                                         backend="auto" if backend == "fast" else backend,
                                         attention_impl=attention_impl)
-        model = BertForPreTraining(config).to(device=device, dtype=inputs["dtype"]).train()
+        model = BertForPreTraining(config)
+        if fp8_scaling is not None:  # its scaling state stays float32 under the cast below
+            fp8.enable(model, fp8.Fp8Recipe(fp8_scaling))
+        model = model.to(device=device, dtype=inputs["dtype"]).train()
         optimizer = make_optimizer(model, device)
         if run == "graphed":
             from bert_fast.cuda_graphs import GraphedStep
@@ -208,6 +228,8 @@ bench = Benchmark(
                "fast_packed": training_step(_ours("fast", form="packed")),
                "fast_compiled": training_step(_ours("fast", form="packed", run="compiled")),
                "fast_graphed": training_step(_ours("fast", form="packed", run="graphed")),
+               "fast_packed_fp8": training_step(_ours("fast", form="packed", fp8_scaling="delayed")),
+               "fast_packed_fp8_current": training_step(_ours("fast", form="packed", fp8_scaling="current")),
                "torch_packed": training_step(_ours("torch", form="packed")),
                "torch_compiled": training_step(_ours("torch", form="packed", run="compiled"))},
     # The headline (BERT-large, seq 128) first: a run cut short by its time limit keeps it.
@@ -221,12 +243,12 @@ bench = Benchmark(
                dict(model="tiny", seq=128, batch=8, lengths="pipeline"),
                dict(model="mini", seq=128, batch=8, lengths="full")],
     modes=("step",),
-    cpu_providers=("hf", "torch", "torch_packed", "torch_compiled"),
+    cpu_providers=("hf", "torch", "torch_packed", "torch_compiled", "fast_packed_fp8"),
     # In order of value (a row cut short by the suite's time limit loses the last): the training
-    # loop's packed step and its graphs before the padded forms; compiling a large model takes
-    # the longest.
-    gpu_providers=("hf", "torch", "fast_packed", "fast_graphed", "fast", "fast_triton_attention",
-                   "fast_compiled"),
+    # loop's packed step, its FP8 form (issue 23's 1.3x) and its graphs before the padded forms;
+    # compiling a large model takes the longest.
+    gpu_providers=("hf", "torch", "fast_packed", "fast_packed_fp8", "fast_graphed", "fast",
+                   "fast_triton_attention", "fast_packed_fp8_current", "fast_compiled"),
     baseline="hf",
     derive=derive,
     description=__doc__.splitlines()[0],

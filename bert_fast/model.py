@@ -2,7 +2,9 @@
 
 Every computation goes through `bert_fast.ops`, which picks eager PyTorch or our kernels; this
 file only holds parameters and wiring. GEMMs whose bias a fused op can absorb run without it
-(`F.linear(x, W)`, then `ops.bias_gelu` / `ops.add_layer_norm` with the bias). Parameter names
+(`ops.linear(x, W)`, then `ops.bias_gelu` / `ops.add_layer_norm` with the bias); the encoder's four
+GEMMs per layer go through `ops.linear`, in FP8 once `bert_fast.fp8.enable` gave the layers their
+scaling state (`precision.fp8`). Parameter names
 map one-to-one to Hugging Face `BertForPreTraining` (bert_fast/hf.py); Q, K and V are one [3H, H]
 GEMM. On the fast backend the encoder unpads the batch once after the embeddings and runs every
 layer on the packed real tokens (bert_fast/padding.py), so padding costs no FLOPs.
@@ -77,14 +79,22 @@ class BertLayer(nn.Module):
         self.ffn_in = nn.Linear(h, i)
         self.ffn_out = nn.Linear(i, h)
         self.ffn_norm = LayerNorm(h)
+        # None, or one bert_fast.fp8.Fp8State per GEMM (fp8.GEMMS) once `bert_fast.fp8.enable` ran:
+        # those four GEMMs then run in FP8 (precision.fp8).
+        self.fp8: nn.ModuleDict | None = None
 
     def forward(self, x, attention_mask, packing: Packing | None = None, seed: torch.Tensor | None = None):
         """x: [B, S, hidden], or packed [T, hidden] when `packing` is given (the fast path, whose
         attention draws its dropout mask from `seed`, the forward's key, and this layer's index)."""
         c = self.config
+        fp8, record = self.fp8, self.training and torch.is_grad_enabled()
+
+        def gemm(name: str, inputs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+            state = None if fp8 is None else fp8[name]
+            return ops.linear(inputs, getattr(self, name).weight, bias, fp8=state, record=record)
+
         # [..., 3, heads, head_dim]: q, k, v are strided views of the one QKV output.
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).unflatten(
-            -1, (3, c.num_attention_heads, c.head_dim))
+        qkv = gemm("qkv", x, self.qkv.bias).unflatten(-1, (3, c.num_attention_heads, c.head_dim))
         if packing is None:
             q, k, v = qkv.unbind(-3)
             context = ops.attention(q, k, v, attention_mask, dropout_p=c.attention_probs_dropout_prob,
@@ -95,14 +105,13 @@ class BertLayer(nn.Module):
                                         seed=seed, site=dropout_site("attention", self.index),
                                         impl=c.attention_impl, backend=c.backend)
         x = ops.add_layer_norm(
-            F.linear(context.flatten(-2), self.attn_out.weight), self.attn_norm.weight,
+            gemm("attn_out", context.flatten(-2)), self.attn_norm.weight,
             self.attn_norm.bias, c.layer_norm_eps, x_bias=self.attn_out.bias, residual=x,
             dropout_p=c.hidden_dropout_prob, training=self.training, seed=seed,
             site=dropout_site("attention_output", self.index), backend=c.backend)
-        inner = ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias,
-                              c.gelu_approximate, backend=c.backend)
+        inner = ops.bias_gelu(gemm("ffn_in", x), self.ffn_in.bias, c.gelu_approximate, backend=c.backend)
         return ops.add_layer_norm(
-            F.linear(inner, self.ffn_out.weight), self.ffn_norm.weight, self.ffn_norm.bias,
+            gemm("ffn_out", inner), self.ffn_norm.weight, self.ffn_norm.bias,
             c.layer_norm_eps, x_bias=self.ffn_out.bias, residual=x,
             dropout_p=c.hidden_dropout_prob, training=self.training, seed=seed,
             site=dropout_site("output", self.index), backend=c.backend)
@@ -140,8 +149,19 @@ class BertModel(nn.Module):
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):
         check_batch(self.config, self.embeddings.word.weight.device, input_ids, token_type_ids,
                     attention_mask)
+        self.fp8_step()
         hidden, pooled, packing = self._encode(input_ids, token_type_ids, attention_mask)
         return (hidden if packing is None else packing.pad(hidden)), pooled
+
+    def fp8_step(self) -> None:
+        """Before a training forward: FP8 GEMMs under delayed scaling take the last step's amaxes
+        into their histories (bert_fast.fp8.roll). Nothing without FP8 or outside training."""
+        if self.training and torch.is_grad_enabled():
+            states = [s for layer in self.layers if layer.fp8 is not None for s in layer.fp8.values()]
+            if states:
+                from bert_fast import fp8
+
+                fp8.roll(states)
 
     def _encode(self, input_ids, token_type_ids, attention_mask):
         """Forward on a batch `check_batch` has already accepted: (hidden, pooled, packing).
@@ -295,6 +315,7 @@ class BertForPreTraining(nn.Module):
         (what the training loader builds: `inputs.check_packed_batch` says the form): input_ids
         [T], mlm_positions/mlm_labels [N], and no host sync at all with `validate=False`, for
         batches checked on the host where they were built."""
+        self.bert.fp8_step()
         if cu_seqlens is not None:
             return self._forward_packed(input_ids, token_type_ids, cu_seqlens, max_seqlen, mlm_positions,
                                         mlm_labels, next_sentence_label, return_mlm_logits, validate)

@@ -62,6 +62,27 @@ def _use_triton(backend: str, device: torch.device, op: str) -> bool:
     return True
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fp8=None,
+           record: bool = True) -> torch.Tensor:
+    """`x @ weight.T (+ bias)`: every encoder GEMM. x [..., K], weight [N, K], bias [N] or None
+    (left out where a fused epilogue adds it). `fp8`: None runs `F.linear`; an
+    `bert_fast.fp8.Fp8State` runs the GEMM in FP8 with its scaling (bert_fast/fp8.py; the bias is
+    then added in x's dtype), recording this step's amaxes when `record` (training)."""
+    if fp8 is None:
+        return F.linear(x, weight, bias)
+    from bert_fast import fp8 as _fp8
+
+    check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    check_tensor("weight", weight, ndim=2, shape=(None, x.shape[-1]), device=x.device,
+                 dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    if bias is not None:
+        check_tensor("bias", bias, shape=(weight.shape[0],), device=x.device)
+    if not isinstance(fp8, _fp8.Fp8State):
+        raise TypeError(f"fp8 must be a bert_fast.fp8.Fp8State or None, got {type(fp8).__name__}")
+    out = _fp8.fp8_linear(x, weight, fp8, record=record)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none",
               backend: str = "auto") -> torch.Tensor:
     """`gelu(x + bias)`: the FFN activation after its bias-free first GEMM."""

@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bert_fast import fp8
 from bert_fast.fileio import atomic_path, atomic_write_text
 from bert_fast.train import checksums
 from bert_fast.train.diskspace import disk_full_message, free_bytes, is_disk_full
@@ -171,6 +172,10 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     except (TypeError, ValueError) as err:
         raise TypeError(f"client_state must be JSON-serialisable: {err}") from None
     rng = _rng_state()  # before anything below could draw a random number
+    # Every rank's FP8 amaxes of the step into the state rank 0 writes (what the next forward's
+    # roll would do first; MAX again there changes nothing, so saving leaves the run as it was).
+    if isinstance(getattr(engine, "module", None), torch.nn.Module):
+        fp8.reduce_amaxes(fp8.states_of(engine.module))
     root, tag, rank = Path(root), f"step_{step:08d}", _rank()
     staging, final = root / PARTIAL / tag, root / tag
     if rank == 0:
@@ -544,9 +549,9 @@ def _load_weights(engine, state: dict[str, torch.Tensor]) -> None:
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
             if _rank() == 0:
-                module.load_state_dict(state, strict=True)
+                _load_module_weights(module, state)
     else:
-        module.load_state_dict(state, strict=True)
+        _load_module_weights(module, state)
     _set_fp32_masters(engine, state)
 
 
@@ -603,7 +608,9 @@ def _set_stage3_masters(optimizer, names: dict[int, str], state: dict[str, torch
 
 
 def model_state_dict(path: str | Path, validated: dict | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of a checkpoint (ZeRO partitions consolidated on CPU).
+    """The full fp32 model state dict of a checkpoint (ZeRO partitions consolidated on CPU): its
+    weights, without FP8 scaling state (precision.fp8's buffers: a resume restores those through
+    DeepSpeed, init_from and exports start without them).
     validated: what `validate(path)` returned moments ago (not hashed again); None validates."""
     path = Path(path)
     meta = validate(path) if validated is None else validated
@@ -616,7 +623,16 @@ def model_state_dict(path: str | Path, validated: dict | None = None) -> dict[st
         saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         state = _with_fp32_masters(dict(saved["module"]), saved.get("optimizer"),
                                    meta.get("param_group_names"))
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not fp8.is_state_key(k)}
+
+
+def _load_module_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Strict but for FP8 scaling state, which a weights-only load leaves fresh."""
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not fp8.is_state_key(k)]
+    if missing or unexpected:
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}: missing keys "
+                           f"{missing}, unexpected keys {unexpected}")
 
 
 def _with_fp32_masters(state: dict, optimizer_state, group_names) -> dict:

@@ -40,8 +40,13 @@ DEFAULTS = {
     "schedule": {"warmup_steps": 0, "warmup_ratio": 0.0, "decay": "poly", "power": 1.0,
                  "min_lr_ratio": 0.0},
     # fp16 uses dynamic loss scaling; the loop stops a run that overflows at min_loss_scale.
+    # fp8: the encoder's four GEMMs per layer in FP8 (bert_fast/fp8.py; CUDA compute capability >= 8.9),
+    # e4m3 activations and weights, gradients in fp8_grad_format ("e5m2" or "e4m3"), per-tensor
+    # scales from the tensor's amax now (fp8_scaling "current") or from the largest of the last
+    # fp8_amax_history training forwards' (micro-batches') amaxes ("delayed", saved in checkpoints).
     "precision": {"bf16": False, "fp16": False, "initial_scale_power": 16, "loss_scale_window": 1000,
-                  "hysteresis": 2, "min_loss_scale": 1.0},
+                  "hysteresis": 2, "min_loss_scale": 1.0, "fp8": False, "fp8_scaling": "current",
+                  "fp8_grad_format": "e5m2", "fp8_amax_history": 16},
     "zero": {"stage": 0},
     # every 0: only at the end and on a signal. keep: how many to leave, newest first (0 keeps all).
     # dir "": <train.output_dir>/checkpoints.
@@ -54,6 +59,8 @@ DEFAULTS = {
 }
 OPTIMIZERS = ("lamb", "adamw")
 DECAYS = ("poly", "linear", "constant")
+FP8_SCALINGS = ("current", "delayed")  # bert_fast.fp8.SCALINGS and GRAD_FORMATS, without importing torch
+FP8_GRAD_FORMATS = ("e5m2", "e4m3")
 # Keys that moved sections; named in the error so old recipes and command lines are easy to fix.
 MOVED = {"train.lr": "optimizer.lr", "train.warmup_steps": "schedule.warmup_steps",
          "train.weight_decay": "optimizer.weight_decay", "train.log_every": "log.every"}
@@ -236,6 +243,7 @@ _RANGES = [
     ("schedule.min_lr_ratio", 0, 1, True),
     ("precision.initial_scale_power", 0, None, True), ("precision.loss_scale_window", 1, None, True),
     ("precision.hysteresis", 1, None, True), ("precision.min_loss_scale", 0, None, False),
+    ("precision.fp8_amax_history", 1, None, True),
     ("checkpoint.every", 0, None, True), ("checkpoint.keep", 0, None, True),
     ("eval.every", 0, None, True), ("eval.batches", 1, None, True),
     ("log.every", 1, None, True), ("log.peak_tflops", 0, None, True),
@@ -269,6 +277,10 @@ def validate_config(config: dict) -> None:
                           "schedule.warmup_ratio")
     if config["precision"]["bf16"] and config["precision"]["fp16"]:
         raise ValueError("config keys precision.bf16 and precision.fp16 are both true; choose one")
+    for key, choices in (("fp8_scaling", FP8_SCALINGS), ("fp8_grad_format", FP8_GRAD_FORMATS)):
+        if config["precision"][key] not in choices:
+            raise ConfigError(f"config key precision.{key} must be one of {choices}, "
+                              f"got {config['precision'][key]!r}", f"precision.{key}")
     if config["zero"]["stage"] not in (0, 1, 2, 3):
         raise ConfigError(f"config key zero.stage must be 0, 1, 2 or 3, got {config['zero']['stage']!r}",
                           "zero.stage")

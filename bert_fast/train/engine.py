@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bert_fast import fp8
 from bert_fast.model import BertForPreTraining, zero3_external_parameters
 from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
 from bert_fast.train import schedule
@@ -126,6 +127,8 @@ def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
     torch.manual_seed(config["train"]["seed"])  # the same initial weights on every rank
     model = BertForPreTraining(model_cfg).to(device)
     model.bert.gradient_checkpointing = config["train"]["activation_checkpointing"]
+    if config["precision"]["fp8"]:  # its scaling state is part of the module DeepSpeed checkpoints
+        fp8.enable(model, fp8.Fp8Recipe.from_config(config))
     optimizer = make_optimizer(model, config)
     # Weights are equal on every rank; dropout and other draws from here on differ per rank.
     seed = config["train"]["seed"] + 1 + int(os.environ.get("RANK", "0"))

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bert_fast import fp8
 from bert_fast.fileio import atomic_write_text
 from bert_fast.train import checkpoint, leftovers
 from bert_fast.train.batches import make_batches
@@ -173,8 +174,10 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     batches = make_batches(config, model_config(config), rank, world)
     model_cfg = batches.model_config
     if kind is not None:
-        check_start(kind, path, meta, model_cfg, t["steps"], global_batch)
+        check_start(kind, path, meta, model_cfg, t["steps"], global_batch, config["precision"])
     check_compile(config, device)
+    if config["precision"]["fp8"]:
+        fp8.check_device(device)
     engine, scheduler = build(config, model_cfg, ds_config, device)
     compile_model(engine.module, config)
 

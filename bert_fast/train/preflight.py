@@ -80,8 +80,24 @@ def find_start(root: Path, resume: str | None, init_from: str | None):
     return found
 
 
-def check_start(kind: str, path: Path, meta: dict, model_cfg, steps: int, global_batch: int) -> None:
-    """Every rank: the checkpoint must fit this run's model, and a resumed one its batch and steps."""
+def _fp8_history(precision: dict) -> int | None:
+    """The length of the FP8 amax histories a run's module holds (bert_fast/fp8.py), None for none:
+    only delayed scaling has that state."""
+    if precision.get("fp8") and precision.get("fp8_scaling", "current") == "delayed":
+        return precision.get("fp8_amax_history", 16)
+    return None
+
+
+def _fp8_described(precision: dict) -> str:
+    length = _fp8_history(precision)
+    return ("no FP8 scaling state" if length is None else
+            f"precision.fp8_scaling=delayed, precision.fp8_amax_history={length}")
+
+
+def check_start(kind: str, path: Path, meta: dict, model_cfg, steps: int, global_batch: int,
+                precision: dict | None = None) -> None:
+    """Every rank: the checkpoint must fit this run's model, and a resumed one its batch, steps and
+    FP8 scaling state (`precision`, this run's precision section; None skips that check)."""
     from bert_fast.export import checkpoint_model_config
 
     saved = checkpoint_model_config(meta, path).to_dict()
@@ -99,6 +115,12 @@ def check_start(kind: str, path: Path, meta: dict, model_cfg, steps: int, global
         raise CheckpointError(f"{path}: saved with global batch {state['global_batch']}, this run's "
                               f"train.global_batch is {global_batch}; the data position and schedule "
                               "would not continue the run (set train.global_batch to match)")
+    saved_precision = (state.get("config") or {}).get("precision")
+    if precision is not None and saved_precision is not None:
+        if _fp8_history(saved_precision) != _fp8_history(precision):
+            raise CheckpointError(f"{path}: saved with {_fp8_described(saved_precision)}, this run has "
+                                  f"{_fp8_described(precision)}; a resumed run needs the same FP8 scaling "
+                                  "state (set precision.fp8, fp8_scaling, fp8_amax_history as it had them)")
     if meta["step"] > steps:  # at train.steps, a resume finishes the run (fingerprints, export)
         raise ValueError(f"{path} is at step {meta['step']}, past train.steps={steps}: nothing left to "
                          "train (raise train.steps to continue)")

@@ -1,0 +1,338 @@
+"""FP8 GEMMs for the encoder (`precision.fp8`): per-tensor scaled e4m3/e5m2 linear layers.
+
+What: `fp8_linear(x, weight, state)` computes `x @ weight.T` with both operands cast to
+float8_e4m3fn under a per-tensor scale; its backward casts the incoming gradient to e5m2 (or e4m3,
+`precision.fp8_grad_format`) and runs both gradient GEMMs in FP8 on the quantised copies the forward
+saved (dX = q(dY) @ q(W), dW = q(dY)^T @ q(X)). The result comes back in the input's dtype, so the
+fused epilogues after it (`ops.bias_gelu`, `ops.add_layer_norm` with the GEMM's bias) run unchanged:
+the bias is never part of the FP8 GEMM. `bert_fast.ops.linear` is the one entry the model calls.
+
+Scaling (`precision.fp8_scaling`), per tensor role (input, weight, gradient) and per GEMM:
+- `current`: scale = fp8_max / amax(tensor now). Never overflows; one reduction before each cast.
+- `delayed` (Transformer Engine's recipe): scale = fp8_max / max(amax history of the last
+  `precision.fp8_amax_history` training forwards, i.e. micro-batches); the amax seen now (forward
+  and backward) is recorded and enters the history at the next training forward (`roll`,
+  all-reduced with MAX across data-parallel ranks so every rank scales alike and the checkpoint
+  rank 0 writes is every rank's). Values past the stale scale saturate to +-fp8_max. An empty
+  history (the first step) falls back to the current amax. The history and scales are module
+  buffers (`*.fp8.<gemm>.amax_history`, `.amax_now`, `.scale`, float32 whatever the model's
+  dtype), so DeepSpeed's checkpoints save and restore them and a resumed run is bit-exact.
+Non-finite values: a NaN or inf input gives a NaN output (its amax makes the scale NaN; a plain
+cast would saturate inf to 448 on the CPU, hiding it), so the loop's non-finite-loss check still
+fires; its amax is left out of the history, so one bad step does not poison the steps after it.
+
+GEMM: `torch._scaled_mm` (second operand column-major; on CUDA every dimension a multiple of 16:
+operands are zero-padded where not, which changes no result). On the CPU torch 2.13 runs
+`_scaled_mm` with a naive kernel, about 0.1 GFLOP/s (512x128x512: 1.5 s against 36 ms for the
+float32 GEMM of the same numbers), far too slow to train, so the CPU *emulates* it: the FP8 operands
+are exact in float32, so a float32 GEMM of the dequantised values equals `_scaled_mm` up to
+accumulation order (tests/test_fp8.py checks both against float64). Training runs refuse FP8 on the
+CPU unless `BERT_FAST_FP8_EMULATE=1` (tests only) and on GPUs below compute capability 8.9.
+
+Why our own op and not torchao's float8 training (`torchao.float8.convert_to_float8_training`,
+evaluated at torchao 0.18.0): it swaps `nn.Linear` modules for `Float8Linear`, but our layers never
+call their `nn.Linear` forwards (they call `F.linear(x, child.weight)` to leave the bias to the fused
+epilogue), so the swap would change nothing without restructuring the model, and `Float8Linear`
+adds the bias itself, unfused; its only scaling is dynamic (`ScalingType.DYNAMIC`: delayed scaling
+was removed), so `precision.fp8_scaling=delayed` and its checkpointed history could not be had.
+This file is ~300 lines on top of torch and keeps the fused layer as it is.
+
+References: Micikevicius et al., "FP8 Formats for Deep Learning" (arXiv:2209.05433); NVIDIA
+Transformer Engine's DelayedScaling recipe
+(https://docs.nvidia.com/deeplearning/transformer-engine/user-guide/api/common.html).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+GRAD_FORMATS = {"e5m2": E5M2, "e4m3": E4M3}
+SCALINGS = ("current", "delayed")
+EMULATE_ENV = "BERT_FAST_FP8_EMULATE"  # test-only: lets a training run use FP8 on the CPU
+_INPUT, _WEIGHT, _GRAD = 0, 1, 2  # rows of an Fp8State's buffers
+# The four encoder GEMMs of a layer that run in FP8 (BertLayer's Linear children of these names).
+GEMMS = ("qkv", "attn_out", "ffn_in", "ffn_out")
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    """The `precision.fp8_*` settings: scaling 'current' or 'delayed', the gradients' format
+    ('e5m2' or 'e4m3') and the delayed amax history's length."""
+
+    scaling: str = "current"
+    grad_format: str = "e5m2"
+    amax_history: int = 16
+
+    def __post_init__(self):
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"fp8 scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.grad_format not in GRAD_FORMATS:
+            raise ValueError(f"fp8 grad_format must be one of {tuple(GRAD_FORMATS)}, "
+                             f"got {self.grad_format!r}")
+        length = self.amax_history
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"fp8 amax_history must be an int >= 1, got {self.amax_history!r}")
+
+    @property
+    def grad_dtype(self) -> torch.dtype:
+        return GRAD_FORMATS[self.grad_format]
+
+    @classmethod
+    def from_config(cls, config: dict) -> Fp8Recipe:
+        p = config["precision"]
+        return cls(p["fp8_scaling"], p["fp8_grad_format"], p["fp8_amax_history"])
+
+
+class Fp8State(nn.Module):
+    """One FP8 GEMM's recipe and, under delayed scaling, its scaling state in float32 buffers
+    (rows: input, weight, gradient): `amax_history` [3, L] of past steps (newest first),
+    `amax_now` [3] of this step so far, `scale` [3] from the history (0 while it is empty)."""
+
+    def __init__(self, recipe: Fp8Recipe):
+        super().__init__()
+        self.recipe = recipe
+        if recipe.scaling == "delayed":
+            self.register_buffer("amax_history", torch.zeros(3, recipe.amax_history))
+            self.register_buffer("amax_now", torch.zeros(3))
+            self.register_buffer("scale", torch.zeros(3))
+
+    @property
+    def delayed(self) -> bool:
+        return self.recipe.scaling == "delayed"
+
+    def _apply(self, fn, recurse=True):
+        # DeepSpeed's bf16/fp16 cast (module.bfloat16()) converts every floating buffer: the scaling
+        # state stays float32 (moves between devices still apply).
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
+    @torch.no_grad()
+    def roll(self) -> None:
+        """The step's amaxes (`amax_now`, reduced across ranks by the module-level `roll`) enter
+        the history; the scales follow from the new history; the next step's amaxes start at 0."""
+        self.amax_history.copy_(torch.cat([self.amax_now[:, None], self.amax_history[:, :-1]], dim=1))
+        self.amax_now.zero_()
+        self.scale.copy_(_scale_from_amax(self.amax_history.amax(dim=1), (E4M3, E4M3, self.recipe.grad_dtype),
+                                          empty=0.0))
+
+    @torch.no_grad()
+    def record(self, role: int, amax: torch.Tensor) -> None:
+        """Keeps the largest finite amax of this step (a NaN or inf one is left out, see module
+        docstring); recomputed forwards (activation checkpointing) record the same value again."""
+        finite = torch.where(torch.isfinite(amax), amax, torch.zeros_like(amax))
+        self.amax_now[role] = torch.maximum(self.amax_now[role], finite)
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def _scale_from_amax(amax: torch.Tensor, dtypes, empty: float = 1.0) -> torch.Tensor:
+    """fp8_max / amax per entry (float32, finite); `empty` where amax is 0 or not finite."""
+    top = torch.tensor([fp8_max(d) for d in dtypes], device=amax.device) if isinstance(dtypes, tuple) \
+        else fp8_max(dtypes)
+    ok = (amax > 0) & torch.isfinite(amax)
+    scale = (top / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
+    return torch.where(ok, scale, torch.full_like(scale, empty))
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
+    """`x * scale` cast to `dtype`, saturating at +-fp8_max (inf too: `_scale_for` makes the scale
+    NaN for a tensor holding NaN or inf, so those come out NaN). scale: a 0-d float32 tensor."""
+    top = fp8_max(dtype)
+    return (x.float() * scale).clamp(-top, top).to(dtype)
+
+
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().amax().float()
+
+
+def _scale_for(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int,
+               record: bool) -> torch.Tensor:
+    """The scale to cast `x` with: current, or delayed from `state` (current while its history is
+    empty); records x's amax into the state when `record`. NaN when x holds a NaN or inf (its amax
+    does), so the cast gives NaN rather than saturating an inf to a finite value: the loss turns
+    non-finite and the loop's check fires, at no extra pass over x."""
+    amax = _amax(x)
+    scale = _scale_from_amax(amax, dtype)
+    if state is not None and state.delayed:
+        if record:
+            state.record(role, amax)
+        stored = state.scale[role]
+        scale = torch.where(stored > 0, stored, scale)
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+
+
+# ---- the GEMM ----------------------------------------------------------------------------------
+
+def _pad_to(t: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if t.shape == (rows, cols):
+        return t
+    # Padding an fp8 tensor goes through uint8 (zeros are the same bits), which every device pads.
+    out = torch.nn.functional.pad(t.view(torch.uint8), (0, cols - t.shape[1], 0, rows - t.shape[0]))
+    return out.view(t.dtype)
+
+
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def _pads(device: torch.device) -> bool:
+    """Whether _scaled_mm needs its dimensions padded to multiples of 16 (CUDA; the CPU's does not)."""
+    return device.type == "cuda"
+
+
+def emulated(device: torch.device) -> bool:
+    """Whether the FP8 GEMM is emulated in float32 here (every device but CUDA)."""
+    return device.type != "cuda"
+
+
+def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
+              out_dtype: torch.dtype, emulate: bool | None = None) -> torch.Tensor:
+    """`(a * inv_a) @ (b_t * inv_b).T` for fp8 a [M, K] and b_t [N, K] (both row-major), in
+    `out_dtype`. `torch._scaled_mm` (which takes its second operand column-major: b_t.T is that
+    view, no copy), on CUDA with every dimension zero-padded to a multiple of 16; or the float32
+    emulation (`emulate`, default: off CUDA)."""
+    if emulate is None:
+        emulate = emulated(a.device)
+    if emulate:
+        out = torch.mm(a.float(), b_t.float().t()) * (inv_a * inv_b)
+        return out.to(out_dtype)
+    m, k = a.shape
+    n = b_t.shape[0]
+    pad = _pads(a.device) and bool(m % 16 or k % 16 or n % 16)
+    if pad:
+        a, b_t = _pad_to(a, _round16(m), _round16(k)), _pad_to(b_t, _round16(n), _round16(k))
+    out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), inv_a, inv_b, out_dtype=out_dtype)
+    return out[:m, :n] if pad else out
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = q(x) @ q(W)^T; dX = q(dY) @ q(W); dW = q(dY)^T @ q(X), the quantised x and W saved
+    from the forward (half the bytes of bf16 ones)."""
+
+    @staticmethod
+    def forward(ctx, x2d, weight, state, record, emulate):
+        s_x = _scale_for(x2d, E4M3, state, _INPUT, record)
+        s_w = _scale_for(weight, E4M3, state, _WEIGHT, record)
+        q_x, q_w = quantize(x2d, E4M3, s_x), quantize(weight, E4M3, s_w)
+        inv_x, inv_w = s_x.reciprocal(), s_w.reciprocal()
+        ctx.save_for_backward(q_x, q_w, inv_x, inv_w)
+        ctx.state, ctx.record, ctx.emulate = state, record, emulate
+        ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
+        return scaled_mm(q_x, q_w, inv_x, inv_w, x2d.dtype, emulate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q_x, q_w, inv_x, inv_w = ctx.saved_tensors
+        state = ctx.state
+        grad_dtype = state.recipe.grad_dtype if state is not None else E5M2
+        s_g = _scale_for(grad, grad_dtype, state, _GRAD, ctx.record)
+        q_g = quantize(grad, grad_dtype, s_g)
+        inv_g = s_g.reciprocal()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # dX [M, K] = q(dY) [M, N] @ q(W) [N, K]
+            grad_x = scaled_mm(q_g, q_w.t().contiguous(), inv_g, inv_w, ctx.x_dtype, ctx.emulate)
+        if ctx.needs_input_grad[1]:  # dW [N, K] = q(dY)^T [N, M] @ q(X) [M, K]
+            grad_w = scaled_mm(q_g.t().contiguous(), q_x.t().contiguous(), inv_g, inv_x, ctx.w_dtype,
+                               ctx.emulate)
+        return grad_x, grad_w, None, None, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, state: Fp8State | None = None, *,
+               record: bool = True, emulate: bool | None = None) -> torch.Tensor:
+    """`x @ weight.T` in FP8 (no bias: add it after, or let a fused epilogue take it). x [..., K],
+    weight [N, K]; the result has x's dtype. `state` None scales everything currently with e5m2
+    gradients; `record` False (evaluation) leaves a delayed state's amaxes alone. Arguments are
+    checked by `bert_fast.ops.linear`."""
+    out = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, state, record, emulate)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, s_x: torch.Tensor,
+                     s_w: torch.Tensor) -> torch.Tensor:
+    """The FP8 forward in float64 from the same quantised operands (the test oracle)."""
+    q_x = quantize(x, E4M3, s_x).double() / s_x.double()
+    q_w = quantize(weight, E4M3, s_w).double() / s_w.double()
+    return q_x @ q_w.t()
+
+
+# ---- the model's FP8 state and the run's checks ------------------------------------------------
+
+def enable(model: nn.Module, recipe: Fp8Recipe) -> list[Fp8State]:
+    """Gives every encoder layer of `model` an `fp8` ModuleDict of one Fp8State per GEMM (GEMMS);
+    the layers' forwards then run those GEMMs in FP8. Returns the states."""
+    from bert_fast.model import BertLayer
+
+    states = []
+    for module in model.modules():
+        if isinstance(module, BertLayer):
+            module.fp8 = nn.ModuleDict({name: Fp8State(recipe) for name in GEMMS})
+            states += list(module.fp8.values())
+    if not states:
+        raise ValueError("fp8.enable: the model has no encoder layers")
+    return states
+
+
+def states_of(model: nn.Module) -> list[Fp8State]:
+    return [m for m in model.modules() if isinstance(m, Fp8State)]
+
+
+@torch.no_grad()
+def reduce_amaxes(states: list[Fp8State]) -> list[torch.Tensor]:
+    """Every delayed state's step amaxes (`amax_now`), max-reduced across ranks in place (one
+    all-reduce when torch.distributed runs with more than one rank; idempotent) and returned.
+    checkpoint.save calls it, so the file rank 0 writes holds every rank's amaxes."""
+    delayed = [s for s in states if s.delayed]
+    if not delayed:
+        return []
+    now = torch.stack([s.amax_now for s in delayed])
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(now, op=dist.ReduceOp.MAX)
+        for s, amax in zip(delayed, now):
+            s.amax_now.copy_(amax)
+    return list(now)
+
+
+@torch.no_grad()
+def roll(states: list[Fp8State]) -> None:
+    """Moves every delayed state's step amaxes, max-reduced across ranks (`reduce_amaxes`), into
+    its history. No host sync."""
+    reduce_amaxes(states)
+    for s in states:
+        if s.delayed:
+            s.roll()
+
+
+def is_state_key(name: str) -> bool:
+    """Whether a state_dict key belongs to FP8 scaling state (not a weight: exports and init_from
+    leave it out)."""
+    return ".fp8." in f".{name}"
+
+
+def check_device(device: torch.device) -> None:
+    """Refuses, naming precision.fp8, a device that has no FP8 GEMMs: a CUDA GPU below compute
+    capability 8.9, or the CPU (unless BERT_FAST_FP8_EMULATE=1, for tests: the GEMMs are emulated
+    in float32 there and no faster than float32)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise ValueError(f"precision.fp8 needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper, "
+                             f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}. "
+                             "Set precision.fp8=false")
+        return
+    if os.environ.get(EMULATE_ENV) != "1":
+        raise ValueError(f"precision.fp8 needs a CUDA GPU with compute capability >= 8.9; this run is on "
+                         f"{device.type}. Set precision.fp8=false ({EMULATE_ENV}=1 emulates FP8 on the CPU, "
+                         "for tests only)")

@@ -1,0 +1,61 @@
+"""FP8 GEMMs on CUDA (compute capability >= 8.9): `torch._scaled_mm` against the float32 emulation the
+CPU tests check (equal up to accumulation order) at BERT-large shapes and at shapes that need
+padding to multiples of 16, and the fast backend's training step in FP8 against bf16."""
+
+import pytest
+import torch
+
+from bert_fast import BertConfig, BertForPreTraining, fp8
+from helpers import padded_batch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def _needs_fp8():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need compute capability >= 8.9")
+
+
+@pytest.mark.parametrize("shape", [(4096, 1024, 3072), (4096, 4096, 1024), (1000, 1024, 1024), (37, 72, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("grad_format", ["e5m2", "e4m3"])
+def test_scaled_mm_equals_the_emulation(shape, grad_format):
+    m, k, n = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+    dy = (torch.randn(m, n, device="cuda", generator=g) * 1e-4).bfloat16()
+    results = []
+    for emulate in (False, True):
+        state = fp8.Fp8State(fp8.Fp8Recipe(grad_format=grad_format))
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fp8.fp8_linear(xs, ws, state, emulate=emulate)
+        y.backward(dy)
+        results.append([y.float(), xs.grad.float(), ws.grad.float()])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        # Both sum exact FP8 products in float32 and round once to bf16: one bf16 ulp apart at most.
+        assert ((got - want).abs() <= want.abs() * 2.0**-7 + 1e-6 * want.abs().max()).all()
+
+
+def test_fast_backend_step_in_fp8_is_close_to_bf16():
+    config = BertConfig.from_preset("base", vocab_size=30522, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
+    batch = {k: v.cuda() for k, v in padded_batch(config, [128] * 8 + [77] * 8, 128).items()}
+    losses, grads = [], []
+    for scaling in (None, "current", "delayed"):
+        torch.manual_seed(0)
+        model = BertForPreTraining(config)
+        if scaling:
+            fp8.enable(model, fp8.Fp8Recipe(scaling))
+        model = model.cuda().bfloat16().train()
+        for _ in range(2):
+            model.zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+        losses.append(out.loss.float().item())
+        grads.append(model.bert.layers[-1].ffn_in.weight.grad.float())
+    for loss, grad in zip(losses[1:], grads[1:]):
+        assert abs(loss - losses[0]) < 0.01 * losses[0], losses
+        assert ((grad - grads[0]).norm() / grads[0].norm()).item() < 0.15
