@@ -10,8 +10,24 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
         _os.path.join(_checkout, "kernels", "aot.py")):
     __path__.append(_checkout)
 
-from bert_fast.config import BertConfig  # noqa: E402
-from bert_fast.model import BertForPreTraining, BertModel, PretrainingOutput  # noqa: E402
-
 __all__ = ["BertConfig", "BertForPreTraining", "BertModel", "PretrainingOutput"]
 __version__ = "0.1.0"
+
+# Loaded on first use (PEP 562), so importing a kernel, the data package or the extension's
+# wrappers never loads the model (DESIGN.md: kernels and data sit below it).
+_LAZY = {"BertConfig": "bert_fast.config", "BertForPreTraining": "bert_fast.model",
+         "BertModel": "bert_fast.model", "PretrainingOutput": "bert_fast.model"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bert_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -270,13 +270,12 @@ def linear_reference(x: torch.Tensor, weight: torch.Tensor, s_x: torch.Tensor,
 # ---- the model's FP8 state and the run's checks ------------------------------------------------
 
 def enable(model: nn.Module, recipe: Fp8Recipe) -> list[Fp8State]:
-    """Gives every encoder layer of `model` an `fp8` ModuleDict of one Fp8State per GEMM (GEMMS);
-    the layers' forwards then run those GEMMs in FP8. Returns the states."""
-    from bert_fast.model import BertLayer
-
+    """Gives every encoder layer of `model` (each module with an `fp8` slot: model.BertLayer,
+    found by the slot so this layer below the model never imports it) an `fp8` ModuleDict of one
+    Fp8State per GEMM (GEMMS); the layers' forwards then run those GEMMs in FP8. Returns the states."""
     states = []
-    for module in model.modules():
-        if isinstance(module, BertLayer):
+    for module in list(model.modules()):
+        if hasattr(module, "fp8") and not isinstance(module, (Fp8State, nn.ModuleDict)):
             module.fp8 = nn.ModuleDict({name: Fp8State(recipe) for name in GEMMS})
             states += list(module.fp8.values())
     if not states:

@@ -8,8 +8,7 @@ import torch
 
 from bert_fast.checks import INT_DTYPES, check_tensor
 from bert_fast.config import BertConfig
-
-IGNORE_INDEX = -100
+from bert_fast.labels import IGNORE_INDEX
 
 
 def check_batch(config: BertConfig, device: torch.device, input_ids, token_type_ids=None,

@@ -19,7 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from bert_fast import ops, padding
 from bert_fast.config import BertConfig
-from bert_fast.inputs import IGNORE_INDEX, check_batch, check_packed_batch
+from bert_fast.inputs import check_batch, check_packed_batch
+from bert_fast.labels import IGNORE_INDEX
 from bert_fast.padding import Packing
 
 

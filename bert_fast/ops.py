@@ -19,6 +19,7 @@ from bert_fast.bias_gelu import bias_gelu as _bias_gelu_ext
 from bert_fast.bias_gelu import bias_gelu_reference
 from bert_fast.checks import FLOAT_DTYPES, INT_DTYPES, check_same, check_tensor
 from bert_fast.config import ATTENTION_IMPLS, BACKENDS
+from bert_fast.labels import IGNORE_INDEX
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -326,8 +327,8 @@ def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lab
     check_tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device)
     check_tensor("labels", labels, dtypes=INT_DTYPES, shape=(hidden.shape[0],), device=hidden.device)
     logits = F.linear(hidden, weight, bias).float()
-    valid = labels != -100
-    loss_sum = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    valid = labels != IGNORE_INDEX
+    loss_sum = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
     count = valid.sum()
     loss = loss_sum / count.clamp(min=1)
     correct = ((logits.argmax(-1) == labels) & valid).sum()

@@ -82,8 +82,8 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from bert_fast.checks import INT_DTYPES, check_same, check_tensor
+from bert_fast.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The most logits one chunk may hold: 2^28 elements = 512 MB in bf16, 1 GB in float32. Chunks of
 # ~8k rows keep the three GEMMs large enough to run at full speed on an H100.

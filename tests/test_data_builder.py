@@ -6,7 +6,7 @@ import pytest
 from data_fixtures import VOCAB, random_corpus, settings
 
 from bert_fast.data import builder
-from bert_fast.data.settings import IGNORE_INDEX
+from bert_fast.labels import IGNORE_INDEX
 
 pytestmark = pytest.mark.skipif(not builder.native_available(), reason="bert_fast._data is not built")
 

@@ -16,8 +16,8 @@ from tokenizers import BertWordPieceTokenizer
 
 from bert_fast.data import prepare as prepare_module
 from bert_fast.data.builder import native_available
-from bert_fast.data.corpus import split_sentences
 from bert_fast.data.prepare import PrepareSettings, prepare
+from bert_fast.data.sentences import split_sentences
 from bert_fast.data.shards import PreparedCorpus
 from bert_fast.data.textcheck import NotTextError
 from bert_fast.fileio import atomic_path

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from bert_fast.data import reference
-from bert_fast.data.settings import IGNORE_INDEX, SampleSettings
+from bert_fast.data.settings import SampleSettings
+from bert_fast.labels import IGNORE_INDEX
 
 try:
     from bert_fast import _data

@@ -4,7 +4,7 @@ already installed (the Python standard library, numpy, torch), so `make pretrain
 Each docstring (module, class, function or method, visited in sorted order) is one document. A
 docstring is cleaned (`inspect.cleandoc`), cut into paragraphs at blank lines, paragraphs that
 look like code, tables or parameter lists are dropped, and the rest is split into sentences by
-`split_sentences`. Documents keep sentences of at least 4 words and need at least 2 of them. The
+`sentences.split_sentences`. Documents keep sentences of at least 4 words and need at least 2 of them. The
 text depends only on the installed versions, which key the cache ($BERT_FAST_CACHE, default
 ~/.cache/bert_fast): the first build writes `corpus.txt` in the one-sentence-per-line format
 (blank line between documents) that `prepare` reads; later runs reuse it.
@@ -22,6 +22,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from bert_fast.data.sentences import split_sentences
 from bert_fast.fileio import atomic_path, exclusive
 
 # Top-level standard-library modules, minus those with side effects on import (a browser, a GUI,
@@ -34,16 +35,7 @@ LIBRARIES = tuple((
     "torch.optim torch.utils.data torch.distributions torch.linalg torch.fft torch.special torch.autograd "
     "torch.distributed torch.nn.utils torch.optim.lr_scheduler torch.sparse torch.testing").split())
 
-# A sentence ends at . ! or ? (optionally followed by one closing quote or bracket), then whitespace,
-# then a capital letter, digit or opening quote/bracket. Shared with prepare's JSONL reader.
-_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
 _CODE_LIKE = re.compile(r"^\s*(>>>|\.\.\.|[-=~^*]{3,}|\$ |[A-Za-z_][\w.]* ?: ?[\w\[\], .|]*$)|::\s*$|[{};]$")
-
-
-def split_sentences(text: str) -> list[str]:
-    """Sentences of one paragraph of prose (see _SENTENCE_END); whitespace runs become one space."""
-    text = " ".join(text.split())
-    return [s for s in _SENTENCE_END.split(text) if s]
 
 
 def _paragraphs(doc: str):

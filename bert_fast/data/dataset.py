@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bert_fast.data import builder, packing
 from bert_fast.data.rng import DOMAIN_SHARD, stream_key
-from bert_fast.data.settings import IGNORE_INDEX, SampleSettings
+from bert_fast.data.settings import SampleSettings
 from bert_fast.data.shards import PreparedCorpus
+from bert_fast.labels import IGNORE_INDEX
 
 
 class PretrainingDataset(Dataset):

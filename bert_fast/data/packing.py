@@ -24,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bert_fast.data.settings import IGNORE_INDEX, SampleSettings
+from bert_fast.data.settings import SampleSettings
+from bert_fast.labels import IGNORE_INDEX
 
 ALIGN = 8  # row counts are multiples of 8: aligned GEMM tiles and 16-byte rows
 GRID = 1024  # candidate row counts considered by the choice (a step of max_total / GRID)

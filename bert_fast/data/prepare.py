@@ -3,7 +3,7 @@
 Input formats (by extension, or `fmt`):
 - text: one sentence per line, a blank line between documents (the original BERT format);
 - JSONL (`.jsonl`, `.json`): one document per line, its `text` field cut into sentences at line
-  breaks and by `corpus.split_sentences` (., ! or ? then whitespace then a capital, digit or quote).
+  breaks and by `sentences.split_sentences` (., ! or ? then whitespace then a capital, digit or quote).
 
 It streams and uses every core: each input file is cut into chunks of about `batch_chars` bytes at
 document boundaries (a blank line in text, any line in JSONL), and a pool of `workers` processes
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bert_fast.data.corpus import split_sentences
 from bert_fast.data.hf_tokenizer import wordpiece
+from bert_fast.data.sentences import split_sentences
 from bert_fast.data.shards import (
     ARRAYS,
     FORMAT_VERSION,

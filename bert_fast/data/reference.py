@@ -32,7 +32,8 @@ import math
 import numpy as np
 
 from bert_fast.data.rng import DOMAIN_MASK, DOMAIN_PLAN, Rng
-from bert_fast.data.settings import IGNORE_INDEX, SampleSettings
+from bert_fast.data.settings import SampleSettings
+from bert_fast.labels import IGNORE_INDEX
 
 
 def _truncate_pair(a: list, b: list, max_tokens: int, rng: Rng) -> None:

@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict, dataclass
 
 OBJECTIVES = ("nsp", "sop", "none")
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

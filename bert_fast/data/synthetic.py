@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bert_fast.labels import IGNORE_INDEX
+
 CLS, SEP, MASK = 101, 102, 103  # BERT uncased special token ids
 FIRST_TOKEN = 1000               # topic t uses ids FIRST_TOKEN + t * topic_size + [0, topic_size)
 
@@ -65,7 +67,7 @@ class SyntheticBatches:
         chosen = (torch.rand(b, s, generator=self.generator) < self.mask_prob) & ~special
         if self.max_predictions:
             chosen &= chosen.cumsum(1) <= self.max_predictions
-        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, -100))
+        labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
         action = torch.rand(b, s, generator=self.generator)
         replaced = torch.where(action < 0.8, torch.full_like(input_ids, MASK),
                                self._rand(b, s, high=self.vocab_size))

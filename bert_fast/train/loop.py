@@ -56,6 +56,7 @@ import torch.distributed as dist
 
 from bert_fast import fp8
 from bert_fast.fileio import atomic_write_text
+from bert_fast.labels import IGNORE_INDEX
 from bert_fast.train import checkpoint, leftovers
 from bert_fast.train.batches import make_batches
 from bert_fast.train.compiled import check_compile, compile_model
@@ -97,7 +98,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 def _batch_flops(model_cfg, batch: dict) -> float:
     """From the host batch (before it goes to the device): its real lengths and MLM targets."""
     lengths = np.diff(batch["cu_seqlens"].numpy()[:batch["sequences"] + 1])  # numpy: not a tensor read
-    return step_flops(model_cfg, lengths.tolist(), int((batch["mlm_labels"].numpy() != -100).sum()))
+    return step_flops(model_cfg, lengths.tolist(), int((batch["mlm_labels"].numpy() != IGNORE_INDEX).sum()))
 
 
 def rank_fingerprints(engine, world_size: int) -> list[float]:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from bert_fast.fileio import atomic_write_text
+from bert_fast.labels import IGNORE_INDEX
 from bert_fast.train.diskspace import write_error
 from bert_fast.train.output import METRICS
 
@@ -49,7 +50,7 @@ class Window:
         """`inputs`: the model's arguments (on the device); `batch`: the packed loader batch they
         came from, whose host counts `sequences` and `tokens` are summed on the host."""
         mlm_count = out.mlm_predictions.double()
-        nsp_count = (inputs["next_sentence_label"] != -100).sum().double()
+        nsp_count = (inputs["next_sentence_label"] != IGNORE_INDEX).sum().double()
         self.sums += torch.stack([
             out.loss.detach().double(), out.mlm_loss.detach().double(), out.nsp_loss.detach().double(),
             out.mlm_accuracy.detach().double() * mlm_count, mlm_count,
