@@ -47,7 +47,7 @@ import torch
 
 from bert_fast import fp8
 from bert_fast.fileio import atomic_path, atomic_write_text
-from bert_fast.train import checksums
+from bert_fast.train import checksums, dist
 from bert_fast.train.diskspace import disk_full_message, free_bytes, is_disk_full
 from bert_fast.train.partitions import zero_padding
 
@@ -63,36 +63,6 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, partial, corrupted or incompatible; the message names it."""
 
 
-# ---- distributed helpers (no-ops at world size 1) ----------------------------------------
-
-def _dist():
-    d = torch.distributed
-    return d if d.is_available() and d.is_initialized() else None
-
-
-def _rank() -> int:
-    return _dist().get_rank() if _dist() else 0
-
-
-def _world() -> int:
-    return _dist().get_world_size() if _dist() else 1
-
-
-def _barrier() -> None:
-    if _dist():
-        _dist().barrier()
-
-
-def _from_rank0(obj):
-    if not _dist():
-        return obj
-    box = [obj]
-    _dist().broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# Public names for the loop's own collective decisions (resolve on rank 0, every rank learns it).
-rank, from_rank0 = _rank, _from_rank0
 
 
 def _param_group_names(engine) -> list[list[str]] | None:
@@ -176,13 +146,13 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     # roll would do first; MAX again there changes nothing, so saving leaves the run as it was).
     if isinstance(getattr(engine, "module", None), torch.nn.Module):
         fp8.reduce_amaxes(fp8.states_of(engine.module))
-    root, tag, rank = Path(root), f"step_{step:08d}", _rank()
+    root, tag, rank = Path(root), f"step_{step:08d}", dist.rank()
     staging, final = root / PARTIAL / tag, root / tag
     if rank == 0:
         if staging.exists():  # left by a save that crashed
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
-    _barrier()
+    dist.barrier()
     zero_padding(engine)  # so the same state always saves as the same bytes
     with checksums.Hasher() as hasher:
         try:
@@ -196,7 +166,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
             digests = _finish_own_files(staging, rank, rng, hasher)
         except Exception as err:  # every rank learns of it below, or they would wait at the next barrier
             digests = _write_failure(err, staging, engine)
-    outcomes = _all_ranks(digests)
+    outcomes = dist.all_ranks(digests)
     failed = [(r, o) for r, o in enumerate(outcomes) if isinstance(o, str)]
     if failed:
         if rank == 0:
@@ -205,7 +175,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     error = None
     if rank == 0:
         try:
-            meta = {"format": FORMAT, "step": step, "tag": tag, "world_size": _world(),
+            meta = {"format": FORMAT, "step": step, "tag": tag, "world_size": dist.world(),
                     "zero_stage": int(engine.zero_optimization_stage()),
                     "deepspeed_version": _deepspeed_version(), "torch_version": torch.__version__,
                     "git_revision": _git_revision(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -213,7 +183,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
             _commit(root, staging, final, meta, keep, {k: v for o in outcomes for k, v in o.items()})
         except Exception as err:  # every rank must learn of it, or they wait at the next barrier
             error = _write_failure(err, staging, engine)
-    error = _from_rank0(error)
+    error = dist.from_rank0(error)
     if error is not None:
         raise CheckpointError(f"saving failed on rank 0: {error}")
     return final
@@ -287,14 +257,6 @@ def _discard(staging: Path) -> None:
     shutil.rmtree(staging, ignore_errors=True)
     with contextlib.suppress(OSError):
         staging.parent.rmdir()
-
-
-def _all_ranks(obj) -> list:
-    if not _dist():
-        return [obj]
-    gathered = [None] * _world()
-    _dist().all_gather_object(gathered, obj)
-    return gathered
 
 
 def _write_failure(err: BaseException, staging: Path, engine) -> str:
@@ -506,15 +468,15 @@ def load(engine, path: str | Path, load_optimizer: bool = True, validated: dict 
     the files are not hashed a second time; None: rank 0 validates them here."""
     path = Path(path)
     error, meta = None, validated
-    if _rank() == 0 and validated is None:
+    if dist.rank() == 0 and validated is None:
         try:
             meta = validate(path)
         except CheckpointError as err:
             error = str(err)
-    error, meta = _from_rank0((error, meta))
+    error, meta = dist.from_rank0((error, meta))
     if error is not None:
         raise CheckpointError(error)
-    world, stage = _world(), int(engine.zero_optimization_stage())
+    world, stage = dist.world(), int(engine.zero_optimization_stage())
     saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
     if not load_optimizer:
         _load_weights(engine, model_state_dict(path, validated=meta))
@@ -534,7 +496,7 @@ def load(engine, path: str | Path, load_optimizer: bool = True, validated: dict 
         raise CheckpointError(f"{path}: DeepSpeed could not load it")
     zero_padding(engine)  # a checkpoint saved before padding was zeroed holds stale memory there
     if saved_world == world:
-        _set_rng_state(torch.load(path / f"rng_rank{_rank():05d}.pt", weights_only=True))
+        _set_rng_state(torch.load(path / f"rng_rank{dist.rank():05d}.pt", weights_only=True))
     else:
         warnings.warn(f"{path}: saved by {saved_world} ranks, this run has {world}; RNG states not "
                       "restored, so the run continues but not bit-exactly", stacklevel=2)
@@ -548,7 +510,7 @@ def _load_weights(engine, state: dict[str, torch.Tensor]) -> None:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-            if _rank() == 0:
+            if dist.rank() == 0:
                 _load_module_weights(module, state)
     else:
         _load_module_weights(module, state)

@@ -52,12 +52,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from bert_fast import fp8
 from bert_fast.fileio import atomic_write_text
 from bert_fast.labels import IGNORE_INDEX
-from bert_fast.train import checkpoint, leftovers
+from bert_fast.train import checkpoint, dist, leftovers
 from bert_fast.train.batches import make_batches
 from bert_fast.train.compiled import check_compile, compile_model
 from bert_fast.train.config import (
@@ -74,7 +73,7 @@ from bert_fast.train.flops import peak_tflops, step_flops
 from bert_fast.train.metrics import Reporter, Window, checkpoint_record, repair_for_resume
 from bert_fast.train.output import RECIPE, claim
 from bert_fast.train.preflight import check_export_dir, check_start, find_start
-from bert_fast.train.stops import FiniteWatch, LossScaleWatch, Signals, TrainingStopped, agree
+from bert_fast.train.stops import FiniteWatch, LossScaleWatch, Signals, TrainingStopped
 
 __all__ = ["LossScaleWatch", "Outcome", "TrainingStopped", "evaluate", "rank_fingerprints", "train"]
 
@@ -112,11 +111,7 @@ def rank_fingerprints(engine, world_size: int) -> list[float]:
         gathered = deepspeed.zero.GatheredParameters(params)
     with gathered:
         local = sum(float(p.detach().double().mul(i + 1).sum()) for i, p in enumerate(params))
-    if world_size == 1:
-        return [local]
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, local)
-    return gathered
+    return dist.all_ranks(local) if world_size > 1 else [local]
 
 
 def evaluate(engine, batches, count: int, device: torch.device, world_size: int) -> dict:
@@ -149,8 +144,68 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     """Runs the configured steps (from a checkpoint with `resume`: 'auto' or a path) in an output
     folder that holds no other run (`overwrite` moves one aside; bert_fast/train/output.py).
     Rank 0 also writes the records to metrics.jsonl and TensorBoard."""
+    run = _start(config, resume, deepspeed_config_path, stream, overwrite)
+    records = _run_steps(run, resume)
+    exported, hf_dir = None, config["export"]["hf_dir"]
+    if run.step == config["train"]["steps"] and hf_dir and run.last_saved is not None:
+        exported = _export(run.last_saved, hf_dir, run.rank, stream)
+    return Outcome(records if run.rank == 0 else [], run.output, run.last_saved, exported)
+
+
+@dataclass
+class _Run:
+    """One run's settings, engine and data, where it writes, and how far it has come."""
+
+    config: dict
+    rank: int
+    world: int
+    device: torch.device
+    engine: object
+    scheduler: object
+    batches: object  # train/batches.py Batches
+    model_cfg: object
+    root: Path  # the checkpoint folder
+    output: Path
+    global_batch: int
+    accumulation: int
+    stream: object  # where rank 0 prints (None: stdout)
+    step: int = 0
+    last_saved: Path | None = None
+
+    def say(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def evaluates(self, n: int) -> bool:
+        every = self.config["eval"]["every"]
+        return bool(self.batches.eval is not None and every
+                    and (n % every == 0 or n == self.config["train"]["steps"]))
+
+    def saves(self, n: int) -> bool:
+        every = self.config["checkpoint"]["every"]
+        return n == self.config["train"]["steps"] or bool(every and n % every == 0)
+
+    def checks(self, n: int) -> bool:
+        """The steps that read the device anyway (log, eval, checkpoint), and every check_every."""
+        t = self.config["train"]
+        return (n % t["check_every"] == 0 or n % self.config["log"]["every"] == 0 or self.saves(n)
+                or self.evaluates(n))
+
+    def save(self, step: int) -> Path:
+        state = {"step": step, "data": self.batches.state_dict(), "config": self.config,
+                 "model_config": self.model_cfg.to_dict(), "global_batch": self.global_batch}
+        try:
+            return checkpoint.save(self.engine, self.root, step, state,
+                                   keep=self.config["checkpoint"]["keep"])
+        except checkpoint.CheckpointError as err:
+            raise TrainingStopped(f"step {step}: checkpoint not saved: {err}. The last good checkpoint "
+                                  f"is {self.last_saved or 'none'}") from None
+
+
+def _start(config: dict, resume, deepspeed_config_path, stream, overwrite: bool) -> _Run:
+    """Process group, output folders, the checkpoint to start from (checked before the build, on
+    every rank alike), data, engine; then the resumed state and, on rank 0, the run's files."""
     rank, world, device = init_distributed()
-    t, c, lg = config["train"], config["checkpoint"], config["log"]
+    t, c = config["train"], config["checkpoint"]
     if t["threads"]:
         torch.set_num_threads(t["threads"])
     micro, accumulation, global_batch = batch_plan(config, world)
@@ -158,148 +213,176 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
     if deepspeed_config_path:
         ds_config = merge_deepspeed_config(ds_config, load_deepspeed_config(deepspeed_config_path))
     root, output = checkpoint_dir(config), Path(t["output_dir"])
-    reads = {"checkpoint.init_from": c["init_from"], "data.source": config["data"]["source"],
-             "data.eval_source": config["data"]["eval_source"]}  # what --overwrite must not move away
-    moves = claim(output, root, resume, overwrite, reads)
-    for folder, aside in moves if rank == 0 else []:
-        print(f"pretrain: moved the earlier run in {folder} to {aside}", file=stream or sys.stdout,
-              flush=True)
-    if rank == 0:  # before any rank reads there: the others wait for find_start's broadcast
-        removed = leftovers.remove(output, root, config["export"]["hf_dir"])
-        if removed:
-            print(f"pretrain: removed what a killed run left: {', '.join(map(str, removed))}",
-                  file=stream or sys.stdout, flush=True)
+    _claim_folders(config, root, output, resume, overwrite, rank, stream)
     check_export_dir(config["export"]["hf_dir"])
-    # A bad checkpoint fails before the build, on every rank alike.
     kind, path, meta = find_start(root, resume, c["init_from"])
     batches = make_batches(config, model_config(config), rank, world)
-    model_cfg = batches.model_config
     if kind is not None:
-        check_start(kind, path, meta, model_cfg, t["steps"], global_batch, config["precision"])
+        check_start(kind, path, meta, batches.model_config, t["steps"], global_batch, config["precision"])
     check_compile(config, device)
     if config["precision"]["fp8"]:
         fp8.check_device(device)
-    engine, scheduler = build(config, model_cfg, ds_config, device)
+    engine, scheduler = build(config, batches.model_config, ds_config, device)
     compile_model(engine.module, config)
-
-    start, last_saved = 0, None
+    run = _Run(config, rank, world, device, engine, scheduler, batches, batches.model_config, root, output,
+               global_batch, accumulation, stream)
     if kind == "resume":  # validated on rank 0 by find_start: not hashed again
         state = checkpoint.load(engine, path, validated=meta)
-        start, last_saved = state["step"], path
+        run.step, run.last_saved = state["step"], path
         batches.load_state_dict(state["data"])
     elif kind == "init_from":
         checkpoint.load(engine, path, load_optimizer=False, validated=meta)
     if rank == 0:
-        if resume:  # what the run logged after its checkpoint (all of it, if none) is logged again
-            repair_for_resume(output, start, last_saved)
-        if kind == "resume":
-            checkpoint.point_latest(root, path)
-        output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / RECIPE, dump_config(config))
-        print(f"pretrain: {world} rank(s) on {device.type}, global batch {global_batch} = {micro} x "
-              f"{accumulation} accumulation x {world}, ZeRO {engine.zero_optimization_stage()}, "
-              f"{'bf16' if engine.bfloat16_enabled() else 'fp16' if engine.fp16_enabled() else 'fp32'}, "
-              + (f"resumed from {path} at step {start}" if kind == "resume" else
-                 f"weights from {path}" if kind == "init_from" else "from scratch")
-              + (" (the last step: nothing left to train, finishing the run)" if start == t["steps"] else ""),
+        _prepare_output(run, resume, kind, path, micro)
+    return run
+
+
+def _claim_folders(config: dict, root: Path, output: Path, resume, overwrite: bool, rank: int,
+                   stream) -> None:
+    """Collective: the output folders become this run's (output.claim), and rank 0 removes what a
+    killed run left there, before any rank reads them (the others wait in find_start's broadcast)."""
+    # What --overwrite must not move away.
+    reads = {"checkpoint.init_from": config["checkpoint"]["init_from"],
+             "data.source": config["data"]["source"], "data.eval_source": config["data"]["eval_source"]}
+    moves = claim(output, root, resume, overwrite, reads)
+    if rank != 0:
+        return
+    for folder, aside in moves:
+        print(f"pretrain: moved the earlier run in {folder} to {aside}", file=stream or sys.stdout,
+              flush=True)
+    removed = leftovers.remove(output, root, config["export"]["hf_dir"])
+    if removed:
+        print(f"pretrain: removed what a killed run left: {', '.join(map(str, removed))}",
               file=stream or sys.stdout, flush=True)
 
-    def save(step: int) -> Path:
-        state = {"step": step, "data": batches.state_dict(), "config": config,
-                 "model_config": model_cfg.to_dict(), "global_batch": global_batch}
-        try:
-            return checkpoint.save(engine, root, step, state, keep=c["keep"])
-        except checkpoint.CheckpointError as err:
-            raise TrainingStopped(f"step {step}: checkpoint not saved: {err}. The last good checkpoint "
-                                  f"is {last_saved or 'none'}") from None
 
-    peak = peak_tflops(device, lg["peak_tflops"])
-    reporter = Reporter(output, rank, t["steps"], start, lg["tensorboard"], stream, resumed=bool(resume))
-    signals = Signals()
-    stream_ = batches.stream()
-    window, records = Window(device), []
-    watch = LossScaleWatch(config["precision"]["min_loss_scale"], config["precision"]["hysteresis"])
-    finite = FiniteWatch(device)
+def _prepare_output(run: _Run, resume, kind, path, micro: int) -> None:
+    """Rank 0: metrics.jsonl as it stood at the checkpoint, `latest`, the recipe, one line on the run."""
+    if resume:  # what the run logged after its checkpoint (all of it, if none) is logged again
+        repair_for_resume(run.output, run.step, run.last_saved)
+    if kind == "resume":
+        checkpoint.point_latest(run.root, path)
+    run.output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.output / RECIPE, dump_config(run.config))
+    engine = run.engine
+    precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
+    origin = (f"resumed from {path} at step {run.step}" if kind == "resume" else
+              f"weights from {path}" if kind == "init_from" else "from scratch")
+    done = run.step == run.config["train"]["steps"]
+    last = " (the last step: nothing left to train, finishing the run)" if done else ""
+    run.say(f"pretrain: {run.world} rank(s) on {run.device.type}, global batch {run.global_batch} = "
+            f"{micro} x {run.accumulation} accumulation x {run.world}, "
+            f"ZeRO {engine.zero_optimization_stage()}, "
+            f"{precision}, {origin}{last}")
 
-    def evaluates(n: int) -> bool:
-        return bool(batches.eval is not None and config["eval"]["every"]
-                    and (n % config["eval"]["every"] == 0 or n == t["steps"]))
 
-    def checks(n: int) -> bool:  # the steps that read the device anyway, and every check_every
-        return (n % t["check_every"] == 0 or n % lg["every"] == 0 or n == t["steps"] or evaluates(n)
-                or bool(c["every"] and n % c["every"] == 0))
+@dataclass
+class _Meters:
+    """What the step loop keeps beside the run: progress and logs, per-step sums, the watches."""
 
-    step = start
+    reporter: Reporter
+    window: Window
+    watch: LossScaleWatch
+    finite: FiniteWatch
+    signals: Signals
+    peak: float | None
+    records: list
+
+
+def _run_steps(run: _Run, resume) -> list[dict]:
+    """The steps from run.step to train.steps, or to a stop; returns the train records."""
+    t, lg, p = run.config["train"], run.config["log"], run.config["precision"]
+    m = _Meters(Reporter(run.output, run.rank, t["steps"], run.step, lg["tensorboard"], run.stream,
+                         resumed=bool(resume)),
+                Window(run.device), LossScaleWatch(p["min_loss_scale"], p["hysteresis"]),
+                FiniteWatch(run.device), Signals(), peak_tflops(run.device, lg["peak_tflops"]), [])
+    stream = run.batches.stream()
     try:
-        while step < t["steps"]:
-            skipped_before, step_lr = engine.skipped_steps, scheduler.get_last_lr()[0]
-            step_loss = torch.zeros((), device=device)
-            stop = False
-            for i in range(accumulation):
-                batch = next(stream_)
-                inputs = _to_device(batch, device)
-                out = engine(**inputs)
-                engine.backward(out.loss)
-                step_loss += out.loss.detach().float()
-                window.add(out, inputs, batch, _batch_flops(model_cfg, batch))
-                if i == accumulation - 1:
-                    finite.add(step + 1, step_loss)
-                    if checks(step + 1):
-                        first = finite.read()
-                        nonfinite, stop = agree(first > 0, signals.received is not None, world, device)
-                        if nonfinite:
-                            raise TrainingStopped(_nonfinite_message(first, step + 1, last_saved))
-                try:
-                    engine.step()
-                except Exception as err:  # DeepSpeed's scaler raises once the scale is at its minimum
-                    if "loss scale" not in str(err).lower():
-                        raise
-                    raise TrainingStopped(f"step {step + 1}: {err} (precision.min_loss_scale="
-                                          f"{config['precision']['min_loss_scale']}); the run has diverged, "
-                                          f"last good checkpoint: {last_saved or 'none'}. Use bf16, "
-                                          "or a lower optimizer.lr / longer warmup.") from err
-            step += 1
-            overflowed = engine.skipped_steps > skipped_before
-            scale = loss_scale(engine)
-            watch.update(step, overflowed, scale, last_saved)
-            reporter.step()
-            if step % lg["every"] == 0 or step == t["steps"]:
-                record = {"step": step, **window.summary(world, peak), "lr": step_lr,
-                          "grad_norm": global_grad_norm(engine), "loss_scale": scale,
-                          "skipped_steps": int(engine.skipped_steps),
-                          "peak_memory_gb": _peak_memory_gb(device)}
-                records.append(record)
-                reporter.record(record)
-                window.reset()
-            paused = time.perf_counter()  # evaluation and checkpoints are not training throughput
-            if evaluates(step):
-                scores = evaluate(engine, batches, config["eval"]["batches"], device, world)
-                reporter.record({"step": step, **scores}, kind="eval")
-            if stop or step == t["steps"] or (c["every"] and step % c["every"] == 0):
-                last_saved = save(step)
-                if rank == 0:
-                    reporter.record(checkpoint_record(step, last_saved), kind="checkpoint")
-            window.exclude(time.perf_counter() - paused)
+        while run.step < t["steps"]:
+            skipped_before, lr = run.engine.skipped_steps, run.scheduler.get_last_lr()[0]
+            stop = _step(run, stream, m)
+            run.step += 1
+            _after_step(run, m, stop, skipped_before, lr)
             if stop:
-                if rank == 0:
-                    print(f"pretrain: {signals.received or 'a signal on another rank'}: saved {last_saved} "
-                          f"at step {step}; resume with --resume auto", file=stream or sys.stdout, flush=True)
                 break
-        if step == t["steps"]:
-            fingerprints = rank_fingerprints(engine, world)
-            reporter.record({"step": step, "fingerprints": fingerprints,
-                             "agree": len(set(fingerprints)) == 1}, kind="ranks")
+        if run.step == t["steps"]:
+            fingerprints = rank_fingerprints(run.engine, run.world)
+            m.reporter.record({"step": run.step, "fingerprints": fingerprints,
+                               "agree": len(set(fingerprints)) == 1}, kind="ranks")
             if len(set(fingerprints)) != 1:
                 raise TrainingStopped(f"the ranks' parameters differ at the end of training: {fingerprints}")
     finally:  # on every way out: the DataLoader workers (which ignore SIGTERM) go now, not at exit
-        if hasattr(stream_, "close"):
-            stream_.close()
-        signals.restore()
-        reporter.close()
-    exported = None
-    if step == t["steps"] and config["export"]["hf_dir"] and last_saved is not None:
-        exported = _export(last_saved, config["export"]["hf_dir"], rank, stream)
-    return Outcome(records if rank == 0 else [], output, last_saved, exported)
+        if hasattr(stream, "close"):
+            stream.close()
+        m.signals.restore()
+        m.reporter.close()
+    return m.records
+
+
+def _step(run: _Run, stream, m: _Meters) -> bool:
+    """One optimizer step of `accumulation` micro batches; True when a signal stops the run here."""
+    engine, stop = run.engine, False
+    step_loss = torch.zeros((), device=run.device)
+    for i in range(run.accumulation):
+        batch = next(stream)
+        inputs = _to_device(batch, run.device)
+        out = engine(**inputs)
+        engine.backward(out.loss)
+        step_loss += out.loss.detach().float()
+        m.window.add(out, inputs, batch, _batch_flops(run.model_cfg, batch))
+        if i == run.accumulation - 1:
+            stop = _check(run, m, step_loss)
+        try:
+            engine.step()
+        except Exception as err:  # DeepSpeed's scaler raises once the scale is at its minimum
+            if "loss scale" not in str(err).lower():
+                raise
+            raise TrainingStopped(f"step {run.step + 1}: {err} (precision.min_loss_scale="
+                                  f"{run.config['precision']['min_loss_scale']}); the run has diverged, "
+                                  f"last good checkpoint: {run.last_saved or 'none'}. Use bf16, "
+                                  "or a lower optimizer.lr / longer warmup.") from err
+    return stop
+
+
+def _check(run: _Run, m: _Meters, step_loss: torch.Tensor) -> bool:
+    """Before the optimizer applies step run.step + 1: keeps its loss's finiteness on the device;
+    at a checked step reads it and agrees with every rank on non-finite losses and signals."""
+    n = run.step + 1
+    m.finite.add(n, step_loss)
+    if not run.checks(n):
+        return False
+    first = m.finite.read()
+    nonfinite, stop = dist.any_rank([first > 0, m.signals.received is not None], run.device)
+    if nonfinite:
+        raise TrainingStopped(_nonfinite_message(first, n, run.last_saved))
+    return stop
+
+
+def _after_step(run: _Run, m: _Meters, stop: bool, skipped_before: int, lr: float) -> None:
+    """The loss-scale watch, the log record, evaluation and the checkpoint of step run.step."""
+    engine, step, t = run.engine, run.step, run.config["train"]
+    scale = loss_scale(engine)
+    m.watch.update(step, engine.skipped_steps > skipped_before, scale, run.last_saved)
+    m.reporter.step()
+    if step % run.config["log"]["every"] == 0 or step == t["steps"]:
+        record = {"step": step, **m.window.summary(run.world, m.peak), "lr": lr,
+                  "grad_norm": global_grad_norm(engine), "loss_scale": scale,
+                  "skipped_steps": int(engine.skipped_steps), "peak_memory_gb": _peak_memory_gb(run.device)}
+        m.records.append(record)
+        m.reporter.record(record)
+        m.window.reset()
+    paused = time.perf_counter()  # evaluation and checkpoints are not training throughput
+    if run.evaluates(step):
+        scores = evaluate(engine, run.batches, run.config["eval"]["batches"], run.device, run.world)
+        m.reporter.record({"step": step, **scores}, kind="eval")
+    if stop or run.saves(step):
+        run.last_saved = run.save(step)
+        if run.rank == 0:
+            m.reporter.record(checkpoint_record(step, run.last_saved), kind="checkpoint")
+    m.window.exclude(time.perf_counter() - paused)
+    if stop and run.rank == 0:
+        run.say(f"pretrain: {m.signals.received or 'a signal on another rank'}: saved {run.last_saved} "
+                f"at step {step}; resume with --resume auto")
 
 
 def _nonfinite_message(first: int, checked: int, last_saved: Path | None) -> str:
@@ -325,7 +408,7 @@ def _export(saved: Path, hf_dir: str, rank: int, stream) -> Path:
             print(f"pretrain: exported {folder}", file=stream or sys.stdout, flush=True)
         except Exception as err:  # the other ranks must not wait for an export that failed
             error = f"{type(err).__name__}: {err}"
-    error = checkpoint.from_rank0(error)
+    error = dist.from_rank0(error)
     if error is not None:
         raise checkpoint.CheckpointError(f"export.hf_dir={hf_dir}: exporting {saved} failed on rank 0: "
                                          f"{error}")

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from bert_fast.train import checkpoint
+from bert_fast.train import checkpoint, dist
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -91,12 +91,12 @@ def claim(output: Path, root: Path, resume: str | None, overwrite: bool,
     if resume and overwrite:
         raise ValueError("--overwrite starts a new run and --resume continues one: choose one")
     moves, error = [], None
-    if checkpoint.rank() == 0 and not resume:
+    if dist.rank() == 0 and not resume:
         try:
             moves = _claim(Path(output), Path(root), overwrite, keep_out or {})
         except (ValueError, OSError) as err:
             error = str(err)
-    moves, error = checkpoint.from_rank0((moves, error))
+    moves, error = dist.from_rank0((moves, error))
     if error is not None:
         raise ValueError(error)
     return moves

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bert_fast.train import checkpoint
+from bert_fast.train import checkpoint, dist
 from bert_fast.train.checkpoint import CheckpointError
 
 # BertConfig fields that decide the parameters' shapes (or what they compute): a checkpoint that
@@ -67,14 +67,14 @@ def find_start(root: Path, resume: str | None, init_from: str | None):
     rank 0 and broadcast; kind None: from scratch. With `--resume auto` and no checkpoint yet,
     init_from applies (the first launch of a phase-2 job that is later requeued)."""
     found, error = (None, None, None), None
-    if checkpoint.rank() == 0:
+    if dist.rank() == 0:
         try:
             found = _find(root, resume, None)
             if found[0] is None and init_from:
                 found = _find(root, None, init_from)
         except CheckpointError as err:
             error = str(err)
-    found, error = checkpoint.from_rank0((found, error))
+    found, error = dist.from_rank0((found, error))
     if error is not None:
         raise CheckpointError(error)
     return found

@@ -1,10 +1,10 @@
 """Why and when a run stops: signals, non-finite losses, a collapsed fp16 loss scale.
 
 Every rank must stop at the same step for the same reason, or the ranks that go on wait forever in
-a collective of the next step. `agree` is one all-reduce (MAX) of [non-finite loss, signal
-received] at the last micro batch of a step, before `engine.step()`: a NaN on one rank stops every
-rank with TrainingStopped (before the optimizer applies it), a signal on one rank makes every rank
-finish the step, save and exit normally.
+a collective of the next step. At the loop's checks one all-reduce (`dist.any_rank`) of [non-finite
+loss, signal received], at the last micro batch of a step before `engine.step()`: a NaN on one
+rank stops every rank with TrainingStopped, a signal on one rank makes every rank save and exit
+normally.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import signal
 
 import torch
-import torch.distributed as dist
 
 
 class TrainingStopped(RuntimeError):
@@ -39,15 +38,6 @@ class Signals:
     def restore(self):
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def agree(nonfinite: bool, signalled: bool, world_size: int, device: torch.device) -> tuple[bool, bool]:
-    """(non-finite loss on some rank, signal on some rank): the same answer on every rank."""
-    if world_size > 1 and dist.is_initialized():
-        flags = torch.tensor([float(nonfinite), float(signalled)], device=device)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        nonfinite, signalled = (bool(v) for v in flags.tolist())
-    return nonfinite, signalled
 
 
 class FiniteWatch:
