@@ -172,11 +172,18 @@ def test_cuda_versions_must_share_a_major_version():
         cuda_check.check_cuda_versions("2.13.0+cpu", None, "13.0", Path("v"))
 
 
+def make_dry_run(*args: str) -> subprocess.CompletedProcess:
+    """`make -n` as a user types it: under `make test` the parent's MAKELEVEL/MAKEFLAGS would make
+    it print "make[1]: Entering directory" lines around the commands."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(["make", "--no-print-directory", "-n", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+
+
 def test_make_target_passes_the_torch_version():
-    plain = subprocess.run(["make", "-n", "cuda-check"], capture_output=True, text=True, cwd=ROOT)
+    plain = make_dry_run("cuda-check")
     assert plain.returncode == 0 and plain.stdout.split() == ["python3", "tools/cuda_check.py"], plain
-    chosen = subprocess.run(["make", "-n", "cuda-check", "CUDA_CHECK_TORCH=2.14.1"],
-                            capture_output=True, text=True, cwd=ROOT)
+    chosen = make_dry_run("cuda-check", "CUDA_CHECK_TORCH=2.14.1")
     assert chosen.stdout.split()[-2:] == ["--torch", "2.14.1"]
 
 
@@ -307,6 +314,5 @@ def test_pypi_mode_hides_the_system_nvcc(tmp_path, monkeypatch):
 
 
 def test_make_target_passes_the_pypi_option():
-    pypi = subprocess.run(["make", "-n", "cuda-check", "CUDA_CHECK_NVCC=pypi"], capture_output=True, text=True,
-                          cwd=ROOT)
+    pypi = make_dry_run("cuda-check", "CUDA_CHECK_NVCC=pypi")
     assert pypi.stdout.split() == ["python3", "tools/cuda_check.py", "--pypi-nvcc"]
