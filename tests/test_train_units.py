@@ -179,10 +179,10 @@ def test_checkpoints_that_do_not_fit_the_run_are_refused_by_name(tmp_path):
 
 
 def test_stop_flags_without_a_process_group_are_local():
-    from bert_fast.train.stops import agree
+    from bert_fast.train.dist import any_rank
 
-    assert agree(True, False, 1, torch.device("cpu")) == (True, False)
-    assert agree(False, True, 2, torch.device("cpu")) == (False, True)  # no process group: as is
+    assert any_rank([True, False], torch.device("cpu")) == [True, False]  # no process group: as is
+    assert any_rank([False, True], torch.device("cpu")) == [False, True]
 
 
 def test_dataloader_workers_ignore_stop_signals():
@@ -200,11 +200,12 @@ def test_dataloader_workers_ignore_stop_signals():
 
 
 def _agree_worker(rank, result):
-    from bert_fast.train.stops import agree
+    from bert_fast.train.dist import any_rank
 
     # A NaN on rank 1 only, a signal on rank 0 only: both ranks learn both.
-    result["seen"] = [agree(rank == 1, False, 2, torch.device("cpu")), agree(False, rank == 0, 2, torch.device("cpu")),
-                      agree(False, False, 2, torch.device("cpu"))]
+    cpu = torch.device("cpu")
+    result["seen"] = [any_rank([rank == 1, False], cpu), any_rank([False, rank == 0], cpu),
+                      any_rank([False, False], cpu)]
 
 
 def test_stop_flags_agree_across_ranks(tmp_path):
