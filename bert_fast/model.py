@@ -339,18 +339,23 @@ class BertForPreTraining(nn.Module):
                 chosen = hidden[predicted]
             else:
                 chosen = packing.gather(hidden, predicted.flatten().nonzero().squeeze(1))
-            mlm_hidden = self._mlm_hidden(chosen)
-            out.mlm_loss, correct = ops.mlm_loss(mlm_hidden, self.decoder_weight, self.mlm_bias,
-                                                 labels, backend=self.config.backend)
-            out.mlm_predictions = predicted.sum()
-            out.mlm_accuracy = correct / out.mlm_predictions.clamp(min=1)
-            if return_mlm_logits:
-                out.mlm_logits = F.linear(mlm_hidden, self.decoder_weight, self.mlm_bias)
-            out.loss = out.mlm_loss
+            self._mlm(out, self._mlm_hidden(chosen), labels, predicted.sum(), return_mlm_logits)
 
         if next_sentence_label is not None:
             self._nsp(out, next_sentence_label)
         return out
+
+    def _mlm(self, out: PretrainingOutput, mlm_hidden, labels, predictions, return_mlm_logits: bool,
+             check_labels: bool = True) -> None:
+        """The MLM loss, accuracy and (when asked) logits of the head's output at the predicted
+        positions (`predictions` of them; ignored labels drop out of both)."""
+        out.mlm_loss, correct = ops.mlm_loss(mlm_hidden, self.decoder_weight, self.mlm_bias, labels,
+                                             check_labels=check_labels, backend=self.config.backend)
+        out.mlm_predictions = predictions
+        out.mlm_accuracy = correct / predictions.clamp(min=1)
+        if return_mlm_logits:
+            out.mlm_logits = F.linear(mlm_hidden, self.decoder_weight, self.mlm_bias)
+        out.loss = out.mlm_loss
 
     @staticmethod
     def _nsp(out: PretrainingOutput, next_sentence_label: torch.Tensor) -> None:
@@ -374,14 +379,8 @@ class BertForPreTraining(nn.Module):
         else:
             # Every slot runs the head (a fixed count per batch, so shapes stay static); unused
             # slots carry -100 and drop out of the loss and the accuracy.
-            mlm_hidden = self._mlm_hidden(hidden.index_select(0, mlm_positions))
-            out.mlm_loss, correct = ops.mlm_loss(mlm_hidden, self.decoder_weight, self.mlm_bias, mlm_labels,
-                                                 check_labels=validate, backend=c.backend)
-            out.mlm_predictions = (mlm_labels != IGNORE_INDEX).sum()
-            out.mlm_accuracy = correct / out.mlm_predictions.clamp(min=1)
-            if return_mlm_logits:
-                out.mlm_logits = F.linear(mlm_hidden, self.decoder_weight, self.mlm_bias)
-            out.loss = out.mlm_loss
+            self._mlm(out, self._mlm_hidden(hidden.index_select(0, mlm_positions)), mlm_labels,
+                      (mlm_labels != IGNORE_INDEX).sum(), return_mlm_logits, check_labels=validate)
         if next_sentence_label is not None:
             self._nsp(out, next_sentence_label)
         return out
