@@ -137,19 +137,8 @@ def test_deepspeeds_files_are_hashed_as_their_bytes_are_written(tmp_path, monkey
         close(self), events.append(("hashed", self.path.name)))[0])
     state = {"w": torch.randn(300, 7), "opt": [torch.arange(5), {"m": torch.ones(4, dtype=torch.bfloat16)}]}
 
-    class Engine:
-        optimizer = None
-        checkpoint_engine = ce_module.TorchCheckpointEngine()
-
-        def zero_optimization_stage(self):
-            return 1
-
-        def save_checkpoint(self, folder, tag, client_state, save_latest):
-            for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
-                events.append(("write", name))
-                self.checkpoint_engine.save(state_dict=state, path=os.path.join(folder, tag, name))
-
-    engine = Engine()
+    engine = _stage1_engine(ce_module, state, ("mp_rank_00_model_states.pt",
+                                               "zero_pp_rank_0_mp_rank_00_optim_states.pt"), events)
     path = ckpt.save(engine, tmp_path, 1, {"step": 1}, keep=0)
     assert events == [("write", "mp_rank_00_model_states.pt"), ("hashed", "mp_rank_00_model_states.pt"),
                       ("write", "zero_pp_rank_0_mp_rank_00_optim_states.pt"),
@@ -159,6 +148,26 @@ def test_deepspeeds_files_are_hashed_as_their_bytes_are_written(tmp_path, monkey
                                                     "zero_pp_rank_0_mp_rank_00_optim_states.pt"]
     engine.checkpoint_engine.save(state, str(tmp_path / "direct.pt"))  # unhooked: torch.save to a path
     assert (path / "mp_rank_00_model_states.pt").read_bytes() == (tmp_path / "direct.pt").read_bytes()
+
+
+def _stage1_engine(ce_module, state: dict, names: tuple[str, ...], events: list | None = None):
+    """A stand-in for a ZeRO-1 engine whose save writes `state` to each of `names` through
+    DeepSpeed's own TorchCheckpointEngine (as the real one does), noting each write in `events`."""
+
+    class Engine:
+        optimizer = None
+        checkpoint_engine = ce_module.TorchCheckpointEngine()
+
+        def zero_optimization_stage(self):
+            return 1
+
+        def save_checkpoint(self, folder, tag, client_state, save_latest):
+            for name in names:
+                if events is not None:
+                    events.append(("write", name))
+                self.checkpoint_engine.save(state_dict=state, path=os.path.join(folder, tag, name))
+
+    return Engine()
 
 
 def test_deepspeeds_zip_files_are_written_without_their_crc32_and_load(tmp_path):
@@ -175,17 +184,7 @@ def test_deepspeeds_zip_files_are_written_without_their_crc32_and_load(tmp_path)
         pytest.skip("torch < 2.6 always writes the CRC32")
     state = {"w": torch.randn(300, 7), "m": torch.ones(4, dtype=torch.bfloat16)}
 
-    class Engine:
-        optimizer = None
-        checkpoint_engine = ce_module.TorchCheckpointEngine()
-
-        def zero_optimization_stage(self):
-            return 1
-
-        def save_checkpoint(self, folder, tag, client_state, save_latest):
-            self.checkpoint_engine.save(state_dict=state, path=os.path.join(folder, tag, "mp_rank_00_model_states.pt"))
-
-    engine = Engine()
+    engine = _stage1_engine(ce_module, state, ("mp_rank_00_model_states.pt",))
     engine.checkpoint_engine.zipfile_serialization = True
     assert torch.serialization.get_crc32_options() is True
     path = ckpt.save(engine, tmp_path, 1, {"step": 1}, keep=0)
