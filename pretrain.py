@@ -32,7 +32,7 @@ settings: a recipe (--config) sets keys in sections (model, data, train, optimiz
 precision, zero, checkpoint, eval, log, export); `section.key=value` overrides any of them.
 --print-config prints the resolved recipe, every section and key; their defaults, with comments,
 are DEFAULTS in bert_fast/train/config.py; `model` takes `preset` and any field of BertConfig
-(bert_fast/config.py). README.md, section Training, describes them."""
+(bert_fast/model/config.py). README.md, section Training, describes them."""
 
 
 def main(argv=None) -> int:
@@ -96,7 +96,7 @@ def done_report(outcome) -> str:
     if outcome.export is not None:
         export = str(outcome.export)
     elif saved is not None:
-        export = f"none (set export.hf_dir, or run: python -m bert_fast.export {saved} <folder>)"
+        export = f"none (set export.hf_dir, or run: bert-fast export {saved} <folder>)"
     else:
         export = "none"
     return (f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}, "

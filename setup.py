@@ -8,7 +8,7 @@ nvcc and the CUDA headers come from PyPI's NVIDIA packages for torch's CUDA rele
 CUDA 13 has them), installed into build/pypi-cuda/ (BERT_FAST_PYPI_CUDA: another folder);
 `BERT_FAST_NVCC=pypi` takes them even where a toolkit is installed. The build prints one line naming
 the toolkit it used. Without either, only the C++ kernels are built and the CUDA device runs the
-PyTorch fallbacks (bert_fast/extension.py).
+PyTorch fallbacks (bert_fast/ops/extension.py).
 kernels/ is packaged as `bert_fast.kernels` so it never clashes with the PyPI package `kernels`.
 
 torch must already be installed (`pip install --no-build-isolation`, as the Makefile does):

@@ -16,7 +16,7 @@ Every case runs without padding and with 30% padding (`pad` column; lengths draw
 - `flash_attn`: `flash_attn_varlen_func` on the packed tokens, when flash-attn is installed.
 - `torch_flash`: PyTorch's own varlen FlashAttention-2 (`aten._flash_attention_forward` with
   cu_seqlens: SDPA flash's kernel without the padding), as `model.attention_impl: torch_flash`
-  runs it (bert_fast/torch_flash.py).
+  runs it (bert_fast/ops/torch_flash.py).
 - `triton`: ours on the packed tokens (the encoder unpads once per batch, not per layer, so the
   packing is prepared outside the timed region, as for flash_attn), on the fused QKV layout the
   encoder has: one [T, 3, heads, head_dim] tensor, whose gradient comes back as one buffer.
@@ -47,7 +47,7 @@ def lengths_of(case: dict) -> list[int]:
 
 
 def make_inputs(case: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    from bert_fast.padding import unpad
+    from bert_fast.ops.padding import unpad
 
     batch, seq, heads = case["batch"], case["seq"], case["heads"]
     lengths = torch.tensor(lengths_of(case), device=device)
@@ -102,7 +102,7 @@ def flash_attn(inputs: dict, case: dict):
 
 
 def torch_flash(inputs: dict, case: dict):
-    from bert_fast import torch_flash as flash
+    from bert_fast.ops import torch_flash as flash
 
     q = inputs["q_packed"]
     reason = flash.unavailable_reason(q.device, q.dtype, q.shape[-1])
@@ -126,9 +126,11 @@ def triton_varlen(inputs: dict, case: dict):
 def triton_padded(inputs: dict, case: dict):
     if inputs["q"].device.type != "cuda":
         raise Unavailable("the Triton kernel needs CUDA (the interpreter is for tests)")
-    from bert_fast.kernels.attention import attention_padded
+    from bert_fast import ops
 
-    return attention_padded(inputs["q"], inputs["k"], inputs["v"], inputs["mask"], dropout_p=_dropout())
+    dropout_p = _dropout()  # ops.attention: unpad, the varlen kernel, re-pad
+    return ops.attention(inputs["q"], inputs["k"], inputs["v"], inputs["mask"], dropout_p=dropout_p,
+                         training=dropout_p > 0, backend="fast")
 
 
 def flops(case: dict, mode: str) -> float:

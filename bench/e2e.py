@@ -18,8 +18,8 @@ Providers: `hf`, `torch` and `fast` take the padded batch (`fast` unpads it: one
 default (`model.attention_impl: auto`); `*_packed` take the training loader's static packed batch
 (bert_fast/data/packing.py; no host sync), `*_compiled` that step under
 `torch.compile(fullgraph=True)`, and `fast_graphed` replays it from a CUDA graph
-(bert_fast/cuda_graphs.py). `fast_packed_fp8` is `fast_packed` with the encoder's four GEMMs per
-layer in FP8 (precision.fp8, bert_fast/fp8.py) under delayed scaling, `fast_packed_fp8_current`
+(bert_fast/train/cuda_graphs.py). `fast_packed_fp8` is `fast_packed` with the encoder's four GEMMs per
+layer in FP8 (precision.fp8, bert_fast/ops/fp8.py) under delayed scaling, `fast_packed_fp8_current`
 under current scaling: GPUs of compute capability 8.9+ only (a row on the CPU says why not). Issue
 23's target: fp8 >= 1.3x `fast_packed` (bf16) at BERT-large seq 128 and 512 on H100/H200.
 
@@ -40,10 +40,11 @@ import numpy as np
 import torch
 from harness import Benchmark, SyncCounter, Unavailable, matmul_tflops
 
-from bert_fast import BertConfig, BertForPreTraining, extension, fp8
+from bert_fast import BertConfig, BertForPreTraining
 from bert_fast.data import builder, packing
 from bert_fast.data.dataset import collate
 from bert_fast.data.settings import SampleSettings
+from bert_fast.ops import extension, fp8
 from bert_fast.optim import FusedLAMB, param_groups
 from bert_fast.train.flops import step_flops
 
@@ -116,7 +117,7 @@ def optimizer_name(device: torch.device) -> str:
 
 def _fp8_unavailable(device: torch.device) -> str | None:
     """Why FP8 GEMMs cannot be timed here, or None: they need FP8 tensor cores (sm_89+); the
-    CPU only emulates them in float32 (bert_fast/fp8.py), which times nothing of interest."""
+    CPU only emulates them in float32 (bert_fast/ops/fp8.py), which times nothing of interest."""
     if device.type != "cuda":
         return "FP8 GEMMs need a CUDA GPU with compute capability >= 8.9 (the CPU only emulates them)"
     if torch.cuda.get_device_capability(device) < (8, 9):
@@ -148,7 +149,7 @@ def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run:
         model = model.to(device=device, dtype=inputs["dtype"]).train()
         optimizer = make_optimizer(model, device)
         if run == "graphed":
-            from bert_fast.cuda_graphs import GraphedStep
+            from bert_fast.train.cuda_graphs import GraphedStep
 
             graphed = GraphedStep(model)
             return dict(model=model, optimizer=optimizer, loss=lambda: graphed(inputs["packed"])["loss"],
@@ -166,7 +167,7 @@ def _hf(case, inputs):
         import transformers
     except ImportError as err:
         raise Unavailable(f"transformers is not installed ({err})") from None
-    from bert_fast.hf import config_to_hf
+    from bert_fast.model.hf import config_to_hf
 
     batch = inputs["padded"]
     values = config_to_hf(BertConfig.from_preset(case["model"], vocab_size=VOCAB))

@@ -170,7 +170,7 @@ wait_build() {
     [[ -f $RESULTS/build.pid ]] || { echo "no build was started (build-start failed or did not run)"; return 1; }
     pid=$(cat "$RESULTS/build.pid")
     while kill -0 "$pid" 2> /dev/null; do sleep 2; done
-    if $PY -c 'import bert_fast.extension as e; e.require("cuda")' 2> /dev/null; then
+    if $PY -c 'import bert_fast.ops.extension as e; e.require("cuda")' 2> /dev/null; then
         tail -n 3 "$log"
         echo "bert_fast._C has CUDA kernels"
         return 0
@@ -189,7 +189,7 @@ wait_build() {
     fi
     echo "--- the end of build.log:"
     tail -n 15 "$log" | cut -c1-400
-    $PY -c 'import bert_fast.extension as e; e.require("cuda")' 2>&1 | tail -n 1
+    $PY -c 'import bert_fast.ops.extension as e; e.require("cuda")' 2>&1 | tail -n 1
     return 1
 }
 
@@ -212,7 +212,7 @@ run_pretrain() {
 steps = [r["step"] for r in map(json.loads, open(sys.argv[1])) if r["kind"] == "train"]
 print("train records at steps", steps)
 sys.exit(0 if steps == [20, 40, 60, 80] else "expected steps 20, 40, 60 and, resumed, 80")' "$run/metrics.jsonl" &&
-        $PY -m bert_fast.export "$run/checkpoints" "$run/hf"
+        $PY -m bert_fast.train.export "$run/checkpoints" "$run/hf"
     rc=$?
     cp "$run/metrics.jsonl" "$RESULTS/pretrain-run-metrics.jsonl" 2> /dev/null
     return $rc

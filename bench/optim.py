@@ -1,7 +1,7 @@
 """One optimizer step over BERT parameter sets: our fused LAMB / AdamW (csrc/optim*) against the
 per-tensor reference loop, torch.optim.AdamW (foreach and fused), DeepSpeed's FusedLamb /
 FusedAdam where its CUDA ops build, and our fallbacks, the same optimizers as where bert_fast._C
-has no kernels for the device: `fallback` steps LAMB through bert_fast.optim_fallback's
+has no kernels for the device: `fallback` steps LAMB through bert_fast.optim.fallback's
 torch._foreach_* ops (what other devices run), `fallback_triton` through the Triton kernels of
 bert_fast.kernels.lamb (what a CUDA device runs; GPU only; AdamW steps as in `fallback`).
 
@@ -32,9 +32,11 @@ import warnings
 import torch
 from harness import Benchmark, Unavailable
 
-from bert_fast import BertConfig, BertForPreTraining, extension, optim_fallback
+from bert_fast import BertConfig, BertForPreTraining
 from bert_fast.kernels import lamb_aot
+from bert_fast.ops import extension
 from bert_fast.optim import FusedAdamW, FusedLAMB, LAMBReference, param_groups
+from bert_fast.optim import fallback as optim_fallback
 
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-6)
 

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # Loaded on first use (PEP 562), so importing a kernel, the data package or the extension's
 # wrappers never loads the model (DESIGN.md: kernels and data sit below it).
-_LAZY = {"BertConfig": "bert_fast.config", "BertForPreTraining": "bert_fast.model",
+_LAZY = {"BertConfig": "bert_fast.model.config", "BertForPreTraining": "bert_fast.model",
          "BertModel": "bert_fast.model", "PretrainingOutput": "bert_fast.model"}
 
 

@@ -38,11 +38,10 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from bert_fast.checks import check_same, check_tensor
 from bert_fast.kernels import dropout
 from bert_fast.kernels.attention_bwd import _attn_bwd_kernel, _attn_bwd_preprocess_kernel
 from bert_fast.kernels.attention_tiles import _INTERPRET, LN2, LOG2E, autotuned, candidates
-from bert_fast.padding import unpad
+from bert_fast.kernels.checks import check_same, check_tensor
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -371,7 +370,7 @@ def _check_qkv(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     """cu_seqlens starts at 0, never decreases, ends at T, and no sequence is longer than
     max_seqlen (else the kernels would read out of bounds or leave rows unwritten). Needs one
-    device->host copy, so callers that built cu_seqlens themselves with `bert_fast.padding.unpad`
+    device->host copy, so callers that built cu_seqlens themselves with `bert_fast.ops.padding.unpad`
     (the encoder, the padded form) pass `check=False` to `attention_varlen`."""
     diffs = cu_seqlens.diff()
     first, last, low, high = torch.stack([cu_seqlens[0], cu_seqlens[-1], diffs.min(),
@@ -422,22 +421,6 @@ def attention_varlen_qkvpacked(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_
     packed = _aligned(qkv)
     return attention_varlen_unchecked(*packed.unbind(1), cu_seqlens, max_seqlen, dropout_p=dropout_p,
                                       softmax_scale=softmax_scale, seed=seed, site=site, qkv=packed)[0]
-
-
-def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor,
-                     *, dropout_p: float = 0.0, softmax_scale: float | None = None,
-                     seed: torch.Tensor | None = None) -> torch.Tensor:
-    """The convenience form for padded [B, S, heads, head_dim] inputs with a [B, S] mask (nonzero =
-    real token): unpad (one host sync), attend, re-pad. Padding queries get zeros."""
-    check_tensor("q", q, ndim=4, dtypes=DTYPES)
-    for name, value in (("k", k), ("v", v)):
-        check_tensor(name, value, shape=tuple(q.shape))
-    check_tensor("key_padding_mask", key_padding_mask, shape=tuple(q.shape[:2]), device=q.device)
-    packing = unpad(key_padding_mask)
-    out = attention_varlen(packing.pack(q), packing.pack(k), packing.pack(v), packing.cu_seqlens,
-                           packing.max_seqlen, dropout_p=dropout_p, softmax_scale=softmax_scale,
-                           seed=seed, check=False)
-    return packing.pad(out)
 
 
 # ----------------------------------------------------------------------------------- reference

@@ -33,9 +33,9 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from bert_fast.checks import INT_DTYPES, check_same, check_tensor
 from bert_fast.kernels import dropout
 from bert_fast.kernels import row_norm as rn
+from bert_fast.kernels.checks import INT_DTYPES, check_same, check_tensor
 from bert_fast.kernels.segment_sum import segment_sum
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -22,7 +22,7 @@ without a CUDA toolkit; Triton needs none). Same contract as the CUDA kernels (c
 
 Bytes per parameter, fp32 grads: phase 1 reads 16 and writes 8, phase 2 reads 12 and writes 4:
 40 (bf16 grads and copy: 38 + 2 = 40, as the CUDA kernels; FusedLAMB's grad-norm pass adds one
-read of the grads). The foreach fallback (bert_fast/optim_fallback.py) moves about 130.
+read of the grads). The foreach fallback (bert_fast/optim/fallback.py) moves about 130.
 
 Loops over a chunk run unmasked over whole blocks and masked over the tail; when every address
 (and start) is 16-byte aligned (`ALIGNED`, checked on the host: whole tensors from the caching

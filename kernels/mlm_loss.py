@@ -81,7 +81,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from bert_fast.checks import INT_DTYPES, check_same, check_tensor
+from bert_fast.kernels.checks import INT_DTYPES, check_same, check_tensor
 from bert_fast.labels import IGNORE_INDEX
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)

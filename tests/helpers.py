@@ -12,7 +12,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bert_fast import BertConfig
-from bert_fast.hf import config_to_hf, to_hf_state_dict
+from bert_fast.model.hf import config_to_hf, to_hf_state_dict
 
 
 def hf_reference(model) -> transformers.BertForPreTraining:

@@ -9,7 +9,6 @@ import torch
 
 from bert_fast import ops
 from bert_fast.kernels.attention import (
-    attention_padded,
     attention_varlen,
     attention_varlen_reference,
     dropout_mask,
@@ -165,13 +164,15 @@ def test_dropout_kept_fraction_and_independence():
 
 
 def test_padded_form_matches_torch_attention():
+    """ops.attention's fast path on padded inputs: unpad, the varlen kernel, re-pad (padding queries
+    get zeros there, which the torch path does not give: the kernel ran)."""
     batch, seq, heads, head_dim = 3, 21, 2, 32
     mask = (torch.arange(seq)[None, :] < torch.tensor([21, 1, 12])[:, None]).long()
     mask[2, 5] = 0  # a hole: any mask works, not only prefixes
     g = torch.Generator().manual_seed(0)
     leaves = [torch.randn(batch, seq, heads, head_dim, generator=g).requires_grad_() for _ in range(3)]
     ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
-    out = attention_padded(*leaves, mask)
+    out = ops.attention(*leaves, mask, backend="fast")
     expected = ops.attention(*ref_leaves, mask, backend="torch")
     real = mask.bool()
     torch.testing.assert_close(out[real], expected[real], rtol=1e-5, atol=1e-5)

@@ -4,8 +4,9 @@ re-pad only for callers of [B, S, hidden]; against the padded torch path (the or
 import pytest
 import torch
 
-from bert_fast import BertConfig, BertForPreTraining, ops, padding
-from bert_fast.model import dropout_site
+from bert_fast import BertConfig, BertForPreTraining, ops
+from bert_fast.model.bert import dropout_site
+from bert_fast.ops import padding
 from helpers import padded_batch
 
 

@@ -341,8 +341,8 @@ def _batch(step):
 def _engine(stage, seed):
     import deepspeed
 
-    from bert_fast.config import BertConfig
     from bert_fast.model import BertForPreTraining
+    from bert_fast.model.config import BertConfig
 
     torch.manual_seed(seed)
     model = BertForPreTraining(BertConfig.from_preset("tiny", **MODEL))
@@ -430,7 +430,7 @@ def _max_diff(a, b):
 
 
 def _worker(rank, r, out):
-    from bert_fast.config import BertConfig
+    from bert_fast.model.config import BertConfig
 
     root = os.path.join(out, "z3")
     engine = _engine(3, seed=0)

@@ -1,11 +1,11 @@
-"""bert_fast/cuda_graphs.py where no GPU is: refused with the reason and the setting to change.
+"""bert_fast/train/cuda_graphs.py where no GPU is: refused with the reason and the setting to change.
 tests/gpu/test_cuda_graphs_gpu.py checks graphed steps against eager ones on a device."""
 
 import pytest
 import torch
 
 from bert_fast import BertConfig, BertForPreTraining
-from bert_fast.cuda_graphs import GraphedStep
+from bert_fast.train.cuda_graphs import GraphedStep
 
 
 def test_a_model_off_cuda_is_refused_with_the_setting_to_change():

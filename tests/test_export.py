@@ -1,4 +1,4 @@
-"""`python -m bert_fast.export`: a ZeRO-3 checkpoint (from the 2-rank launch in test_checkpoint.py)
+"""`python -m bert_fast.train.export`: a ZeRO-3 checkpoint (from the 2-rank launch in test_checkpoint.py)
 exported as a Hugging Face folder loads in transformers with no missing or unexpected keys and
 gives our model's outputs; bad paths and invalid checkpoints fail with one line and exit status 2.
 
@@ -21,13 +21,13 @@ import pytest
 import torch
 from test_checkpoint import MODEL, _fake, launch
 
-from bert_fast import export
-from bert_fast.config import BertConfig
 from bert_fast.data.hf_tokenizer import FILES
 from bert_fast.data.prepare import PrepareSettings, prepare
 from bert_fast.data.shards import PreparedCorpus
 from bert_fast.model import BertForPreTraining
+from bert_fast.model.config import BertConfig
 from bert_fast.train import checkpoint as ckpt
+from bert_fast.train import export
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -101,8 +101,10 @@ def test_export_dtype_and_replacing_an_earlier_export(zero_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "hf"]  # no temporary folders left behind
 
 
-def test_cli_missing_path_fails_cleanly(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bert_fast.export", str(tmp_path / "nope"), str(tmp_path / "hf")],
+@pytest.mark.parametrize("command", [["-m", "bert_fast.train.export"], ["-m", "bert_fast.cli", "export"]],
+                         ids=["module", "bert-fast export"])
+def test_cli_missing_path_fails_cleanly(tmp_path, command):
+    proc = subprocess.run([sys.executable, *command, str(tmp_path / "nope"), str(tmp_path / "hf")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "nope does not exist" in proc.stderr and "Traceback" not in proc.stderr
@@ -233,7 +235,7 @@ def test_exported_tokenizer_and_model_agree_with_prepare_and_ours(trained):
 
 @pytest.mark.slow
 def test_command_prints_what_it_wrote_with_the_modes_of_plain_writes(trained, tmp_path, capsys):
-    """The end-of-training export and `python -m bert_fast.export` write the same complete folder;
+    """The end-of-training export and `python -m bert_fast.train.export` write the same complete folder;
     its files and folder have the modes a plain write and mkdir give here (save_pretrained's 0644
     and 0755 under the usual umask), and the command lists every file and the tokenizer."""
     root, data, trained_export = trained

@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
-from bert_fast import extension  # noqa: E402
+from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
@@ -240,7 +240,7 @@ def test_a_byte_flip_past_64_mib_is_refused_by_resume_init_from_and_export(large
     _, _, stderr = _run(tmp_path / "phase2", "data.source=synthetic", "model.preset=mini", "train.steps=1",
                         f"checkpoint.init_from={path}", expect=2)
     assert where in stderr, stderr[-2000:]
-    done = subprocess.run([sys.executable, "-m", "bert_fast.export", str(path), str(tmp_path / "hf")], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "bert_fast.train.export", str(path), str(tmp_path / "hf")], cwd=ROOT,
                           capture_output=True, text=True, env=_env(), timeout=300)
     assert done.returncode == 2 and where in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "hf").exists()

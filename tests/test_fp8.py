@@ -1,4 +1,4 @@
-"""bert_fast.fp8 and ops.linear(fp8=...): the FP8 GEMM against float64 from the same quantised operands
+"""bert_fast.ops.fp8 and ops.linear(fp8=...): the FP8 GEMM against float64 from the same quantised operands
 (equal up to accumulation order) and against float32 within FP8's rounding bound; scaling of zero,
 huge and tiny tensors; delayed scaling's history; non-finite values surfacing; the model's wiring,
 its state in checkpoints' state dicts, and the run's device checks."""
@@ -8,10 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bert_fast import fp8, ops
-from bert_fast.config import BertConfig
-from bert_fast.fp8 import E4M3, E5M2, Fp8Recipe, Fp8State
+from bert_fast import ops
 from bert_fast.model import BertForPreTraining
+from bert_fast.model.config import BertConfig
+from bert_fast.ops import fp8
+from bert_fast.ops.fp8 import E4M3, E5M2, Fp8Recipe, Fp8State
 from bert_fast.train.config import ConfigError, load_config
 
 # (unit roundoff: half an ulp relative, half the smallest subnormal absolute) per format.

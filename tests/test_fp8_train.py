@@ -1,5 +1,5 @@
 """`python pretrain.py` with precision.fp8 on the CPU (BERT_FAST_FP8_EMULATE=1: the FP8 GEMMs emulated
-exactly in float32, bert_fast/fp8.py): BERT-tiny on the embedded corpus learns as bf16 does, a resumed
+exactly in float32, bert_fast/ops/fp8.py): BERT-tiny on the embedded corpus learns as bf16 does, a resumed
 run is bit-exact (the delayed-scaling history travels in DeepSpeed's checkpoint), and a run without
 the test hook is refused naming the key."""
 
@@ -18,8 +18,8 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make instal
 
 import torch  # noqa: E402
 
-from bert_fast import extension, fp8  # noqa: E402
-from bert_fast.fp8 import Fp8Recipe, Fp8State  # noqa: E402
+from bert_fast.ops import extension, fp8  # noqa: E402
+from bert_fast.ops.fp8 import Fp8Recipe, Fp8State  # noqa: E402
 from bert_fast.train import checkpoint  # noqa: E402
 from bert_fast.train.engine import free_port  # noqa: E402
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from bert_fast import BertConfig, BertForPreTraining
-from bert_fast.hf import config_from_hf, config_to_hf, export_hf, load_hf
+from bert_fast.model.hf import config_from_hf, config_to_hf, export_hf, load_hf
 from helpers import hf_reference, padded_batch
 
 

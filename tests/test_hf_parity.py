@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bert_fast import BertConfig, BertForPreTraining
-from bert_fast.hf import to_hf_state_dict
+from bert_fast.model.hf import to_hf_state_dict
 from helpers import hf_reference, max_rel_err, padded_batch
 
 RTOL = 1e-5

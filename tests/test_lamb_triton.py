@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from bert_fast import extension
-from bert_fast import optim_fallback as fallback_ops
 from bert_fast.kernels import lamb as triton_lamb
+from bert_fast.ops import extension
 from bert_fast.optim import FusedLAMB
+from bert_fast.optim import fallback as fallback_ops
 from tests.helpers import max_rel_err
 from tests.test_optim import clone_groups, flat, make_groups, set_grads
 from tests.test_optim_fallback import LAMB_VARIANTS, SHAPES, _step_for_step, fresh, no_kernels  # noqa: F401

@@ -5,8 +5,8 @@ import torch
 import transformers
 
 from bert_fast import BertConfig, BertForPreTraining, ops
-from bert_fast.config import PRESETS
-from bert_fast.hf import config_to_hf
+from bert_fast.model.config import PRESETS
+from bert_fast.model.hf import config_to_hf
 from helpers import padded_batch
 
 

@@ -13,10 +13,11 @@ import warnings
 import pytest
 import torch
 
-from bert_fast import extension, ops
-from bert_fast import optim_fallback as fallback_ops
-from bert_fast.bias_gelu import bias_gelu, bias_gelu_reference
+from bert_fast import ops
+from bert_fast.ops import extension
+from bert_fast.ops.bias_gelu import bias_gelu, bias_gelu_reference
 from bert_fast.optim import FusedAdamW, FusedLAMB
+from bert_fast.optim import fallback as fallback_ops
 from tests.helpers import max_rel_err
 from tests.test_optim import AWKWARD, clone_groups, flat, make_groups, set_grads
 

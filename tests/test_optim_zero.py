@@ -1,6 +1,6 @@
 """FusedLAMB under DeepSpeed ZeRO 1, 2 and 3 on 2 CPU ranks (gloo) == LAMB without ZeRO on one
 process with the same global batch; the bf16 wrappers (ZeRO 1/2/3, BF16_Optimizer) == bf16
-without ZeRO; the PyTorch fallback (bert_fast.optim_fallback, for a build without kernels for the
+without ZeRO; the PyTorch fallback (bert_fast.optim.fallback, for a build without kernels for the
 device, simulated by replacing extension.available) == the kernels under ZeRO 1 and 2, and its
 Triton LAMB (what CUDA devices run, interpreted here) under ZeRO 1, 2 and 3; and the refusal of settings that cannot be exact.
 
@@ -24,7 +24,8 @@ deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed 
 
 from ranks import run_ranks  # noqa: E402
 
-from bert_fast import extension, optim_fallback  # noqa: E402
+from bert_fast.ops import extension  # noqa: E402
+from bert_fast.optim import fallback as optim_fallback  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
@@ -65,8 +66,10 @@ def _config(stage, zero_optimization=None, **extra):
 
 
 def _train_zero(stage, rank, naive=False, optimizer="FusedLAMB", **extra):
-    from bert_fast import optim, zero_lamb
-    from bert_fast.optim import ZeroLayout, param_groups
+    from bert_fast import optim
+    from bert_fast.optim import param_groups
+    from bert_fast.optim import zero as zero_lamb
+    from bert_fast.optim.fused import ZeroLayout
 
     model = _model()
     opt = getattr(optim, optimizer)(param_groups(model, 0.01), **LAMB)
@@ -106,8 +109,8 @@ def _train_single(optimizer_cls):  # a FusedLAMB, FusedAdamW or LAMBReference cl
 
 
 def _refusals():
-    from bert_fast import zero_lamb
     from bert_fast.optim import FusedLAMB
+    from bert_fast.optim import zero as zero_lamb
 
     opt = FusedLAMB(_model().parameters())
     bad = {"offload": _config(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),

@@ -5,7 +5,8 @@ training step on it reads nothing back from the device, and its checks name the 
 import pytest
 import torch
 
-from bert_fast import BertConfig, BertForPreTraining, padding
+from bert_fast import BertConfig, BertForPreTraining
+from bert_fast.ops import padding
 from bert_fast.optim import FusedLAMB
 from helpers import count_launches_and_syncs, padded_batch
 

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
-from bert_fast import extension  # noqa: E402
+from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint  # noqa: E402
 
 pytestmark = [pytest.mark.slow,

@@ -27,7 +27,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make instal
 
 from ranks import last_words  # noqa: E402
 
-from bert_fast import extension  # noqa: E402
+from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint  # noqa: E402
 from bert_fast.train.engine import free_port  # noqa: E402
 
@@ -164,8 +164,8 @@ def test_corrupted_checkpoint_is_refused_and_auto_falls_back(interrupted):
 
 def test_zero3_bf16_lamb_learns_and_exports_to_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from bert_fast.export import checkpoint_model_config
     from bert_fast.model import BertForPreTraining
+    from bert_fast.train.export import checkpoint_model_config
 
     out, hf_dir = tmp_path / "zero3", tmp_path / "hf"
     done = _run(out, "zero.stage=3", "precision.bf16=true", "optimizer.name=lamb", "optimizer.lr=0.02",

@@ -64,7 +64,7 @@ def test_done_report_names_the_output_folder_checkpoint_and_export(one_run):
     report = done.stdout[done.stdout.index("done: step 2, loss "):].splitlines()
     assert report[1:] == [f"  output folder:   {out} (metrics.jsonl, config.yaml, tensorboard)",
                           f"  last checkpoint: {saved}",
-                          f"  export:          none (set export.hf_dir, or run: python -m bert_fast.export {saved} "
+                          f"  export:          none (set export.hf_dir, or run: bert-fast export {saved} "
                           "<folder>)"], report
     assert checkpoint.resolve_resume(out / "checkpoints", "auto") == saved
 

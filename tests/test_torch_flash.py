@@ -1,4 +1,4 @@
-"""bert_fast/torch_flash.py's plumbing on the CPU, where torch's flash kernels do not exist: the
+"""bert_fast/ops/torch_flash.py's plumbing on the CPU, where torch's flash kernels do not exist: the
 private aten ops are replaced by a float64 reference with the same contract, so the wrapper's
 arguments (cu_seqlens, max_seqlen, scale, dropout, the RNG state handed from forward to backward)
 and its autograd are checked here; tests/gpu runs the real kernels."""
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from bert_fast import torch_flash
 from bert_fast.kernels.attention import attention_varlen_reference
+from bert_fast.ops import torch_flash
 
 
 def reference_lse(q, k, cu, scale):

@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from bert_fast import BertConfig, BertForPreTraining
-from bert_fast.model import zero3_external_parameters
+from bert_fast.model.bert import zero3_external_parameters
 from bert_fast.train.flops import peak_tflops, step_flops
 from bert_fast.train.loop import LossScaleWatch, TrainingStopped
 from bert_fast.train.schedule import lr_factor

@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from bert_fast.config import BertConfig
 from bert_fast.data.corpus import default_prepared
 from bert_fast.data.dataset import PretrainingDataset, PretrainingLoader
 from bert_fast.data.packing import pack_full_length
 from bert_fast.data.shards import PreparedCorpus
 from bert_fast.data.synthetic import SyntheticBatches
+from bert_fast.model.config import BertConfig
 from bert_fast.train.config import data_settings
 
 

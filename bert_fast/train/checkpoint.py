@@ -45,8 +45,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bert_fast import fp8
 from bert_fast.fileio import atomic_path, atomic_write_text
+from bert_fast.ops import fp8
 from bert_fast.train import checksums, dist
 from bert_fast.train.diskspace import disk_full_message, free_bytes, is_disk_full
 from bert_fast.train.partitions import zero_padding
@@ -550,7 +550,7 @@ def _set_fp32_masters(engine, state: dict[str, torch.Tensor]) -> None:
 def _set_stage3_masters(optimizer, names: dict[int, str], state: dict[str, torch.Tensor]) -> None:
     """ZeRO-3 masters: each sub-group's flat fp32 partition is, per parameter, this rank's
     elements [rank * width, rank * width + held) of the flattened tensor, then padding (the layout
-    bert_fast/zero_lamb.py builds for LAMB). DeepSpeed's own set_full_hp_param slices past the end
+    bert_fast/optim/zero.py builds for LAMB). DeepSpeed's own set_full_hp_param slices past the end
     of a padded last partition, and refresh_fp32_params would round to the 16-bit copy."""
     from deepspeed import comm as dist
 

@@ -11,7 +11,7 @@ and backward in a CUDA graph (CUDA graph trees) and replays it, the whole step o
 NVIDIA's MLPerf BERT runs its graphed step. DeepSpeed's hooks and the optimizer run eagerly
 around the graphs, so gradient reduction must not happen inside the backward: ZeRO 2 and 3
 (which reduce and partition gradients during it) are refused, as are the CPU and fp16's loss
-scaler (the scaler reads the loss). bert_fast/cuda_graphs.py captures the eager model directly;
+scaler (the scaler reads the loss). bert_fast/train/cuda_graphs.py captures the eager model directly;
 bench/e2e.py compares the two.
 """
 

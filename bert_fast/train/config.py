@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from bert_fast.config import BertConfig
+from bert_fast.model.config import BertConfig
 
 DEFAULTS = {
     "model": {"preset": "tiny"},
@@ -40,7 +40,7 @@ DEFAULTS = {
     "schedule": {"warmup_steps": 0, "warmup_ratio": 0.0, "decay": "poly", "power": 1.0,
                  "min_lr_ratio": 0.0},
     # fp16 uses dynamic loss scaling; the loop stops a run that overflows at min_loss_scale.
-    # fp8: the encoder's four GEMMs per layer in FP8 (bert_fast/fp8.py; CUDA compute capability >= 8.9),
+    # fp8: the encoder's four GEMMs per layer in FP8 (bert_fast/ops/fp8.py; CUDA compute capability >= 8.9),
     # e4m3 activations and weights, gradients in fp8_grad_format ("e5m2" or "e4m3"), per-tensor
     # scales from the tensor's amax now (fp8_scaling "current") or from the largest of the last
     # fp8_amax_history training forwards' (micro-batches') amaxes ("delayed", saved in checkpoints).
@@ -59,7 +59,7 @@ DEFAULTS = {
 }
 OPTIMIZERS = ("lamb", "adamw")
 DECAYS = ("poly", "linear", "constant")
-FP8_SCALINGS = ("current", "delayed")  # bert_fast.fp8.SCALINGS and GRAD_FORMATS, without importing torch
+FP8_SCALINGS = ("current", "delayed")  # bert_fast.ops.fp8.SCALINGS and GRAD_FORMATS, without importing torch
 FP8_GRAD_FORMATS = ("e5m2", "e4m3")
 # Keys that moved sections; named in the error so old recipes and command lines are easy to fix.
 MOVED = {"train.lr": "optimizer.lr", "train.warmup_steps": "schedule.warmup_steps",
@@ -331,7 +331,7 @@ def batch_plan(config: dict, world_size: int) -> tuple[int, int, int]:
 
 def deepspeed_config(config: dict, world_size: int) -> dict:
     """DeepSpeed's JSON for this run. Gradient clipping is 0: FusedLAMB/FusedAdamW clip with the
-    global norm themselves (bert_fast/zero_lamb.py check_config refuses clipping twice)."""
+    global norm themselves (bert_fast/optim/zero.py check_config refuses clipping twice)."""
     micro, accumulation, total = batch_plan(config, world_size)
     p = config["precision"]
     zero = {"stage": config["zero"]["stage"]}

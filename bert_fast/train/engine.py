@@ -3,7 +3,7 @@
 Launched by `deepspeed pretrain.py` (RANK/WORLD_SIZE/LOCAL_RANK set by the launcher), or by plain
 `python pretrain.py`, which runs as a world of one. GPUs use NCCL; the CPU uses gloo (tests and
 `make pretrain`). The optimizer is ours (bert_fast.optim, fused in csrc/), made exact under every
-ZeRO stage by bert_fast.zero_lamb; the schedule is a LambdaLR that DeepSpeed steps, saves and
+ZeRO stage by bert_fast.optim.zero; the schedule is a LambdaLR that DeepSpeed steps, saves and
 restores with the engine.
 """
 
@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bert_fast import fp8
-from bert_fast.model import BertForPreTraining, zero3_external_parameters
+from bert_fast.model import BertForPreTraining
+from bert_fast.model.bert import zero3_external_parameters
+from bert_fast.ops import fp8
 from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
 from bert_fast.train import schedule
 from bert_fast.train.partitions import zero_padding
@@ -122,7 +123,7 @@ def make_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimize
 def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
     """(engine, lr scheduler). The model is built in float32 on `device`; DeepSpeed casts it for
     bf16/fp16 and keeps float32 master weights."""
-    from bert_fast import zero_lamb
+    from bert_fast.optim import zero as zero_lamb
 
     torch.manual_seed(config["train"]["seed"])  # the same initial weights on every rank
     model = BertForPreTraining(model_cfg).to(device)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from bert_fast.config import BertConfig
+from bert_fast.model.config import BertConfig
 
 # Dense bf16 tensor-core peaks (datasheets, no sparsity), TFLOP/s, matched against the CUDA
 # device name; `log.peak_tflops` overrides. MFU against the datasheet is the usual convention;

@@ -53,9 +53,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bert_fast import fp8
 from bert_fast.fileio import atomic_write_text
 from bert_fast.labels import IGNORE_INDEX
+from bert_fast.ops import fp8
 from bert_fast.train import checkpoint, dist, leftovers
 from bert_fast.train.batches import make_batches
 from bert_fast.train.compiled import check_compile, compile_model
@@ -402,7 +402,7 @@ def _export(saved: Path, hf_dir: str, rank: int, stream) -> Path:
     error = None
     if rank == 0:
         try:
-            from bert_fast.export import export_checkpoint
+            from bert_fast.train.export import export_checkpoint
 
             folder = export_checkpoint(saved, hf_dir)
             print(f"pretrain: exported {folder}", file=stream or sys.stdout, flush=True)

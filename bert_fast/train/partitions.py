@@ -27,7 +27,7 @@ def _stage3(engine):
 def padding_ranges(engine) -> list[list[tuple[int, int]]]:
     """Per ZeRO-3 sub-group, the [start, end) ranges of this rank's flat partition that hold no
     element of any parameter; [] for an engine that is not ZeRO-3."""
-    from bert_fast.zero_lamb import zero_layouts
+    from bert_fast.optim.zero import zero_layouts
 
     wrapper = _stage3(engine)
     if wrapper is None:

@@ -19,9 +19,9 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention
 
 
 def check_export_dir(hf_dir: str) -> None:
-    """export.hf_dir must be replaceable at the end (bert_fast/export.py's rule: absent, empty, or
+    """export.hf_dir must be replaceable at the end (bert_fast/train/export.py's rule: absent, empty, or
     an earlier export with config.json); checked before training, not after it."""
-    from bert_fast.export import replaceable
+    from bert_fast.train.export import replaceable
 
     if hf_dir and not replaceable(hf_dir):
         raise ValueError(f"export.hf_dir={hf_dir} exists and is neither empty nor an earlier export "
@@ -81,7 +81,7 @@ def find_start(root: Path, resume: str | None, init_from: str | None):
 
 
 def _fp8_history(precision: dict) -> int | None:
-    """The length of the FP8 amax histories a run's module holds (bert_fast/fp8.py), None for none:
+    """The length of the FP8 amax histories a run's module holds (bert_fast/ops/fp8.py), None for none:
     only delayed scaling has that state."""
     if precision.get("fp8") and precision.get("fp8_scaling", "current") == "delayed":
         return precision.get("fp8_amax_history", 16)
@@ -98,7 +98,7 @@ def check_start(kind: str, path: Path, meta: dict, model_cfg, steps: int, global
                 precision: dict | None = None) -> None:
     """Every rank: the checkpoint must fit this run's model, and a resumed one its batch, steps and
     FP8 scaling state (`precision`, this run's precision section; None skips that check)."""
-    from bert_fast.export import checkpoint_model_config
+    from bert_fast.train.export import checkpoint_model_config
 
     saved = checkpoint_model_config(meta, path).to_dict()
     ours = model_cfg.to_dict()

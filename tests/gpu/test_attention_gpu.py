@@ -133,7 +133,7 @@ def test_qkv_packed_gradient_is_one_buffer_equal_to_separate_ones():
 
 @pytest.mark.parametrize("seq", [128, 512])
 def test_torch_flash_matches_float64(seq):
-    from bert_fast import torch_flash
+    from bert_fast.ops import torch_flash
 
     lengths = random_lengths(8, seq, seed=seq)
     cu, qkv = make(lengths, 12, 64, torch.bfloat16)

@@ -1,4 +1,4 @@
-"""A training step replayed from CUDA graphs (bert_fast/cuda_graphs.py) gives eager's losses and
+"""A training step replayed from CUDA graphs (bert_fast/train/cuda_graphs.py) gives eager's losses and
 parameters over five steps with two batch shapes and gradient accumulation, dropout included
 (the dropout seed is drawn on the device inside the graph, from the same generator)."""
 
@@ -7,8 +7,8 @@ import torch
 from test_packed_batch import packed_from_padded
 
 from bert_fast import BertConfig, BertForPreTraining
-from bert_fast.cuda_graphs import GraphedStep
 from bert_fast.optim import FusedLAMB
+from bert_fast.train.cuda_graphs import GraphedStep
 from helpers import padded_batch
 
 pytestmark = pytest.mark.gpu

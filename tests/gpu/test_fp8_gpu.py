@@ -5,7 +5,8 @@ padding to multiples of 16, and the fast backend's training step in FP8 against 
 import pytest
 import torch
 
-from bert_fast import BertConfig, BertForPreTraining, fp8
+from bert_fast import BertConfig, BertForPreTraining
+from bert_fast.ops import fp8
 from helpers import padded_batch
 
 pytestmark = pytest.mark.gpu

@@ -5,10 +5,10 @@ kernels' result, and FusedLAMB on CUDA without the CUDA kernels taking it."""
 import pytest
 import torch
 
-from bert_fast import extension
-from bert_fast import optim_fallback as fallback_ops
 from bert_fast.kernels import lamb as triton_lamb
+from bert_fast.ops import extension
 from bert_fast.optim import FusedLAMB
+from bert_fast.optim import fallback as fallback_ops
 
 pytestmark = pytest.mark.gpu
 

@@ -4,8 +4,9 @@ op's registration on CUDA, and the encoder's fast path against its torch path.""
 import pytest
 import torch
 
-from bert_fast import BertConfig, BertForPreTraining, extension
-from bert_fast.bias_gelu import bias_gelu, bias_gelu_reference
+from bert_fast import BertConfig, BertForPreTraining
+from bert_fast.ops import extension
+from bert_fast.ops.bias_gelu import bias_gelu, bias_gelu_reference
 
 pytestmark = pytest.mark.gpu
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

@@ -5,7 +5,7 @@ segments, agreement with the CPU kernels, and no host synchronisation inside a s
 import pytest
 import torch
 
-from bert_fast import extension
+from bert_fast.ops import extension
 from bert_fast.optim import FusedAdamW, FusedLAMB, LAMBReference
 
 pytestmark = pytest.mark.gpu

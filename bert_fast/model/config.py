@@ -1,7 +1,7 @@
 """Model configuration: Hugging Face `BertConfig` field names, plus the backend switches.
 
 Field names match `transformers.BertConfig` so a config.json round-trips without renaming
-(see `bert_fast/hf.py`). Presets follow the BERT paper and Google's miniature BERTs.
+(see `bert_fast/model/hf.py`). Presets follow the BERT paper and Google's miniature BERTs.
 """
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-BACKENDS = ("auto", "torch", "fast")
-# The fast backend's attention kernel (bert_fast.ops.attention_impl says what "auto" picks).
-ATTENTION_IMPLS = ("auto", "triton", "torch_flash")
+from bert_fast.backends import ATTENTION_IMPLS, BACKENDS
+
 # "gelu" is the exact erf form BERT trained with; the tanh forms are HF's approximations.
 HIDDEN_ACTS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 

@@ -5,7 +5,7 @@ here: the torch backend works without it, and asking for the fast backend explai
 
 Where the extension cannot run on a device (typically a CUDA machine whose build found no CUDA
 toolkit, so `bert_fast._C` has CPU kernels only), every op that uses it runs a PyTorch fallback
-instead (`use_fallback`): FusedLAMB/FusedAdamW a multi-tensor one (bert_fast.optim_fallback; LAMB
+instead (`use_fallback`): FusedLAMB/FusedAdamW a multi-tensor one (bert_fast.optim.fallback; LAMB
 on CUDA as Triton kernels, bert_fast.kernels.lamb), bias_gelu eager PyTorch. One warning per
 process says so and how to build the fast kernels. `BERT_FAST_CUDA=1` turns the fallback into an
 error (`require`). `available` is the one place that decides whether the kernels are there; tests

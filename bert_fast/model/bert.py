@@ -3,11 +3,11 @@
 Every computation goes through `bert_fast.ops`, which picks eager PyTorch or our kernels; this
 file only holds parameters and wiring. GEMMs whose bias a fused op can absorb run without it
 (`ops.linear(x, W)`, then `ops.bias_gelu` / `ops.add_layer_norm` with the bias); the encoder's four
-GEMMs per layer go through `ops.linear`, in FP8 once `bert_fast.fp8.enable` gave the layers their
+GEMMs per layer go through `ops.linear`, in FP8 once `bert_fast.ops.fp8.enable` gave the layers their
 scaling state (`precision.fp8`). Parameter names
-map one-to-one to Hugging Face `BertForPreTraining` (bert_fast/hf.py); Q, K and V are one [3H, H]
+map one-to-one to Hugging Face `BertForPreTraining` (bert_fast/model/hf.py); Q, K and V are one [3H, H]
 GEMM. On the fast backend the encoder unpads the batch once after the embeddings and runs every
-layer on the packed real tokens (bert_fast/padding.py), so padding costs no FLOPs.
+layer on the packed real tokens (bert_fast/ops/padding.py), so padding costs no FLOPs.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bert_fast import ops, padding
-from bert_fast.config import BertConfig
-from bert_fast.inputs import check_batch, check_packed_batch
+from bert_fast import ops
 from bert_fast.labels import IGNORE_INDEX
-from bert_fast.padding import Packing
+from bert_fast.model.config import BertConfig
+from bert_fast.model.inputs import check_batch, check_packed_batch
+from bert_fast.ops import padding
+from bert_fast.ops.padding import Packing
 
 
 class LayerNorm(nn.Module):
@@ -80,7 +81,7 @@ class BertLayer(nn.Module):
         self.ffn_in = nn.Linear(h, i)
         self.ffn_out = nn.Linear(i, h)
         self.ffn_norm = LayerNorm(h)
-        # None, or one bert_fast.fp8.Fp8State per GEMM (fp8.GEMMS) once `bert_fast.fp8.enable` ran:
+        # None, or one bert_fast.ops.fp8.Fp8State per GEMM (fp8.GEMMS) once `bert_fast.ops.fp8.enable` ran:
         # those four GEMMs then run in FP8 (precision.fp8).
         self.fp8: nn.ModuleDict | None = None
 
@@ -156,11 +157,11 @@ class BertModel(nn.Module):
 
     def fp8_step(self) -> None:
         """Before a training forward: FP8 GEMMs under delayed scaling take the last step's amaxes
-        into their histories (bert_fast.fp8.roll). Nothing without FP8 or outside training."""
+        into their histories (bert_fast.ops.fp8.roll). Nothing without FP8 or outside training."""
         if self.training and torch.is_grad_enabled():
             states = [s for layer in self.layers if layer.fp8 is not None for s in layer.fp8.values()]
             if states:
-                from bert_fast import fp8
+                from bert_fast.ops import fp8
 
                 fp8.roll(states)
 

@@ -14,12 +14,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from bert_fast import extension
-from bert_fast.bias_gelu import bias_gelu as _bias_gelu_ext
-from bert_fast.bias_gelu import bias_gelu_reference
-from bert_fast.checks import FLOAT_DTYPES, INT_DTYPES, check_same, check_tensor
-from bert_fast.config import ATTENTION_IMPLS, BACKENDS
+from bert_fast.backends import ATTENTION_IMPLS, BACKENDS
+from bert_fast.kernels.checks import FLOAT_DTYPES, INT_DTYPES, check_same, check_tensor
 from bert_fast.labels import IGNORE_INDEX
+from bert_fast.ops import extension, padding
+from bert_fast.ops.bias_gelu import bias_gelu as _bias_gelu_ext
+from bert_fast.ops.bias_gelu import bias_gelu_reference
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -67,11 +67,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            record: bool = True) -> torch.Tensor:
     """`x @ weight.T (+ bias)`: every encoder GEMM. x [..., K], weight [N, K], bias [N] or None
     (left out where a fused epilogue adds it). `fp8`: None runs `F.linear`; an
-    `bert_fast.fp8.Fp8State` runs the GEMM in FP8 with its scaling (bert_fast/fp8.py; the bias is
+    `bert_fast.ops.fp8.Fp8State` runs the GEMM in FP8 with its scaling (bert_fast/ops/fp8.py; the bias is
     then added in x's dtype), recording this step's amaxes when `record` (training)."""
     if fp8 is None:
         return F.linear(x, weight, bias)
-    from bert_fast import fp8 as _fp8
+    from bert_fast.ops import fp8 as _fp8
 
     check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     check_tensor("weight", weight, ndim=2, shape=(None, x.shape[-1]), device=x.device,
@@ -79,7 +79,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         check_tensor("bias", bias, shape=(weight.shape[0],), device=x.device)
     if not isinstance(fp8, _fp8.Fp8State):
-        raise TypeError(f"fp8 must be a bert_fast.fp8.Fp8State or None, got {type(fp8).__name__}")
+        raise TypeError(f"fp8 must be a bert_fast.ops.fp8.Fp8State or None, got {type(fp8).__name__}")
     out = _fp8.fp8_linear(x, weight, fp8, record=record)
     return out if bias is None else out + bias.to(out.dtype)
 
@@ -161,10 +161,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     check_same(("q", "k", "v"), (q, k, v), "device")
     check_tensor("attention_mask", attention_mask, shape=tuple(q.shape[:2]), device=q.device)
     if _attention_kernel_runs(backend, q.dtype, q.shape[-1], q.device):
-        from bert_fast.kernels.attention import attention_padded
+        from bert_fast.kernels.attention import attention_varlen
 
         # Unpads (one host sync), runs the varlen kernel, re-pads; padding queries get zeros.
-        return attention_padded(q, k, v, attention_mask, dropout_p=dropout_p if training else 0.0)
+        packing = padding.unpad(attention_mask)
+        out = attention_varlen(packing.pack(q), packing.pack(k), packing.pack(v), packing.cu_seqlens,
+                               packing.max_seqlen, dropout_p=dropout_p if training else 0.0, check=False)
+        return packing.pad(out)
     # Additive mask with the dtype's most negative value, as Hugging Face builds it: a row of
     # only padding then attends uniformly instead of producing NaN.
     keep = attention_mask[:, None, None, :].to(torch.bool)
@@ -185,10 +188,10 @@ def _attention_kernel_runs(backend: str, dtype: torch.dtype, head_dim: int, devi
 @functools.cache
 def attention_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     """The fast backend's attention: "triton" (kernels/attention.py) or "torch_flash" (PyTorch's
-    varlen FlashAttention-2, bert_fast/torch_flash.py). "auto" takes torch_flash where it runs:
+    varlen FlashAttention-2, bert_fast/ops/torch_flash.py). "auto" takes torch_flash where it runs:
     the only committed GPU table (bench/results/nvidia-h200/attention.md) has it ahead, 2-3x at
     dropout 0.1; the Triton kernel becomes the default where a table shows it faster."""
-    from bert_fast import torch_flash
+    from bert_fast.ops import torch_flash
 
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -217,11 +220,9 @@ def varlen_attention_runs(head_dim: int, dtype: torch.dtype, device: torch.devic
 
 def attention_packing(attention_mask: torch.Tensor | None, shape: tuple[int, int], head_dim: int,
                       dtype: torch.dtype, device: torch.device, backend: str = "auto"):
-    """A `bert_fast.padding.Packing` of the batch when attention runs the varlen kernel (the
+    """A `bert_fast.ops.padding.Packing` of the batch when attention runs the varlen kernel (the
     encoder then works on packed [T, hidden] rows), else None (it stays padded). One host sync
     when a mask is given (T and max_seqlen), none without one."""
-    from bert_fast import padding
-
     if not _attention_kernel_runs(backend, dtype, head_dim, device):
         return None
     if attention_mask is None:
@@ -254,7 +255,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """Attention within each packed sequence: q, k, v [T, heads, head_dim] (rows may be strided
     views of one QKV output), cu_seqlens [B + 1] int32, max_seqlen >= the longest sequence.
     Returns [T, heads, head_dim]. `check` validates cu_seqlens' values (a host sync; the encoder
-    skips it for the cu_seqlens `bert_fast.padding.unpad` built). `seed` and `site` key the Triton
+    skips it for the cu_seqlens `bert_fast.ops.padding.unpad` built). `seed` and `site` key the Triton
     kernel's dropout masks (a fresh seed per call when None); `impl` picks the fast backend's
     kernel (`attention_impl`). The torch form loops over the sequences."""
     check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
@@ -275,7 +276,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     if check:
         kernel.check_cu_seqlens(cu_seqlens, q.shape[0], max_seqlen)
     if attention_impl(impl, q.device, q.dtype, q.shape[-1]) == "torch_flash":
-        from bert_fast import torch_flash
+        from bert_fast.ops import torch_flash
 
         return torch_flash.attention_varlen(q, k, v, cu_seqlens, max_seqlen, p)
     return kernel.attention_varlen_unchecked(q, k, v, cu_seqlens, max_seqlen, dropout_p=p, seed=seed,
@@ -286,7 +287,7 @@ def attention_qkv(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, 
                   dropout_p: float = 0.0, training: bool = False, seed: torch.Tensor | None = None,
                   site: int = 0, impl: str = "auto", backend: str = "auto") -> torch.Tensor:
     """`attention_varlen` on the fused QKV GEMM's output viewed as [T, 3, heads, head_dim], with
-    cu_seqlens from `bert_fast.padding.unpad` (not re-checked): the encoder's call. On the Triton
+    cu_seqlens from `bert_fast.ops.padding.unpad` (not re-checked): the encoder's call. On the Triton
     kernel the gradient comes back as one [T, 3, heads, head_dim] buffer (no stack of dq, dk, dv)."""
     check_tensor("qkv", qkv, ndim=4, dtypes=FLOAT_DTYPES, shape=(None, 3, None, None))
     _check_varlen(qkv, cu_seqlens, max_seqlen, seed, site)
@@ -297,7 +298,7 @@ def attention_qkv(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, 
     if qkv.stride(-1) != 1:
         raise ValueError(f"qkv must be contiguous in head_dim (stride(-1) == 1), got strides {qkv.stride()}")
     if attention_impl(impl, qkv.device, qkv.dtype, qkv.shape[-1]) == "torch_flash":
-        from bert_fast import torch_flash
+        from bert_fast.ops import torch_flash
 
         return torch_flash.attention_varlen(q, k, v, cu_seqlens, max_seqlen, p)
     from bert_fast.kernels.attention import attention_varlen_unchecked

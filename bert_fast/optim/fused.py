@@ -20,15 +20,15 @@ squares, and one that applies the update (recomputed from the moments instead of
 is torch.optim.AdamW's math (decoupled decay) in a single pass. Parameters may be float32,
 float16 or bfloat16; the optimizer keeps float32 master weights and moments for the low-precision
 ones and writes the rounded result back. Under DeepSpeed ZeRO 1-3 the optimizer sees flat
-partitions; `bert_fast.zero_lamb.attach` tells it which pieces of which tensors each holds so the
+partitions; `bert_fast.optim.zero.attach` tells it which pieces of which tensors each holds so the
 trust ratios stay exact.
 
 Where the extension has no kernels for the parameters' device (a CUDA machine whose build found no
-CUDA toolkit), both optimizers step through bert_fast.optim_fallback instead: LAMB on CUDA as
+CUDA toolkit), both optimizers step through bert_fast.optim.fallback instead: LAMB on CUDA as
 Triton kernels with the CUDA kernels' passes and bytes (bert_fast.kernels.lamb), elsewhere as
 multi-tensor torch._foreach_* ops with the same math (ZeRO layouts included), AdamW as torch's
 fused AdamW. One
-warning per process says so (bert_fast.extension.use_fallback); BERT_FAST_CUDA=1 refuses instead.
+warning per process says so (bert_fast.ops.extension.use_fallback); BERT_FAST_CUDA=1 refuses instead.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bert_fast import extension
-from bert_fast import optim_fallback as fallback_ops
+from bert_fast.ops import extension
+from bert_fast.optim import fallback as fallback_ops
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -151,7 +151,7 @@ class _Fused(torch.optim.Optimizer):
         self._own.update(id(p) for p in self.param_groups[-1]["params"])
 
     def set_zero_layout(self, param: torch.Tensor, layout: ZeroLayout | None) -> None:
-        """Declares `param` a flat ZeRO partition laid out as `layout` (bert_fast.zero_lamb)."""
+        """Declares `param` a flat ZeRO partition laid out as `layout` (bert_fast.optim.zero)."""
         if layout is None:
             self._zero.pop(id(param), None)
         else:
@@ -167,7 +167,7 @@ class _Fused(torch.optim.Optimizer):
                     f"{type(self).__name__}: a parameter group holds tensors it was not built with; "
                     "DeepSpeed ZeRO replaces them with flat partitions, whose per-tensor norms are "
                     "wrong unless the layout is known. Create the engine with "
-                    "bert_fast.zero_lamb.initialize(...) (or call bert_fast.zero_lamb.attach(engine)).")
+                    "bert_fast.optim.zero.initialize(...) (or call bert_fast.optim.zero.attach(engine)).")
         return params
 
     def _state(self, p: torch.Tensor) -> dict:
@@ -247,7 +247,7 @@ class _Fused(torch.optim.Optimizer):
 
     def _update(self, group, ps, tensors, clip, fallback: bool) -> None:
         """One fused update of the bucket `ps` (masters, copies, grads, exp_avg, exp_avg_sq),
-        through bert_fast.optim_fallback when `fallback`."""
+        through bert_fast.optim.fallback when `fallback`."""
         raise NotImplementedError
 
     def load_state_dict(self, state_dict):

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from bert_fast.optim import ZeroLayout, _Fused
+from bert_fast.optim.fused import ZeroLayout, _Fused
 
 
 def _section(config: dict, key: str) -> dict:
@@ -196,7 +196,7 @@ def zero_layouts(wrapper) -> list[tuple[torch.Tensor, ZeroLayout]]:
         if isinstance(wrapper, cls):
             return build(wrapper, rank_of)
     raise ValueError(f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, whose flat groups "
-                     "bert_fast.zero_lamb has no layout for")
+                     "bert_fast.optim.zero has no layout for")
 
 
 def attach(engine) -> None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from bert_fast.checks import INT_DTYPES, check_tensor
-from bert_fast.config import BertConfig
+from bert_fast.kernels.checks import INT_DTYPES, check_tensor
 from bert_fast.labels import IGNORE_INDEX
+from bert_fast.model.config import BertConfig
 
 
 def check_batch(config: BertConfig, device: torch.device, input_ids, token_type_ids=None,

@@ -1,13 +1,13 @@
 """Export a training checkpoint as a Hugging Face folder: `BertForPreTraining` and its tokenizer.
 
-    python -m bert_fast.export <checkpoint or checkpoint root> <hf_dir> [--dtype float32|bfloat16|float16]
+    bert-fast export <checkpoint or checkpoint root> <hf_dir> [--dtype float32|bfloat16|float16]
                                [--data <prepared folder>]
 
 The checkpoint is validated first (bert_fast/train/checkpoint.py: every byte of every file against
 the sha256 of its 64 MiB block in the manifest), its ZeRO 1/2/3 partitions are
 consolidated to full fp32 weights on the CPU, loaded strictly into our BertForPreTraining with the
 config the run trained (client_state["model_config"], else the run config's model section), and
-written with bert_fast.hf.export_hf. The run's tokenizer goes beside it (vocab.txt, tokenizer.json,
+written with bert_fast.model.hf.export_hf. The run's tokenizer goes beside it (vocab.txt, tokenizer.json,
 tokenizer_config.json, special_tokens_map.json; bert_fast/data/hf_tokenizer.py): the vocab and
 lower-casing of the prepared folder the run trained on, found from the run config's data.source
 (a prepared folder, or the embedded corpus prepared with data.vocab_size) or named by --data, and
@@ -32,11 +32,11 @@ from pathlib import Path
 
 import torch
 
-from bert_fast.config import BertConfig
 from bert_fast.data.hf_tokenizer import write_hf_tokenizer
 from bert_fast.data.shards import PreparedCorpus
-from bert_fast.hf import export_hf
 from bert_fast.model import BertForPreTraining
+from bert_fast.model.config import BertConfig
+from bert_fast.model.hf import export_hf
 from bert_fast.train.checkpoint import MANIFEST, CheckpointError, model_state_dict, validate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -180,8 +180,8 @@ def describe(hf_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bert_fast.export", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m bert_fast.train.export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="a checkpoint folder (step_XXXXXXXX) or a checkpoint root")
     parser.add_argument("hf_dir", help="the Hugging Face folder to write")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bert_fast import extension
-from bert_fast.checks import check_same, check_tensor
+from bert_fast.kernels.checks import check_same, check_tensor
+from bert_fast.ops import extension
 
 APPROXIMATIONS = ("none", "tanh")
 _registered = False

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from bert_fast.config import BertConfig
 from bert_fast.fileio import atomic_path, atomic_write_text
-from bert_fast.model import BertForPreTraining
+from bert_fast.model.bert import BertForPreTraining
+from bert_fast.model.config import BertConfig
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Fallbacks of the fused optimizer ops (csrc/optim*), for a device the extension has no kernels
 for: a CUDA machine whose `bert_fast._C` was built without a CUDA toolkit
-(bert_fast.extension.use_fallback). Plain functions over lists of tensors.
+(bert_fast.ops.extension.use_fallback). Plain functions over lists of tensors.
 
 LAMB on CUDA (`triton_lamb`): the Triton kernels of bert_fast.kernels.lamb, the CUDA kernels'
 contract and passes (40 bytes per float32 parameter, as csrc/optim_kernels.cu; Triton needs no
