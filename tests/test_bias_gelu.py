@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from bert_fast import ops
 from bert_fast.ops import extension
-from bert_fast.ops.bias_gelu import APPROXIMATIONS, bias_gelu, bias_gelu_reference
+from bert_fast.ops.bias_gelu_ext import APPROXIMATIONS, bias_gelu, bias_gelu_reference
 
 pytestmark = pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C not built")
 

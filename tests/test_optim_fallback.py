@@ -15,7 +15,7 @@ import torch
 
 from bert_fast import ops
 from bert_fast.ops import extension
-from bert_fast.ops.bias_gelu import bias_gelu, bias_gelu_reference
+from bert_fast.ops.bias_gelu_ext import bias_gelu, bias_gelu_reference
 from bert_fast.optim import FusedAdamW, FusedLAMB
 from bert_fast.optim import fallback as fallback_ops
 from tests.helpers import max_rel_err

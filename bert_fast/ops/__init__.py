@@ -18,8 +18,7 @@ from bert_fast.backends import ATTENTION_IMPLS, BACKENDS
 from bert_fast.kernels.checks import FLOAT_DTYPES, INT_DTYPES, check_same, check_tensor
 from bert_fast.labels import IGNORE_INDEX
 from bert_fast.ops import extension, padding
-from bert_fast.ops.bias_gelu import bias_gelu as _bias_gelu_ext
-from bert_fast.ops.bias_gelu import bias_gelu_reference
+from bert_fast.ops.bias_gelu_ext import bias_gelu_reference, bias_gelu_unchecked, check_args
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -63,6 +62,15 @@ def _use_triton(backend: str, device: torch.device, op: str) -> bool:
     return True
 
 
+def _kernel_runs(backend: str, x, op: str) -> bool:
+    """Whether `op` runs its Triton kernel for input `x`: the one place that keeps float64 (a test
+    oracle; the kernels compute in float32) and non-tensors on the torch path, whose checks then
+    name the argument. Each op validates its arguments once: the kernel's public function on the
+    fast path, the op itself on the torch path."""
+    return (isinstance(x, torch.Tensor) and x.dtype != torch.float64
+            and _use_triton(backend, x.device, op))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fp8=None,
            record: bool = True) -> torch.Tensor:
     """`x @ weight.T (+ bias)`: every encoder GEMM. x [..., K], weight [N, K], bias [N] or None
@@ -87,8 +95,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none",
               backend: str = "auto") -> torch.Tensor:
     """`gelu(x + bias)`: the FFN activation after its bias-free first GEMM."""
+    check_args(x, bias, approximate)
     if _use_extension(backend, x.device, "bias_gelu"):
-        return _bias_gelu_ext(x, bias, approximate)
+        return bias_gelu_unchecked(x, bias, approximate)
     return bias_gelu_reference(x, bias, approximate)
 
 
@@ -100,13 +109,12 @@ def add_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ep
     sub-layer's ending (x_bias is the preceding GEMM's bias, left out of the GEMM to fuse here).
     On the fast backend `seed` (the forward's [1] int64 key) and `site` (this call's own) fix the
     dropout mask; the kernel validates its arguments (kernels/layernorm.py)."""
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
     p = dropout_p if training else 0.0
-    # float64 stays on torch: the kernels compute in float32.
-    if x.dtype != torch.float64 and _use_triton(backend, x.device, "add_layer_norm"):
+    if _kernel_runs(backend, x, "add_layer_norm"):
         from bert_fast.kernels.layernorm import add_layer_norm as add_layer_norm_triton
         return add_layer_norm_triton(x, weight, bias, eps, x_bias=x_bias, residual=residual, dropout_p=p,
                                      seed=seed, site=site)
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
     hidden = (x.shape[-1],)
     for name, value in (("weight", weight), ("bias", bias), ("x_bias", x_bias)):
         if value is not None:
@@ -131,13 +139,13 @@ def embeddings(input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_i
     `padding_idx` keeps the pad row's word-embedding gradient at zero, as Hugging Face does.
     `check_ids` checks id ranges on the fast backend (one host sync); the model skips it for a
     batch it validated on the host. `seed` and `site` fix the fast backend's dropout mask."""
-    check_tensor("word", word, ndim=2, dtypes=FLOAT_DTYPES)
     p = dropout_p if training else 0.0
-    if word.dtype != torch.float64 and _use_triton(backend, word.device, "embeddings"):
+    if _kernel_runs(backend, word, "embeddings"):  # the kernel validates its arguments
         from bert_fast.kernels.embeddings import embeddings as embeddings_triton
         return embeddings_triton(input_ids, token_type_ids, position_ids, word, position, token_type,
                                  norm_weight, norm_bias, eps, padding_idx=padding_idx, dropout_p=p, seed=seed,
                                  site=site, check_ids=check_ids)
+    check_tensor("word", word, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("input_ids", input_ids, dtypes=INT_DTYPES)
     for name, value in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
         check_tensor(name, value, dtypes=INT_DTYPES, shape=tuple(input_ids.shape))
@@ -161,12 +169,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
     check_same(("q", "k", "v"), (q, k, v), "device")
     check_tensor("attention_mask", attention_mask, shape=tuple(q.shape[:2]), device=q.device)
     if _attention_kernel_runs(backend, q.dtype, q.shape[-1], q.device):
-        from bert_fast.kernels.attention import attention_varlen
+        from bert_fast.kernels.attention import attention_varlen_unchecked
 
-        # Unpads (one host sync), runs the varlen kernel, re-pads; padding queries get zeros.
+        # Unpads (one host sync), runs the varlen kernel on the packed (contiguous) copies,
+        # re-pads; padding queries get zeros.
         packing = padding.unpad(attention_mask)
-        out = attention_varlen(packing.pack(q), packing.pack(k), packing.pack(v), packing.cu_seqlens,
-                               packing.max_seqlen, dropout_p=dropout_p if training else 0.0, check=False)
+        out, _ = attention_varlen_unchecked(packing.pack(q), packing.pack(k), packing.pack(v),
+                                            packing.cu_seqlens, packing.max_seqlen,
+                                            dropout_p=dropout_p if training else 0.0)
         return packing.pad(out)
     # Additive mask with the dtype's most negative value, as Hugging Face builds it: a row of
     # only padding then attends uniformly instead of producing NaN.
@@ -181,7 +191,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attention_mask:
 
 def _attention_kernel_runs(backend: str, dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
     """The Triton kernel covers head_dim 16/32/64/128 in fp32/fp16/bf16; anything else runs torch."""
-    return (dtype != torch.float64 and head_dim in (16, 32, 64, 128)
+    return (dtype != torch.float64 and head_dim in (16, 32, 64, 128)  # float64: see _kernel_runs
             and _use_triton(backend, device, "attention"))
 
 
@@ -316,14 +326,13 @@ def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lab
     0, not NaN, when nothing is predicted. The fast backend runs kernels/mlm_loss.py, which never
     holds the [N, V] logits; `check_labels=False` skips its label check (a host read on the CPU)
     for labels checked where the batch was built."""
-    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
-    # float64 (a test oracle) stays on torch: the kernel computes in float32.
-    if hidden.dtype != torch.float64 and _use_triton(backend, hidden.device, "mlm_loss"):
+    if _kernel_runs(backend, hidden, "mlm_loss"):
         from bert_fast.kernels import mlm_loss as fused  # lazily: triton only where it runs
 
-        loss, correct, _ = fused.mlm_loss(hidden, weight, bias, labels,  # checks the rest once
+        loss, correct, _ = fused.mlm_loss(hidden, weight, bias, labels,  # validates its arguments
                                           check_labels=check_labels)
         return loss, correct
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("weight", weight, ndim=2, shape=(None, hidden.shape[1]), device=hidden.device)
     check_tensor("bias", bias, shape=(weight.shape[0],), device=hidden.device)
     check_tensor("labels", labels, dtypes=INT_DTYPES, shape=(hidden.shape[0],), device=hidden.device)

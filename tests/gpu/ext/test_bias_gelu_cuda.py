@@ -6,7 +6,7 @@ import torch
 
 from bert_fast import BertConfig, BertForPreTraining
 from bert_fast.ops import extension
-from bert_fast.ops.bias_gelu import bias_gelu, bias_gelu_reference
+from bert_fast.ops.bias_gelu_ext import bias_gelu, bias_gelu_reference
 
 pytestmark = pytest.mark.gpu
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

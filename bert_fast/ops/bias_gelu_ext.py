@@ -52,7 +52,8 @@ def _register() -> None:
     _registered = True
 
 
-def _check(x, bias, approximate) -> None:
+def check_args(x, bias, approximate) -> None:
+    """What `bias_gelu` (and `bert_fast.ops.bias_gelu`, on either backend) accepts."""
     check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16, torch.float64))
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
@@ -65,7 +66,12 @@ def _check(x, bias, approximate) -> None:
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """`gelu(x + bias)` over the last dimension of `x` ([..., N]) with `bias` [N]."""
-    _check(x, bias, approximate)
+    check_args(x, bias, approximate)
+    return bias_gelu_unchecked(x, bias, approximate)
+
+
+def bias_gelu_unchecked(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """`bias_gelu` for callers that ran `check_args` (bert_fast.ops)."""
     if torch.compiler.is_compiling():  # decided when the step ran eagerly; tracing cannot read the cache
         fallback = extension.fallback_chosen(x.device)
     else:
