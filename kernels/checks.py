@@ -1,5 +1,6 @@
-"""Argument checks shared by every public function: bad input raises a `TypeError` or
-`ValueError` naming the argument before anything reaches a kernel."""
+"""Argument checks of every public function, the kernels' and the ops' (bert_fast.ops) and the model's
+batch checks above them: bad input raises a `TypeError` or `ValueError` naming the argument before
+anything reaches a kernel. Here, in the lowest layer, so kernels import nothing above them."""
 
 from __future__ import annotations
 

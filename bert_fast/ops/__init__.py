@@ -4,6 +4,11 @@ Backends (`BertConfig.backend`): `torch` is eager PyTorch, always available and 
 `fast` is our kernels (Triton in kernels/, C++/CUDA in csrc/); `auto` means `fast` on CUDA tensors
 and `torch` elsewhere. An op whose fast kernel has not landed yet runs its torch form under any
 backend, so the model code never branches on the device or on what is implemented.
+
+The package also holds what the switch dispatches to outside kernels/: the C++/CUDA extension's
+loader (extension.py) and op wrapper (bias_gelu_ext.py), PyTorch's varlen FlashAttention-2
+(torch_flash.py), unpadding (padding.py) and the FP8 GEMM (fp8.py). Validation happens once per
+call: the op checks its arguments on the torch path, the kernel's public function on the fast path.
 """
 
 from __future__ import annotations
