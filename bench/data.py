@@ -112,10 +112,10 @@ def bench_prepare(scale: int, repeats: int) -> list[dict]:
 
 
 def bench_tokenizer(vocab: Path, src: Path, mb: float, repeats: int) -> list[dict]:
-    from bert_fast.data.prepare import _Tokenizer
+    from bert_fast.data.prepare.wordpiece import Tokenizer
 
     sentences = [s for s in src.read_text().splitlines() if s]
-    tok = _Tokenizer(vocab, lowercase=True)
+    tok = Tokenizer(vocab, lowercase=True)
     rows = []
     for name, fn in ((f"C++ WordPiece (ASCII), {os.cpu_count()} threads", lambda: tok.fast.encode(sentences)),
                      ("C++ WordPiece (ASCII), 1 thread", lambda: tok.fast.encode(sentences, 1)),

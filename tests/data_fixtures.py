@@ -1,12 +1,18 @@
-"""Tokenized corpora for the data tests, made directly as arrays (no tokenizer needed)."""
+"""Corpora for the data tests: tokenized ones made directly as arrays (no tokenizer needed), and
+text ones prepared into shards, with the dataset and loader helpers the loader tests share."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import torch
 
+from bert_fast.data.dataset import PretrainingDataset
+from bert_fast.data.prepare import PrepareSettings, prepare
 from bert_fast.data.settings import SampleSettings
+from bert_fast.data.shards import PreparedCorpus
 
 VOCAB = 1000
 SPECIAL = dict(vocab_size=VOCAB, pad_id=0, cls_id=2, sep_id=3, mask_id=4)
@@ -73,3 +79,30 @@ def text_documents(docs: int, seed: int = 0, sentences=(2, 6)) -> list[list[str]
 
 def write_text(path, documents) -> None:
     path.write_text("\n\n".join("\n".join(doc) for doc in documents) + "\n", encoding="utf-8")
+
+
+def prepared_corpus(folder: Path, documents, shard_tokens: int) -> PreparedCorpus:
+    """`documents` written as text into `folder` and prepared with write_vocab's vocab into
+    folder/out, in shards of about `shard_tokens` tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_vocab(folder / "vocab.txt")
+    write_text(folder / "a.txt", documents)
+    prepare(folder / "a.txt", folder / "out", vocab=folder / "vocab.txt",
+            settings=PrepareSettings(shard_tokens=shard_tokens))
+    return PreparedCorpus(folder / "out")
+
+
+def pretraining_dataset(corpus: PreparedCorpus, max_seq_length: int, **settings) -> PretrainingDataset:
+    """The samples of `corpus` (its vocab's special ids) under these SampleSettings."""
+    return PretrainingDataset(corpus, PretrainingDataset.settings_for(corpus, max_seq_length=max_seq_length,
+                                                                      **settings))
+
+
+def take(iterator, n: int) -> list:
+    return [next(iterator) for _ in range(n)]
+
+
+def same_batch(a: dict, b: dict) -> bool:
+    """Whether two batches hold the same keys with equal values (tensors element for element)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                        for k in a)

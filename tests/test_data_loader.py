@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import text_documents, write_text, write_vocab
+from data_fixtures import prepared_corpus, pretraining_dataset, same_batch, take, text_documents
 
 from bert_fast.data import builder, corpus
 from bert_fast.data.dataset import (
@@ -16,8 +16,6 @@ from bert_fast.data.dataset import (
     ResumableSampler,
     collate,
 )
-from bert_fast.data.prepare import PrepareSettings, prepare
-from bert_fast.data.shards import PreparedCorpus
 
 pytestmark = pytest.mark.skipif(not builder.native_available(), reason="bert_fast._data is not built")
 
@@ -63,16 +61,12 @@ def test_sampler_rejects_bad_arguments():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prepared")
-    write_vocab(folder / "vocab.txt")
-    write_text(folder / "a.txt", text_documents(400, seed=7, sentences=(2, 10)))
-    prepare(folder / "a.txt", folder / "out", vocab=folder / "vocab.txt",
-            settings=PrepareSettings(shard_tokens=4000))
-    return PreparedCorpus(folder / "out")
+    return prepared_corpus(tmp_path_factory.mktemp("prepared"), text_documents(400, seed=7, sentences=(2, 10)),
+                           shard_tokens=4000)
 
 
 def dataset(prepared, **kwargs):
-    return PretrainingDataset(prepared, PretrainingDataset.settings_for(prepared, max_seq_length=64, **kwargs))
+    return pretraining_dataset(prepared, 64, **kwargs)
 
 
 def test_samples_do_not_depend_on_rank_layout_or_batching(prepared):
@@ -96,14 +90,9 @@ def test_samples_do_not_depend_on_rank_layout_or_batching(prepared):
 def test_identical_shards_are_planned_independently(tmp_path):
     """Two shards holding the same documents must not get the same pairs: planning draws are keyed
     by the document's index within its shard, so each shard needs its own stream."""
-    write_vocab(tmp_path / "vocab.txt")
     half = text_documents(60, seed=9, sentences=(2, 10))
-    write_text(tmp_path / "a.txt", half + half)
-    whole = prepare(tmp_path / "a.txt", tmp_path / "whole", vocab=tmp_path / "vocab.txt",
-                    settings=PrepareSettings(shard_tokens=10**9))
-    prepare(tmp_path / "a.txt", tmp_path / "two", vocab=tmp_path / "vocab.txt",
-            settings=PrepareSettings(shard_tokens=whole["totals"]["tokens"] // 2))
-    two = PreparedCorpus(tmp_path / "two")
+    whole = prepared_corpus(tmp_path / "whole", half + half, shard_tokens=10**9)
+    two = prepared_corpus(tmp_path / "two", half + half, shard_tokens=whole.manifest["totals"]["tokens"] // 2)
     assert two.num_shards == 2
     shards = [two.shard(i) for i in range(2)]
     assert all(np.array_equal(shards[0].tokens, s.tokens) and np.array_equal(shards[0].sentences, s.sentences)
@@ -133,10 +122,6 @@ def test_collate_matches_the_model_contract(prepared):
     assert torch.isfinite(out.loss) and out.mlm_loss > 0 and out.nsp_loss > 0
 
 
-def take(iterator, n):
-    return [next(iterator) for _ in range(n)]
-
-
 def test_loader_resumes_mid_epoch_and_across_epochs(prepared):
     data = dataset(prepared)
     batches_per_epoch = -(-len(data) // 16)
@@ -152,7 +137,7 @@ def test_loader_resumes_mid_epoch_and_across_epochs(prepared):
     again.load_state_dict(state)
     replay = take(iter(again), len(rest))
     for a, b in zip(rest, replay):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert same_batch(a, b)
     assert not torch.equal(first[0]["input_ids"][:, :8], rest[-1]["input_ids"][:, :8])
 
 
@@ -161,7 +146,7 @@ def test_loader_workers_give_the_same_batches(prepared):
     plain = take(iter(PretrainingLoader(dataset(prepared), batch_size=8, seed=1)), 6)
     workers = take(iter(PretrainingLoader(dataset(prepared), batch_size=8, seed=1, workers=2, prefetch=2)), 6)
     for a, b in zip(plain, workers):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert same_batch(a, b)
 
 
 def test_corpus_text_rules():

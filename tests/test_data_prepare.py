@@ -14,9 +14,8 @@ import pytest
 from data_fixtures import text_documents, write_text, write_vocab
 from tokenizers import BertWordPieceTokenizer
 
-from bert_fast.data import prepare as prepare_module
 from bert_fast.data.builder import native_available
-from bert_fast.data.prepare import PrepareSettings, prepare
+from bert_fast.data.prepare import PrepareSettings, prepare, writer
 from bert_fast.data.sentences import split_sentences
 from bert_fast.data.shards import PreparedCorpus
 from bert_fast.data.textcheck import NotTextError
@@ -108,7 +107,7 @@ def test_rerun_is_idempotent_and_interrupt_resumes(tmp_path, vocab, monkeypatch)
     assert shard_files(tmp_path / "clean") == before, "a finished corpus is left untouched"
 
     # Interrupt shard 2 half way through writing its second file, as Ctrl-C would.
-    calls, real_write = [], prepare_module._write_array
+    calls, real_write = [], writer._write_array
 
     def failing_write(path, array):
         calls.append(path.name)
@@ -118,7 +117,7 @@ def test_rerun_is_idempotent_and_interrupt_resumes(tmp_path, vocab, monkeypatch)
                 raise KeyboardInterrupt
         real_write(path, array)
 
-    monkeypatch.setattr(prepare_module, "_write_array", failing_write)
+    monkeypatch.setattr(writer, "_write_array", failing_write)
     with pytest.raises(KeyboardInterrupt):
         prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
@@ -129,7 +128,7 @@ def test_rerun_is_idempotent_and_interrupt_resumes(tmp_path, vocab, monkeypatch)
     with pytest.raises(FileNotFoundError, match="did not finish"):
         PreparedCorpus(tmp_path / "out")
 
-    monkeypatch.setattr(prepare_module, "_write_array", real_write)
+    monkeypatch.setattr(writer, "_write_array", real_write)
     kept = {n: t for n, t in shard_files(tmp_path / "out").items() if n.startswith(("shard_00000", "shard_00001"))}
     calls.clear()
     resumed = prepare(tmp_path / "a.txt", tmp_path / "out", vocab=vocab, settings=SMALL)
@@ -301,7 +300,7 @@ def test_ascii_fast_path_matches_tokenizers(tmp_path):
     """The C++ WordPiece (ASCII sentences) gives the `tokenizers` library's ids: a trained vocab,
     prose, punctuation, control characters, words over 100 characters, unknown pieces; non-ASCII
     sentences go to `tokenizers` and come back in their places."""
-    from bert_fast.data.prepare import _Tokenizer
+    from bert_fast.data.prepare.wordpiece import Tokenizer
 
     rng = np.random.default_rng(0)
     prose = [s for d in text_documents(300, seed=5) for s in d]
@@ -311,7 +310,7 @@ def test_ascii_fast_path_matches_tokenizers(tmp_path):
     sentences = prose + noise + ["a" * 101, "Tab\there\x0bvt\x0cff\x1fus\x7fdel", "x" * 100 + "!",
                                  "Héllo wörld, ñandú 中文.", "(Q&A) e.g. 3.14 -- [ok]?"]
     rng.shuffle(sentences)
-    tokenizer = _Tokenizer(tmp_path / "out" / "vocab.txt", lowercase=True)
+    tokenizer = Tokenizer(tmp_path / "out" / "vocab.txt", lowercase=True)
     assert tokenizer.fast is not None
     ids, lengths = tokenizer(sentences)
     ref = tokenizer.tokenizer.encode_batch(sentences, add_special_tokens=False)
@@ -339,14 +338,14 @@ def test_command_line(tmp_path, vocab, capsys):
 def test_fast_path_reads_the_vocab_as_tokenizers_does(tmp_path):
     """A word listed twice takes its last id, a trailing space is trimmed, and only "\\n" ends a
     line (not \\x85 or \\x0c inside a word), as in `tokenizers`; a non-UTF-8 vocab is named."""
-    from bert_fast.data.prepare import _Tokenizer
+    from bert_fast.data.prepare.wordpiece import Tokenizer
     from bert_fast.data.shards import read_vocab
 
     path = tmp_path / "vocab.txt"
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "a\x85b", "world", "hello", "x ", "c\x0cd", "z"]
     path.write_bytes(("\r\n".join(words) + "\r\n").encode())
     assert read_vocab(path) == words
-    tokenizer = _Tokenizer(path, lowercase=True)
+    tokenizer = Tokenizer(path, lowercase=True)
     sentences = ["hello world x z", "z hello", "x"]
     ids, lengths = tokenizer(sentences)
     ref = tokenizer.tokenizer.encode_batch(sentences, add_special_tokens=False)

@@ -7,12 +7,10 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from data_fixtures import text_documents, write_text, write_vocab
+from data_fixtures import prepared_corpus, pretraining_dataset, same_batch, take, text_documents
 
 from bert_fast.data import builder, packing
-from bert_fast.data.dataset import PretrainingDataset, PretrainingLoader, collate
-from bert_fast.data.prepare import PrepareSettings, prepare
-from bert_fast.data.shards import PreparedCorpus
+from bert_fast.data.dataset import PretrainingLoader, collate
 
 pytestmark = pytest.mark.skipif(not builder.native_available(), reason="bert_fast._data is not built")
 
@@ -45,25 +43,20 @@ def test_batch_totals_follow_the_order():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prepared")
-    write_vocab(folder / "vocab.txt")
-    write_text(folder / "a.txt", text_documents(300, seed=5, sentences=(1, 9)))
-    prepare(folder / "a.txt", folder / "out", vocab=folder / "vocab.txt",
-            settings=PrepareSettings(shard_tokens=5000))
-    return PreparedCorpus(folder / "out")
+    return prepared_corpus(tmp_path_factory.mktemp("prepared"), text_documents(300, seed=5, sentences=(1, 9)),
+                           shard_tokens=5000)
 
 
 @pytest.mark.parametrize("objective", ["nsp", "sop", "none"])
 def test_plan_lengths_are_the_built_lengths(prepared, objective):
-    data = PretrainingDataset(prepared, PretrainingDataset.settings_for(prepared, max_seq_length=48,
-                                                                         objective=objective))
+    data = pretraining_dataset(prepared, 48, objective=objective)
     built = data.__getitems__(range(len(data)))["lengths"]
     assert np.array_equal(data.lengths(), built)
 
 
 def test_static_batch_holds_the_padded_batch_real_tokens(prepared):
-    settings = PretrainingDataset.settings_for(prepared, max_seq_length=48)
-    data = PretrainingDataset(prepared, settings)
+    data = pretraining_dataset(prepared, 48)
+    settings = data.settings
     arrays = data.__getitems__(list(range(3, 17)))  # 14 samples in 16 slots: a last, partial batch
     collate_static = packing.StaticCollate(16, settings, (200, 400, 16 * 48))
     static, padded = collate_static(arrays), collate(arrays)
@@ -89,8 +82,9 @@ def test_static_batch_holds_the_padded_batch_real_tokens(prepared):
 
 
 def test_static_batch_refuses_what_the_builder_should_never_give(prepared):
-    settings = PretrainingDataset.settings_for(prepared, max_seq_length=48)
-    arrays = PretrainingDataset(prepared, settings).__getitems__([0, 1])
+    data = pretraining_dataset(prepared, 48)
+    settings = data.settings
+    arrays = data.__getitems__([0, 1])
     arrays["input_ids"][1, 2] = settings.vocab_size
     with pytest.raises(ValueError, match="out-of-range input_ids"):
         packing.StaticCollate(2, settings, (96,))(arrays)
@@ -99,24 +93,23 @@ def test_static_batch_refuses_what_the_builder_should_never_give(prepared):
 
 
 def test_packed_loader_keeps_to_its_buckets_and_resumes(prepared):
-    settings = PretrainingDataset.settings_for(prepared, max_seq_length=48)
-    loader = PretrainingLoader(PretrainingDataset(prepared, settings), 8, seed=2, packed=True, buckets=4)
+    loader = PretrainingLoader(pretraining_dataset(prepared, 48), 8, seed=2, packed=True, buckets=4)
+    settings = loader.dataset.settings
     buckets = tuple(int(b) for b in loader.collate.buckets)
     assert len(buckets) <= 4 and buckets[-1] == 8 * 48
     per_epoch = -(-len(loader.dataset) // 8)
     stream = iter(loader)
-    seen = [next(stream) for _ in range(3)]
+    seen = take(stream, 3)
     state = dict(loader.state_dict())
-    seen += [next(stream) for _ in range(per_epoch)]  # across the epoch's end and its partial batch
+    seen += take(stream, per_epoch)  # across the epoch's end and its partial batch
     assert {b["input_ids"].shape[0] for b in seen} <= set(buckets)
     assert {b["mlm_labels"].shape[0] for b in seen} == {8 * settings.predictions}
     epoch = seen[:per_epoch]
     waste = sum(b["input_ids"].shape[0] - b["tokens"] for b in epoch) / sum(b["tokens"] for b in epoch)
     assert waste < 0.1, waste  # 4 buckets over batches of 8 short samples; bench/packing.py has real figures
-    again = PretrainingLoader(PretrainingDataset(prepared, settings), 8, seed=2, packed=True, buckets=4)
+    again = PretrainingLoader(pretraining_dataset(prepared, 48), 8, seed=2, packed=True, buckets=4)
     assert tuple(int(b) for b in again.collate.buckets) == buckets
     again.load_state_dict(state)
     replay = iter(again)
     for a in seen[3:]:
-        b = next(replay)
-        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+        assert same_batch(a, next(replay))

@@ -1,6 +1,6 @@
 """Pretraining data: raw text -> shards -> NSP/SOP/packed samples + MLM masks -> batches.
 
-prepare.py   text/JSONL -> WordPiece shards + manifest.json (`bert-fast data prepare`)
+prepare/     text/JSONL -> WordPiece shards + manifest.json (`bert-fast data prepare`)
 textcheck.py whether an input file is text (prepare refuses those that are not)
 hf_tokenizer.py  a prepared vocab as a Hugging Face tokenizer folder (for the export)
 shards.py    the shard format; PreparedCorpus reads it back with checks

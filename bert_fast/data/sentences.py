@@ -1,5 +1,5 @@
 """Sentence splitting of prose, shared by the embedded corpus (corpus.py) and prepare's JSONL
-reader (prepare.py), which otherwise would import each other."""
+reader (prepare/inputs.py), which otherwise would import each other."""
 
 from __future__ import annotations
 

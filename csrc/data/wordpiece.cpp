@@ -1,7 +1,7 @@
 // A fast path for BERT's WordPiece tokenization of ASCII text, bit-identical to the `tokenizers`
 // library's BertWordPieceTokenizer (BertNormalizer + BertPreTokenizer + WordPiece) on ASCII input;
-// bert_fast/data/prepare.py sends every non-ASCII sentence to `tokenizers` itself, where Unicode
-// normalisation (accent stripping, CJK splitting, Unicode punctuation) matters.
+// bert_fast/data/prepare/wordpiece.py sends every non-ASCII sentence to `tokenizers` itself, where
+// Unicode normalisation (accent stripping, CJK splitting, Unicode punctuation) matters.
 //
 // For ASCII the pipeline reduces to: drop control characters (0-31 except \t \n \r, and 127), treat
 // \t \n \r and space as whitespace, lowercase (optional), split on whitespace and around each ASCII
