@@ -8,16 +8,14 @@ import pytest
 from bert_fast.train.config import (
     batch_plan,
     checkpoint_dir,
-    deepspeed_config,
     dump_config,
-    known_keys,
     load_config,
-    load_deepspeed_config,
-    merge_deepspeed_config,
     model_config,
     parse_override,
     warmup_steps,
 )
+from bert_fast.train.deepspeed_json import deepspeed_config, load_deepspeed_config, merge_deepspeed_config
+from bert_fast.train.recipe import known_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
@@ -28,22 +26,22 @@ def test_recipe_and_overrides(tmp_path):
     recipe.write_text("model:\n  preset: mini\n  hidden_dropout_prob: 0.0\ntrain:\n  steps: 7\n")
     config = load_config(recipe, ["optimizer.lr=3e-4", "model.num_hidden_layers=2", "data.seq_length=64",
                                   "optimizer.betas=[0.9, 0.98]"])
-    assert config["train"]["steps"] == 7 and config["optimizer"]["lr"] == pytest.approx(3e-4)
-    assert config["optimizer"]["betas"] == [0.9, 0.98]
-    assert config["train"]["micro_batch"] == 32 and config["zero"]["stage"] == 0  # defaults survive
+    assert config.train.steps == 7 and config.optimizer.lr == pytest.approx(3e-4)
+    assert config.optimizer.betas == (0.9, 0.98)
+    assert config.train.micro_batch == 32 and config.zero.stage == 0  # defaults survive
     model = model_config(config)
     assert (model.hidden_size, model.num_hidden_layers, model.hidden_dropout_prob) == (256, 2, 0.0)
 
 
 def test_make_pretrain_recipe_keeps_its_meaning():
     c = load_config(ROOT / "configs/tiny-cpu.yaml")
-    assert model_config(c).hidden_size == 128 and c["data"]["source"] == "corpus"
-    assert (c["data"]["seq_length"], c["train"]["steps"], c["train"]["micro_batch"]) == (64, 800, 32)
-    assert c["optimizer"]["name"] == "adamw" and c["optimizer"]["lr"] == pytest.approx(1e-3)
-    assert (warmup_steps(c), c["schedule"]["decay"], c["log"]["every"]) == (100, "linear", 100)
-    assert not c["precision"]["bf16"] and not c["precision"]["fp16"] and c["zero"]["stage"] == 0
-    assert (c["eval"]["every"], c["eval"]["batches"]) == (200, 10)
-    assert (c["checkpoint"]["every"], c["checkpoint"]["keep"]) == (400, 2)
+    assert model_config(c).hidden_size == 128 and c.data.source == "corpus"
+    assert (c.data.seq_length, c.train.steps, c.train.micro_batch) == (64, 800, 32)
+    assert c.optimizer.name == "adamw" and c.optimizer.lr == pytest.approx(1e-3)
+    assert (warmup_steps(c), c.schedule.decay, c.log.every) == (100, "linear", 100)
+    assert not c.precision.bf16 and not c.precision.fp16 and c.zero.stage == 0
+    assert (c.eval.every, c.eval.batches) == (200, 10)
+    assert (c.checkpoint.every, c.checkpoint.keep) == (400, 2)
     assert checkpoint_dir(c) == Path("runs/tiny-cpu/checkpoints")
 
 
@@ -57,10 +55,10 @@ def test_shipped_recipes_give_consistent_deepspeed_configs(recipe, world_size):
         pytest.skip(f"global batch not divisible at world size {world_size}")
     ds = deepspeed_config(config, world_size)
     assert ds["train_batch_size"] == total == micro * accumulation * world_size
-    assert ds["train_micro_batch_size_per_gpu"] == micro == config["train"]["micro_batch"]
+    assert ds["train_micro_batch_size_per_gpu"] == micro == config.train.micro_batch
     assert ds["gradient_accumulation_steps"] == accumulation >= 1
     assert not (ds["bf16"]["enabled"] and ds["fp16"]["enabled"])
-    assert ds["zero_optimization"]["stage"] == config["zero"]["stage"]
+    assert ds["zero_optimization"]["stage"] == config.zero.stage
     assert ds["gradient_clipping"] == 0.0 and ds["fp16"]["loss_scale"] == 0
 
 
@@ -68,14 +66,14 @@ def test_shipped_recipes_give_consistent_deepspeed_configs(recipe, world_size):
 def test_two_phase_recipes_follow_nvidia(size):
     one, two = (load_config(ROOT / f"configs/{size}-phase{p}.yaml") for p in (1, 2))
     for c in (one, two):
-        assert c["optimizer"]["name"] == "lamb" and c["precision"]["bf16"] and c["zero"]["stage"] == 1
-        assert c["schedule"]["decay"] == "poly" and c["schedule"]["power"] == 0.5
+        assert c.optimizer.name == "lamb" and c.precision.bf16 and c.zero.stage == 1
+        assert c.schedule.decay == "poly" and c.schedule.power == 0.5
         assert model_config(c).hidden_size == (768 if size == "base" else 1024)
-    assert (one["data"]["seq_length"], one["train"]["global_batch"], one["train"]["steps"]) == (128, 65536, 7038)
-    assert (two["data"]["seq_length"], two["train"]["global_batch"], two["train"]["steps"]) == (512, 32768, 1563)
+    assert (one.data.seq_length, one.train.global_batch, one.train.steps) == (128, 65536, 7038)
+    assert (two.data.seq_length, two.train.global_batch, two.train.steps) == (512, 32768, 1563)
     assert (warmup_steps(one), warmup_steps(two)) == (round(0.2843 * 7038), round(0.128 * 1563))
-    assert (one["data"]["max_predictions"], two["data"]["max_predictions"]) == (20, 80)
-    assert Path(two["checkpoint"]["init_from"]) == checkpoint_dir(one)
+    assert (one.data.max_predictions, two.data.max_predictions) == (20, 80)
+    assert Path(two.checkpoint.init_from) == checkpoint_dir(one)
 
 
 @pytest.mark.parametrize("override, match", [
@@ -148,7 +146,7 @@ def test_printed_config_reads_back_the_same(recipe, tmp_path):
     (tmp_path / "printed.yaml").write_text(printed)
     assert load_config(tmp_path / "printed.yaml") == config
     sections = {key.partition(".")[0] for key in known_keys()}
-    assert sections == set(config)
+    assert sections == set(config.to_dict())
 
 
 def test_fp16_and_bf16_together_is_an_error():
@@ -261,3 +259,4 @@ def test_parse_override_types():
     assert parse_override("a.b=1") == {"a": {"b": 1}}
     assert parse_override("a=true") == {"a": True}
     assert parse_override("a.b.c=x") == {"a": {"b": {"c": "x"}}}
+
