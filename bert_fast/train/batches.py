@@ -7,6 +7,9 @@ a prepared folder evaluates on that corpus, "none" turns evaluation off.
 
 Every batch is in the packed static form (bert_fast/data/packing.py), built and checked on the
 host: at most `data.buckets` shapes per run, and nothing the step has to read back from the device.
+
+The data decides the vocab (a prepared corpus's vocab.txt fixes its size and [PAD] id, whatever
+the model preset says): `Batches` says which, and `model_for_data` gives the model that reads them.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from bert_fast.train.recipe import Recipe
 class Batches:
     train: object                   # PretrainingLoader or SyntheticBatches
     eval: PretrainingLoader | None  # held-out batches, or None
-    model_config: BertConfig        # with the data's vocab size and pad id
+    vocab_size: int                 # token ids are below it: the corpus's vocab (synthetic: the model's)
+    pad_id: int                     # [PAD]'s id in that vocab
 
     def stream(self):
         """Endless training batches (resumable through `state_dict` where the source has one)."""
@@ -52,14 +56,21 @@ def _folder(source: str, key: str) -> Path:
     return Path(source)
 
 
+def model_for_data(model_cfg: BertConfig, batches: Batches) -> BertConfig:
+    """The model that reads `batches`: `model_cfg` (the recipe's model section) with the data's
+    vocab size and [PAD] id. (data.seq_length <= max_position_embeddings is validate_config's.)"""
+    return dataclasses.replace(model_cfg, vocab_size=batches.vocab_size, pad_token_id=batches.pad_id)
+
+
 def make_batches(recipe: Recipe, model_cfg: BertConfig, rank: int = 0, world_size: int = 1) -> Batches:
+    """`model_cfg` (read only): the vocab synthetic ids are drawn from."""
     d, t = recipe.data, recipe.train
     if d.source == "synthetic":
         predictions = data_settings(recipe).predictions
         train = SyntheticBatches(t.micro_batch, d.seq_length, model_cfg.vocab_size,
                                  mask_prob=d.mask_prob, seed=t.seed * world_size + rank,
                                  max_predictions=predictions)
-        return Batches(train, None, model_cfg)
+        return Batches(train, None, model_cfg.vocab_size, model_cfg.pad_token_id)
     if d.source == "corpus":
         folder = default_prepared(d.vocab_size)
     else:
@@ -91,6 +102,4 @@ def make_batches(recipe: Recipe, model_cfg: BertConfig, rank: int = 0, world_siz
     if eval_set is not None:  # a fixed set: the same batches at every evaluation
         held_out = PretrainingLoader(eval_set, t.micro_batch, rank=rank, world_size=world_size,
                                      seed=t.seed + 1, workers=0, packed=True, buckets=d.buckets)
-    model_cfg = dataclasses.replace(model_cfg, vocab_size=corpus.vocab_size,
-                                    pad_token_id=corpus.special["pad_id"])
-    return Batches(train, held_out, model_cfg)
+    return Batches(train, held_out, corpus.vocab_size, corpus.special["pad_id"])

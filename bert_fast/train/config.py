@@ -191,7 +191,8 @@ def data_settings(recipe: Recipe):
 
 
 def model_config(recipe: Recipe) -> BertConfig:
-    """The model section's BertConfig: its preset with the overrides."""
+    """The model section's BertConfig: its preset with the overrides (before the data's vocab:
+    bert_fast/train/batches.py model_for_data)."""
     return BertConfig.from_preset(recipe.model.preset, **recipe.model.overrides)
 
 

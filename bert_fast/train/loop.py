@@ -57,7 +57,7 @@ from bert_fast import fp8
 from bert_fast.fileio import atomic_write_text
 from bert_fast.labels import IGNORE_INDEX
 from bert_fast.train import checkpoint, dist, leftovers
-from bert_fast.train.batches import make_batches
+from bert_fast.train.batches import make_batches, model_for_data
 from bert_fast.train.compiled import check_compile, compile_model
 from bert_fast.train.config import batch_plan, checkpoint_dir, dump_config, model_config
 from bert_fast.train.deepspeed_json import deepspeed_config, load_deepspeed_config, merge_deepspeed_config
@@ -157,7 +157,7 @@ class _Run:
     engine: object
     scheduler: object
     batches: object  # train/batches.py Batches
-    model_cfg: object
+    model_cfg: object  # the model the data needs (batches.model_for_data)
     root: Path  # the checkpoint folder
     output: Path
     global_batch: int
@@ -208,8 +208,9 @@ def _start(recipe: Recipe, resume, deepspeed_config_path, stream, overwrite: boo
     _claim_folders(recipe, root, output, resume, overwrite, rank, stream)
     check_export_dir(recipe.export.hf_dir)
     kind, path, meta = find_start(root, resume, recipe.checkpoint.init_from)
-    batches = make_batches(recipe, model_config(recipe), rank, world)
-    model_cfg = batches.model_config
+    model_cfg = model_config(recipe)
+    batches = make_batches(recipe, model_cfg, rank, world)
+    model_cfg = model_for_data(model_cfg, batches)
     if kind is not None:
         check_start(kind, path, meta, model_cfg, recipe.train.steps, global_batch, recipe.precision)
     check_compile(recipe, device)
