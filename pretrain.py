@@ -30,9 +30,9 @@ from bert_fast.train.loop import TrainingStopped, train
 SETTINGS = """\
 settings: a recipe (--config) sets keys in sections (model, data, train, optimizer, schedule,
 precision, zero, checkpoint, eval, log, export); `section.key=value` overrides any of them.
---print-config prints the resolved recipe, every section and key; their defaults, with comments,
-are DEFAULTS in bert_fast/train/config.py; `model` takes `preset` and any field of BertConfig
-(bert_fast/model/config.py). README.md, section Training, describes them."""
+--print-config prints the resolved recipe, every section and key; their types, defaults and
+meanings are the dataclasses in bert_fast/train/recipe.py; `model` takes `preset` and any field of
+BertConfig (bert_fast/model/config.py). README.md, section Training, describes them."""
 
 
 def main(argv=None) -> int:
@@ -55,14 +55,14 @@ def main(argv=None) -> int:
     if args.resume and args.overwrite:
         parser.error("--overwrite starts a new run and --resume continues one: choose one")
     try:
-        config = load_config(args.config, args.overrides)
+        recipe = load_config(args.config, args.overrides)
     except (ValueError, TypeError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.print_config:
-        print(dump_config(config), end="", flush=True)
+        print(dump_config(recipe), end="", flush=True)
         return 0
     try:
-        outcome = train(config, resume=args.resume, deepspeed_config_path=args.deepspeed_config,
+        outcome = train(recipe, resume=args.resume, deepspeed_config_path=args.deepspeed_config,
                         overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, CheckpointError) as err:
         print(f"pretrain.py: error: {one_line(err)}", file=sys.stderr)
@@ -96,7 +96,7 @@ def done_report(outcome) -> str:
     if outcome.export is not None:
         export = str(outcome.export)
     elif saved is not None:
-        export = f"none (set export.hf_dir, or run: bert-fast export {saved} <folder>)"
+        export = f"none (set export.hf_dir, or run: python -m bert_fast.train.export {saved} <folder>)"
     else:
         export = "none"
     return (f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}, "

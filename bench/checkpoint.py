@@ -43,7 +43,8 @@ import torch
 from harness import BENCH_DIR, stamp, write_results
 
 from bert_fast.train import checkpoint, checksums
-from bert_fast.train.config import deepspeed_config, load_config, model_config
+from bert_fast.train.config import load_config, model_config
+from bert_fast.train.deepspeed_json import deepspeed_config
 from bert_fast.train.engine import build, init_distributed
 
 LIMIT = 64 << 20  # main's HASH_LIMIT
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     saves = {name: [] for name in rules}
     checks = {name: [] for name in rules}
     root = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=args.dir))
-    state = {"config": config, "model_config": model_cfg.to_dict()}
+    state = {"config": config.to_dict(), "model_config": model_cfg.to_dict()}
     size = 0
     try:  # an untimed save first: a process's first save is seconds slower (its memory is new)
         checkpoint.save(engine, root, 1, {**state, "step": 1}, keep=1)

@@ -303,8 +303,8 @@ def test_scaled_mm_pads_dimensions_that_are_not_multiples_of_16(monkeypatch):
 
 def test_recipe_and_config_errors_name_the_key():
     config = load_config("configs/tiny-cpu.yaml")
-    p = config["precision"]
-    assert (p["fp8"], p["fp8_scaling"], p["fp8_grad_format"], p["fp8_amax_history"]) == (False, "current", "e5m2", 16)
+    p = config.precision
+    assert (p.fp8, p.fp8_scaling, p.fp8_grad_format, p.fp8_amax_history) == (False, "current", "e5m2", 16)
     assert Fp8Recipe.from_config(load_config(None, ["precision.fp8_scaling=delayed"])).scaling == "delayed"
     for override, key in (("precision.fp8=2", "precision.fp8"), ("precision.fp8_scaling=late", "precision.fp8_scaling"),
                           ("precision.fp8_grad_format=e3m4", "precision.fp8_grad_format"),
@@ -337,18 +337,19 @@ def test_resume_needs_the_same_fp8_scaling_state(tmp_path):
 
     config = BertConfig.from_preset("tiny", vocab_size=500)
     delayed = load_config(None, ["precision.fp8=true", "precision.fp8_scaling=delayed"])
-    meta = {"step": 40, "client_state": {"model_config": config.to_dict(), "global_batch": 64, "config": delayed}}
-    check_start("resume", tmp_path, meta, config, 100, 64, delayed["precision"])
-    check_start("init_from", tmp_path, meta, config, 100, 64, load_config(None)["precision"])  # weights only
+    meta = {"step": 40, "client_state": {"model_config": config.to_dict(), "global_batch": 64,
+                                         "config": delayed.to_dict()}}
+    check_start("resume", tmp_path, meta, config, 100, 64, delayed.precision)
+    check_start("init_from", tmp_path, meta, config, 100, 64, load_config(None).precision)  # weights only
     for other, says in ((load_config(None), "this run has no FP8 scaling state"),
                         (load_config(None, ["precision.fp8=true"]), "this run has no FP8 scaling state"),
                         (load_config(None, ["precision.fp8=true", "precision.fp8_scaling=delayed",
                                             "precision.fp8_amax_history=8"]), "this run has .*fp8_amax_history=8")):
         with pytest.raises(CheckpointError, match=f"saved with precision.fp8_scaling=delayed, "
                                                   f"precision.fp8_amax_history=16, {says}"):
-            check_start("resume", tmp_path, meta, config, 100, 64, other["precision"])
-    meta["client_state"]["config"] = load_config(None, ["precision.fp8=true"])  # current: no state
-    check_start("resume", tmp_path, meta, config, 100, 64, load_config(None)["precision"])
+            check_start("resume", tmp_path, meta, config, 100, 64, other.precision)
+    meta["client_state"]["config"] = load_config(None, ["precision.fp8=true"]).to_dict()  # current: no state
+    check_start("resume", tmp_path, meta, config, 100, 64, load_config(None).precision)
 
 
 def test_weights_only_loads_leave_fp8_state_fresh_and_stay_strict_otherwise():

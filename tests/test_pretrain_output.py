@@ -110,7 +110,7 @@ def test_two_runs_one_folder(one_run, tmp_path):
     root = out / "checkpoints"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]  # keep 2
     assert (root / "latest").read_text() == checkpoint.resolve_resume(root, "auto").name == "step_00000003"
-    assert load_config(out / "config.yaml")["model"]["preset"] == "mini"
+    assert load_config(out / "config.yaml").model.preset == "mini"
 
 
 def test_print_config_prints_the_resolved_recipe_and_exits(tmp_path):
@@ -125,7 +125,7 @@ def test_print_config_prints_the_resolved_recipe_and_exits(tmp_path):
 def test_help_says_where_the_keys_are_and_bad_keys_get_suggestions():
     helped = _pretrain("--help")
     assert helped.returncode == 0
-    assert "--print-config" in helped.stdout and "bert_fast/train/config.py" in helped.stdout
+    assert "--print-config" in helped.stdout and "bert_fast/train/recipe.py" in helped.stdout
     assert "--overwrite" in helped.stdout
     typo = _pretrain("train.step=5")
     assert typo.returncode == 2

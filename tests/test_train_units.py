@@ -265,3 +265,26 @@ def test_terminal_records_are_rounded_and_the_file_keeps_every_digit(tmp_path):
     assert lines == [{"kind": "train", "step": 1, "loss": 7.981, "mlm_acc": 0.0364, "seq_per_s": 200.9}]
     saved = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert saved[0]["loss"] == 7.980727877616882 and saved[1]["fingerprints"] == [22985.367820904306]
+
+
+def test_the_model_takes_its_vocab_from_the_data_and_the_data_changes_no_model_config():
+    import dataclasses
+
+    from bert_fast.data.corpus import default_prepared
+    from bert_fast.data.shards import PreparedCorpus
+    from bert_fast.train.batches import make_batches, model_for_data
+    from bert_fast.train.config import load_config, model_config
+
+    corpus = PreparedCorpus(default_prepared(8192))
+    recipe = load_config("configs/tiny-cpu.yaml", ["eval.every=0", "data.workers=0"])
+    model_cfg = model_config(recipe)
+    assert model_cfg.vocab_size != corpus.vocab_size  # the preset's 30522, not the corpus's
+    batches = make_batches(recipe, model_cfg)
+    assert model_cfg == model_config(recipe)
+    fitted = model_for_data(model_cfg, batches)
+    assert (fitted.vocab_size, fitted.pad_token_id) == (corpus.vocab_size, corpus.special["pad_id"])
+    assert dataclasses.replace(fitted, vocab_size=model_cfg.vocab_size,
+                               pad_token_id=model_cfg.pad_token_id) == model_cfg  # nothing else changed
+    assert int(next(iter(batches.train))["input_ids"].max()) < fitted.vocab_size
+    synthetic = make_batches(load_config(None, ["data.source=synthetic"]), model_cfg)
+    assert model_for_data(model_cfg, synthetic) == model_cfg  # synthetic ids: the model's own vocab

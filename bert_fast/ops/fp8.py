@@ -85,9 +85,10 @@ class Fp8Recipe:
         return GRAD_FORMATS[self.grad_format]
 
     @classmethod
-    def from_config(cls, config: dict) -> Fp8Recipe:
-        p = config["precision"]
-        return cls(p["fp8_scaling"], p["fp8_grad_format"], p["fp8_amax_history"])
+    def from_config(cls, recipe) -> Fp8Recipe:
+        """From the training recipe's precision section (bert_fast/train/recipe.py Recipe)."""
+        p = recipe.precision
+        return cls(p.fp8_scaling, p.fp8_grad_format, p.fp8_amax_history)
 
 
 class Fp8State(nn.Module):

@@ -21,33 +21,36 @@ import os
 
 import torch
 
+from bert_fast.train.config import model_config
+from bert_fast.train.recipe import Recipe
+
 __all__ = ["check_compile", "compile_model"]
 
 
-def check_compile(config: dict, device: torch.device) -> None:
+def check_compile(recipe: Recipe, device: torch.device) -> None:
     """Refuses, naming the key, what cannot be compiled or graphed in this run."""
-    t = config["train"]
-    if not (t["compile"] or t["cuda_graphs"]):
+    t = recipe.train
+    if not (t.compile or t.cuda_graphs):
         return
-    key = "train.cuda_graphs" if t["cuda_graphs"] else "train.compile"
-    stage = config["zero"]["stage"]
-    if config["precision"]["fp8"]:
+    key = "train.cuda_graphs" if t.cuda_graphs else "train.compile"
+    stage = recipe.zero.stage
+    if recipe.precision.fp8:
         raise ValueError(f"{key}: precision.fp8 runs eagerly for now (its compiled and graphed step is not "
                          "built or tested yet); set one of them false")
     if stage == 3:
         raise ValueError(f"{key}: zero.stage=3 gathers parameters in module hooks, which break the "
                          "graph; use zero.stage <= 2 or set it false")
-    if config["model"].get("backend") == "fast" and os.environ.get("TRITON_INTERPRET") == "1":
+    if model_config(recipe).backend == "fast" and os.environ.get("TRITON_INTERPRET") == "1":
         raise ValueError(f"{key}: the Triton interpreter (TRITON_INTERPRET=1) cannot be compiled; "
                          "compile the fast backend on a GPU, or set it false")
-    if t["cuda_graphs"]:
+    if t.cuda_graphs:
         if device.type != "cuda":
             raise ValueError(f"train.cuda_graphs needs a CUDA device; this run is on {device.type} "
                              "(set train.cuda_graphs=false)")
         if stage == 2:
             raise ValueError("train.cuda_graphs: zero.stage=2 reduces gradients inside the backward, "
                              "which a CUDA graph cannot hold; use zero.stage 0 or 1")
-        if config["precision"]["fp16"]:
+        if recipe.precision.fp16:
             raise ValueError("train.cuda_graphs: precision.fp16's loss scaler reads the loss every "
                              "step; use precision.bf16")
 
@@ -60,11 +63,11 @@ def _allow_recompiles(count: int) -> None:
     setattr(config, name, max(getattr(config, name), count))
 
 
-def compile_model(module: torch.nn.Module, config: dict) -> None:
+def compile_model(module: torch.nn.Module, recipe: Recipe) -> None:
     """Compiles `module` in place as `train.compile` / `train.cuda_graphs` ask (check_compile first)."""
-    t = config["train"]
-    if not (t["compile"] or t["cuda_graphs"]):
+    t = recipe.train
+    if not (t.compile or t.cuda_graphs):
         return
-    _allow_recompiles(4 * config["data"]["buckets"] + 4)
+    _allow_recompiles(4 * recipe.data.buckets + 4)
     module.forward = torch.compile(module.forward, fullgraph=True, dynamic=False,
-                                   mode="reduce-overhead" if t["cuda_graphs"] else None)
+                                   mode="reduce-overhead" if t.cuda_graphs else None)

@@ -28,6 +28,7 @@ from bert_fast.ops import fp8
 from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
 from bert_fast.train import schedule
 from bert_fast.train.partitions import zero_padding
+from bert_fast.train.recipe import Recipe
 
 
 def free_port() -> int:
@@ -113,26 +114,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def make_optimizer(model: torch.nn.Module, config: dict) -> torch.optim.Optimizer:
-    o = config["optimizer"]
-    cls = FusedLAMB if o["name"] == "lamb" else FusedAdamW
-    return cls(param_groups(model, o["weight_decay"]), lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"],
-               weight_decay=o["weight_decay"], max_grad_norm=config["train"]["max_grad_norm"])
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    cls = FusedLAMB if o.name == "lamb" else FusedAdamW
+    return cls(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+               weight_decay=o.weight_decay, max_grad_norm=recipe.train.max_grad_norm)
 
 
-def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
+def build(recipe: Recipe, model_cfg, ds_config: dict, device: torch.device):
     """(engine, lr scheduler). The model is built in float32 on `device`; DeepSpeed casts it for
     bf16/fp16 and keeps float32 master weights."""
     from bert_fast.optim import zero as zero_lamb
 
-    torch.manual_seed(config["train"]["seed"])  # the same initial weights on every rank
+    torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
     model = BertForPreTraining(model_cfg).to(device)
-    model.bert.gradient_checkpointing = config["train"]["activation_checkpointing"]
-    if config["precision"]["fp8"]:  # its scaling state is part of the module DeepSpeed checkpoints
-        fp8.enable(model, fp8.Fp8Recipe.from_config(config))
-    optimizer = make_optimizer(model, config)
+    model.bert.gradient_checkpointing = recipe.train.activation_checkpointing
+    if recipe.precision.fp8:  # its scaling state is part of the module DeepSpeed checkpoints
+        fp8.enable(model, fp8.Fp8Recipe.from_config(recipe))
+    optimizer = make_optimizer(model, recipe)
     # Weights are equal on every rank; dropout and other draws from here on differ per rank.
-    seed = config["train"]["seed"] + 1 + int(os.environ.get("RANK", "0"))
+    seed = recipe.train.seed + 1 + int(os.environ.get("RANK", "0"))
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -140,7 +141,7 @@ def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
     zero_padding(engine)
     # Built on our optimizer once DeepSpeed has wrapped it (its param groups carry the lr under
     # every wrapper); the engine steps it at accumulation boundaries and checkpoints it.
-    lr_scheduler = engine.lr_scheduler = schedule.scheduler(optimizer, config)
+    lr_scheduler = engine.lr_scheduler = schedule.scheduler(optimizer, recipe)
     if engine.zero_optimization_stage() == 3:
         import deepspeed
 

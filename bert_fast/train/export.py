@@ -72,9 +72,9 @@ def checkpoint_model_config(meta: dict, path: Path) -> BertConfig:
     if "model_config" in state:
         return BertConfig.from_dict(state["model_config"])
     if "config" in state:
-        from bert_fast.train.config import model_config
+        from bert_fast.train.config import model_config, saved_recipe
 
-        return model_config(state["config"])
+        return model_config(saved_recipe(state["config"], path))
     raise CheckpointError(f"{path}: client_state holds neither 'model_config' nor 'config'")
 
 
@@ -83,17 +83,20 @@ def run_corpus(meta: dict, checkpoint: Path, data: str | Path | None = None) -> 
     config's data.source (a folder, or the embedded corpus prepared with data.vocab_size). None
     for a run on synthetic ids, which have no vocab."""
     if data is None:
-        config = (meta.get("client_state") or {}).get("config") or {}
-        source = (config.get("data") or {}).get("source")
-        if source is None:
+        from bert_fast.train.config import saved_recipe
+
+        saved = (meta.get("client_state") or {}).get("config") or {}
+        if "source" not in (saved.get("data") or {}):  # not a default: the run's own
             raise CheckpointError(f"{checkpoint}: its run config records no data.source, so its vocab is "
                                   "unknown; name the prepared folder it trained on with --data")
+        recipe = saved_recipe(saved, checkpoint)
+        source = recipe.data.source
         if source == "synthetic":
             return None
         if source == "corpus":
             from bert_fast.data.corpus import prepared_folder
 
-            folder = prepared_folder(config["data"]["vocab_size"])
+            folder = prepared_folder(recipe.data.vocab_size)
         else:
             folder = Path(source)
         named = f"data.source={source!r} in the run config of {checkpoint}"

@@ -57,22 +57,16 @@ from bert_fast.fileio import atomic_write_text
 from bert_fast.labels import IGNORE_INDEX
 from bert_fast.ops import fp8
 from bert_fast.train import checkpoint, dist, leftovers
-from bert_fast.train.batches import make_batches
+from bert_fast.train.batches import make_batches, model_for_data
 from bert_fast.train.compiled import check_compile, compile_model
-from bert_fast.train.config import (
-    batch_plan,
-    checkpoint_dir,
-    deepspeed_config,
-    dump_config,
-    load_deepspeed_config,
-    merge_deepspeed_config,
-    model_config,
-)
+from bert_fast.train.config import batch_plan, checkpoint_dir, dump_config, model_config
+from bert_fast.train.deepspeed_json import deepspeed_config, load_deepspeed_config, merge_deepspeed_config
 from bert_fast.train.engine import build, global_grad_norm, init_distributed, loss_scale
 from bert_fast.train.flops import peak_tflops, step_flops
 from bert_fast.train.metrics import Reporter, Window, checkpoint_record, repair_for_resume
 from bert_fast.train.output import RECIPE, claim
 from bert_fast.train.preflight import check_export_dir, check_start, find_start
+from bert_fast.train.recipe import Recipe
 from bert_fast.train.stops import FiniteWatch, LossScaleWatch, Signals, TrainingStopped
 
 __all__ = ["LossScaleWatch", "Outcome", "TrainingStopped", "evaluate", "rank_fingerprints", "train"]
@@ -139,15 +133,15 @@ class Outcome:
     export: Path | None  # export.hf_dir, when the run exported
 
 
-def train(config: dict, resume: str | None = None, deepspeed_config_path: str | None = None,
+def train(recipe: Recipe, resume: str | None = None, deepspeed_config_path: str | None = None,
           stream=None, overwrite: bool = False) -> Outcome:
     """Runs the configured steps (from a checkpoint with `resume`: 'auto' or a path) in an output
     folder that holds no other run (`overwrite` moves one aside; bert_fast/train/output.py).
     Rank 0 also writes the records to metrics.jsonl and TensorBoard."""
-    run = _start(config, resume, deepspeed_config_path, stream, overwrite)
+    run = _start(recipe, resume, deepspeed_config_path, stream, overwrite)
     records = _run_steps(run, resume)
-    exported, hf_dir = None, config["export"]["hf_dir"]
-    if run.step == config["train"]["steps"] and hf_dir and run.last_saved is not None:
+    exported, hf_dir = None, recipe.export.hf_dir
+    if run.step == recipe.train.steps and hf_dir and run.last_saved is not None:
         exported = _export(run.last_saved, hf_dir, run.rank, stream)
     return Outcome(records if run.rank == 0 else [], run.output, run.last_saved, exported)
 
@@ -156,14 +150,14 @@ def train(config: dict, resume: str | None = None, deepspeed_config_path: str | 
 class _Run:
     """One run's settings, engine and data, where it writes, and how far it has come."""
 
-    config: dict
+    recipe: Recipe
     rank: int
     world: int
     device: torch.device
     engine: object
     scheduler: object
     batches: object  # train/batches.py Batches
-    model_cfg: object
+    model_cfg: object  # the model the data needs (batches.model_for_data)
     root: Path  # the checkpoint folder
     output: Path
     global_batch: int
@@ -176,55 +170,55 @@ class _Run:
         print(text, file=self.stream or sys.stdout, flush=True)
 
     def evaluates(self, n: int) -> bool:
-        every = self.config["eval"]["every"]
+        every = self.recipe.eval.every
         return bool(self.batches.eval is not None and every
-                    and (n % every == 0 or n == self.config["train"]["steps"]))
+                    and (n % every == 0 or n == self.recipe.train.steps))
 
     def saves(self, n: int) -> bool:
-        every = self.config["checkpoint"]["every"]
-        return n == self.config["train"]["steps"] or bool(every and n % every == 0)
+        every = self.recipe.checkpoint.every
+        return n == self.recipe.train.steps or bool(every and n % every == 0)
 
     def checks(self, n: int) -> bool:
         """The steps that read the device anyway (log, eval, checkpoint), and every check_every."""
-        t = self.config["train"]
-        return (n % t["check_every"] == 0 or n % self.config["log"]["every"] == 0 or self.saves(n)
+        return (n % self.recipe.train.check_every == 0 or n % self.recipe.log.every == 0 or self.saves(n)
                 or self.evaluates(n))
 
     def save(self, step: int) -> Path:
-        state = {"step": step, "data": self.batches.state_dict(), "config": self.config,
+        state = {"step": step, "data": self.batches.state_dict(), "config": self.recipe.to_dict(),
                  "model_config": self.model_cfg.to_dict(), "global_batch": self.global_batch}
         try:
             return checkpoint.save(self.engine, self.root, step, state,
-                                   keep=self.config["checkpoint"]["keep"])
+                                   keep=self.recipe.checkpoint.keep)
         except checkpoint.CheckpointError as err:
             raise TrainingStopped(f"step {step}: checkpoint not saved: {err}. The last good checkpoint "
                                   f"is {self.last_saved or 'none'}") from None
 
 
-def _start(config: dict, resume, deepspeed_config_path, stream, overwrite: bool) -> _Run:
+def _start(recipe: Recipe, resume, deepspeed_config_path, stream, overwrite: bool) -> _Run:
     """Process group, output folders, the checkpoint to start from (checked before the build, on
     every rank alike), data, engine; then the resumed state and, on rank 0, the run's files."""
     rank, world, device = init_distributed()
-    t, c = config["train"], config["checkpoint"]
-    if t["threads"]:
-        torch.set_num_threads(t["threads"])
-    micro, accumulation, global_batch = batch_plan(config, world)
-    ds_config = deepspeed_config(config, world)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    micro, accumulation, global_batch = batch_plan(recipe, world)
+    ds_config = deepspeed_config(recipe, world)
     if deepspeed_config_path:
         ds_config = merge_deepspeed_config(ds_config, load_deepspeed_config(deepspeed_config_path))
-    root, output = checkpoint_dir(config), Path(t["output_dir"])
-    _claim_folders(config, root, output, resume, overwrite, rank, stream)
-    check_export_dir(config["export"]["hf_dir"])
-    kind, path, meta = find_start(root, resume, c["init_from"])
-    batches = make_batches(config, model_config(config), rank, world)
+    root, output = checkpoint_dir(recipe), Path(recipe.train.output_dir)
+    _claim_folders(recipe, root, output, resume, overwrite, rank, stream)
+    check_export_dir(recipe.export.hf_dir)
+    kind, path, meta = find_start(root, resume, recipe.checkpoint.init_from)
+    model_cfg = model_config(recipe)
+    batches = make_batches(recipe, model_cfg, rank, world)
+    model_cfg = model_for_data(model_cfg, batches)
     if kind is not None:
-        check_start(kind, path, meta, batches.model_config, t["steps"], global_batch, config["precision"])
-    check_compile(config, device)
-    if config["precision"]["fp8"]:
+        check_start(kind, path, meta, model_cfg, recipe.train.steps, global_batch, recipe.precision)
+    check_compile(recipe, device)
+    if recipe.precision.fp8:
         fp8.check_device(device)
-    engine, scheduler = build(config, batches.model_config, ds_config, device)
-    compile_model(engine.module, config)
-    run = _Run(config, rank, world, device, engine, scheduler, batches, batches.model_config, root, output,
+    engine, scheduler = build(recipe, model_cfg, ds_config, device)
+    compile_model(engine.module, recipe)
+    run = _Run(recipe, rank, world, device, engine, scheduler, batches, model_cfg, root, output,
                global_batch, accumulation, stream)
     if kind == "resume":  # validated on rank 0 by find_start: not hashed again
         state = checkpoint.load(engine, path, validated=meta)
@@ -237,20 +231,20 @@ def _start(config: dict, resume, deepspeed_config_path, stream, overwrite: bool)
     return run
 
 
-def _claim_folders(config: dict, root: Path, output: Path, resume, overwrite: bool, rank: int,
+def _claim_folders(recipe: Recipe, root: Path, output: Path, resume, overwrite: bool, rank: int,
                    stream) -> None:
     """Collective: the output folders become this run's (output.claim), and rank 0 removes what a
     killed run left there, before any rank reads them (the others wait in find_start's broadcast)."""
     # What --overwrite must not move away.
-    reads = {"checkpoint.init_from": config["checkpoint"]["init_from"],
-             "data.source": config["data"]["source"], "data.eval_source": config["data"]["eval_source"]}
+    reads = {"checkpoint.init_from": recipe.checkpoint.init_from,
+             "data.source": recipe.data.source, "data.eval_source": recipe.data.eval_source}
     moves = claim(output, root, resume, overwrite, reads)
     if rank != 0:
         return
     for folder, aside in moves:
         print(f"pretrain: moved the earlier run in {folder} to {aside}", file=stream or sys.stdout,
               flush=True)
-    removed = leftovers.remove(output, root, config["export"]["hf_dir"])
+    removed = leftovers.remove(output, root, recipe.export.hf_dir)
     if removed:
         print(f"pretrain: removed what a killed run left: {', '.join(map(str, removed))}",
               file=stream or sys.stdout, flush=True)
@@ -263,12 +257,12 @@ def _prepare_output(run: _Run, resume, kind, path, micro: int) -> None:
     if kind == "resume":
         checkpoint.point_latest(run.root, path)
     run.output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.output / RECIPE, dump_config(run.config))
+    atomic_write_text(run.output / RECIPE, dump_config(run.recipe))
     engine = run.engine
     precision = "bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "fp32"
     origin = (f"resumed from {path} at step {run.step}" if kind == "resume" else
               f"weights from {path}" if kind == "init_from" else "from scratch")
-    done = run.step == run.config["train"]["steps"]
+    done = run.step == run.recipe.train.steps
     last = " (the last step: nothing left to train, finishing the run)" if done else ""
     run.say(f"pretrain: {run.world} rank(s) on {run.device.type}, global batch {run.global_batch} = "
             f"{micro} x {run.accumulation} accumulation x {run.world}, "
@@ -291,21 +285,21 @@ class _Meters:
 
 def _run_steps(run: _Run, resume) -> list[dict]:
     """The steps from run.step to train.steps, or to a stop; returns the train records."""
-    t, lg, p = run.config["train"], run.config["log"], run.config["precision"]
-    m = _Meters(Reporter(run.output, run.rank, t["steps"], run.step, lg["tensorboard"], run.stream,
+    steps, lg, p = run.recipe.train.steps, run.recipe.log, run.recipe.precision
+    m = _Meters(Reporter(run.output, run.rank, steps, run.step, lg.tensorboard, run.stream,
                          resumed=bool(resume)),
-                Window(run.device), LossScaleWatch(p["min_loss_scale"], p["hysteresis"]),
-                FiniteWatch(run.device), Signals(), peak_tflops(run.device, lg["peak_tflops"]), [])
+                Window(run.device), LossScaleWatch(p.min_loss_scale, p.hysteresis),
+                FiniteWatch(run.device), Signals(), peak_tflops(run.device, lg.peak_tflops), [])
     stream = run.batches.stream()
     try:
-        while run.step < t["steps"]:
+        while run.step < steps:
             skipped_before, lr = run.engine.skipped_steps, run.scheduler.get_last_lr()[0]
             stop = _step(run, stream, m)
             run.step += 1
             _after_step(run, m, stop, skipped_before, lr)
             if stop:
                 break
-        if run.step == t["steps"]:
+        if run.step == steps:
             fingerprints = rank_fingerprints(run.engine, run.world)
             m.reporter.record({"step": run.step, "fingerprints": fingerprints,
                                "agree": len(set(fingerprints)) == 1}, kind="ranks")
@@ -338,7 +332,7 @@ def _step(run: _Run, stream, m: _Meters) -> bool:
             if "loss scale" not in str(err).lower():
                 raise
             raise TrainingStopped(f"step {run.step + 1}: {err} (precision.min_loss_scale="
-                                  f"{run.config['precision']['min_loss_scale']}); the run has diverged, "
+                                  f"{run.recipe.precision.min_loss_scale}); the run has diverged, "
                                   f"last good checkpoint: {run.last_saved or 'none'}. Use bf16, "
                                   "or a lower optimizer.lr / longer warmup.") from err
     return stop
@@ -360,11 +354,11 @@ def _check(run: _Run, m: _Meters, step_loss: torch.Tensor) -> bool:
 
 def _after_step(run: _Run, m: _Meters, stop: bool, skipped_before: int, lr: float) -> None:
     """The loss-scale watch, the log record, evaluation and the checkpoint of step run.step."""
-    engine, step, t = run.engine, run.step, run.config["train"]
+    engine, step = run.engine, run.step
     scale = loss_scale(engine)
     m.watch.update(step, engine.skipped_steps > skipped_before, scale, run.last_saved)
     m.reporter.step()
-    if step % run.config["log"]["every"] == 0 or step == t["steps"]:
+    if step % run.recipe.log.every == 0 or step == run.recipe.train.steps:
         record = {"step": step, **m.window.summary(run.world, m.peak), "lr": lr,
                   "grad_norm": global_grad_norm(engine), "loss_scale": scale,
                   "skipped_steps": int(engine.skipped_steps), "peak_memory_gb": _peak_memory_gb(run.device)}
@@ -373,7 +367,7 @@ def _after_step(run: _Run, m: _Meters, stop: bool, skipped_before: int, lr: floa
         m.window.reset()
     paused = time.perf_counter()  # evaluation and checkpoints are not training throughput
     if run.evaluates(step):
-        scores = evaluate(engine, run.batches, run.config["eval"]["batches"], run.device, run.world)
+        scores = evaluate(engine, run.batches, run.recipe.eval.batches, run.device, run.world)
         m.reporter.record({"step": step, **scores}, kind="eval")
     if stop or run.saves(step):
         run.last_saved = run.save(step)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from bert_fast.train import checkpoint, dist
 from bert_fast.train.checkpoint import CheckpointError
+from bert_fast.train.config import saved_recipe
+from bert_fast.train.recipe import PrecisionSection
 
 # BertConfig fields that decide the parameters' shapes (or what they compute): a checkpoint that
 # differs in any of them cannot be loaded into this run's model.
@@ -80,22 +82,22 @@ def find_start(root: Path, resume: str | None, init_from: str | None):
     return found
 
 
-def _fp8_history(precision: dict) -> int | None:
+def _fp8_history(precision: PrecisionSection) -> int | None:
     """The length of the FP8 amax histories a run's module holds (bert_fast/ops/fp8.py), None for none:
     only delayed scaling has that state."""
-    if precision.get("fp8") and precision.get("fp8_scaling", "current") == "delayed":
-        return precision.get("fp8_amax_history", 16)
+    if precision.fp8 and precision.fp8_scaling == "delayed":
+        return precision.fp8_amax_history
     return None
 
 
-def _fp8_described(precision: dict) -> str:
+def _fp8_described(precision: PrecisionSection) -> str:
     length = _fp8_history(precision)
     return ("no FP8 scaling state" if length is None else
             f"precision.fp8_scaling=delayed, precision.fp8_amax_history={length}")
 
 
 def check_start(kind: str, path: Path, meta: dict, model_cfg, steps: int, global_batch: int,
-                precision: dict | None = None) -> None:
+                precision: PrecisionSection | None = None) -> None:
     """Every rank: the checkpoint must fit this run's model, and a resumed one its batch, steps and
     FP8 scaling state (`precision`, this run's precision section; None skips that check)."""
     from bert_fast.train.export import checkpoint_model_config
@@ -115,8 +117,9 @@ def check_start(kind: str, path: Path, meta: dict, model_cfg, steps: int, global
         raise CheckpointError(f"{path}: saved with global batch {state['global_batch']}, this run's "
                               f"train.global_batch is {global_batch}; the data position and schedule "
                               "would not continue the run (set train.global_batch to match)")
-    saved_precision = (state.get("config") or {}).get("precision")
-    if precision is not None and saved_precision is not None:
+    saved = state.get("config") or {}
+    if precision is not None and "precision" in saved:  # a checkpoint's keys it lacks take the defaults
+        saved_precision = saved_recipe(saved, path).precision
         if _fp8_history(saved_precision) != _fp8_history(precision):
             raise CheckpointError(f"{path}: saved with {_fp8_described(saved_precision)}, this run has "
                                   f"{_fp8_described(precision)}; a resumed run needs the same FP8 scaling "

@@ -21,10 +21,11 @@ def lr_factor(step: int, total: int, warmup: int, decay: str = "poly", power: fl
     return min_ratio + (1.0 - min_ratio) * factor
 
 
-def scheduler(optimizer: torch.optim.Optimizer, config: dict) -> torch.optim.lr_scheduler.LambdaLR:
+def scheduler(optimizer: torch.optim.Optimizer, recipe) -> torch.optim.lr_scheduler.LambdaLR:
+    """The recipe's schedule (bert_fast/train/recipe.py Recipe) over `optimizer`'s learning rate."""
     from bert_fast.train.config import warmup_steps
 
-    s, total = config["schedule"], config["train"]["steps"]
-    warmup = warmup_steps(config)
+    s, total = recipe.schedule, recipe.train.steps
+    warmup = warmup_steps(recipe)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, s["decay"], s["power"], s["min_lr_ratio"]))
+        optimizer, lambda step: lr_factor(step, total, warmup, s.decay, s.power, s.min_lr_ratio))
