@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from bert_fast import fp8
-from bert_fast.model import BertForPreTraining, zero3_external_parameters
+from bert_fast.model import BertForPreTraining
 from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
 from bert_fast.train import schedule
 from bert_fast.train.partitions import zero_padding
@@ -140,11 +140,6 @@ def build(config: dict, model_cfg, ds_config: dict, device: torch.device):
     # Built on our optimizer once DeepSpeed has wrapped it (its param groups carry the lr under
     # every wrapper); the engine steps it at accumulation boundaries and checkpoints it.
     lr_scheduler = engine.lr_scheduler = schedule.scheduler(optimizer, config)
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        for module, param in zero3_external_parameters(engine.module):
-            deepspeed.zero.register_external_parameter(module, param)
     return engine, lr_scheduler
 
 
