@@ -37,7 +37,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,6 +47,8 @@ import torch
 from bert_fast import fp8
 from bert_fast.fileio import atomic_path, atomic_write_text
 from bert_fast.train import checksums, dist
+from bert_fast.train.deepspeed_compat import checkpoints as ds_checkpoints
+from bert_fast.train.deepspeed_compat.wrappers import full_numel
 from bert_fast.train.diskspace import disk_full_message, free_bytes, is_disk_full
 from bert_fast.train.partitions import zero_padding
 
@@ -56,27 +57,10 @@ FORMAT = 2  # 2: a sha256 per block of every file; 1: one sha256 per file up to 
 _FORMAT1_BLOCK = 64 << 20
 PARTIAL = ".partial"
 _TAG = re.compile(r"^step_(\d{8,})$")
-_RANK_FILE = re.compile(r"_pp_rank_(\d+)_")
 
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, partial, corrupted or incompatible; the message names it."""
-
-
-
-
-def _param_group_names(engine) -> list[list[str]] | None:
-    """Parameter names per optimizer group, in the order DeepSpeed's wrapper keeps its groups
-    (`fp16_groups`: the module's parameters, grouped as bert_fast.optim.param_groups made them);
-    maps the wrapper's fp32 master groups back to names. None without such a wrapper."""
-    groups = getattr(engine.optimizer, "fp16_groups", None)
-    if not isinstance(groups, list):
-        return None
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    try:
-        return [[names[id(p)] for p in group] for group in groups]
-    except (KeyError, TypeError):
-        return None
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -179,7 +163,8 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
                     "zero_stage": int(engine.zero_optimization_stage()),
                     "deepspeed_version": _deepspeed_version(), "torch_version": torch.__version__,
                     "git_revision": _git_revision(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "client_state": client_state, "param_group_names": _param_group_names(engine)}
+                    "client_state": client_state,
+                    "param_group_names": ds_checkpoints.param_group_names(engine)}
             _commit(root, staging, final, meta, keep, {k: v for o in outcomes for k, v in o.items()})
         except Exception as err:  # every rank must learn of it, or they wait at the next barrier
             error = _write_failure(err, staging, engine)
@@ -189,7 +174,6 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     return final
 
 
-@contextlib.contextmanager
 def _hashing_as_written(engine, hasher: checksums.Hasher):
     """DeepSpeed's checkpoint engine writes each file through `hasher.writer`, so its bytes are
     hashed by the hasher's threads while they are written (the bytes of torch.save to a path in
@@ -199,24 +183,11 @@ def _hashing_as_written(engine, hasher: checksums.Hasher):
     is computed in the writing thread, one core at ~1 GB/s, as long as the sha256 itself (BERT-large:
     4.7 GB, bench/checkpoint.py). Only DeepSpeed's default engine, which writes synchronously with
     torch.save; the files of any other are hashed once save_checkpoint returns."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    try:
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    except ImportError:
-        TorchCheckpointEngine = None
-    if TorchCheckpointEngine is None or type(ce) is not TorchCheckpointEngine or "save" in vars(ce):
-        yield
-        return
-
-    def save(state_dict, path):
+    def save(state_dict, path, zip_format: bool):
         with hasher.writer(path) as f, _without_zip_crc32():
-            torch.save(state_dict, f, _use_new_zipfile_serialization=ce.zipfile_serialization)
+            torch.save(state_dict, f, _use_new_zipfile_serialization=zip_format)
 
-    ce.save = save
-    try:
-        yield
-    finally:
-        del ce.save
+    return ds_checkpoints.checkpoint_writes(engine, save)
 
 
 @contextlib.contextmanager
@@ -293,8 +264,8 @@ def _space_needed(root: Path, engine) -> tuple[int | None, str]:
             continue
     try:
         params = list(engine.module.parameters())
-        count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-        size = sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 12) for p in params)
+        count = sum(full_numel(p) for p in params)
+        size = sum(full_numel(p) * (p.element_size() + 12) for p in params)
     except Exception:  # a failure path: never raise from here
         return None, "no earlier checkpoint to measure"
     return size, (f"estimated: {count:,} parameters with an fp32 master copy and two fp32 optimizer "
@@ -303,16 +274,16 @@ def _space_needed(root: Path, engine) -> tuple[int | None, str]:
 
 def _deepspeed_files(staging: Path, rank: int) -> list[Path]:
     """The files DeepSpeed wrote into `staging` for `rank`, which this rank makes durable and hashes:
-    its ZeRO partitions (`*_pp_rank_<rank>_*`) and, on rank 0, those of no rank (stage 0-2 model
-    states, zero_to_fp32.py). Never another rank's, which may still be written or renamed: rank 0
-    once opened rank 1's RNG file by its temporary name as rank 1 renamed it (FileNotFoundError,
-    1 run of the checkpoint tests in 20). The RNG files are made durable by atomic_path."""
+    its ZeRO partitions and, on rank 0, those of no rank (stage 0-2 model states, zero_to_fp32.py).
+    Never another rank's, which may still be written or renamed: rank 0 once opened rank 1's RNG
+    file by its temporary name as rank 1 renamed it (FileNotFoundError, 1 run of the checkpoint
+    tests in 20). The RNG files are made durable by atomic_path."""
     files = []
     for f in staging.iterdir():
         if f.name.startswith((".", "rng_rank")) or not f.is_file():
             continue
-        owner = _RANK_FILE.search(f.name)
-        if (int(owner.group(1)) if owner else 0) == rank:
+        owner = ds_checkpoints.file_rank(f.name)
+        if (owner if owner is not None else 0) == rank:
             files.append(f)
     return files
 
@@ -456,10 +427,6 @@ def resolve_resume(root: str | Path, resume: str) -> Path | None:
 
 # ---- load --------------------------------------------------------------------------------
 
-def _optimizer_partitioned(meta: dict) -> bool:
-    return any("zero_pp_rank_" in name and name.endswith("optim_states.pt") for name in meta["files"])
-
-
 def load(engine, path: str | Path, load_optimizer: bool = True, validated: dict | None = None) -> dict:
     """Collective. Loads the checkpoint into `engine` and restores this rank's RNG states;
     returns client_state. load_optimizer=False takes the weights only (any world size, any ZeRO
@@ -482,7 +449,7 @@ def load(engine, path: str | Path, load_optimizer: bool = True, validated: dict 
         _load_weights(engine, model_state_dict(path, validated=meta))
         zero_padding(engine)
         return meta["client_state"]
-    if saved_world != world and _optimizer_partitioned(meta):
+    if saved_world != world and ds_checkpoints.optimizer_partitioned(meta["files"]):
         raise CheckpointError(
             f"{path}: saved by {saved_world} ranks, this run has {world}; its optimizer state is "
             "partitioned per rank and DeepSpeed cannot re-partition it (resume with the same world "
@@ -514,59 +481,7 @@ def _load_weights(engine, state: dict[str, torch.Tensor]) -> None:
                 _load_module_weights(module, state)
     else:
         _load_module_weights(module, state)
-    _set_fp32_masters(engine, state)
-
-
-def _set_fp32_masters(engine, state: dict[str, torch.Tensor]) -> None:
-    """The masters from the fp32 values themselves, not from the (possibly bf16/fp16) module
-    copy, which would round them: FP16_UnfusedOptimizer (stage 0) by its groups, ZeRO-3 by its
-    partition layout, ZeRO 1/2 and BF16_Optimizer through DeepSpeed's per-parameter fragment
-    mapping; anything else is refreshed from the module copy."""
-    optimizer, module = engine.optimizer, engine.module
-    names = _param_group_names(engine)
-    fp32_groups = getattr(optimizer, "fp32_groups", None)
-    if names is not None and isinstance(fp32_groups, list) and all(
-            isinstance(t, torch.Tensor) for g in fp32_groups for t in g) and [len(g) for g in names] == [
-            len(g) for g in fp32_groups]:
-        with torch.no_grad():
-            for group_names, masters in zip(names, fp32_groups):
-                for name, master in zip(group_names, masters):
-                    master.copy_(state[name].to(master.device, master.dtype))
-        return
-    params = list(module.named_parameters())
-    if engine.zero_optimization_stage() == 3 and hasattr(optimizer, "fp32_partitioned_groups_flat"):
-        _set_stage3_masters(optimizer, {id(p): n for n, p in params}, state)
-        return
-    if params and all(hasattr(p, "_hp_mapping") for _, p in params):
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        for name, p in params:
-            safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))
-        return
-    if hasattr(optimizer, "refresh_fp32_params"):
-        optimizer.refresh_fp32_params()
-
-
-def _set_stage3_masters(optimizer, names: dict[int, str], state: dict[str, torch.Tensor]) -> None:
-    """ZeRO-3 masters: each sub-group's flat fp32 partition is, per parameter, this rank's
-    elements [rank * width, rank * width + held) of the flattened tensor, then padding (the layout
-    bert_fast/zero_lamb.py builds for LAMB). DeepSpeed's own set_full_hp_param slices past the end
-    of a padded last partition, and refresh_fp32_params would round to the 16-bit copy."""
-    from deepspeed import comm as dist
-
-    groups = getattr(optimizer, "sub_group_process_groups", None)
-    with torch.no_grad():
-        pairs = zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat)
-        for i, (params, flat) in enumerate(pairs):
-            rank = dist.get_rank(group=groups[i] if groups else optimizer.dp_process_group)
-            offset = 0
-            for p in params:
-                width = p.partition_numel()
-                held = min(width, max(0, p.ds_numel - rank * width))
-                if held:
-                    full = state[names[id(p)]].reshape(-1)
-                    flat[offset:offset + held].copy_(full[rank * width:rank * width + held])
-                offset += width
+    ds_checkpoints.set_fp32_masters(engine, state)
 
 
 def model_state_dict(path: str | Path, validated: dict | None = None) -> dict[str, torch.Tensor]:
@@ -576,15 +491,11 @@ def model_state_dict(path: str | Path, validated: dict | None = None) -> dict[st
     validated: what `validate(path)` returned moments ago (not hashed again); None validates."""
     path = Path(path)
     meta = validate(path) if validated is None else validated
-    if _optimizer_partitioned(meta):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    if ds_checkpoints.optimizer_partitioned(meta["files"]):
+        state = ds_checkpoints.consolidated_state_dict(path)
     else:
-        saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        state = _with_fp32_masters(dict(saved["module"]), saved.get("optimizer"),
-                                   meta.get("param_group_names"))
+        module, fp32_groups = ds_checkpoints.model_states(path)
+        state = _with_fp32_masters(module, fp32_groups, meta.get("param_group_names"))
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not fp8.is_state_key(k)}
 
 
@@ -597,11 +508,10 @@ def _load_module_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]
                            f"{missing}, unexpected keys {unexpected}")
 
 
-def _with_fp32_masters(state: dict, optimizer_state, group_names) -> dict:
-    """Stage 0 in bf16/fp16: "module" holds the 16-bit copy; FP16_UnfusedOptimizer's state_dict
-    holds the fp32 masters as `fp32_groups` (lists of tensors in param-group order), which the
-    manifest's `param_group_names` maps back to names. They replace the rounded copies."""
-    groups = optimizer_state.get("fp32_groups") if isinstance(optimizer_state, dict) else None
+def _with_fp32_masters(state: dict, groups, group_names) -> dict:
+    """Stage 0 in bf16/fp16: the module state holds the 16-bit copy, and the fp32 masters come as
+    `groups` (lists of tensors in param-group order), which the manifest's `param_group_names` maps
+    back to names. They replace the rounded copies."""
     if not groups or not group_names:
         return state
     pairs = [(n, t) for names, tensors in zip(group_names, groups) for n, t in zip(names, tensors)]

@@ -68,7 +68,8 @@ from bert_fast.train.config import (
     merge_deepspeed_config,
     model_config,
 )
-from bert_fast.train.engine import build, global_grad_norm, init_distributed, loss_scale
+from bert_fast.train.deepspeed_compat import global_grad_norm, loss_scale
+from bert_fast.train.engine import build, init_distributed
 from bert_fast.train.flops import peak_tflops, step_flops
 from bert_fast.train.metrics import Reporter, Window, checkpoint_record, repair_for_resume
 from bert_fast.train.output import RECIPE, claim
