@@ -56,8 +56,9 @@ import torch
 from bert_fast import fp8
 from bert_fast.fileio import atomic_write_text
 from bert_fast.labels import IGNORE_INDEX
-from bert_fast.train import checkpoint, dist, leftovers
+from bert_fast.train import checkpoint, checkpoint_load, dist, leftovers
 from bert_fast.train.batches import make_batches
+from bert_fast.train.checkpoint_manifest import CheckpointError
 from bert_fast.train.compiled import check_compile, compile_model
 from bert_fast.train.config import (
     batch_plan,
@@ -197,7 +198,7 @@ class _Run:
         try:
             return checkpoint.save(self.engine, self.root, step, state,
                                    keep=self.config["checkpoint"]["keep"])
-        except checkpoint.CheckpointError as err:
+        except CheckpointError as err:
             raise TrainingStopped(f"step {step}: checkpoint not saved: {err}. The last good checkpoint "
                                   f"is {self.last_saved or 'none'}") from None
 
@@ -228,11 +229,11 @@ def _start(config: dict, resume, deepspeed_config_path, stream, overwrite: bool)
     run = _Run(config, rank, world, device, engine, scheduler, batches, batches.model_config, root, output,
                global_batch, accumulation, stream)
     if kind == "resume":  # validated on rank 0 by find_start: not hashed again
-        state = checkpoint.load(engine, path, validated=meta)
+        state = checkpoint_load.load(engine, path, validated=meta)
         run.step, run.last_saved = state["step"], path
         batches.load_state_dict(state["data"])
     elif kind == "init_from":
-        checkpoint.load(engine, path, load_optimizer=False, validated=meta)
+        checkpoint_load.load(engine, path, load_optimizer=False, validated=meta)
     if rank == 0:
         _prepare_output(run, resume, kind, path, micro)
     return run
@@ -411,6 +412,6 @@ def _export(saved: Path, hf_dir: str, rank: int, stream) -> Path:
             error = f"{type(err).__name__}: {err}"
     error = dist.from_rank0(error)
     if error is not None:
-        raise checkpoint.CheckpointError(f"export.hf_dir={hf_dir}: exporting {saved} failed on rank 0: "
+        raise CheckpointError(f"export.hf_dir={hf_dir}: exporting {saved} failed on rank 0: "
                                          f"{error}")
     return Path(hf_dir)

@@ -14,7 +14,7 @@ Supported: DeepSpeed `SUPPORTED`, setup.py's requirement (constraints.txt pins a
 checked at engine start by `initialize`, which refuses any other version by name. Every function was
 checked against DeepSpeed 0.19.0 and 0.19.8; the `getattr` fallbacks are 0.19.0's (0.19.8 added
 `round_robin_bit16_offsets` and `sub_group_process_groups`). To support another DeepSpeed: check each
-function against its source, run the ZeRO tests (test_optim_zero.py, test_checkpoint.py,
+function against its source, run the ZeRO tests (test_optim_zero.py, test_checkpoint_ranks.py,
 test_pretrain_deepspeed.py, test_fp8_train.py) with it, then change setup.py and `SUPPORTED` together.
 
 ZeRO-3 needs no internals for the model itself: it gathers a module's parameters around that
