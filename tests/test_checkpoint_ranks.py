@@ -231,9 +231,12 @@ def test_ranks_exit_cleanly(zero_run):
 @pytest.mark.slow
 def test_zero3_trains_the_model_as_zero2_does(zero_run):
     """ZeRO-3 gathers each module's parameters around its own forward and backward; the model reads
-    parameters nowhere else, so three steps end where ZeRO-2's (whole parameters) do."""
+    parameters nowhere else, so three steps end where ZeRO-2's (whole parameters) do, up to the
+    gradients' reduction order, which Adam's g / sqrt(v) turns into ~1e-5 on near-zero gradients
+    (measured 1.7e-5 against steps of 1.9e-2). A parameter left out of the gather fails the forward;
+    one whose gradient is lost moves ~lr per step away: 1e-2, not 1e-4."""
     for r in zero_run[1]:
-        assert r["z3_changed"] > 1e-3 and r["z3_vs_z2"] <= 1e-6, r
+        assert r["z3_changed"] > 1e-3 and r["z3_vs_z2"] <= 0.01 * r["z3_changed"], r
 
 
 @pytest.mark.slow
