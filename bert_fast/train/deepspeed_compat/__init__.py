@@ -12,7 +12,8 @@ package names one of those internals.
 
 Supported: DeepSpeed `SUPPORTED`, setup.py's requirement (constraints.txt pins a version inside it),
 checked at engine start by `initialize`, which refuses any other version by name. Every function was
-checked against DeepSpeed 0.19.0 and 0.19.8; the `getattr` fallbacks are 0.19.0's (0.19.8 added
+read against DeepSpeed 0.19.0's and 0.19.8's source, and test_optim_zero.py, test_checkpoint_ranks.py
+and test_export.py pass with both; the `getattr` fallbacks are 0.19.0's (0.19.8 added
 `round_robin_bit16_offsets` and `sub_group_process_groups`). To support another DeepSpeed: check each
 function against its source, run the ZeRO tests (test_optim_zero.py, test_checkpoint_ranks.py,
 test_pretrain_deepspeed.py, test_fp8_train.py) with it, then change setup.py and `SUPPORTED` together.
@@ -128,7 +129,8 @@ def loss_scale(engine) -> float | None:
 
 def global_grad_norm(engine) -> float | None:
     """The last step's gradient norm: DeepSpeed's under ZeRO (`engine.get_global_grad_norm()`), else
-    the one our optimizer clipped with, found as the wrapper's client `optimizer` where there is one."""
+    the one our optimizer clipped with, found as the wrapper's client `optimizer` where there is one
+    (0.19.0-0.19.8: no engine method returns the client optimizer)."""
     value = engine.get_global_grad_norm()
     if value is None:
         client = getattr(engine.optimizer, "optimizer", engine.optimizer)

@@ -31,7 +31,8 @@ def file_rank(name: str) -> int | None:
 
 def optimizer_partitioned(names) -> bool:
     """Whether a checkpoint's files (names) hold per-rank ZeRO optimizer partitions
-    (`zero_pp_rank_*optim_states.pt`), which DeepSpeed cannot re-partition for another world size."""
+    (`zero_pp_rank_*optim_states.pt`, 0.19.0-0.19.8 names), which DeepSpeed cannot re-partition for
+    another world size."""
     return any("zero_pp_rank_" in name and name.endswith("optim_states.pt") for name in names)
 
 
@@ -47,8 +48,9 @@ def model_states(folder: Path) -> tuple[dict, list[list[torch.Tensor]] | None]:
 
 def consolidated_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The full fp32 state dict of a checkpoint whose optimizer state is partitioned per rank, put
-    together on the CPU by DeepSpeed's own zero_to_fp32 (`deepspeed.utils.zero_to_fp32`, which
-    prints its progress: sent to stderr, stdout is for results)."""
+    together on the CPU by DeepSpeed's own zero_to_fp32 (`deepspeed.utils.zero_to_fp32`, a module of
+    its package rather than of its API, 0.19.0-0.19.8; it prints its progress: sent to stderr,
+    stdout is for results)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     with contextlib.redirect_stdout(sys.stderr):

@@ -48,6 +48,8 @@ def attach(engine) -> None:
 # ---- the flat partitions of the optimizer wrappers -------------------------------------------
 
 def _rank_in(group) -> int:
+    """This rank's index in a wrapper's process group, through DeepSpeed's comm (its groups are its
+    own objects; 0.19.0-0.19.8)."""
     from deepspeed import comm as dist
 
     return dist.get_rank(group=group)
@@ -88,7 +90,7 @@ def _zero12_layouts(wrapper):
 def _bf16_layouts(wrapper):
     """BF16_Optimizer (ZeRO 1 with bf16 and `data_types.grad_accum_dtype: fp32`, bf16_optimizer.py):
     each group's tensors (`bf16_groups[i]`) back to back, padded, cut into equal partitions
-    (`bf16_partitioned_groups[i]`); this rank steps `fp32_groups_flat_partition[i]`."""
+    (`bf16_partitioned_groups[i]`); this rank steps `fp32_groups_flat_partition[i]` (0.19.0-0.19.8)."""
     pairs = []
     for i, partition in enumerate(wrapper.fp32_groups_flat_partition):
         group = wrapper.real_dp_process_group[i]
@@ -114,7 +116,7 @@ def _stage3_layouts(wrapper):
 def zero_layouts(wrapper) -> list[tuple[torch.Tensor, ZeroLayout]]:
     """(flat tensor the client optimizer steps, its ZeroLayout) for a DeepSpeed optimizer wrapper:
     the ones our configs reach for a client optimizer DeepSpeed did not build (FP16_Optimizer, for
-    instance, only wraps DeepSpeed's own FusedAdam)."""
+    instance, only wraps DeepSpeed's own FusedAdam). The classes are 0.19.0-0.19.8's."""
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
@@ -186,7 +188,7 @@ def _sub_groups(wrapper) -> list[SubGroup]:
     flattened tensor of `ds_numel` elements, zero padded at the end. Its process group is
     `sub_group_process_groups[i]` (0.19.0: `dp_process_group`); the 16-bit copy is
     `fp16_partitioned_groups_flat[i]` (None in fp32 runs) and the moments are the client
-    optimizer's state of the master."""
+    optimizer's state of the master. 0.19.0-0.19.8; no public API describes the partitions."""
     groups = getattr(wrapper, "sub_group_process_groups", None)
     state = getattr(getattr(wrapper, "optimizer", None), "state", {})
     subs = []
@@ -216,5 +218,6 @@ def stage3_sub_groups(engine) -> list[SubGroup]:
 
 
 def full_numel(param: torch.Tensor) -> int:
-    """A parameter's element count, also under ZeRO-3 (`ds_numel`), where it holds a partition."""
+    """A parameter's element count, also under ZeRO-3, where it holds a partition and its full size
+    is `ds_numel` (0.19.0-0.19.8)."""
     return getattr(param, "ds_numel", param.numel())
