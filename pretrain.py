@@ -22,7 +22,7 @@ import sys
 import threading
 import traceback
 
-from bert_fast.train.checkpoint import CheckpointError
+from bert_fast.train.checkpoint_manifest import CheckpointError
 from bert_fast.train.config import dump_config, load_config
 from bert_fast.train.engine import shutdown
 from bert_fast.train.loop import TrainingStopped, train

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from harness import BENCH_DIR, stamp, write_results
 
-from bert_fast.train import checkpoint, checksums
+from bert_fast.train import checkpoint, checkpoint_manifest, checksums
 from bert_fast.train.config import load_config, model_config
 from bert_fast.train.deepspeed_json import deepspeed_config
 from bert_fast.train.engine import build, init_distributed
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                 size = sum(f.stat().st_size for f in path.iterdir())
                 start = time.perf_counter()
                 if hasher is every_byte:
-                    checkpoint.validate(path)
+                    checkpoint_manifest.validate(path)
                 else:  # main's validate: sizes, and the sha256 of files up to 64 MiB
                     for f in path.iterdir():
                         f.stat()

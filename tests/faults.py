@@ -72,7 +72,7 @@ def install(site: str, n: int) -> None:
 
     import torch
 
-    from bert_fast.train import checkpoint, metrics
+    from bert_fast.train import checkpoint, checkpoint_manifest, metrics
     from bert_fast.train.metrics import Reporter
 
     count = _Counter(n)
@@ -117,7 +117,7 @@ def install(site: str, n: int) -> None:
             return hashed(*args)
         setattr(module, name, hashing)
     elif site in ("manifest", "latest"):
-        name = checkpoint.MANIFEST if site == "manifest" else "latest"
+        name = checkpoint_manifest.MANIFEST if site == "manifest" else "latest"
 
         def atomic_write_text(path, text):
             if Path(path).name == name and count.hit():

@@ -1,4 +1,5 @@
-"""Shared test helpers: the Hugging Face reference model, a padded batch, error measures."""
+"""Shared test helpers: the Hugging Face reference model, a padded batch and its packed form, error
+measures."""
 
 from __future__ import annotations
 
@@ -44,6 +45,31 @@ def padded_batch(config: BertConfig, lengths: list[int], seq: int, mask_prob=0.3
     next_sentence_label = torch.randint(0, 2, (batch,), generator=g)
     return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask,
                 mlm_labels=mlm_labels, next_sentence_label=next_sentence_label)
+
+
+def packed_from_padded(batch: dict, filler: int, empty_slots: int) -> dict:
+    """The packed form of a padded batch, built row by row: real tokens back to back, `filler`
+    pad rows after them, `empty_slots` empty sequences at the end, one MLM slot per label plus
+    three unused ones."""
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1).tolist()
+    ids, types, positions, labels, starts = [], [], [], [], []
+    for b, n in enumerate(lengths):
+        starts.append(len(ids))
+        for s in range(n):
+            if batch["mlm_labels"][b, s] != -100:
+                positions.append(len(ids))
+                labels.append(int(batch["mlm_labels"][b, s]))
+            ids.append(int(batch["input_ids"][b, s]))
+            types.append(int(batch["token_type_ids"][b, s]))
+    real = len(ids)
+    cu = [*starts, real] + [real] * empty_slots
+    return dict(input_ids=torch.tensor(ids + [0] * filler), token_type_ids=torch.tensor(types + [0] * filler),
+                cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=batch["input_ids"].shape[1],
+                mlm_positions=torch.tensor(positions + [0, real - 1, 0]),
+                mlm_labels=torch.tensor(labels + [-100] * 3),
+                next_sentence_label=torch.cat([batch["next_sentence_label"],
+                                               torch.full((empty_slots,), -100)]))
 
 
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

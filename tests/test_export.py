@@ -1,4 +1,4 @@
-"""`python -m bert_fast.train.export`: a ZeRO-3 checkpoint (from the 2-rank launch in test_checkpoint.py)
+"""`python -m bert_fast.train.export`: a ZeRO-3 checkpoint (from the 2-rank launch in test_checkpoint_ranks.py)
 exported as a Hugging Face folder loads in transformers with no missing or unexpected keys and
 gives our model's outputs; bad paths and invalid checkpoints fail with one line and exit status 2.
 
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_checkpoint import MODEL, _fake, launch
+from checkpoint_fixtures import fake_checkpoint as _fake
+from test_checkpoint_ranks import MODEL, launch
 
 from bert_fast.data.hf_tokenizer import FILES
 from bert_fast.data.prepare import PrepareSettings, prepare
 from bert_fast.data.shards import PreparedCorpus
 from bert_fast.model import BertForPreTraining
 from bert_fast.model.config import BertConfig
-from bert_fast.train import checkpoint as ckpt
-from bert_fast.train import export
+from bert_fast.train import checkpoint_load, checkpoint_manifest, export
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -51,7 +51,7 @@ def _vocab(path: Path, words, size: int | None = None) -> None:
 
 def _prepared(folder: Path, vocab_size: int) -> Path:
     """A small corpus prepared with a vocab of exactly `vocab_size` words, for exports of the
-    test_checkpoint run (whose config names no data source)."""
+    test_checkpoint_ranks run (whose config names no data source)."""
     folder.mkdir(parents=True)
     _vocab(folder / "vocab.txt", ["alpha", "beta", "gamma"], vocab_size)
     (folder / "a.txt").write_text("Alpha beta.\nGamma alpha.\n")
@@ -72,7 +72,7 @@ def test_zero3_export_loads_in_transformers_and_matches(zero_run, tmp_path, caps
     hf, info = transformers.BertForPreTraining.from_pretrained(hf_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     ours = BertForPreTraining(BertConfig.from_preset("tiny", **MODEL))
-    ours.load_state_dict(ckpt.model_state_dict(out / "z3" / "step_00000003"))
+    ours.load_state_dict(checkpoint_load.model_state_dict(out / "z3" / "step_00000003"))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, MODEL["vocab_size"], (3, 10), generator=g)
     mask = torch.ones_like(ids)
@@ -117,7 +117,7 @@ def test_cli_invalid_checkpoint_fails_cleanly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "step_00000004" in err and "rng_rank00000.pt" in err
     assert not (tmp_path / "hf").exists()
-    (path / ckpt.MANIFEST).unlink()
+    (path / checkpoint_manifest.MANIFEST).unlink()
     assert export.main([str(tmp_path / "ckpts"), str(tmp_path / "hf")]) == 2  # root -> latest -> partial
     assert "partial" in capsys.readouterr().err
 
@@ -127,7 +127,7 @@ def test_export_refuses_to_replace_other_folders(tmp_path):
     other = tmp_path / "notes"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(ckpt.CheckpointError, match="not an earlier export"):
+    with pytest.raises(checkpoint_manifest.CheckpointError, match="not an earlier export"):
         export.export_checkpoint(path, other)
     assert (other / "keep.txt").read_text() == "mine"
 
@@ -209,9 +209,9 @@ def test_exported_tokenizer_and_model_agree_with_prepare_and_ours(trained):
         shard_ids += [shard.tokens[a:b].tolist() for a, b in zip(shard.sentences[:-1], shard.sentences[1:])]
     assert [tokenizer(s, add_special_tokens=False)["input_ids"] for s in sentences] == shard_ids
 
-    checkpoint = ckpt.resolve_resume(root / "run" / "checkpoints", "auto")
-    ours = BertForPreTraining(export.checkpoint_model_config(ckpt.read_metadata(checkpoint), checkpoint))
-    ours.load_state_dict(ckpt.model_state_dict(checkpoint))
+    checkpoint = checkpoint_manifest.resolve_resume(root / "run" / "checkpoints", "auto")
+    ours = BertForPreTraining(export.checkpoint_model_config(checkpoint_manifest.read_metadata(checkpoint), checkpoint))
+    ours.load_state_dict(checkpoint_load.model_state_dict(checkpoint))
     hf = transformers.BertForPreTraining.from_pretrained(hf_dir).eval()
     special = corpus.special
     pairs = [(0, 1), (5, 9), (17, 2)]
@@ -268,7 +268,7 @@ def test_command_prints_what_it_wrote_with_the_modes_of_plain_writes(trained, tm
 def _fake_run(tmp_path, data: dict | None, vocab_size: int = 101) -> Path:
     """A checkpoint (weights not loadable) whose client_state holds a run config with `data`."""
     path = _fake(tmp_path / "ckpts", 4)
-    manifest = path / ckpt.MANIFEST
+    manifest = path / checkpoint_manifest.MANIFEST
     config = {"model": {"preset": "tiny"}, **({"data": data} if data is not None else {})}
     model = BertConfig.from_preset("tiny", vocab_size=vocab_size).to_dict()
     meta = json.loads(manifest.read_text())

@@ -26,7 +26,7 @@ import pytest
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
 from bert_fast.ops import extension  # noqa: E402
-from bert_fast.train import checkpoint  # noqa: E402
+from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
@@ -132,10 +132,10 @@ def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(
     assert f"done: step {STEPS}" in stdout, stdout[-2000:]
 
     final = f"step_{STEPS:08d}"
-    got = checkpoint.validate(out / "checkpoints" / final)
-    expected = checkpoint.validate(uninterrupted / "checkpoints" / final)
+    got = checkpoint_manifest.validate(out / "checkpoints" / final)
+    expected = checkpoint_manifest.validate(uninterrupted / "checkpoints" / final)
     assert got["files"] == expected["files"], f"{schedule}: the final checkpoint's bytes differ"  # every byte
-    weights, reference = (checkpoint.model_state_dict(p / "checkpoints" / final) for p in (out, uninterrupted))
+    weights, reference = (checkpoint_load.model_state_dict(p / "checkpoints" / final) for p in (out, uninterrupted))
     assert all(weights[k].equal(reference[k]) for k in reference) and weights.keys() == reference.keys()
 
     records, reference_records = _records(out), _records(uninterrupted)
@@ -146,7 +146,7 @@ def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(
 
     assert _tree(out) == _tree(uninterrupted), f"{schedule}: leftovers or missing files"
     for tree in (_tree(out), _tree(uninterrupted)):  # not even an empty staging folder
-        assert not [p for p in tree if p.endswith(".tmp") or checkpoint.PARTIAL in p], tree
+        assert not [p for p in tree if p.endswith(".tmp") or checkpoint_manifest.PARTIAL in p], tree
     assert (out / "checkpoints" / "latest").read_text() == final
     deadline = time.monotonic() + 15  # a killed run's DataLoader worker notices its parent is gone
     while _survivors(out) and time.monotonic() < deadline:
@@ -178,7 +178,7 @@ def test_a_full_disk_ends_the_run_in_seconds_with_one_line_and_the_run_resumes(t
     code, elapsed, stderr, proc = _timed(out, "data.workers=2", "train.steps=8", fault=("enospc", 2))
     assert code == 1 and elapsed < 30 and "Traceback" not in stderr, (code, elapsed, stderr[-3000:])
     line = _one_line(stderr)
-    first = checkpoint.validate(root / "step_00000002")
+    first = checkpoint_manifest.validate(root / "step_00000002")
     needed = sum(entry["size"] for entry in first["files"].values())
     assert f"no space left on device writing {root / '.partial' / 'step_00000004'}: checkpoint step_00000004 " \
            f"needs {needed / 1e6:.1f} MB ({needed:,} bytes, the size of step_00000002), its file system has " in line
@@ -216,7 +216,7 @@ def large_file_checkpoint(tmp_path_factory) -> Path:
     Adam's two moments, ZeRO stage 0, fp32) is about 130 MB, over the 64 MiB that main hashed."""
     out = tmp_path_factory.mktemp("large")
     _run(out, "data.source=synthetic", "model.preset=mini", "train.steps=1", "eval.every=0")
-    return checkpoint.resolve_resume(out / "checkpoints", "auto")
+    return checkpoint_manifest.resolve_resume(out / "checkpoints", "auto")
 
 
 def test_a_byte_flip_past_64_mib_is_refused_by_resume_init_from_and_export(large_file_checkpoint, tmp_path):
@@ -231,8 +231,8 @@ def test_a_byte_flip_past_64_mib_is_refused_by_resume_init_from_and_export(large
         f.seek(offset)
         f.write(bytes([byte[0] ^ 0x40]))
     where = f"mp_rank_00_model_states.pt bytes {64 << 20}-{min(size, 128 << 20) - 1}"
-    with pytest.raises(checkpoint.CheckpointError, match=where):
-        checkpoint.validate(path)
+    with pytest.raises(checkpoint_manifest.CheckpointError, match=where):
+        checkpoint_manifest.validate(path)
 
     _, _, stderr = _run(path.parent.parent, "data.source=synthetic", "model.preset=mini", "train.steps=2",
                         "--resume", str(path), expect=2)

@@ -332,7 +332,7 @@ def test_devices_without_fp8_are_refused_naming_the_key(monkeypatch):
 
 
 def test_resume_needs_the_same_fp8_scaling_state(tmp_path):
-    from bert_fast.train.checkpoint import CheckpointError
+    from bert_fast.train.checkpoint_manifest import CheckpointError
     from bert_fast.train.preflight import check_start
 
     config = BertConfig.from_preset("tiny", vocab_size=500)
@@ -353,10 +353,10 @@ def test_resume_needs_the_same_fp8_scaling_state(tmp_path):
 
 
 def test_weights_only_loads_leave_fp8_state_fresh_and_stay_strict_otherwise():
-    """init_from and exports take a checkpoint's weights (checkpoint.model_state_dict drops FP8
+    """init_from and exports take a checkpoint's weights (checkpoint_load.model_state_dict drops FP8
     state): into a model with FP8 state they load, the state left as it was; anything else missing
     or unexpected is still an error."""
-    from bert_fast.train.checkpoint import _load_module_weights
+    from bert_fast.train.checkpoint_load import _load_module_weights
 
     source = _model(Fp8Recipe("delayed"), seed=1)
     weights = {k: v for k, v in source.state_dict().items() if not fp8.is_state_key(k)}

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 
 from bert_fast.ops import extension, fp8  # noqa: E402
 from bert_fast.ops.fp8 import Fp8Recipe, Fp8State  # noqa: E402
-from bert_fast.train import checkpoint  # noqa: E402
+from bert_fast.train import checkpoint_load  # noqa: E402
 from bert_fast.train.engine import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
@@ -80,7 +80,7 @@ def _state(saved: Path) -> dict[str, torch.Tensor]:
     ranks = [torch.load(f, map_location="cpu", weights_only=False)["module"] for f in files]
     state = {k: v for k, v in ranks[0].items() if fp8.is_state_key(k)}
     assert state and all(torch.equal(r[k], v) for r in ranks for k, v in state.items())
-    return {**state, **checkpoint.model_state_dict(saved)}
+    return {**state, **checkpoint_load.model_state_dict(saved)}
 
 
 @pytest.mark.parametrize("ranks, stage", [(1, 0), (2, 0), (2, 3)], ids=["1rank-zero0", "2ranks-zero0", "2ranks-zero3"])
@@ -102,7 +102,7 @@ def test_resume_from_a_mid_run_checkpoint_is_bit_exact(tmp_path, ranks, stage):
     saved = out / "checkpoints" / "step_00000010"
     history = _state(saved)["bert.layers.1.fp8.ffn_out.amax_history"]
     assert history.dtype == torch.float32 and (history > 0).all()  # 10 steps filled all 4 slots
-    assert not any(fp8.is_state_key(k) for k in checkpoint.model_state_dict(saved))  # weights only
+    assert not any(fp8.is_state_key(k) for k in checkpoint_load.model_state_dict(saved))  # weights only
 
     final = out / "checkpoints" / "step_00000020"
     before = _state(final)

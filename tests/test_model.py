@@ -110,3 +110,67 @@ def test_initialisation_follows_bert():
     assert torch.all(model.bert.layers[0].qkv.bias == 0)
     assert torch.all(model.mlm_norm.weight == 1) and torch.all(model.mlm_bias == 0)
     assert model.decoder_weight is word
+
+
+class _PartitionedOutsideForward:
+    """What DeepSpeed ZeRO-3 does to the parameters: each module's own (recurse=False) are
+    present only while its forward runs and an empty tensor otherwise. A module whose forward
+    reads another module's parameter then meets an empty tensor and fails."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.full = {p: p.data for p in model.parameters()}
+        self.hooks, self.calls = [], []
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if own:
+                self.hooks.append(module.register_forward_pre_hook(lambda m, args, own=own: self._gather(m, own)))
+                self.hooks.append(module.register_forward_hook(lambda m, args, out, own=own: self._release(own)))
+
+    def _gather(self, module, own):
+        self.calls.append(module)
+        for p in own:
+            p.data = self.full[p]
+
+    def _release(self, own):
+        for p in own:
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    def __enter__(self):
+        self._release(self.full)
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+        for p, data in self.full.items():
+            p.data = data
+
+
+@pytest.mark.parametrize("backend, fp8_scaling", [("torch", None), ("fast", None), ("torch", "delayed")])
+def test_every_parameter_is_read_inside_its_own_modules_forward(backend, fp8_scaling):
+    """DeepSpeed ZeRO-3 gathers a module's parameters around that module's forward only, so this
+    is what lets it train the model with no parameter registered as external (fused ops read
+    their bias, LayerNorm and tables inside those modules' forwards). Emulated, the padded forward
+    (losses, MLM logits at the predicted positions, full logits) and the packed one give what they
+    give with every parameter in place, and every module holding parameters ran."""
+    from bert_fast.ops import fp8
+    from helpers import packed_from_padded
+
+    model = small_model(backend=backend, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if fp8_scaling:
+        fp8.enable(model, fp8.Fp8Recipe(fp8_scaling))
+    batch = padded_batch(model.config, lengths=[16, 9, 2], seq=16)
+    runs = {"padded": lambda: model(**batch, return_mlm_logits=True),
+            "logits": lambda: model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"]),
+            "packed": lambda: model(**packed_from_padded(batch, filler=5, empty_slots=1))}
+    for name, run in runs.items():
+        state = {k: v.clone() for k, v in model.state_dict().items()}  # FP8 histories roll per forward
+        expected = run()
+        model.load_state_dict(state)
+        with _PartitionedOutsideForward(model) as emulation:
+            got = run()
+        assert {id(m) for m in emulation.calls} == {
+            id(m) for m in model.modules() if any(True for _ in m.parameters(recurse=False))}, name
+        for field, value in expected.items():
+            if value is not None:
+                torch.testing.assert_close(got[field], value, rtol=0, atol=0, msg=f"{name}: {field}")

@@ -68,12 +68,12 @@ def _config(stage, zero_optimization=None, **extra):
 def _train_zero(stage, rank, naive=False, optimizer="FusedLAMB", **extra):
     from bert_fast import optim
     from bert_fast.optim import param_groups
-    from bert_fast.optim import zero as zero_lamb
     from bert_fast.optim.fused import ZeroLayout
+    from bert_fast.train import deepspeed_compat
 
     model = _model()
     opt = getattr(optim, optimizer)(param_groups(model, 0.01), **LAMB)
-    engine, *_ = zero_lamb.initialize(model, opt, _config(stage, **extra))
+    engine, *_ = deepspeed_compat.initialize(model, opt, _config(stage, **extra))
     if naive:  # one trust ratio per flat partition: what a per-tensor LAMB computes under ZeRO
         for p, layout in list(engine.optimizer.optimizer._zero.items()):
             # Every real element in one slot. Not [0, total): ZeRO-3 partitions hold padding
@@ -110,7 +110,7 @@ def _train_single(optimizer_cls):  # a FusedLAMB, FusedAdamW or LAMBReference cl
 
 def _refusals():
     from bert_fast.optim import FusedLAMB
-    from bert_fast.optim import zero as zero_lamb
+    from bert_fast.train import deepspeed_compat
 
     opt = FusedLAMB(_model().parameters())
     bad = {"offload": _config(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}}),
@@ -119,7 +119,7 @@ def _refusals():
     messages = {}
     for name, config in bad.items():
         try:
-            zero_lamb.initialize(_model(), opt, config)
+            deepspeed_compat.initialize(_model(), opt, config)
             messages[name] = None
         except ValueError as err:
             messages[name] = str(err)
@@ -267,4 +267,4 @@ def test_inexact_settings_are_refused_by_name(zero_results, name, setting):
 
 def test_zero_without_layout_refuses_to_step(zero_results):
     for r in zero_results:
-        assert r["refusals"]["no_attach"] is not None and "zero_lamb" in r["refusals"]["no_attach"]
+        assert r["refusals"]["no_attach"] is not None and "deepspeed_compat" in r["refusals"]["no_attach"]

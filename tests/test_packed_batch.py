@@ -8,34 +8,9 @@ import torch
 from bert_fast import BertConfig, BertForPreTraining
 from bert_fast.ops import padding
 from bert_fast.optim import FusedLAMB
-from helpers import count_launches_and_syncs, padded_batch
+from helpers import count_launches_and_syncs, packed_from_padded, padded_batch
 
 LENGTHS = [16, 7, 11, 1]
-
-
-def packed_from_padded(batch: dict, filler: int, empty_slots: int) -> dict:
-    """The packed form of a padded batch, built row by row: real tokens back to back, `filler`
-    pad rows after them, `empty_slots` empty sequences at the end, one MLM slot per label plus
-    three unused ones."""
-    mask = batch["attention_mask"].bool()
-    lengths = mask.sum(1).tolist()
-    ids, types, positions, labels, starts = [], [], [], [], []
-    for b, n in enumerate(lengths):
-        starts.append(len(ids))
-        for s in range(n):
-            if batch["mlm_labels"][b, s] != -100:
-                positions.append(len(ids))
-                labels.append(int(batch["mlm_labels"][b, s]))
-            ids.append(int(batch["input_ids"][b, s]))
-            types.append(int(batch["token_type_ids"][b, s]))
-    real = len(ids)
-    cu = [*starts, real] + [real] * empty_slots
-    return dict(input_ids=torch.tensor(ids + [0] * filler), token_type_ids=torch.tensor(types + [0] * filler),
-                cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=batch["input_ids"].shape[1],
-                mlm_positions=torch.tensor(positions + [0, real - 1, 0]),
-                mlm_labels=torch.tensor(labels + [-100] * 3),
-                next_sentence_label=torch.cat([batch["next_sentence_label"],
-                                               torch.full((empty_slots,), -100)]))
 
 
 def model(backend: str, seed: int = 0) -> BertForPreTraining:

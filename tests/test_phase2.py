@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
 from bert_fast.ops import extension  # noqa: E402
-from bert_fast.train import checkpoint  # noqa: E402
+from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
@@ -50,10 +50,10 @@ def test_phase2_takes_phase1_weights(phase1, tmp_path):
     records = _pretrain(phase2, "train.steps=3", "data.seq_length=64", "schedule.warmup_steps=2",
                         "optimizer.lr=0.0", f"checkpoint.init_from={phase1 / 'checkpoints'}")
     assert [r["step"] for r in records] == [1, 2, 3]  # a fresh step count
-    start = checkpoint.model_state_dict(checkpoint.resolve_resume(phase1 / "checkpoints", "auto"))
-    end_path = checkpoint.resolve_resume(phase2 / "checkpoints", "auto")
-    assert checkpoint.read_metadata(end_path)["step"] == 3
-    end = checkpoint.model_state_dict(end_path)
+    start = checkpoint_load.model_state_dict(checkpoint_manifest.resolve_resume(phase1 / "checkpoints", "auto"))
+    end_path = checkpoint_manifest.resolve_resume(phase2 / "checkpoints", "auto")
+    assert checkpoint_manifest.read_metadata(end_path)["step"] == 3
+    end = checkpoint_load.model_state_dict(end_path)
     assert start.keys() == end.keys()
     for name in start:
         torch.testing.assert_close(end[name], start[name], rtol=0, atol=0, msg=name)

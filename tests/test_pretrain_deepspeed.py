@@ -28,7 +28,7 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make instal
 from ranks import last_words  # noqa: E402
 
 from bert_fast.ops import extension  # noqa: E402
-from bert_fast.train import checkpoint  # noqa: E402
+from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
 from bert_fast.train.engine import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
@@ -102,7 +102,7 @@ def test_zero2_learns_logs_and_ranks_agree(straight):
     ranks = _records(straight, "ranks")
     assert len(ranks) == 1 and ranks[0]["agree"] and len(ranks[0]["fingerprints"]) == 2
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
-    assert checkpoint.resolve_resume(straight / "checkpoints", "auto").name == f"step_{STEPS:08d}"
+    assert checkpoint_manifest.resolve_resume(straight / "checkpoints", "auto").name == f"step_{STEPS:08d}"
 
 
 def _children(pid: int) -> list[int]:
@@ -127,9 +127,9 @@ def interrupted(tmp_path_factory):
         os.kill(pid, signal.SIGTERM)
     log, _ = launcher.communicate(timeout=120)
     assert launcher.returncode == 0, _why(subprocess.CompletedProcess(launcher.args, launcher.returncode, log, ""))
-    saved = checkpoint.resolve_resume(out / "checkpoints", "auto")
+    saved = checkpoint_manifest.resolve_resume(out / "checkpoints", "auto")
     assert saved is not None and "resume with --resume auto" in log
-    stopped_at = checkpoint.read_metadata(saved)["step"]
+    stopped_at = checkpoint_manifest.read_metadata(saved)["step"]
     assert 20 <= stopped_at < STEPS, stopped_at
     resumed = _run(out, "zero.stage=2", "--resume", "auto")
     assert f"resumed from {saved} at step {stopped_at}" in resumed.stdout
@@ -152,10 +152,10 @@ def test_corrupted_checkpoint_is_refused_and_auto_falls_back(interrupted):
     victim = max((f for f in newest.iterdir() if f.suffix == ".pt"), key=lambda f: f.stat().st_size)
     with victim.open("r+b") as f:
         f.truncate(victim.stat().st_size // 2)  # a crash mid-write, or a damaged disk
-    with pytest.raises(checkpoint.CheckpointError, match=str(newest)):
-        checkpoint.resolve_resume(root, str(newest))
+    with pytest.raises(checkpoint_manifest.CheckpointError, match=str(newest)):
+        checkpoint_manifest.resolve_resume(root, str(newest))
     with pytest.warns(UserWarning, match=newest.name):
-        assert checkpoint.resolve_resume(root, "auto") == root / f"step_{stopped_at:08d}"
+        assert checkpoint_manifest.resolve_resume(root, "auto") == root / f"step_{stopped_at:08d}"
     done = subprocess.run([sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
                            f"train.output_dir={out}", *COMMON, "--resume", str(newest)],
                           cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300)
@@ -175,9 +175,9 @@ def test_zero3_bf16_lamb_learns_and_exports_to_transformers(tmp_path):
     assert sum(r["mlm_loss"] for r in train[-5:]) < sum(r["mlm_loss"] for r in train[:5]) - 2.5
     assert _records(out, "ranks")[0]["agree"]
 
-    path = checkpoint.resolve_resume(out / "checkpoints", "auto")
-    ours = BertForPreTraining(checkpoint_model_config(checkpoint.read_metadata(path), path))
-    ours.load_state_dict(checkpoint.model_state_dict(path))
+    path = checkpoint_manifest.resolve_resume(out / "checkpoints", "auto")
+    ours = BertForPreTraining(checkpoint_model_config(checkpoint_manifest.read_metadata(path), path))
+    ours.load_state_dict(checkpoint_load.model_state_dict(path))
     hf = transformers.BertForPreTraining.from_pretrained(hf_dir).eval()
     ours.eval()
     g = torch.Generator().manual_seed(0)

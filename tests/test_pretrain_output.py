@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bert_fast.train import checkpoint
+from bert_fast.train import checkpoint_manifest
 from bert_fast.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ def test_done_report_names_the_output_folder_checkpoint_and_export(one_run):
                           f"  last checkpoint: {saved}",
                           f"  export:          none (set export.hf_dir, or run: bert-fast export {saved} "
                           "<folder>)"], report
-    assert checkpoint.resolve_resume(out / "checkpoints", "auto") == saved
+    assert checkpoint_manifest.resolve_resume(out / "checkpoints", "auto") == saved
 
 
 @pytest.mark.slow
@@ -109,7 +109,7 @@ def test_two_runs_one_folder(one_run, tmp_path):
     assert _train_steps(out) == [1, 2, 3] and _train_steps(aside) == [1, 2]
     root = out / "checkpoints"
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002", "step_00000003"]  # keep 2
-    assert (root / "latest").read_text() == checkpoint.resolve_resume(root, "auto").name == "step_00000003"
+    assert (root / "latest").read_text() == checkpoint_manifest.resolve_resume(root, "auto").name == "step_00000003"
     assert load_config(out / "config.yaml").model.preset == "mini"
 
 

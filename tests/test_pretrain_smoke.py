@@ -83,11 +83,11 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp
          "eval.every=0", "log.every=1"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1, result.stderr[-2000:]
     assert "not finite" in result.stderr and "last good checkpoint is" in result.stderr, result.stderr[-2000:]
-    from bert_fast.train import checkpoint
+    from bert_fast.train import checkpoint_manifest
 
-    kept = checkpoint.resolve_resume(tmp_path / "checkpoints", "auto")
+    kept = checkpoint_manifest.resolve_resume(tmp_path / "checkpoints", "auto")
     assert kept is not None and str(kept) in result.stderr
-    assert checkpoint.read_metadata(kept)["step"] < 20
+    assert checkpoint_manifest.read_metadata(kept)["step"] < 20
 
 
 def test_end_process_keeps_buffered_output_and_the_exit_code():

@@ -10,17 +10,17 @@ import os
 import pytest
 import torch
 
-from bert_fast.train import checkpoint, leftovers, metrics
+from bert_fast.train import checkpoint, checkpoint_manifest, leftovers, metrics
 from bert_fast.train.diskspace import DiskFullError, free_bytes, is_disk_full, write_error
 from bert_fast.train.metrics import Reporter, repair_for_resume
 
 
 def _checkpoint(root, step):
     """A valid checkpoint folder, made by the real commit step."""
-    staging = root / checkpoint.PARTIAL / f"step_{step:08d}"
+    staging = root / checkpoint_manifest.PARTIAL / f"step_{step:08d}"
     staging.mkdir(parents=True)
     torch.save({"step": step}, staging / "rng_rank00000.pt")
-    meta = {"format": checkpoint.FORMAT, "step": step, "tag": staging.name, "world_size": 1, "zero_stage": 0,
+    meta = {"format": checkpoint_manifest.FORMAT, "step": step, "tag": staging.name, "world_size": 1, "zero_stage": 0,
             "client_state": {"step": step}}
     checkpoint._commit(root, staging, root / staging.name, meta, keep=0)
     return root / staging.name
@@ -30,8 +30,8 @@ def test_a_killed_runs_leftovers_are_found_and_removed_and_nothing_else(tmp_path
     out, root = tmp_path / "run", tmp_path / "run" / "checkpoints"
     kept = [_checkpoint(root, 4), _checkpoint(root, 6), root / "latest"]
     half_pruned = _checkpoint(root, 2)
-    (half_pruned / checkpoint.MANIFEST).unlink()  # pruning deletes the manifest first
-    left = [root / checkpoint.PARTIAL / "step_00000008", root / ".latest.k2x9ab.tmp", half_pruned,
+    (half_pruned / checkpoint_manifest.MANIFEST).unlink()  # pruning deletes the manifest first
+    left = [root / checkpoint_manifest.PARTIAL / "step_00000008", root / ".latest.k2x9ab.tmp", half_pruned,
             out / ".metrics.jsonl.q1w2e3.tmp", out / ".config.yaml.z9y8x7.tmp",
             tmp_path / ".hf.1a2b.tmp", tmp_path / ".hf.1a2b.tmp.old"]
     (left[0]).mkdir(parents=True)
@@ -46,18 +46,18 @@ def test_a_killed_runs_leftovers_are_found_and_removed_and_nothing_else(tmp_path
     for f in mine:
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text("x")
-    expected = sorted([root / checkpoint.PARTIAL, *left[1:]])
+    expected = sorted([root / checkpoint_manifest.PARTIAL, *left[1:]])
     assert leftovers.find(out, root, str(tmp_path / "hf")) == expected
     assert leftovers.remove(out, root, str(tmp_path / "hf")) == expected
     assert not any(p.exists() for p in expected)
     assert all(p.exists() for p in kept + mine)
-    assert checkpoint.resolve_resume(root, "auto") == kept[1]
+    assert checkpoint_manifest.resolve_resume(root, "auto") == kept[1]
     assert leftovers.find(out, root, str(tmp_path / "hf")) == []
 
 
 def test_an_empty_staging_folder_goes_once_a_checkpoint_is_committed(tmp_path):
     _checkpoint(tmp_path, 2)
-    assert not (tmp_path / checkpoint.PARTIAL).exists()
+    assert not (tmp_path / checkpoint_manifest.PARTIAL).exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000002"]
 
 

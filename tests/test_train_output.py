@@ -1,7 +1,7 @@
 """One run per output folder (bert_fast/train/output.py): a run that does not resume refuses a
 folder holding an earlier run, naming the ways out, and `--overwrite` moves that run aside whole;
 a rollback to an older checkpoint beside later ones is refused. World of one, no DeepSpeed; the
-same decision on 2 ranks is checked in test_checkpoint.py's launch, end to end in
+same decision on 2 ranks is checked in test_checkpoint_ranks.py's launch, end to end in
 test_pretrain_output.py."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import re
 import pytest
 import torch
 
-from bert_fast.train import checkpoint
-from bert_fast.train.checkpoint import CheckpointError
+from bert_fast.train import checkpoint, checkpoint_manifest
+from bert_fast.train.checkpoint_manifest import CheckpointError
 from bert_fast.train.output import claim, earlier_run
 from bert_fast.train.preflight import find_start
 
@@ -26,10 +26,10 @@ def _run(output, root=None, steps=(4,)):
     (output / "metrics.jsonl").write_text('{"kind": "train", "step": 4}\n')
     (output / "config.yaml").write_text("train:\n  steps: 4\n")
     for step in steps:
-        staging = root / checkpoint.PARTIAL / f"step_{step:08d}"
+        staging = root / checkpoint_manifest.PARTIAL / f"step_{step:08d}"
         staging.mkdir(parents=True)
         torch.save({"step": step}, staging / "rng_rank00000.pt")
-        meta = {"format": checkpoint.FORMAT, "step": step, "tag": staging.name, "world_size": 1,
+        meta = {"format": checkpoint_manifest.FORMAT, "step": step, "tag": staging.name, "world_size": 1,
                 "zero_stage": 0, "client_state": {"step": step}}
         checkpoint._commit(root, staging, root / staging.name, meta, keep=0)
     return root
@@ -47,8 +47,8 @@ def test_everything_an_earlier_run_leaves_is_found(tmp_path):
     found = {p.relative_to(output).as_posix() for p in earlier_run(output, output / "checkpoints")}
     assert found == {"metrics.jsonl", "config.yaml", "tensorboard", "checkpoints/latest",
                      "checkpoints/step_00000002", "checkpoints/step_00000004"}
-    (output / "checkpoints" / checkpoint.PARTIAL / "step_00000006").mkdir(parents=True)  # a save that crashed
-    assert output / "checkpoints" / checkpoint.PARTIAL in earlier_run(output, output / "checkpoints")
+    (output / "checkpoints" / checkpoint_manifest.PARTIAL / "step_00000006").mkdir(parents=True)  # a save that crashed
+    assert output / "checkpoints" / checkpoint_manifest.PARTIAL in earlier_run(output, output / "checkpoints")
 
 
 def test_a_new_folder_or_one_without_a_run_is_taken(tmp_path):
@@ -101,7 +101,7 @@ def test_a_separate_checkpoint_folder_is_checked_and_moved_too(tmp_path):
         claim(output, root, None, False)
     moves = claim(output, root, None, True)
     assert [folder for folder, _ in moves] == [root] and not root.exists()
-    assert checkpoint.checkpoints(moves[0][1])
+    assert checkpoint_manifest.checkpoints(moves[0][1])
 
 
 @pytest.mark.parametrize("checkpoint_dir", ["run", "run/checkpoints", "run/deeper/ckpt", "."])
@@ -112,7 +112,7 @@ def test_overwrite_renames_each_folder_once(tmp_path, checkpoint_dir):
     _run(output, root)
     moves = claim(output, root, None, True)
     assert len(moves) == 1 and moves[0][0] == (tmp_path / "runs" if checkpoint_dir == "." else output)
-    assert checkpoint.checkpoints(moves[0][1] / root.relative_to(moves[0][0]))
+    assert checkpoint_manifest.checkpoints(moves[0][1] / root.relative_to(moves[0][0]))
 
 
 def test_resume_continues_and_overwrite_keeps_what_the_run_still_reads(tmp_path, monkeypatch):
@@ -132,7 +132,7 @@ def test_resume_continues_and_overwrite_keeps_what_the_run_still_reads(tmp_path,
 
 def test_resuming_an_older_checkpoint_beside_later_ones_is_refused(tmp_path):
     root = _run(tmp_path / "run", steps=(2, 4, 6))
-    (root / "step_00000006" / checkpoint.MANIFEST).unlink()  # damaged: not a later history
+    (root / "step_00000006" / checkpoint_manifest.MANIFEST).unlink()  # damaged: not a later history
     with pytest.warns(UserWarning, match="skipping checkpoint .*step_00000006"):
         kind, path, meta = find_start(root, "auto", None)
     assert (kind, path.name, meta["step"]) == ("resume", "step_00000004", 4)
@@ -140,5 +140,5 @@ def test_resuming_an_older_checkpoint_beside_later_ones_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=rf"--resume {root}/step_00000002: {root} holds later checkpoints "
                                               r"\(step_00000004\).*--resume auto"):
         find_start(root, str(root / "step_00000002"), None)
-    assert json.loads((root / "step_00000004" / checkpoint.MANIFEST).read_text())["step"] == 4
+    assert json.loads((root / "step_00000004" / checkpoint_manifest.MANIFEST).read_text())["step"] == 4
     assert os.listdir(root / "step_00000002")

@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
 from bert_fast.ops import extension  # noqa: E402
-from bert_fast.train import checkpoint  # noqa: E402
+from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
@@ -60,8 +60,8 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, log[-3000:]
     assert "resume with --resume auto" in log, log[-3000:]
-    saved = checkpoint.resolve_resume(tmp_path / "checkpoints", "auto")
-    assert saved is not None and 3 <= checkpoint.read_metadata(saved)["step"] < 500
+    saved = checkpoint_manifest.resolve_resume(tmp_path / "checkpoints", "auto")
+    assert saved is not None and 3 <= checkpoint_manifest.read_metadata(saved)["step"] < 500
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +71,16 @@ def bf16_stage0(tmp_path_factory):
     done = subprocess.run(_command(out, "data.workers=0", "train.steps=3", "precision.bf16=true", "zero.stage=0"),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return checkpoint.resolve_resume(out / "checkpoints", "auto")
+    return checkpoint_manifest.resolve_resume(out / "checkpoints", "auto")
 
 
 def test_stage0_bf16_weights_are_the_fp32_masters(bf16_stage0):
     import torch
 
     path = bf16_stage0
-    state = checkpoint.model_state_dict(path)
+    state = checkpoint_load.model_state_dict(path)
     saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    names = checkpoint.read_metadata(path)["param_group_names"]
+    names = checkpoint_manifest.read_metadata(path)["param_group_names"]
     masters = {n: t for group, tensors in zip(names, saved["optimizer"]["fp32_groups"]) for n, t in zip(group, tensors)}
     assert sorted(masters) == sorted(n for n, v in saved["module"].items() if v.is_floating_point())
     for name, master in masters.items():
@@ -108,8 +108,8 @@ def test_init_from_keeps_fp32_masters_under_zero_bf16(bf16_stage0, tmp_path, sta
                                    f"zero.stage={stage}", "optimizer.lr=0", f"checkpoint.init_from={bf16_stage0}"),
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    source = checkpoint.model_state_dict(bf16_stage0)
-    got = checkpoint.model_state_dict(checkpoint.resolve_resume(tmp_path / "checkpoints", "auto"))
+    source = checkpoint_load.model_state_dict(bf16_stage0)
+    got = checkpoint_load.model_state_dict(checkpoint_manifest.resolve_resume(tmp_path / "checkpoints", "auto"))
     assert sorted(got) == sorted(source)
     for name, value in source.items():
         assert torch.equal(got[name], value), name

@@ -8,9 +8,17 @@ scaling state (`precision.fp8`). Parameter names
 map one-to-one to Hugging Face `BertForPreTraining` (bert_fast/model/hf.py); Q, K and V are one [3H, H]
 GEMM. On the fast backend the encoder unpads the batch once after the embeddings and runs every
 layer on the packed real tokens (bert_fast/ops/padding.py), so padding costs no FLOPs.
+
+A module's parameters are read only inside its own forward: a fused op that needs several modules'
+parameters runs nested inside their forwards (`Linear`'s epilogue, `LayerNorm` and `Table` calls).
+DeepSpeed ZeRO-3 gathers a module's parameters around its own forward (and backward) only, so this
+is what lets it train the model without being told of parameters read elsewhere.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,21 +34,59 @@ from bert_fast.ops.padding import Packing
 
 
 class LayerNorm(nn.Module):
-    """Parameters only (weight, bias); the normalisation itself is an op in bert_fast.ops."""
+    """A LayerNorm's weight and bias, which a fused op in bert_fast.ops applies: calling the module
+    returns `use(weight, bias)`, run inside its forward (where ZeRO-3 has gathered them)."""
 
     def __init__(self, size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.bias = nn.Parameter(torch.zeros(size))
 
+    def forward(self, use: Callable[[torch.Tensor, torch.Tensor], Any]) -> Any:
+        return use(self.weight, self.bias)
+
+
+class Table(nn.Embedding):
+    """An embedding table that fused ops read whole (the embeddings' gather + LayerNorm, the tied MLM
+    decoder): calling the module returns `use(weight)`, run inside its forward (where ZeRO-3 has
+    gathered it). An nn.Embedding so that it is built and initialised as before."""
+
+    def forward(self, use: Callable[[torch.Tensor], Any]) -> Any:
+        return use(self.weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose GEMM is `ops.linear` (FP8 with a scaling state) and which can leave its bias to
+    a fused epilogue: with `epilogue`, returns `epilogue(x @ W^T, bias)`, run inside this forward
+    (where ZeRO-3 has gathered the bias; a parent reading `child.bias` would find it partitioned)."""
+
+    def forward(self, x: torch.Tensor, epilogue: Callable[[torch.Tensor, torch.Tensor], Any] | None = None, *,
+                fp8=None, record: bool = True) -> Any:
+        if epilogue is None:
+            return ops.linear(x, self.weight, self.bias, fp8=fp8, record=record)
+        return epilogue(ops.linear(x, self.weight, fp8=fp8, record=record), self.bias)
+
+
+def _bias_gelu(config: BertConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The epilogue of ffn_in and the MLM transform: `gelu(y + bias)`, one fused op."""
+    return lambda y, bias: ops.bias_gelu(y, bias, config.gelu_approximate, backend=config.backend)
+
+
+def _using(holders: tuple[nn.Module, ...], use: Callable[..., Any], taken: tuple = ()) -> Any:
+    """`use(*parameters of every holder, in order)`, run inside all their forwards (nested): one
+    fused op over several LayerNorm/Table modules' parameters."""
+    if not holders:
+        return use(*taken)
+    return holders[0](lambda *params: _using(holders[1:], use, (*taken, *params)))
+
 
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
-        self.word = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.word = Table(config.vocab_size, config.hidden_size)
+        self.position = Table(config.max_position_embeddings, config.hidden_size)
+        self.token_type = Table(config.type_vocab_size, config.hidden_size)
         self.norm = LayerNorm(config.hidden_size)
 
     def forward(self, input_ids, token_type_ids, packing: Packing | None = None, seed=None,
@@ -55,11 +101,10 @@ class BertEmbeddings(nn.Module):
                 input_ids, token_type_ids, position_ids = (
                     packing.pack(t) for t in (input_ids, token_type_ids, position_ids))
         # Ids were checked on the host by check_batch: no device sync to check them again.
-        return ops.embeddings(
-            input_ids, token_type_ids, position_ids, self.word.weight, self.position.weight,
-            self.token_type.weight, self.norm.weight, self.norm.bias, c.layer_norm_eps,
+        return _using((self.word, self.position, self.token_type, self.norm), lambda *weights: ops.embeddings(
+            input_ids, token_type_ids, position_ids, *weights, c.layer_norm_eps,
             padding_idx=c.pad_token_id, dropout_p=c.hidden_dropout_prob, training=self.training,
-            seed=seed, site=dropout_site("embeddings"), check_ids=False, backend=c.backend)
+            seed=seed, site=dropout_site("embeddings"), check_ids=False, backend=c.backend))
 
 
 def dropout_site(op: str, layer: int = 0) -> int:
@@ -75,11 +120,11 @@ class BertLayer(nn.Module):
         self.config = config
         self.index = index  # its dropout sites (dropout_site): layers draw different masks
         h, i = config.hidden_size, config.intermediate_size
-        self.qkv = nn.Linear(h, 3 * h)
-        self.attn_out = nn.Linear(h, h)
+        self.qkv = Linear(h, 3 * h)
+        self.attn_out = Linear(h, h)
         self.attn_norm = LayerNorm(h)
-        self.ffn_in = nn.Linear(h, i)
-        self.ffn_out = nn.Linear(i, h)
+        self.ffn_in = Linear(h, i)
+        self.ffn_out = Linear(i, h)
         self.ffn_norm = LayerNorm(h)
         # None, or one bert_fast.ops.fp8.Fp8State per GEMM (fp8.GEMMS) once `bert_fast.ops.fp8.enable` ran:
         # those four GEMMs then run in FP8 (precision.fp8).
@@ -89,14 +134,14 @@ class BertLayer(nn.Module):
         """x: [B, S, hidden], or packed [T, hidden] when `packing` is given (the fast path, whose
         attention draws its dropout mask from `seed`, the forward's key, and this layer's index)."""
         c = self.config
-        fp8, record = self.fp8, self.training and torch.is_grad_enabled()
+        record = self.training and torch.is_grad_enabled()
 
-        def gemm(name: str, inputs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-            state = None if fp8 is None else fp8[name]
-            return ops.linear(inputs, getattr(self, name).weight, bias, fp8=state, record=record)
+        def gemm(name: str, inputs: torch.Tensor, epilogue=None):
+            state = None if self.fp8 is None else self.fp8[name]
+            return getattr(self, name)(inputs, epilogue, fp8=state, record=record)
 
         # [..., 3, heads, head_dim]: q, k, v are strided views of the one QKV output.
-        qkv = gemm("qkv", x, self.qkv.bias).unflatten(-1, (3, c.num_attention_heads, c.head_dim))
+        qkv = gemm("qkv", x).unflatten(-1, (3, c.num_attention_heads, c.head_dim))
         if packing is None:
             q, k, v = qkv.unbind(-3)
             context = ops.attention(q, k, v, attention_mask, dropout_p=c.attention_probs_dropout_prob,
@@ -106,17 +151,17 @@ class BertLayer(nn.Module):
                                         dropout_p=c.attention_probs_dropout_prob, training=self.training,
                                         seed=seed, site=dropout_site("attention", self.index),
                                         impl=c.attention_impl, backend=c.backend)
-        x = ops.add_layer_norm(
-            gemm("attn_out", context.flatten(-2)), self.attn_norm.weight,
-            self.attn_norm.bias, c.layer_norm_eps, x_bias=self.attn_out.bias, residual=x,
+        x = gemm("attn_out", context.flatten(-2), self._add_norm(self.attn_norm, x, seed, "attention_output"))
+        inner = gemm("ffn_in", x, _bias_gelu(c))
+        return gemm("ffn_out", inner, self._add_norm(self.ffn_norm, x, seed, "output"))
+
+    def _add_norm(self, norm: LayerNorm, residual: torch.Tensor, seed, site: str):
+        """The epilogue of attn_out and ffn_out: `norm(residual + dropout(y + bias))`, one fused op."""
+        c = self.config
+        return lambda y, bias: norm(lambda weight, norm_bias: ops.add_layer_norm(
+            y, weight, norm_bias, c.layer_norm_eps, x_bias=bias, residual=residual,
             dropout_p=c.hidden_dropout_prob, training=self.training, seed=seed,
-            site=dropout_site("attention_output", self.index), backend=c.backend)
-        inner = ops.bias_gelu(gemm("ffn_in", x), self.ffn_in.bias, c.gelu_approximate, backend=c.backend)
-        return ops.add_layer_norm(
-            gemm("ffn_out", inner), self.ffn_norm.weight, self.ffn_norm.bias,
-            c.layer_norm_eps, x_bias=self.ffn_out.bias, residual=x,
-            dropout_p=c.hidden_dropout_prob, training=self.training, seed=seed,
-            site=dropout_site("output", self.index), backend=c.backend)
+            site=dropout_site(site, self.index), backend=c.backend))
 
 
 class BertModel(nn.Module):
@@ -127,7 +172,7 @@ class BertModel(nn.Module):
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.layers = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
-        self.pooler = nn.Linear(config.hidden_size, config.hidden_size)
+        self.pooler = Linear(config.hidden_size, config.hidden_size)
         # Recompute each layer in the backward instead of keeping its activations (seq 512 on
         # small GPUs). Dropout masks replay: checkpoint restores the RNG state, and the attention
         # kernel takes the forward's seed as an input.
@@ -195,7 +240,7 @@ class BertModel(nn.Module):
         return x, self._pool(first), packing
 
     def _pool(self, first: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(F.linear(first, self.pooler.weight, self.pooler.bias))
+        return torch.tanh(self.pooler(first))
 
     def _encode_packed(self, input_ids, token_type_ids, cu_seqlens, max_seqlen: int):
         """Forward on a packed batch `check_packed_batch` accepted: (hidden [T, hidden], pooled
@@ -264,35 +309,16 @@ class PretrainingOutput(dict):
         self[name] = value
 
 
-def zero3_external_parameters(model: nn.Module) -> list[tuple[nn.Module, nn.Parameter]]:
-    """(module, parameter) pairs where a module's forward reads a parameter of a child whose own
-    forward never runs (this file calls F.linear / ops on `child.weight` so that biases can fuse).
-    DeepSpeed ZeRO-3 gathers a module's parameters around that module's forward, so the training
-    engine registers these with `deepspeed.zero.register_external_parameter`."""
-    pairs = []
-    for module in model.modules():
-        if isinstance(module, (BertEmbeddings, BertLayer)):
-            pairs += [(module, p) for p in module.parameters() if not any(
-                p is q for q in module._parameters.values())]
-        elif isinstance(module, BertForPreTraining):
-            # BertModel._encode and the heads run inside this forward; the decoder is tied to the
-            # word embeddings.
-            for child in (module.mlm_transform, module.mlm_norm, module.nsp, module.bert.pooler):
-                pairs += [(module, p) for p in child.parameters()]
-            pairs.append((module, module.decoder_weight))
-    return pairs
-
-
 class BertForPreTraining(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.config = config
         h = config.hidden_size
         self.bert = BertModel(config)
-        self.mlm_transform = nn.Linear(h, h)
+        self.mlm_transform = Linear(h, h)
         self.mlm_norm = LayerNorm(h)
         self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.nsp = nn.Linear(h, 2)
+        self.nsp = Linear(h, 2)
         for module in (self.mlm_transform, self.mlm_norm, self.nsp):
             self.bert._init_weights(module)
 
@@ -301,12 +327,18 @@ class BertForPreTraining(nn.Module):
         """The MLM decoder is tied to the word embeddings."""
         return self.bert.embeddings.word.weight
 
+    def _decode(self, use: Callable[[torch.Tensor], Any]) -> Any:
+        """`use(decoder weight)`, run inside the word table's forward (the decoder is tied to it)."""
+        return self.bert.embeddings.word(use)
+
+    def _mlm_logits(self, mlm_hidden: torch.Tensor) -> torch.Tensor:
+        return self._decode(lambda weight: F.linear(mlm_hidden, weight, self.mlm_bias))
+
     def _mlm_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         c = self.config
-        h = ops.bias_gelu(F.linear(hidden, self.mlm_transform.weight), self.mlm_transform.bias,
-                          c.gelu_approximate, backend=c.backend)
-        return ops.add_layer_norm(h, self.mlm_norm.weight, self.mlm_norm.bias, c.layer_norm_eps,
-                                  backend=c.backend)
+        h = self.mlm_transform(hidden, _bias_gelu(c))
+        return self.mlm_norm(lambda weight, bias: ops.add_layer_norm(h, weight, bias, c.layer_norm_eps,
+                                                                     backend=c.backend))
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None, mlm_labels=None,
                 next_sentence_label=None, return_mlm_logits: bool = False, *, cu_seqlens=None,
@@ -326,12 +358,12 @@ class BertForPreTraining(nn.Module):
         check_batch(self.config, self.decoder_weight.device, input_ids, token_type_ids,
                     attention_mask, mlm_labels, next_sentence_label)
         hidden, pooled, packing = self.bert._encode(input_ids, token_type_ids, attention_mask)
-        out = PretrainingOutput(nsp_logits=F.linear(pooled, self.nsp.weight, self.nsp.bias))
+        out = PretrainingOutput(nsp_logits=self.nsp(pooled))
 
         if mlm_labels is None:
             if packing is not None:
                 hidden = packing.pad(hidden)
-            out.mlm_logits = F.linear(self._mlm_hidden(hidden), self.decoder_weight, self.mlm_bias)
+            out.mlm_logits = self._mlm_logits(self._mlm_hidden(hidden))
         else:
             # The head runs on the predicted positions only (~15% of tokens).
             predicted = mlm_labels != IGNORE_INDEX
@@ -350,12 +382,13 @@ class BertForPreTraining(nn.Module):
              check_labels: bool = True) -> None:
         """The MLM loss, accuracy and (when asked) logits of the head's output at the predicted
         positions (`predictions` of them; ignored labels drop out of both)."""
-        out.mlm_loss, correct = ops.mlm_loss(mlm_hidden, self.decoder_weight, self.mlm_bias, labels,
-                                             check_labels=check_labels, backend=self.config.backend)
+        out.mlm_loss, correct = self._decode(lambda weight: ops.mlm_loss(
+            mlm_hidden, weight, self.mlm_bias, labels, check_labels=check_labels,
+            backend=self.config.backend))
         out.mlm_predictions = predictions
         out.mlm_accuracy = correct / predictions.clamp(min=1)
         if return_mlm_logits:
-            out.mlm_logits = F.linear(mlm_hidden, self.decoder_weight, self.mlm_bias)
+            out.mlm_logits = self._mlm_logits(mlm_hidden)
         out.loss = out.mlm_loss
 
     @staticmethod
@@ -374,9 +407,9 @@ class BertForPreTraining(nn.Module):
         check_packed_batch(c, self.decoder_weight.device, input_ids, token_type_ids, cu_seqlens, max_seqlen,
                            mlm_positions, mlm_labels, next_sentence_label, validate=validate)
         hidden, pooled = self.bert._encode_packed(input_ids, token_type_ids, cu_seqlens, max_seqlen)
-        out = PretrainingOutput(nsp_logits=F.linear(pooled, self.nsp.weight, self.nsp.bias))
+        out = PretrainingOutput(nsp_logits=self.nsp(pooled))
         if mlm_labels is None:
-            out.mlm_logits = F.linear(self._mlm_hidden(hidden), self.decoder_weight, self.mlm_bias)
+            out.mlm_logits = self._mlm_logits(self._mlm_hidden(hidden))
         else:
             # Every slot runs the head (a fixed count per batch, so shapes stay static); unused
             # slots carry -100 and drop out of the loss and the accuracy.

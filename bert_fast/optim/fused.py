@@ -20,8 +20,8 @@ squares, and one that applies the update (recomputed from the moments instead of
 is torch.optim.AdamW's math (decoupled decay) in a single pass. Parameters may be float32,
 float16 or bfloat16; the optimizer keeps float32 master weights and moments for the low-precision
 ones and writes the rounded result back. Under DeepSpeed ZeRO 1-3 the optimizer sees flat
-partitions; `bert_fast.optim.zero.attach` tells it which pieces of which tensors each holds so the
-trust ratios stay exact.
+partitions; `bert_fast.train.deepspeed_compat.attach` tells it which pieces of which tensors each
+holds so the trust ratios stay exact.
 
 Where the extension has no kernels for the parameters' device (a CUDA machine whose build found no
 CUDA toolkit), both optimizers step through bert_fast.optim.fallback instead: LAMB on CUDA as
@@ -150,6 +150,11 @@ class _Fused(torch.optim.Optimizer):
             self._own: set[int] = set()
         self._own.update(id(p) for p in self.param_groups[-1]["params"])
 
+    def adopt(self, params) -> None:
+        """Declares `params` whole tensors that stand in for the ones the optimizer was built with
+        (DeepSpeed's fp32 copies of them), stepped as they are."""
+        self._own.update(id(p) for p in params)
+
     def set_zero_layout(self, param: torch.Tensor, layout: ZeroLayout | None) -> None:
         """Declares `param` a flat ZeRO partition laid out as `layout` (bert_fast.optim.zero)."""
         if layout is None:
@@ -167,7 +172,7 @@ class _Fused(torch.optim.Optimizer):
                     f"{type(self).__name__}: a parameter group holds tensors it was not built with; "
                     "DeepSpeed ZeRO replaces them with flat partitions, whose per-tensor norms are "
                     "wrong unless the layout is known. Create the engine with "
-                    "bert_fast.optim.zero.initialize(...) (or call bert_fast.optim.zero.attach(engine)).")
+                    "bert_fast.train.deepspeed_compat.initialize(...) (or call its attach(engine)).")
         return params
 
     def _state(self, p: torch.Tensor) -> dict:

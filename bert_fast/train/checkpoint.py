@@ -1,11 +1,7 @@
-"""Training checkpoints: DeepSpeed's state plus ours, written atomically, validated before use.
+"""Saving a training checkpoint: DeepSpeed's state plus ours, written atomically and hashed as written.
 
-Layout: `root/step_XXXXXXXX/` holds DeepSpeed's files (model states, ZeRO partitions), one RNG file
-per rank (`rng_rankNNNNN.pt`: python `random`, numpy's global RNG, torch CPU and CUDA) and, written
-last, the manifest `bert_fast.json`: metadata (step, client_state with the run config, world size,
-ZeRO stage, git revision, DeepSpeed version, time) and every file of the folder with its size and
-a sha256 of each 64 MiB block (bert_fast/train/checksums.py), whatever the file's size.
-`root/latest` names the newest tag (DeepSpeed's format).
+What a checkpoint folder holds, and how it is validated, is in bert_fast/train/checkpoint_manifest.py;
+loading it in bert_fast/train/checkpoint_load.py.
 
 Guarantees, assuming `root` is on a filesystem every rank sees (one node, or NFS/Lustre/GPFS):
 - Atomic: every rank writes into `root/.partial/<tag>`; after every rank is done rank 0 writes the
@@ -16,16 +12,12 @@ Guarantees, assuming `root` is on a filesystem every rank sees (one node, or NFS
   first, so a half-deleted folder reads as invalid, never as valid.
 - Checked: each rank hashes the files it writes in background threads, DeepSpeed's as their bytes
   are written (their zip records' CRC32, which torch.load never checks, left out), the others once
-  closed; rank 0 records every rank's digests.
-  `validate` refuses a folder without a parseable manifest (a partial save) or with a file
-  missing, of another size, or with any block of another sha256 (truncated or corrupted), naming
-  the bytes. Resume, init_from and export validate first.
-- Collective: `save` and `load` must be called by every rank; rank 0 validates and commits and
-  broadcasts its outcome, so every rank raises the same CheckpointError instead of hanging. A
-  write that fails inside DeepSpeed's own save (which has collectives of its own) raises on that
-  rank at once, naming the folder (and, for a full disk, the space needed and free); its peers
-  then fail on the lost connection. Without torch.distributed initialised they run as world
-  size 1.
+  closed; rank 0 records every rank's digests in the manifest.
+- Collective: `save` must be called by every rank; rank 0 commits and broadcasts its outcome, so
+  every rank raises the same CheckpointError instead of hanging. A write that fails inside
+  DeepSpeed's own save (which has collectives of its own) raises on that rank at once, naming the
+  folder (and, for a full disk, the space needed and free); its peers then fail on the lost
+  connection. Without torch.distributed initialised they run as world size 1.
 """
 
 from __future__ import annotations
@@ -33,103 +25,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
-import re
 import shutil
 import subprocess
-import sys
 import time
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bert_fast.fileio import atomic_path, atomic_write_text
 from bert_fast.ops import fp8
 from bert_fast.train import checksums, dist
+from bert_fast.train.checkpoint_manifest import (
+    FORMAT,
+    MANIFEST,
+    PARTIAL,
+    RNG_PREFIX,
+    CheckpointError,
+    checkpoints,
+    read_metadata,
+    rng_file,
+)
+from bert_fast.train.deepspeed_compat import checkpoints as ds_checkpoints
+from bert_fast.train.deepspeed_compat.wrappers import full_numel
 from bert_fast.train.diskspace import disk_full_message, free_bytes, is_disk_full
 from bert_fast.train.partitions import zero_padding
+from bert_fast.train.rng import rng_state
 
-MANIFEST = "bert_fast.json"
-FORMAT = 2  # 2: a sha256 per block of every file; 1: one sha256 per file up to 64 MiB, size only above
-_FORMAT1_BLOCK = 64 << 20
-PARTIAL = ".partial"
-_TAG = re.compile(r"^step_(\d{8,})$")
-_RANK_FILE = re.compile(r"_pp_rank_(\d+)_")
-
-
-class CheckpointError(Exception):
-    """A checkpoint that is missing, partial, corrupted or incompatible; the message names it."""
-
-
-
-
-def _param_group_names(engine) -> list[list[str]] | None:
-    """Parameter names per optimizer group, in the order DeepSpeed's wrapper keeps its groups
-    (`fp16_groups`: the module's parameters, grouped as bert_fast.optim.param_groups made them);
-    maps the wrapper's fp32 master groups back to names. None without such a wrapper."""
-    groups = getattr(engine.optimizer, "fp16_groups", None)
-    if not isinstance(groups, list):
-        return None
-    names = {id(p): n for n, p in engine.module.named_parameters()}
-    try:
-        return [[names[id(p)] for p in group] for group in groups]
-    except (KeyError, TypeError):
-        return None
-
-
-# ---- files -------------------------------------------------------------------------------
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def checkpoints(root: Path) -> list[tuple[int, Path]]:
-    """(step, folder) of every step_XXXXXXXX folder under root, oldest first (valid or not)."""
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG.match(p.name))]
-    return sorted(found)
-
-
-# ---- RNG ---------------------------------------------------------------------------------
-
-def _rng_state() -> dict:
-    """Plain tensors, lists and ints only, so the file loads with torch.load(weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)
-
-
-# ---- save --------------------------------------------------------------------------------
 
 def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> Path:
     """Collective. Writes `root/step_{step:08d}` atomically (see the module docstring) and returns
@@ -141,7 +62,7 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
         json.dumps(client_state)
     except (TypeError, ValueError) as err:
         raise TypeError(f"client_state must be JSON-serialisable: {err}") from None
-    rng = _rng_state()  # before anything below could draw a random number
+    rng = rng_state()  # before anything below could draw a random number
     # Every rank's FP8 amaxes of the step into the state rank 0 writes (what the next forward's
     # roll would do first; MAX again there changes nothing, so saving leaves the run as it was).
     if isinstance(getattr(engine, "module", None), torch.nn.Module):
@@ -179,7 +100,8 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
                     "zero_stage": int(engine.zero_optimization_stage()),
                     "deepspeed_version": _deepspeed_version(), "torch_version": torch.__version__,
                     "git_revision": _git_revision(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "client_state": client_state, "param_group_names": _param_group_names(engine)}
+                    "client_state": client_state,
+                    "param_group_names": ds_checkpoints.param_group_names(engine)}
             _commit(root, staging, final, meta, keep, {k: v for o in outcomes for k, v in o.items()})
         except Exception as err:  # every rank must learn of it, or they wait at the next barrier
             error = _write_failure(err, staging, engine)
@@ -189,7 +111,6 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     return final
 
 
-@contextlib.contextmanager
 def _hashing_as_written(engine, hasher: checksums.Hasher):
     """DeepSpeed's checkpoint engine writes each file through `hasher.writer`, so its bytes are
     hashed by the hasher's threads while they are written (the bytes of torch.save to a path in
@@ -199,24 +120,11 @@ def _hashing_as_written(engine, hasher: checksums.Hasher):
     is computed in the writing thread, one core at ~1 GB/s, as long as the sha256 itself (BERT-large:
     4.7 GB, bench/checkpoint.py). Only DeepSpeed's default engine, which writes synchronously with
     torch.save; the files of any other are hashed once save_checkpoint returns."""
-    ce = getattr(engine, "checkpoint_engine", None)
-    try:
-        from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-    except ImportError:
-        TorchCheckpointEngine = None
-    if TorchCheckpointEngine is None or type(ce) is not TorchCheckpointEngine or "save" in vars(ce):
-        yield
-        return
-
-    def save(state_dict, path):
+    def save(state_dict, path, zip_format: bool):
         with hasher.writer(path) as f, _without_zip_crc32():
-            torch.save(state_dict, f, _use_new_zipfile_serialization=ce.zipfile_serialization)
+            torch.save(state_dict, f, _use_new_zipfile_serialization=zip_format)
 
-    ce.save = save
-    try:
-        yield
-    finally:
-        del ce.save
+    return ds_checkpoints.checkpoint_writes(engine, save)
 
 
 @contextlib.contextmanager
@@ -240,11 +148,11 @@ def _finish_own_files(staging: Path, rank: int, rng: dict, hasher: checksums.Has
     (the RNG file, those of another checkpoint engine) are hashed while the files are fsynced."""
     # Through a file object: given a path, torch.save names the archive's records after the file,
     # here a random temporary name, and the same state saved twice differed.
-    rng_file = staging / f"rng_rank{rank:05d}.pt"
-    with atomic_path(rng_file) as tmp, open(tmp, "wb") as f:
+    rng_path = staging / rng_file(rank)
+    with atomic_path(rng_path) as tmp, open(tmp, "wb") as f:
         torch.save(rng, f)
     own = _deepspeed_files(staging, rank)
-    for f in [rng_file, *own]:
+    for f in [rng_path, *own]:
         hasher.submit(f)
     for f in own:
         _fsync(f)
@@ -293,8 +201,8 @@ def _space_needed(root: Path, engine) -> tuple[int | None, str]:
             continue
     try:
         params = list(engine.module.parameters())
-        count = sum(getattr(p, "ds_numel", p.numel()) for p in params)
-        size = sum(getattr(p, "ds_numel", p.numel()) * (p.element_size() + 12) for p in params)
+        count = sum(full_numel(p) for p in params)
+        size = sum(full_numel(p) * (p.element_size() + 12) for p in params)
     except Exception:  # a failure path: never raise from here
         return None, "no earlier checkpoint to measure"
     return size, (f"estimated: {count:,} parameters with an fp32 master copy and two fp32 optimizer "
@@ -303,16 +211,16 @@ def _space_needed(root: Path, engine) -> tuple[int | None, str]:
 
 def _deepspeed_files(staging: Path, rank: int) -> list[Path]:
     """The files DeepSpeed wrote into `staging` for `rank`, which this rank makes durable and hashes:
-    its ZeRO partitions (`*_pp_rank_<rank>_*`) and, on rank 0, those of no rank (stage 0-2 model
-    states, zero_to_fp32.py). Never another rank's, which may still be written or renamed: rank 0
-    once opened rank 1's RNG file by its temporary name as rank 1 renamed it (FileNotFoundError,
-    1 run of the checkpoint tests in 20). The RNG files are made durable by atomic_path."""
+    its ZeRO partitions and, on rank 0, those of no rank (stage 0-2 model states, zero_to_fp32.py).
+    Never another rank's, which may still be written or renamed: rank 0 once opened rank 1's RNG
+    file by its temporary name as rank 1 renamed it (FileNotFoundError, 1 run of the checkpoint
+    tests in 20). The RNG files are made durable by atomic_path."""
     files = []
     for f in staging.iterdir():
-        if f.name.startswith((".", "rng_rank")) or not f.is_file():
+        if f.name.startswith((".", RNG_PREFIX)) or not f.is_file():
             continue
-        owner = _RANK_FILE.search(f.name)
-        if (int(owner.group(1)) if owner else 0) == rank:
+        owner = ds_checkpoints.file_rank(f.name)
+        if (owner if owner is not None else 0) == rank:
             files.append(f)
     return files
 
@@ -338,7 +246,7 @@ def _commit(root: Path, staging: Path, final: Path, meta: dict, keep: int,
         if f.stat().st_size != digests[rel]["size"]:
             raise CheckpointError(f"{staging}: {rel} changed after it was hashed")
     files = {rel: digests[rel] for rel in present}
-    missing = [r for r in range(meta["world_size"]) if f"rng_rank{r:05d}.pt" not in files]
+    missing = [r for r in range(meta["world_size"]) if rng_file(r) not in files]
     if missing:
         raise CheckpointError(f"{staging}: no RNG file from ranks {missing}; is {root} shared by all ranks?")
     manifest = {**meta, "sha256_block": checksums.BLOCK, "files": files}
@@ -370,245 +278,18 @@ def point_latest(root: str | Path, path: Path) -> None:
         atomic_write_text(latest, path.name)
 
 
-# ---- validate and find -------------------------------------------------------------------
-
-def read_metadata(path: str | Path) -> dict:
-    """The manifest's metadata (step, client_state, world_size, zero_stage, git_revision, ...)
-    without checking the files; `validate` checks them."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: {'not a folder' if path.exists() else 'does not exist'}")
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST}; a partial checkpoint (its save did not finish)")
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        meta = json.loads(manifest.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{manifest}: unreadable manifest ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT) or not isinstance(
-            meta.get("files"), dict) or not all(_entry_ok(e, meta) for e in meta["files"].values()):
-        raise CheckpointError(f"{manifest}: not a bert_fast checkpoint manifest of format 1 or {FORMAT}")
-    return meta
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def _entry_ok(entry, meta: dict) -> bool:
-    """Format 2: a size and one sha256 per block. Format 1: a size, and a sha256 up to 64 MiB."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("size"), int):
-        return False
-    digests = entry.get("sha256")
-    if meta["format"] == 1:
-        return digests is None or isinstance(digests, str)
-    block = meta.get("sha256_block")
-    return isinstance(block, int) and block > 0 and isinstance(digests, list) and len(digests) == (
-        checksums.block_count(entry["size"], block))
-
-
-def validate(path: str | Path) -> dict:
-    """Raises CheckpointError for a partial or corrupted checkpoint; returns its metadata.
-    Every byte of every file is hashed (in parallel threads) and compared with the manifest."""
-    path = Path(path)
-    meta = read_metadata(path)
-    recorded, size_only = {}, []
-    for rel, entry in meta["files"].items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointError(f"{path}: {rel} is missing")
-        size = f.stat().st_size
-        if size != entry["size"]:
-            raise CheckpointError(f"{path}: {rel} has {size} bytes, the manifest records "
-                                  f"{entry['size']} (truncated or overwritten)")
-        digests = entry.get("sha256")
-        if digests is None:
-            size_only.append(rel)
-        else:  # format 1 recorded one sha256 of the whole file: one block of 64 MiB
-            recorded[rel] = [digests] if isinstance(digests, str) else digests
+def _git_revision() -> str:
     try:
-        bad = checksums.mismatches(path, recorded, meta.get("sha256_block", _FORMAT1_BLOCK))
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read it to check its sha256 ({err})") from None
-    if bad:
-        more = f" (and {len(bad) - 1} more blocks)" if len(bad) > 1 else ""
-        raise CheckpointError(f"{path}: {bad[0]}{more} do not match the recorded sha256 (corrupted)")
-    if size_only:
-        warnings.warn(f"{path}: saved by an older bert_fast that recorded only the size of files over "
-                      f"64 MiB; {', '.join(size_only)} checked by size only", stacklevel=2)
-    return meta
-
-
-def resolve_resume(root: str | Path, resume: str) -> Path | None:
-    """'auto': the newest valid checkpoint under root (invalid ones skipped with a warning), or
-    None if there is none. Anything else: a checkpoint folder that must be valid."""
-    if resume == "auto":
-        for _, path in reversed(checkpoints(Path(root))):
-            try:
-                validate(path)
-                return path
-            except CheckpointError as err:
-                warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=2)
-        return None
-    path = Path(resume)
-    try:
-        validate(path)
-    except CheckpointError as err:
-        raise CheckpointError(f"cannot resume from {resume}: {err}") from None
-    return path
-
-
-# ---- load --------------------------------------------------------------------------------
-
-def _optimizer_partitioned(meta: dict) -> bool:
-    return any("zero_pp_rank_" in name and name.endswith("optim_states.pt") for name in meta["files"])
-
-
-def load(engine, path: str | Path, load_optimizer: bool = True, validated: dict | None = None) -> dict:
-    """Collective. Loads the checkpoint into `engine` and restores this rank's RNG states;
-    returns client_state. load_optimizer=False takes the weights only (any world size, any ZeRO
-    stage) and leaves optimizer, lr scheduler and RNG as they are. validated: the metadata
-    `validate(path)` returned on rank 0 of this run moments ago (the loop's preflight did), so
-    the files are not hashed a second time; None: rank 0 validates them here."""
-    path = Path(path)
-    error, meta = None, validated
-    if dist.rank() == 0 and validated is None:
-        try:
-            meta = validate(path)
-        except CheckpointError as err:
-            error = str(err)
-    error, meta = dist.from_rank0((error, meta))
-    if error is not None:
-        raise CheckpointError(error)
-    world, stage = dist.world(), int(engine.zero_optimization_stage())
-    saved_world, saved_stage = meta["world_size"], meta["zero_stage"]
-    if not load_optimizer:
-        _load_weights(engine, model_state_dict(path, validated=meta))
-        zero_padding(engine)
-        return meta["client_state"]
-    if saved_world != world and _optimizer_partitioned(meta):
-        raise CheckpointError(
-            f"{path}: saved by {saved_world} ranks, this run has {world}; its optimizer state is "
-            "partitioned per rank and DeepSpeed cannot re-partition it (resume with the same world "
-            "size, or load the weights only with load_optimizer=False)")
-    if saved_stage != stage and not {saved_stage, stage} <= {1, 2}:
-        raise CheckpointError(f"{path}: saved with ZeRO stage {saved_stage}, this run uses stage "
-                              f"{stage}; DeepSpeed cannot convert the optimizer state between them")
-    load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise CheckpointError(f"{path}: DeepSpeed could not load it")
-    zero_padding(engine)  # a checkpoint saved before padding was zeroed holds stale memory there
-    if saved_world == world:
-        _set_rng_state(torch.load(path / f"rng_rank{dist.rank():05d}.pt", weights_only=True))
-    else:
-        warnings.warn(f"{path}: saved by {saved_world} ranks, this run has {world}; RNG states not "
-                      "restored, so the run continues but not bit-exactly", stacklevel=2)
-    return meta["client_state"]
-
-
-def _load_weights(engine, state: dict[str, torch.Tensor]) -> None:
-    """Full fp32 weights into the engine's module and its fp32 master copies (any ZeRO stage)."""
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-            if dist.rank() == 0:
-                _load_module_weights(module, state)
-    else:
-        _load_module_weights(module, state)
-    _set_fp32_masters(engine, state)
-
-
-def _set_fp32_masters(engine, state: dict[str, torch.Tensor]) -> None:
-    """The masters from the fp32 values themselves, not from the (possibly bf16/fp16) module
-    copy, which would round them: FP16_UnfusedOptimizer (stage 0) by its groups, ZeRO-3 by its
-    partition layout, ZeRO 1/2 and BF16_Optimizer through DeepSpeed's per-parameter fragment
-    mapping; anything else is refreshed from the module copy."""
-    optimizer, module = engine.optimizer, engine.module
-    names = _param_group_names(engine)
-    fp32_groups = getattr(optimizer, "fp32_groups", None)
-    if names is not None and isinstance(fp32_groups, list) and all(
-            isinstance(t, torch.Tensor) for g in fp32_groups for t in g) and [len(g) for g in names] == [
-            len(g) for g in fp32_groups]:
-        with torch.no_grad():
-            for group_names, masters in zip(names, fp32_groups):
-                for name, master in zip(group_names, masters):
-                    master.copy_(state[name].to(master.device, master.dtype))
-        return
-    params = list(module.named_parameters())
-    if engine.zero_optimization_stage() == 3 and hasattr(optimizer, "fp32_partitioned_groups_flat"):
-        _set_stage3_masters(optimizer, {id(p): n for n, p in params}, state)
-        return
-    if params and all(hasattr(p, "_hp_mapping") for _, p in params):
-        from deepspeed.utils import safe_set_full_fp32_param
-
-        for name, p in params:
-            safe_set_full_fp32_param(p, state[name].to(p.device, torch.float32))
-        return
-    if hasattr(optimizer, "refresh_fp32_params"):
-        optimizer.refresh_fp32_params()
-
-
-def _set_stage3_masters(optimizer, names: dict[int, str], state: dict[str, torch.Tensor]) -> None:
-    """ZeRO-3 masters: each sub-group's flat fp32 partition is, per parameter, this rank's
-    elements [rank * width, rank * width + held) of the flattened tensor, then padding (the layout
-    bert_fast/optim/zero.py builds for LAMB). DeepSpeed's own set_full_hp_param slices past the end
-    of a padded last partition, and refresh_fp32_params would round to the 16-bit copy."""
-    from deepspeed import comm as dist
-
-    groups = getattr(optimizer, "sub_group_process_groups", None)
-    with torch.no_grad():
-        pairs = zip(optimizer.fp16_groups, optimizer.fp32_partitioned_groups_flat)
-        for i, (params, flat) in enumerate(pairs):
-            rank = dist.get_rank(group=groups[i] if groups else optimizer.dp_process_group)
-            offset = 0
-            for p in params:
-                width = p.partition_numel()
-                held = min(width, max(0, p.ds_numel - rank * width))
-                if held:
-                    full = state[names[id(p)]].reshape(-1)
-                    flat[offset:offset + held].copy_(full[rank * width:rank * width + held])
-                offset += width
-
-
-def model_state_dict(path: str | Path, validated: dict | None = None) -> dict[str, torch.Tensor]:
-    """The full fp32 model state dict of a checkpoint (ZeRO partitions consolidated on CPU): its
-    weights, without FP8 scaling state (precision.fp8's buffers: a resume restores those through
-    DeepSpeed, init_from and exports start without them).
-    validated: what `validate(path)` returned moments ago (not hashed again); None validates."""
-    path = Path(path)
-    meta = validate(path) if validated is None else validated
-    if _optimizer_partitioned(meta):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep stdout for results
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
-    else:
-        saved = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        state = _with_fp32_masters(dict(saved["module"]), saved.get("optimizer"),
-                                   meta.get("param_group_names"))
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items() if not fp8.is_state_key(k)}
-
-
-def _load_module_weights(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict but for FP8 scaling state, which a weights-only load leaves fresh."""
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not fp8.is_state_key(k)]
-    if missing or unexpected:
-        raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}: missing keys "
-                           f"{missing}, unexpected keys {unexpected}")
-
-
-def _with_fp32_masters(state: dict, optimizer_state, group_names) -> dict:
-    """Stage 0 in bf16/fp16: "module" holds the 16-bit copy; FP16_UnfusedOptimizer's state_dict
-    holds the fp32 masters as `fp32_groups` (lists of tensors in param-group order), which the
-    manifest's `param_group_names` maps back to names. They replace the rounded copies."""
-    groups = optimizer_state.get("fp32_groups") if isinstance(optimizer_state, dict) else None
-    if not groups or not group_names:
-        return state
-    pairs = [(n, t) for names, tensors in zip(group_names, groups) for n, t in zip(names, tensors)]
-    if len(group_names) != len(groups) or any(len(a) != len(b) for a, b in zip(group_names, groups)) or any(
-            n not in state or tuple(state[n].shape) != tuple(t.shape) for n, t in pairs):
-        warnings.warn("the checkpoint's fp32 master groups do not match its parameter names; "
-                      "using the 16-bit module weights", stacklevel=3)
-        return state
-    state.update((n, t.detach().float().clone()) for n, t in pairs)
-    return state
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[2],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -3,8 +3,8 @@
 Launched by `deepspeed pretrain.py` (RANK/WORLD_SIZE/LOCAL_RANK set by the launcher), or by plain
 `python pretrain.py`, which runs as a world of one. GPUs use NCCL; the CPU uses gloo (tests and
 `make pretrain`). The optimizer is ours (bert_fast.optim, fused in csrc/), made exact under every
-ZeRO stage by bert_fast.optim.zero; the schedule is a LambdaLR that DeepSpeed steps, saves and
-restores with the engine.
+ZeRO stage by bert_fast.train.deepspeed_compat; the schedule is a LambdaLR that DeepSpeed steps,
+saves and restores with the engine.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from bert_fast.model import BertForPreTraining
-from bert_fast.model.bert import zero3_external_parameters
 from bert_fast.ops import fp8
 from bert_fast.optim import FusedAdamW, FusedLAMB, param_groups
-from bert_fast.train import schedule
+from bert_fast.train import deepspeed_compat, schedule
 from bert_fast.train.partitions import zero_padding
 from bert_fast.train.recipe import Recipe
 
@@ -124,8 +123,6 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimi
 def build(recipe: Recipe, model_cfg, ds_config: dict, device: torch.device):
     """(engine, lr scheduler). The model is built in float32 on `device`; DeepSpeed casts it for
     bf16/fp16 and keeps float32 master weights."""
-    from bert_fast.optim import zero as zero_lamb
-
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank
     model = BertForPreTraining(model_cfg).to(device)
     model.bert.gradient_checkpointing = recipe.train.activation_checkpointing
@@ -137,39 +134,10 @@ def build(recipe: Recipe, model_cfg, ds_config: dict, device: torch.device):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    engine, *_ = zero_lamb.initialize(model, optimizer, ds_config)
+    engine, *_ = deepspeed_compat.initialize(model, optimizer, ds_config)
     zero_padding(engine)
     # Built on our optimizer once DeepSpeed has wrapped it (its param groups carry the lr under
     # every wrapper); the engine steps it at accumulation boundaries and checkpoints it.
-    lr_scheduler = engine.lr_scheduler = schedule.scheduler(optimizer, recipe)
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        for module, param in zero3_external_parameters(engine.module):
-            deepspeed.zero.register_external_parameter(module, param)
+    lr_scheduler = schedule.scheduler(optimizer, recipe)
+    deepspeed_compat.use_lr_scheduler(engine, lr_scheduler)
     return engine, lr_scheduler
-
-
-def loss_scale(engine) -> float | None:
-    """The fp16 dynamic loss scale (None in bf16/fp32)."""
-    if not engine.fp16_enabled():
-        return None
-    opt = engine.optimizer
-    for name in ("cur_scale", "loss_scale"):
-        value = getattr(opt, name, None)
-        if value is None and hasattr(opt, "loss_scaler"):
-            value = getattr(opt.loss_scaler, name, None)
-        if value is not None:
-            return float(value)
-    return None
-
-
-def global_grad_norm(engine) -> float | None:
-    """The last step's gradient norm: DeepSpeed's under ZeRO, else the one our optimizer clipped with."""
-    value = engine.get_global_grad_norm()
-    if value is None:
-        client = getattr(engine.optimizer, "optimizer", engine.optimizer)
-        value = getattr(client, "grad_norm", None)
-    if value is None:
-        return None
-    return float(value.item() if torch.is_tensor(value) else value)

@@ -3,7 +3,7 @@
     bert-fast export <checkpoint or checkpoint root> <hf_dir> [--dtype float32|bfloat16|float16]
                                [--data <prepared folder>]
 
-The checkpoint is validated first (bert_fast/train/checkpoint.py: every byte of every file against
+The checkpoint is validated first (bert_fast/train/checkpoint_manifest.py: every byte of every file against
 the sha256 of its 64 MiB block in the manifest), its ZeRO 1/2/3 partitions are
 consolidated to full fp32 weights on the CPU, loaded strictly into our BertForPreTraining with the
 config the run trained (client_state["model_config"], else the run config's model section), and
@@ -37,7 +37,8 @@ from bert_fast.data.shards import PreparedCorpus
 from bert_fast.model import BertForPreTraining
 from bert_fast.model.config import BertConfig
 from bert_fast.model.hf import export_hf
-from bert_fast.train.checkpoint import MANIFEST, CheckpointError, model_state_dict, validate
+from bert_fast.train.checkpoint_load import model_state_dict
+from bert_fast.train.checkpoint_manifest import MANIFEST, CheckpointError, validate
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INFO = "bert_fast_export.json"  # what the export came from: checkpoint, step, dtype, tokenizer

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from bert_fast.train import checkpoint
+from bert_fast.train.checkpoint_manifest import MANIFEST, PARTIAL, checkpoints
 from bert_fast.train.output import METRICS, RECIPE
 
 
@@ -29,9 +29,9 @@ def _temporaries(folder: Path, names: tuple[str, ...]) -> list[Path]:
 def find(output: Path, root: Path, hf_dir: str = "") -> list[Path]:
     """Leftovers of killed runs in the output folder, the checkpoint folder `root` and beside
     export.hf_dir (`hf_dir`, '' for none)."""
-    found = [root / checkpoint.PARTIAL] if (root / checkpoint.PARTIAL).exists() else []
+    found = [root / PARTIAL] if (root / PARTIAL).exists() else []
     found += _temporaries(root, ("latest",))
-    found += [path for _, path in checkpoint.checkpoints(root) if not (path / checkpoint.MANIFEST).exists()]
+    found += [path for _, path in checkpoints(root) if not (path / MANIFEST).exists()]
     found += _temporaries(output, (METRICS, RECIPE))
     if hf_dir:
         export = Path(hf_dir)

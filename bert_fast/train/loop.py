@@ -56,12 +56,14 @@ import torch
 from bert_fast.fileio import atomic_write_text
 from bert_fast.labels import IGNORE_INDEX
 from bert_fast.ops import fp8
-from bert_fast.train import checkpoint, dist, leftovers
+from bert_fast.train import checkpoint, checkpoint_load, dist, leftovers
 from bert_fast.train.batches import make_batches, model_for_data
+from bert_fast.train.checkpoint_manifest import CheckpointError
 from bert_fast.train.compiled import check_compile, compile_model
 from bert_fast.train.config import batch_plan, checkpoint_dir, dump_config, model_config
+from bert_fast.train.deepspeed_compat import global_grad_norm, loss_scale
 from bert_fast.train.deepspeed_json import deepspeed_config, load_deepspeed_config, merge_deepspeed_config
-from bert_fast.train.engine import build, global_grad_norm, init_distributed, loss_scale
+from bert_fast.train.engine import build, init_distributed
 from bert_fast.train.flops import peak_tflops, step_flops
 from bert_fast.train.metrics import Reporter, Window, checkpoint_record, repair_for_resume
 from bert_fast.train.output import RECIPE, claim
@@ -189,7 +191,7 @@ class _Run:
         try:
             return checkpoint.save(self.engine, self.root, step, state,
                                    keep=self.recipe.checkpoint.keep)
-        except checkpoint.CheckpointError as err:
+        except CheckpointError as err:
             raise TrainingStopped(f"step {step}: checkpoint not saved: {err}. The last good checkpoint "
                                   f"is {self.last_saved or 'none'}") from None
 
@@ -221,11 +223,11 @@ def _start(recipe: Recipe, resume, deepspeed_config_path, stream, overwrite: boo
     run = _Run(recipe, rank, world, device, engine, scheduler, batches, model_cfg, root, output,
                global_batch, accumulation, stream)
     if kind == "resume":  # validated on rank 0 by find_start: not hashed again
-        state = checkpoint.load(engine, path, validated=meta)
+        state = checkpoint_load.load(engine, path, validated=meta)
         run.step, run.last_saved = state["step"], path
         batches.load_state_dict(state["data"])
     elif kind == "init_from":
-        checkpoint.load(engine, path, load_optimizer=False, validated=meta)
+        checkpoint_load.load(engine, path, load_optimizer=False, validated=meta)
     if rank == 0:
         _prepare_output(run, resume, kind, path, micro)
     return run
@@ -404,6 +406,6 @@ def _export(saved: Path, hf_dir: str, rank: int, stream) -> Path:
             error = f"{type(err).__name__}: {err}"
     error = dist.from_rank0(error)
     if error is not None:
-        raise checkpoint.CheckpointError(f"export.hf_dir={hf_dir}: exporting {saved} failed on rank 0: "
+        raise CheckpointError(f"export.hf_dir={hf_dir}: exporting {saved} failed on rank 0: "
                                          f"{error}")
     return Path(hf_dir)

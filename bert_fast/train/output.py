@@ -18,7 +18,8 @@ import os
 import time
 from pathlib import Path
 
-from bert_fast.train import checkpoint, dist
+from bert_fast.train import dist
+from bert_fast.train.checkpoint_manifest import PARTIAL, checkpoints
 
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
@@ -28,9 +29,9 @@ RECIPE = "config.yaml"  # the resolved recipe, written at the start of a run
 def earlier_run(output: Path, root: Path) -> list[Path]:
     """What a run left in the output folder and the checkpoint folder `root`: checkpoints,
     unfinished saves, `latest`, metrics, TensorBoard events and the recipe."""
-    found = [path for _, path in checkpoint.checkpoints(root)]
+    found = [path for _, path in checkpoints(root)]
     found += [p for p in (root / "latest", output / METRICS, output / RECIPE) if p.exists()]
-    found += [p for p in (root / checkpoint.PARTIAL, output / TENSORBOARD) if p.is_dir() and any(p.iterdir())]
+    found += [p for p in (root / PARTIAL, output / TENSORBOARD) if p.is_dir() and any(p.iterdir())]
     return found
 
 

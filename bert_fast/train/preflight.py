@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bert_fast.train import checkpoint, dist
-from bert_fast.train.checkpoint import CheckpointError
+from bert_fast.train import checkpoint_manifest, dist
+from bert_fast.train.checkpoint_manifest import CheckpointError
 from bert_fast.train.config import saved_recipe
 from bert_fast.train.recipe import PrecisionSection
 
@@ -34,8 +34,8 @@ def _check_nothing_later(root: Path, path: Path, step: int) -> None:
     """Resuming from an older checkpoint of this run's folder (a rollback) would save a second
     history beside the later checkpoints: `latest` would name the new one while --resume auto
     took the later step, and checkpoint.keep would count both."""
-    later = [p.name for s, p in checkpoint.checkpoints(root)
-             if s > step and (p / checkpoint.MANIFEST).is_file()]
+    later = [p.name for s, p in checkpoint_manifest.checkpoints(root)
+             if s > step and (p / checkpoint_manifest.MANIFEST).is_file()]
     if later:
         raise CheckpointError(f"--resume {path}: {root} holds later checkpoints ({', '.join(later)}); this "
                               "run would save its own beside them. Resume the newest with --resume auto, or "
@@ -45,22 +45,22 @@ def _check_nothing_later(root: Path, path: Path, step: int) -> None:
 def _find(root: Path, resume: str | None, init_from: str | None):
     """(kind, path, metadata) on rank 0; kind 'resume', 'init_from' or None."""
     if resume:
-        path = checkpoint.resolve_resume(root, resume)
+        path = checkpoint_manifest.resolve_resume(root, resume)
         if path is not None:
-            meta = checkpoint.read_metadata(path)
+            meta = checkpoint_manifest.read_metadata(path)
             if resume != "auto":  # 'auto' takes the newest valid one; later ones are damaged
                 _check_nothing_later(root, path, meta["step"])
             return "resume", path, meta
         return None, None, None  # 'auto' without a checkpoint: from scratch (or init_from below)
     if init_from:
         path = Path(init_from)
-        if not (path / checkpoint.MANIFEST).exists():
-            path = checkpoint.resolve_resume(path, "auto")
+        if not (path / checkpoint_manifest.MANIFEST).exists():
+            path = checkpoint_manifest.resolve_resume(path, "auto")
             if path is None:
                 raise CheckpointError(f"checkpoint.init_from={init_from}: no valid checkpoint there")
         else:
-            checkpoint.validate(path)
-        return "init_from", path, checkpoint.read_metadata(path)
+            checkpoint_manifest.validate(path)
+        return "init_from", path, checkpoint_manifest.read_metadata(path)
     return None, None, None
 
 
