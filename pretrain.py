@@ -96,7 +96,7 @@ def done_report(outcome) -> str:
     if outcome.export is not None:
         export = str(outcome.export)
     elif saved is not None:
-        export = f"none (set export.hf_dir, or run: python -m bert_fast.train.export {saved} <folder>)"
+        export = f"none (set export.hf_dir, or run: bert-fast export {saved} <folder>)"
     else:
         export = "none"
     return (f"done: step {last['step']}, loss {first['loss']:.3f} -> {last['loss']:.3f}, "
