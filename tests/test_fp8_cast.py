@@ -1,6 +1,7 @@
 """kernels/fp8_cast.py under the Triton interpreter: the fused amax + scale + cast (+ transpose, +
 padding) against its eager reference bit for bit, its float32 -> fp8 rounding against torch's for
-every neighbourhood of the fp8 grids, non-finite and zero tensors, argument errors.
+every neighbourhood of the fp8 grids, non-finite and zero tensors, argument errors, and the launches
+per FP8 GEMM (bert_fast/fp8.py on the kernel path) against the eager path's.
 
 Under the interpreter the kernels round in integer arithmetic (the interpreter's own fp8 conversion
 truncates; see the kernel module's docstring); the compiled kernels' hardware conversion is checked
@@ -8,9 +9,14 @@ against the same reference in tests/gpu/test_fp8_gpu.py."""
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from bert_fast import fp8
+from bert_fast.fp8 import Fp8Recipe, Fp8State
 from bert_fast.kernels import fp8_cast as fc
 
 FORMATS = [fc.E4M3, fc.E5M2]
@@ -132,3 +138,95 @@ def test_bad_arguments_are_named():
         fc.cast(x, fc.E4M3, amax_now=torch.ones(3))
     with pytest.raises(ValueError, match="nothing to write"):
         fc.cast(x, fc.E4M3, rowwise=False)
+
+
+# ---- launches per FP8 GEMM ----------------------------------------------------------------------
+
+# Allocations and aliasing launch nothing on a GPU.
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
+
+
+class _Launches(TorchDispatchMode):
+    """Counts, inside the block, the aten ops that launch work (not views, not allocations) and
+    the Triton launches of kernels/fp8_cast.py; the interpreter's own tensor ops inside a launch
+    are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.kernels, self.inside = collections.Counter(), collections.Counter(), False
+
+    def __enter__(self):
+        self._original = original = fc._launch
+
+        def launch(kernel, grid, traced):
+            run = original(kernel, grid, traced)
+
+            def counted(*args, **kwargs):
+                self.kernels[kernel.fn.__name__] += 1
+                self.inside = True
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    self.inside = False
+            return counted
+
+        fc._launch = launch
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        fc._launch = self._original
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside and not func.is_view and name not in _NO_LAUNCH:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self) -> int:
+        return sum(self.ops.values()) + sum(self.kernels.values())
+
+
+def _count_step(monkeypatch, scaling: str, kernels: bool) -> list[dict]:
+    """Launches of fp8_linear forward and backward (bf16 x [37, 64], W [48, 64], as CUDA runs it:
+    `_scaled_mm`, dimensions padded to 16), three micro-batches on unchanged weights."""
+    monkeypatch.setattr(fp8, "_pads", lambda device: True)
+    monkeypatch.setattr(fp8, "_use_kernels", lambda device: kernels)
+    state = Fp8State(Fp8Recipe(scaling))
+    w = (torch.randn(48, 64) * 0.05).bfloat16().requires_grad_()
+    counts = []
+    for _ in range(3):
+        x = torch.randn(37, 64).bfloat16().requires_grad_()
+        if state.delayed:
+            fp8.roll([state])
+        with _Launches() as forward:
+            y = fp8.fp8_linear(x, w, state, emulate=False)
+        grad = torch.randn_like(y)
+        w.grad = None
+        with _Launches() as backward:
+            y.backward(grad)
+        counts.append({"forward": forward.total(), "backward": backward.total(),
+                       "kernels": sum(forward.kernels.values()) + sum(backward.kernels.values()),
+                       "ops": dict(forward.ops + backward.ops)})
+    return counts
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_launches_per_gemm_fall_from_about_90_to_under_12(monkeypatch, scaling):
+    """The eager casts (what CUDA ran before these kernels): 56 + 35 launches per micro-batch under
+    current scaling, 76 + 45 under delayed (commit b424900, bf16, this shape). The kernel path: per
+    operand 2 (current) or 3 (delayed) cast launches, the weight's only on the first micro-batch
+    of an optimizer step (later ones reuse it; delayed scaling records its amax again: one op),
+    and the three `_scaled_mm`; no transposes, pads or clones."""
+    eager = _count_step(monkeypatch, scaling, kernels=False)
+    fused = _count_step(monkeypatch, scaling, kernels=True)
+    per_cast = 2 if scaling == "current" else 3
+    assert [c["kernels"] for c in fused] == [3 * per_cast, 2 * per_cast, 2 * per_cast]
+    gemm_ops = {"_scaled_mm": 3}
+    # Delayed scaling keeps the weight's amax to record it again (0 if not finite): once per step.
+    assert fused[0]["ops"] == (gemm_ops if scaling == "current" else {**gemm_ops, "nan_to_num": 1})
+    assert fused[1]["ops"] == (gemm_ops if scaling == "current" else {**gemm_ops, "maximum": 1})
+    first, later = fused[0]["forward"] + fused[0]["backward"], fused[1]["forward"] + fused[1]["backward"]
+    delayed = scaling == "delayed"
+    assert first == 3 * per_cast + 3 + delayed and later == 2 * per_cast + 3 + delayed
+    assert all(c["forward"] + c["backward"] >= 60 for c in eager), eager  # the eager casts, still on CPU

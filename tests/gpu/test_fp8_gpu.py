@@ -93,3 +93,35 @@ def test_compiled_cast_kernels_equal_the_reference_bit_for_bit(shape, padded, dt
         assert torch.equal(inv, rinv) and torch.equal(amax, ramax)
         if args:
             assert torch.equal(args["amax_now"], ref["amax_now"])
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_the_fused_casts_change_no_bit_of_the_gemms(scaling, monkeypatch):
+    """fp8_linear with kernels/fp8_cast.py against the eager casts it replaced: the same FP8 bytes
+    and scales reach `_scaled_mm` at the same padded shapes, so forward and gradients are equal."""
+    x = torch.randn(1000, 1024, device="cuda").bfloat16()
+    w = (torch.randn(4096, 1024, device="cuda") * 0.02).bfloat16()
+    dy = (torch.randn(1000, 4096, device="cuda") * 1e-4).bfloat16()
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(fp8, "_use_kernels", lambda device, on=kernels: on)
+        state = fp8.Fp8State(fp8.Fp8Recipe(scaling)).cuda()
+        for _ in range(2):  # the second step scales from the first one's history under delayed
+            fp8.roll([state])
+            xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = fp8.fp8_linear(xs, ws, state)
+            y.backward(dy)
+        results.append([y, xs.grad, ws.grad])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_an_fp16_gemm_result_past_65504_is_inf_not_saturated():
+    """Under precision.fp16 the loss scaler finds overflow by a non-finite gradient: `_scaled_mm`
+    into float16 must give inf where the product exceeds float16's range (the emulation's
+    .to(float16) does), not clamp it to 65504."""
+    a = torch.full((16, 32), 448.0, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.full((16, 32), 448.0, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    out = fp8.scaled_mm(a, b, one, one, torch.float16, emulate=False)  # 32 * 448^2 = 6.4e6
+    emulated = fp8.scaled_mm(a, b, one, one, torch.float16, emulate=True)
+    assert torch.isinf(emulated).all() and torch.isinf(out).all()
