@@ -45,6 +45,10 @@ adds the bias itself, unfused; its only scaling is dynamic (`ScalingType.DYNAMIC
 was removed), so `precision.fp8_scaling=delayed` and its checkpointed history could not be had.
 This file is ~450 lines on top of torch and keeps the fused layer as it is.
 
+torch.compile: the step compiles with fullgraph=True (tests/test_fp8_compile.py): the eager casts
+are plain ops, the kernels a `bert_fast::fp8_cast` triton_op, nothing reads the device; compiled
+forwards cast weights every time (the cache is host-side state that a graph cannot consult).
+
 References: Micikevicius et al., "FP8 Formats for Deep Learning" (arXiv:2209.05433); NVIDIA
 Transformer Engine's DelayedScaling recipe
 (https://docs.nvidia.com/deeplearning/transformer-engine/user-guide/api/common.html) and its FP8
