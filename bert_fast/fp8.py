@@ -144,6 +144,9 @@ class Fp8State(nn.Module):
         the history; the scales follow from the new history; the next step's amaxes start at 0."""
         self.amax_history.copy_(torch.cat([self.amax_now[:, None], self.amax_history[:, :-1]], dim=1))
         self.amax_now.zero_()
+        self._update_scale()
+
+    def _update_scale(self) -> None:
         self.scale.copy_(_scale_from_amax(self.amax_history.amax(dim=1), (E4M3, E4M3, self.recipe.grad_dtype),
                                           empty=0.0))
 
@@ -444,6 +447,37 @@ def roll(states: list[Fp8State]) -> None:
     for s in states:
         if s.delayed:
             s.roll()
+
+
+@torch.no_grad()
+def rescale_gradients(states: list[Fp8State], factor: float) -> None:
+    """precision.fp16: the loss scale changed by `factor` (new / old). The gradients reaching the
+    FP8 GEMMs carry the loss scale, so the gradient row of every delayed state (its history, this
+    step's amax and its scale) follows it: after a rise the next casts would otherwise scale twice
+    as large gradients by the old history and clip their largest values at the format's max,
+    silently (saturation is no overflow: nothing turns inf for the loss scaler to see); after a
+    fall they would waste a binade of range. Powers of two (DeepSpeed's scaler) rescale exactly.
+    No host sync."""
+    for s in states:
+        if s.delayed:
+            s.amax_history[_GRAD].mul_(factor)
+            s.amax_now[_GRAD].mul_(factor)
+            s._update_scale()
+
+
+class LossScaleFollower:
+    """Calls `rescale_gradients` when the fp16 loss scale moves: `update(scale)` after every
+    optimizer step with the scaler's scale (None without fp16), which the training loop reads
+    anyway."""
+
+    def __init__(self, states: list[Fp8State], scale: float | None):
+        self.states = [s for s in states if s.delayed]
+        self.scale = scale
+
+    def update(self, scale: float | None) -> None:
+        if self.states and scale is not None and self.scale is not None and scale != self.scale:
+            rescale_gradients(self.states, scale / self.scale)
+        self.scale = scale
 
 
 def is_state_key(name: str) -> bool:
