@@ -312,9 +312,11 @@ def test_recipe_and_config_errors_name_the_key():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
             load_config(None, [override])
         assert err.value.key == key
-    with pytest.raises(ValueError, match="precision.fp8 runs eagerly"):
-        from bert_fast.train.compiled import check_compile
-        check_compile(load_config(None, ["precision.fp8=true", "train.compile=true"]), torch.device("cpu"))
+    from bert_fast.train.compiled import check_compile
+
+    check_compile(load_config(None, ["precision.fp8=true", "train.compile=true"]), torch.device("cpu"))
+    with pytest.raises(ValueError, match="train.cuda_graphs: precision.fp8 is compiled .* but not graphed"):
+        check_compile(load_config(None, ["precision.fp8=true", "train.cuda_graphs=true"]), torch.device("cuda"))
 
 
 def test_devices_without_fp8_are_refused_naming_the_key(monkeypatch):

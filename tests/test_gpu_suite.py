@@ -135,7 +135,7 @@ def test_gather_keeps_the_end_of_a_huge_build_log(tmp_path, monkeypatch):
     assert text.startswith("[build.log: its first 911 bytes left out]") and text.endswith("the error\n")
 
 
-KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "e2e"]
+KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "e2e", "fp8_cast"]
 
 
 @pytest.mark.slow

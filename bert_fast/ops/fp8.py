@@ -21,6 +21,14 @@ Non-finite values: a NaN or inf input gives a NaN output (its amax makes the sca
 cast would saturate inf to 448 on the CPU, hiding it), so the loop's non-finite-loss check still
 fires; its amax is left out of the history, so one bad step does not poison the steps after it.
 
+Casts: on CUDA kernels/fp8_cast.py (one pass under delayed scaling: cast with the state's scale
+and record the amax; two under current: amax, then cast), writing the row-major copy the forward
+GEMM reads and the transposed one the backward reads (q(X)^T, q(W)^T and q(dY)^T, which the forward
+saves instead of q(X), q(W)), zero-padded for `_scaled_mm`: 2-3 launches per operand against the
+25-40 eager ops elsewhere (tests/test_fp8_cast.py counts them). A training forward casts a weight
+once per optimizer step (`_cast_weight`: later micro-batches and activation checkpointing's
+recomputation reuse the cast; under delayed scaling with its scale of the step's first forward).
+
 GEMM: `torch._scaled_mm` (second operand column-major; on CUDA every dimension a multiple of 16:
 operands are zero-padded where not, which changes no result). On the CPU torch 2.13 runs
 `_scaled_mm` with a naive kernel, about 0.1 GFLOP/s (512x128x512: 1.5 s against 36 ms for the
@@ -35,17 +43,25 @@ call their `nn.Linear` forwards (they call `F.linear(x, child.weight)` to leave 
 epilogue), so the swap would change nothing without restructuring the model, and `Float8Linear`
 adds the bias itself, unfused; its only scaling is dynamic (`ScalingType.DYNAMIC`: delayed scaling
 was removed), so `precision.fp8_scaling=delayed` and its checkpointed history could not be had.
-This file is ~300 lines on top of torch and keeps the fused layer as it is.
+This file is ~450 lines on top of torch and keeps the fused layer as it is.
+
+torch.compile: the step compiles with fullgraph=True (tests/test_fp8_compile.py): the eager casts
+are plain ops, the kernels a `bert_fast::fp8_cast` triton_op, nothing reads the device; compiled
+forwards cast weights every time (the cache is host-side state that a graph cannot consult).
 
 References: Micikevicius et al., "FP8 Formats for Deep Learning" (arXiv:2209.05433); NVIDIA
 Transformer Engine's DelayedScaling recipe
-(https://docs.nvidia.com/deeplearning/transformer-engine/user-guide/api/common.html).
+(https://docs.nvidia.com/deeplearning/transformer-engine/user-guide/api/common.html) and its FP8
+weight caching (`is_first_microbatch`,
+https://docs.nvidia.com/deeplearning/transformer-engine/user-guide/examples/advanced_optimizations.html).
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -99,10 +115,12 @@ class Fp8State(nn.Module):
     def __init__(self, recipe: Fp8Recipe):
         super().__init__()
         self.recipe = recipe
+        self._cached_weight = None  # _cast_weight's
         if recipe.scaling == "delayed":
             self.register_buffer("amax_history", torch.zeros(3, recipe.amax_history))
             self.register_buffer("amax_now", torch.zeros(3))
             self.register_buffer("scale", torch.zeros(3))
+        _watch_optimizers()
 
     @property
     def delayed(self) -> bool:
@@ -117,12 +135,19 @@ class Fp8State(nn.Module):
                 self._buffers[name] = buf.float()
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        weights_changed()  # a model's load writes its weights too: no cached cast survives it
+        super()._load_from_state_dict(*args, **kwargs)
+
     @torch.no_grad()
     def roll(self) -> None:
         """The step's amaxes (`amax_now`, reduced across ranks by the module-level `roll`) enter
         the history; the scales follow from the new history; the next step's amaxes start at 0."""
         self.amax_history.copy_(torch.cat([self.amax_now[:, None], self.amax_history[:, :-1]], dim=1))
         self.amax_now.zero_()
+        self._update_scale()
+
+    def _update_scale(self) -> None:
         self.scale.copy_(_scale_from_amax(self.amax_history.amax(dim=1), (E4M3, E4M3, self.recipe.grad_dtype),
                                           empty=0.0))
 
@@ -158,12 +183,9 @@ def _amax(x: torch.Tensor) -> torch.Tensor:
     return x.detach().abs().amax().float()
 
 
-def _scale_for(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int,
-               record: bool) -> torch.Tensor:
-    """The scale to cast `x` with: current, or delayed from `state` (current while its history is
-    empty); records x's amax into the state when `record`. NaN when x holds a NaN or inf (its amax
-    does), so the cast gives NaN rather than saturating an inf to a finite value: the loss turns
-    non-finite and the loop's check fires, at no extra pass over x."""
+def _scale_and_amax(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int,
+                    record: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`_scale_for`'s scale, x's amax)."""
     amax = _amax(x)
     scale = _scale_from_amax(amax, dtype)
     if state is not None and state.delayed:
@@ -171,7 +193,113 @@ def _scale_for(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role
             state.record(role, amax)
         stored = state.scale[role]
         scale = torch.where(stored > 0, stored, scale)
-    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan")))
+    return torch.where(torch.isfinite(amax), scale, torch.full_like(scale, float("nan"))), amax
+
+
+def _scale_for(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int,
+               record: bool) -> torch.Tensor:
+    """The scale to cast `x` with: current, or delayed from `state` (current while its history is
+    empty); records x's amax into the state when `record`. NaN when x holds a NaN or inf (its amax
+    does), so the cast gives NaN rather than saturating an inf to a finite value: the loss turns
+    non-finite and the loop's check fires, at no extra pass over x."""
+    return _scale_and_amax(x, dtype, state, role, record)[0]
+
+
+# ---- the casts ---------------------------------------------------------------------------------
+
+class Cast(NamedTuple):
+    """An operand in FP8: q [rows, cols] row-major and/or its transpose qt (None where not made;
+    zero-padded to multiples of 16 where `_scaled_mm` needs it), 1 / scale, and the tensor's amax."""
+
+    q: torch.Tensor | None
+    qt: torch.Tensor | None
+    inv: torch.Tensor
+    amax: torch.Tensor
+
+
+def _use_kernels(device: torch.device) -> bool:
+    """Whether the casts run kernels/fp8_cast.py (CUDA; tests turn it on under the interpreter)."""
+    return device.type == "cuda"
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int, record: bool, *,
+         rowwise: bool = True, transpose: bool = False) -> Cast:
+    """`t` [M, N] in FP8 under `state`'s scaling for `role`, recording its amax when `record`.
+    On CUDA one fused kernel pass (two under current scaling) writes the layouts asked for, padded
+    for `_scaled_mm`; elsewhere the eager ops, whose transpose is a view (the emulated GEMM reads
+    any layout)."""
+    if _use_kernels(t.device):
+        from bert_fast.kernels import fp8_cast
+
+        delayed = state is not None and state.delayed
+        rows, cols = (_round16(n) for n in t.shape) if _pads(t.device) else t.shape
+        q, qt, inv, amax = fp8_cast.cast(t, dtype, scale=state.scale if delayed else None,
+                                         amax_now=state.amax_now if delayed and record else None, slot=role,
+                                         rows=rows, cols=cols, rowwise=rowwise, transpose=transpose)
+        return Cast(q if rowwise else None, qt if transpose else None, inv, amax)
+    scale, amax = _scale_and_amax(t, dtype, state, role, record)
+    q = quantize(t, dtype, scale)
+    return Cast(q, q.t(), scale.reciprocal(), amax)
+
+
+# Weights change once per optimizer step, micro-batches cast them once (Transformer Engine's FP8
+# weight caching, its `is_first_microbatch`). A state's cached weight cast is reused while the key
+# below holds: the same weight tensor, its version counter (in-place edits through it), its storage
+# (ZeRO-3 swaps `.data`) and `_generation`, which every optimizer step (a global torch.optim hook:
+# DeepSpeed writes the updated weights through other views of its flat buffers, which the version
+# counter misses) and every state-dict load moves on.
+CACHE_WEIGHTS = True
+_generation = 0
+_hooked = False
+
+
+def weights_changed() -> None:
+    """Drops every cached FP8 weight cast: call after writing weights other than through an
+    optimizer step, a state-dict load or in-place ops on the parameters themselves."""
+    global _generation
+    _generation += 1
+
+
+def _watch_optimizers() -> None:
+    global _hooked
+    if not _hooked:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        register_optimizer_step_post_hook(lambda *args: weights_changed())
+        _hooked = True
+
+
+class _CachedWeight(NamedTuple):
+    key: tuple
+    weight: weakref.ref
+    cast: Cast
+    keep: torch.Tensor | None  # the amax a training forward records again (0 when not finite)
+
+
+def _weight_key(weight: torch.Tensor) -> tuple:
+    return (_generation, weight._version, weight.data_ptr(), weight.dtype, tuple(weight.shape), weight.device,
+            _use_kernels(weight.device), _pads(weight.device))
+
+
+def _cast_weight(weight: torch.Tensor, state: Fp8State | None, record: bool, transpose: bool) -> Cast:
+    """The weight in e4m3, from the state's cache when the weight has not changed since it was cast
+    (training forwards only: the micro-batches of one optimizer step and activation checkpointing's
+    recomputation). Under delayed scaling a reused cast keeps the scale it was made with, that of
+    the step's first training forward (the rolls of the later micro-batches move the weight scale
+    only for the next cast), and the weight's amax is recorded again, so the history is what it
+    would be without the cache."""
+    if state is None or not record or not CACHE_WEIGHTS or torch.compiler.is_compiling():
+        return cast(weight, E4M3, state, _WEIGHT, record, transpose=transpose)
+    key, hit = _weight_key(weight), state._cached_weight
+    if hit is not None and hit.key == key and hit.weight() is weight:
+        if hit.keep is not None:
+            now = state.amax_now.narrow(0, _WEIGHT, 1)
+            torch.maximum(now, hit.keep, out=now)
+        return hit.cast
+    made = cast(weight, E4M3, state, _WEIGHT, record, transpose=True)  # the backward reads W^T
+    keep = torch.nan_to_num(made.amax, nan=0.0, posinf=0.0).reshape(1) if state.delayed else None
+    state._cached_weight = _CachedWeight(key, weakref.ref(weight), made, keep)
+    return made
 
 
 # ---- the GEMM ----------------------------------------------------------------------------------
@@ -200,10 +328,10 @@ def emulated(device: torch.device) -> bool:
 
 def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
               out_dtype: torch.dtype, emulate: bool | None = None) -> torch.Tensor:
-    """`(a * inv_a) @ (b_t * inv_b).T` for fp8 a [M, K] and b_t [N, K] (both row-major), in
-    `out_dtype`. `torch._scaled_mm` (which takes its second operand column-major: b_t.T is that
-    view, no copy), on CUDA with every dimension zero-padded to a multiple of 16; or the float32
-    emulation (`emulate`, default: off CUDA)."""
+    """`(a * inv_a) @ (b_t * inv_b).T` for fp8 a [M, K] and b_t [N, K], in `out_dtype`.
+    `torch._scaled_mm` (which takes its second operand column-major: b_t.T of a row-major b_t is
+    that view, no copy), on CUDA with every dimension zero-padded to a multiple of 16 (the casts
+    pad already there); or the float32 emulation (`emulate`, default: off CUDA), any layout."""
     if emulate is None:
         emulate = emulated(a.device)
     if emulate:
@@ -218,35 +346,42 @@ def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: to
     return out[:m, :n] if pad else out
 
 
+def _gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a, inv_b, out_dtype, emulate, rows: int,
+          cols: int) -> torch.Tensor:
+    """scaled_mm of possibly padded operands, the padding's rows and columns sliced off (a view)."""
+    out = scaled_mm(a, b_t, inv_a, inv_b, out_dtype, emulate)
+    return out if out.shape == (rows, cols) else out[:rows, :cols]
+
+
 class _Fp8Linear(torch.autograd.Function):
-    """y = q(x) @ q(W)^T; dX = q(dY) @ q(W); dW = q(dY)^T @ q(X), the quantised x and W saved
-    from the forward (half the bytes of bf16 ones)."""
+    """y = q(x) @ q(W)^T; dX = q(dY) @ q(W); dW = q(dY)^T @ q(X). The forward keeps only what the
+    backward reads, the transposed copies q(X)^T and q(W)^T (half the bytes of bf16 ones), which
+    the casts wrote in the same pass as q(X) and q(W)."""
 
     @staticmethod
     def forward(ctx, x2d, weight, state, record, emulate):
-        s_x = _scale_for(x2d, E4M3, state, _INPUT, record)
-        s_w = _scale_for(weight, E4M3, state, _WEIGHT, record)
-        q_x, q_w = quantize(x2d, E4M3, s_x), quantize(weight, E4M3, s_w)
-        inv_x, inv_w = s_x.reciprocal(), s_w.reciprocal()
-        ctx.save_for_backward(q_x, q_w, inv_x, inv_w)
+        grad_x, grad_w = ctx.needs_input_grad[:2]
+        cx = cast(x2d, E4M3, state, _INPUT, record, transpose=grad_w)
+        cw = _cast_weight(weight, state, record, transpose=grad_x)
+        ctx.save_for_backward(cx.qt if grad_w else None, cw.qt if grad_x else None, cx.inv, cw.inv)
         ctx.state, ctx.record, ctx.emulate = state, record, emulate
         ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
-        return scaled_mm(q_x, q_w, inv_x, inv_w, x2d.dtype, emulate)
+        ctx.shapes = (x2d.shape[0], x2d.shape[1], weight.shape[0])
+        return _gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
-        q_x, q_w, inv_x, inv_w = ctx.saved_tensors
+        qt_x, qt_w, inv_x, inv_w = ctx.saved_tensors
         state = ctx.state
+        m, k, n = ctx.shapes
+        want_x, want_w = ctx.needs_input_grad[:2]
         grad_dtype = state.recipe.grad_dtype if state is not None else E5M2
-        s_g = _scale_for(grad, grad_dtype, state, _GRAD, ctx.record)
-        q_g = quantize(grad, grad_dtype, s_g)
-        inv_g = s_g.reciprocal()
+        cg = cast(grad, grad_dtype, state, _GRAD, ctx.record, rowwise=want_x, transpose=want_w)
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # dX [M, K] = q(dY) [M, N] @ q(W) [N, K]
-            grad_x = scaled_mm(q_g, q_w.t().contiguous(), inv_g, inv_w, ctx.x_dtype, ctx.emulate)
-        if ctx.needs_input_grad[1]:  # dW [N, K] = q(dY)^T [N, M] @ q(X) [M, K]
-            grad_w = scaled_mm(q_g.t().contiguous(), q_x.t().contiguous(), inv_g, inv_x, ctx.w_dtype,
-                               ctx.emulate)
+        if want_x:  # dX [M, K] = q(dY) [M, N] @ q(W) [N, K]
+            grad_x = _gemm(cg.q, qt_w, cg.inv, inv_w, ctx.x_dtype, ctx.emulate, m, k)
+        if want_w:  # dW [N, K] = q(dY)^T [N, M] @ q(X) [M, K]
+            grad_w = _gemm(cg.qt, qt_x, cg.inv, inv_x, ctx.w_dtype, ctx.emulate, n, k)
         return grad_x, grad_w, None, None, None
 
 
@@ -313,6 +448,37 @@ def roll(states: list[Fp8State]) -> None:
     for s in states:
         if s.delayed:
             s.roll()
+
+
+@torch.no_grad()
+def rescale_gradients(states: list[Fp8State], factor: float) -> None:
+    """precision.fp16: the loss scale changed by `factor` (new / old). The gradients reaching the
+    FP8 GEMMs carry the loss scale, so the gradient row of every delayed state (its history, this
+    step's amax and its scale) follows it: after a rise the next casts would otherwise scale twice
+    as large gradients by the old history and clip their largest values at the format's max,
+    silently (saturation is no overflow: nothing turns inf for the loss scaler to see); after a
+    fall they would waste a binade of range. Powers of two (DeepSpeed's scaler) rescale exactly.
+    No host sync."""
+    for s in states:
+        if s.delayed:
+            s.amax_history[_GRAD].mul_(factor)
+            s.amax_now[_GRAD].mul_(factor)
+            s._update_scale()
+
+
+class LossScaleFollower:
+    """Calls `rescale_gradients` when the fp16 loss scale moves: `update(scale)` after every
+    optimizer step with the scaler's scale (None without fp16), which the training loop reads
+    anyway."""
+
+    def __init__(self, states: list[Fp8State], scale: float | None):
+        self.states = [s for s in states if s.delayed]
+        self.scale = scale
+
+    def update(self, scale: float | None) -> None:
+        if self.states and scale is not None and self.scale is not None and scale != self.scale:
+            rescale_gradients(self.states, scale / self.scale)
+        self.scale = scale
 
 
 def is_state_key(name: str) -> bool:

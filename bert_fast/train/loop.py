@@ -283,6 +283,7 @@ class _Meters:
     signals: Signals
     peak: float | None
     records: list
+    fp8_grads: fp8.LossScaleFollower  # fp16: FP8 gradient scaling follows the loss scale
 
 
 def _run_steps(run: _Run, resume) -> list[dict]:
@@ -291,7 +292,8 @@ def _run_steps(run: _Run, resume) -> list[dict]:
     m = _Meters(Reporter(run.output, run.rank, steps, run.step, lg.tensorboard, run.stream,
                          resumed=bool(resume)),
                 Window(run.device), LossScaleWatch(p.min_loss_scale, p.hysteresis),
-                FiniteWatch(run.device), Signals(), peak_tflops(run.device, lg.peak_tflops), [])
+                FiniteWatch(run.device), Signals(), peak_tflops(run.device, lg.peak_tflops), [],
+                fp8.LossScaleFollower(fp8.states_of(run.engine.module), loss_scale(run.engine)))
     stream = run.batches.stream()
     try:
         while run.step < steps:
@@ -358,6 +360,7 @@ def _after_step(run: _Run, m: _Meters, stop: bool, skipped_before: int, lr: floa
     """The loss-scale watch, the log record, evaluation and the checkpoint of step run.step."""
     engine, step = run.engine, run.step
     scale = loss_scale(engine)
+    m.fp8_grads.update(scale)
     m.watch.update(step, engine.skipped_steps > skipped_before, scale, run.last_saved)
     m.reporter.step()
     if step % run.recipe.log.every == 0 or step == run.recipe.train.steps:

@@ -60,3 +60,69 @@ def test_fast_backend_step_in_fp8_is_close_to_bf16():
     for loss, grad in zip(losses[1:], grads[1:]):
         assert abs(loss - losses[0]) < 0.01 * losses[0], losses
         assert ((grad - grads[0]).norm() / grads[0].norm()).item() < 0.15
+
+
+def _bits_agree(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal bytes, except that NaN need only be NaN (the hardware's NaN byte may differ)."""
+    g, w = got.view(torch.uint8), want.view(torch.uint8)
+    nan = torch.isnan(want.float())
+    return bool(torch.equal(torch.isnan(got.float()), nan) and torch.equal(g[~nan], w[~nan]))
+
+
+@pytest.mark.parametrize("mode", ["current", "delayed", "delayed-empty"])
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2], ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("shape, padded", [((4096, 1024), None), ((1000, 4096), (1008, 4096)), ((37, 72), (48, 80))],
+                         ids=lambda s: "x".join(map(str, s)) if s else "unpadded")
+def test_compiled_cast_kernels_equal_the_reference_bit_for_bit(shape, padded, dtype, mode):
+    """The hardware conversion (cvt.rn.satfinite) against torch's clamp-then-cast, through every
+    path of kernels/fp8_cast.py, with values past the format's range and a NaN-free input."""
+    from bert_fast.kernels import fp8_cast as fc
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for x_dtype in (torch.bfloat16, torch.float32):
+        x = (torch.randn(*shape, device="cuda", generator=g) * 30).to(x_dtype)
+        rows, cols = padded or shape
+        args = {}
+        if mode != "current":
+            stored = 0.0 if mode == "delayed-empty" else 448.0 / 20  # saturates the largest values
+            args = dict(scale=torch.tensor([1.0, stored, 1.0], device="cuda"), amax_now=torch.zeros(3, device="cuda"),
+                        slot=1)
+        ref = {k: v.clone() if torch.is_tensor(v) else v for k, v in args.items()}
+        q, qt, inv, amax = fc.cast(x, dtype, rows=rows, cols=cols, transpose=True, **args)
+        rq, rqt, rinv, ramax = fc.cast_reference(x, dtype, rows=rows, cols=cols, **ref)
+        assert _bits_agree(q, rq) and _bits_agree(qt, rqt), (x_dtype, mode)
+        assert torch.equal(inv, rinv) and torch.equal(amax, ramax)
+        if args:
+            assert torch.equal(args["amax_now"], ref["amax_now"])
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_the_fused_casts_change_no_bit_of_the_gemms(scaling, monkeypatch):
+    """fp8_linear with kernels/fp8_cast.py against the eager casts it replaced: the same FP8 bytes
+    and scales reach `_scaled_mm` at the same padded shapes, so forward and gradients are equal."""
+    x = torch.randn(1000, 1024, device="cuda").bfloat16()
+    w = (torch.randn(4096, 1024, device="cuda") * 0.02).bfloat16()
+    dy = (torch.randn(1000, 4096, device="cuda") * 1e-4).bfloat16()
+    results = []
+    for kernels in (True, False):
+        monkeypatch.setattr(fp8, "_use_kernels", lambda device, on=kernels: on)
+        state = fp8.Fp8State(fp8.Fp8Recipe(scaling)).cuda()
+        for _ in range(2):  # the second step scales from the first one's history under delayed
+            fp8.roll([state])
+            xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+            y = fp8.fp8_linear(xs, ws, state)
+            y.backward(dy)
+        results.append([y, xs.grad, ws.grad])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_an_fp16_gemm_result_past_65504_is_inf_not_saturated():
+    """Under precision.fp16 the loss scaler finds overflow by a non-finite gradient: `_scaled_mm`
+    into float16 must give inf where the product exceeds float16's range (the emulation's
+    .to(float16) does), not clamp it to 65504."""
+    a = torch.full((16, 32), 448.0, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.full((16, 32), 448.0, device="cuda").to(torch.float8_e4m3fn)
+    one = torch.ones((), device="cuda")
+    out = fp8.scaled_mm(a, b, one, one, torch.float16, emulate=False)  # 32 * 448^2 = 6.4e6
+    emulated = fp8.scaled_mm(a, b, one, one, torch.float16, emulate=True)
+    assert torch.isinf(emulated).all() and torch.isinf(out).all()

@@ -36,3 +36,39 @@ def test_compiled_and_graphed_runs_log_the_eager_losses(tmp_path):
     # bf16: Inductor fuses and orders differently from eager; the graphs replay the compiled code.
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(torch.tensor(graphed), torch.tensor(compiled), rtol=1e-3, atol=1e-3)
+
+
+def _fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+FP8 = ("precision.fp8=true", "precision.fp8_scaling=delayed")
+
+
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 tensor cores (compute capability >= 8.9)")
+def test_compiled_fp8_run_logs_the_eager_losses(tmp_path):
+    """The fused FP8 casts inside the compiled graph (the bert_fast::fp8_cast triton_op)."""
+    eager = losses(tmp_path, *FP8)
+    compiled = losses(tmp_path, *FP8, "train.compile=true")
+    assert len(eager) == len(compiled) == 5
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 tensor cores (compute capability >= 8.9)")
+def test_fp16_fp8_run_learns_while_its_loss_scale_moves(tmp_path):
+    """precision.fp16 with delayed FP8 through DeepSpeed's scaler (the CPU cannot run fp16 there):
+    the scale rises every 2 clean steps, the loop rescales the FP8 gradient histories with it, and
+    the losses stay finite and fall."""
+    out = tmp_path / "fp16"
+    result = subprocess.run(
+        [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
+         "train.steps=12", "log.every=1", "eval.every=0", "checkpoint.every=0", "precision.bf16=false",
+         "precision.fp16=true", "precision.loss_scale_window=2", "precision.initial_scale_power=12",
+         "model.backend=fast", "train.micro_batch=16", "train.global_batch=32", *FP8],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    scales = [r["loss_scale"] for r in train]
+    assert len(train) == 12 and max(scales) > scales[0], scales
+    assert all(r["loss"] == r["loss"] for r in train) and train[-1]["loss"] < train[0]["loss"]

@@ -1,0 +1,368 @@
+"""Per-tensor FP8 casts for the FP8 GEMMs (bert_fast/ops/fp8.py): amax, scale and cast to e4m3/e5m2, the
+zero padding `torch._scaled_mm` wants and the transposed copy the backward GEMMs read, in as few
+passes over the tensor as the scaling allows.
+
+What is fused, per operand of a GEMM (x, W, dY):
+- The scale comes from the tensor's amax now (`current`) or from the delayed-scaling state
+  (`delayed`: the largest amax of the last steps, bert_fast/ops/fp8.py). Current scaling needs the amax
+  before the first element is cast: an amax pass (read) and a cast pass (read, write): 2 launches.
+  Delayed scaling knows its scale before the pass: the cast pass reads the tensor once, writes it
+  once and records its amax on the way (per-program partials, which a one-program finish launch
+  reduces, records into the state's `amax_now` and turns into 1 / scale): 2 launches, plus the
+  amax pass kept for a state whose history is empty (the first step: current scaling), which
+  otherwise returns at once. Eager PyTorch spends 25-40 launches per operand on the same
+  (abs, amax, the guards against 0 and non-finite amaxes, mul, clamp, cast; tests/test_fp8_cast.py
+  counts them).
+- Each pass writes the row-major copy [rows, cols] and/or the transposed one [cols, rows] from the
+  same tile (the backward's dX = dY W and dW = dY^T X read W^T, dY^T and X^T; `_scaled_mm` takes its
+  first operand row-major and its second column-major), with rows and columns past the tensor's
+  written as zeros up to the caller's padded sizes (multiples of 16 on CUDA), so neither a
+  transpose nor a pad copy follows.
+
+Numerics are those of bert_fast/ops/fp8.py's eager path, bit for bit: scale = fp8_max / amax as torch
+rounds `float / tensor` (fp8_max times the IEEE reciprocal, `div_rn`), clamped to the float32
+maximum, 1 for an all-zero tensor; q = clamp(x * scale, +-fp8_max) rounded to nearest even;
+inverse scale 1 / scale (IEEE, as `Tensor.reciprocal`). A tensor
+holding NaN or inf has a non-finite amax: its inverse scale is NaN, so every GEMM product with it
+is NaN (a plain cast would saturate inf to fp8_max and hide it), and its amax is not recorded.
+Under current scaling its q is NaN too; under delayed scaling the cast has happened before the amax
+is known, so q holds the saturated values, but the NaN inverse scale makes the GEMM's result the
+same all-NaN one.
+
+Under TRITON_INTERPRET=1 (the CPU tests) Triton's own float32 -> fp8 conversion is not torch's: it
+truncates the mantissa and adds the first dropped bit without carrying into the exponent (124.4 ->
+64 in e4m3, not 128) and has no NaN. So the interpreted kernels round in integer arithmetic
+(`_fp8_bits`, RNE as the hardware `cvt.rn.satfinite` does) and store the bytes through a uint8 view;
+tests/test_fp8_cast.py checks that rounding against torch's for every float32 neighbourhood of the
+fp8 grids, and tests/gpu/ checks the compiled kernels (which use the hardware conversion) bit for
+bit against the torch reference.
+
+Launches: eagerly `kernel[grid]`; under torch.compile / export the same launchers run inside the
+`bert_fast::fp8_cast` triton_op (it mutates `amax_now`), so fullgraph traces have no break.
+
+References: Micikevicius et al., "FP8 Formats for Deep Learning" (arXiv:2209.05433); NVIDIA
+Transformer Engine's fused cast-transpose and delayed-scaling amax bookkeeping
+(https://github.com/NVIDIA/TransformerEngine, transformer_engine/common/transpose/cast_transpose.cu);
+torchao.float8's dynamic per-tensor scaling (https://github.com/pytorch/ao, torchao/float8).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch._subclasses.fake_tensor import is_fake
+from torch.library import triton_op, wrap_triton
+
+E4M3 = torch.float8_e4m3fn
+E5M2 = torch.float8_e5m2
+# Per format: mantissa bits, exponent bias, largest finite value.
+FORMATS = {E4M3: (3, 7, 448.0), E5M2: (2, 15, 57344.0)}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BLOCK_M, BLOCK_N, NUM_WARPS = 64, 128, 4  # bench/results/aot/fp8_cast.json
+PER_SM = 8  # programs per SM of the persistent passes (their amax partials stay few)
+FINISH_BLOCK = 1024
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _fp8_bits(y, MANT: tl.constexpr, BIAS: tl.constexpr):
+    """The fp8 byte of float32 `y` (|y| <= the format's max, or NaN), rounded to nearest even:
+    the interpreter's stand-in for the hardware conversion. Normal results round the float32 bits
+    (a carry moves into the exponent, as it should); subnormal ones scale y to units of the
+    smallest subnormal and round through float32 addition of 2^23 (round-to-nearest-even)."""
+    bits = y.to(tl.uint32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    mag = bits & 0x7FFFFFFF
+    shift: tl.constexpr = 23 - MANT
+    rounded = (mag + ((1 << (shift - 1)) - 1) + ((mag >> shift) & 1)) >> shift
+    normal = rounded - ((127 - BIAS) << MANT)
+    small = mag < ((127 + 1 - BIAS) << 23)  # below the smallest normal 2^(1 - BIAS)
+    units = tl.where(small, tl.abs(y), 0.0) * (2.0 ** (BIAS - 1 + MANT))
+    subnormal = ((units + 8388608.0) - 8388608.0).to(tl.uint32)
+    out = tl.where(small, subnormal, normal)
+    out = tl.where(mag > 0x7F800000, 0x7F, out)  # NaN
+    return (out | sign).to(tl.uint8)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """Elementwise max that keeps NaN (one FMNMX.NAN), so an amax is not finite when any element
+    is not. The hardware's plain max drops NaN (the interpreter's numpy one keeps it)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _amax_of(acc):
+    """The max of an elementwise accumulator, NaN if it holds one. tl.max's reduction drops NaN on
+    the GPU, so a flag carries it (a custom NaN-keeping combine would cost the interpreter
+    seconds per call)."""
+    flat = tl.reshape(acc, [acc.numel])
+    has_nan = tl.max((flat != flat).to(tl.int32), 0)
+    return tl.where(has_nan > 0, float("nan"), tl.max(flat, 0))
+
+
+@triton.jit
+def _scale_from_amax(amax, FP8_MAX: tl.constexpr):
+    """FP8_MAX / amax, clamped to the float32 max; 1 for amax 0; NaN for a non-finite amax
+    (bert_fast.ops.fp8._scale_for). Rounded as torch computes `float / tensor`: FP8_MAX times the
+    correctly rounded reciprocal."""
+    finite = amax < float("inf")
+    ok = (amax > 0) & finite
+    scale = tl.minimum(tl.math.div_rn(1.0, tl.where(ok, amax, 1.0)) * FP8_MAX, 3.4028234663852886e38)
+    return tl.where(ok, scale, tl.where(finite, 1.0, float("nan")))
+
+
+@triton.jit
+def _max_partials(P, n, BLOCK_P: tl.constexpr):
+    offs = tl.arange(0, BLOCK_P)
+    return _amax_of(tl.load(P + offs, mask=offs < n, other=0.0))
+
+
+@triton.jit
+def _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """Tile `tile` (row-major order over [BLOCK_M, BLOCK_N] tiles) of X as float32, zeros outside;
+    also its row and column indices."""
+    rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x_row + cols[None, :], mask=inside, other=0.0)
+    return x.to(tl.float32), rows, cols, inside
+
+
+@triton.jit
+def _fp8_amax_kernel(
+    X,  # [n_rows, n_cols], row stride stride_x_row, unit column stride
+    Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (SKIP_IF_SCALED), else unread
+    Partial,  # [programs] float32 out: each program's amax of |X| (NaN or inf: not finite)
+    n_rows, n_cols, stride_x_row, slot,
+    SKIP_IF_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The amax pass: before a current-scaled cast, or for a delayed one whose history is empty
+    (Scale <= 0; with a scale it reads nothing)."""
+    pid = tl.program_id(0)
+    tiles_n = tl.cdiv(n_cols, BLOCK_N)
+    tiles = tl.cdiv(n_rows, BLOCK_M) * tiles_n
+    if SKIP_IF_SCALED:
+        tiles = tl.where(tl.load(Scale + slot) > 0, 0, tiles)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tile in range(pid, tiles, tl.num_programs(0)):
+        x, _, _, _ = _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
+        acc = _max_nan(acc, tl.abs(x))
+    tl.store(Partial + pid, _amax_of(acc))
+
+
+@triton.jit
+def _fp8_cast_kernel(
+    X,  # [n_rows, n_cols], row stride stride_x_row, unit column stride
+    Q,  # [out_rows, out_cols] fp8 (uint8 under the interpreter), row-major (ROWWISE)
+    QT,  # [out_cols, out_rows] the transposed copy (TRANSPOSE)
+    Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (DELAYED); <= 0: current from AmaxIn
+    AmaxIn,  # [n_amax_in] float32 partials of the amax pass (read under current scaling)
+    Partial,  # [programs] float32 out: each program's amax, NaN kept (DELAYED)
+    InvScale,  # [1] float32 out: 1 / scale (current scaling; the finish kernel's under DELAYED)
+    AmaxOut,  # [1] float32 out: amax of |X|, NaN kept (current scaling)
+    n_rows, n_cols, out_rows, out_cols, stride_x_row, n_amax_in, slot,
+    FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, SOFT: tl.constexpr,
+    DELAYED: tl.constexpr, ROWWISE: tl.constexpr, TRANSPOSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """The cast pass over [out_rows, out_cols] tiles (zeros past [n_rows, n_cols])."""
+    pid = tl.program_id(0)
+    if DELAYED:
+        stored = tl.load(Scale + slot)
+        empty = stored <= 0  # an empty history: the amax pass ran, scale currently
+        amax = _max_partials(AmaxIn, tl.where(empty, n_amax_in, 0), BLOCK_P)  # read only when empty
+        scale = tl.where(empty, _scale_from_amax(amax, FP8_MAX), stored)
+    else:
+        amax = _max_partials(AmaxIn, n_amax_in, BLOCK_P)
+        scale = _scale_from_amax(amax, FP8_MAX)
+    tiles_n = tl.cdiv(out_cols, BLOCK_N)
+    tiles = tl.cdiv(out_rows, BLOCK_M) * tiles_n
+    seen = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tile in range(pid, tiles, tl.num_programs(0)):
+        x, rows, cols, inside = _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
+        if DELAYED:
+            seen = _max_nan(seen, tl.abs(x))
+        y = tl.where(inside, x * scale, 0.0)  # padding is 0 even under a NaN scale
+        if SOFT:
+            # torch's clamp (NaN stays NaN), then the rounding.
+            y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -FP8_MAX), FP8_MAX))
+            q = _fp8_bits(y, MANT, BIAS)
+        else:
+            # cvt.rn.satfinite: round to nearest even, saturate at +-max (inf too), NaN stays NaN:
+            # torch's clamp-then-cast in one instruction per two values.
+            q = y.to(Q.dtype.element_ty, fp_downcast_rounding="rtne")
+        out = (rows < out_rows)[:, None] & (cols < out_cols)[None, :]
+        if ROWWISE:
+            tl.store(Q + rows.to(tl.int64)[:, None] * out_cols + cols[None, :], q, mask=out)
+        if TRANSPOSE:
+            tl.store(QT + cols.to(tl.int64)[None, :] * out_rows + rows[:, None], q, mask=out)
+    if DELAYED:
+        tl.store(Partial + pid, _amax_of(seen))
+    elif pid == 0:
+        tl.store(InvScale, tl.math.div_rn(1.0, scale))
+        tl.store(AmaxOut, amax)
+
+
+@triton.jit
+def _fp8_finish_kernel(
+    Partial,  # [n_partial] float32: the cast pass's amaxes
+    Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale the cast used (<= 0: current)
+    AmaxNow,  # [slot + 1] float32: AmaxNow[slot] is the state's amax of this step, max-updated (RECORD)
+    InvScale, AmaxOut,  # [1] float32 out each
+    n_partial, slot,
+    FP8_MAX: tl.constexpr, RECORD: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """One program after a delayed-scaled cast: amax, 1 / scale (NaN for a non-finite tensor),
+    and the step's amax record (a non-finite one left out)."""
+    amax = _max_partials(Partial, n_partial, BLOCK_P)
+    stored = tl.load(Scale + slot)
+    scale = tl.where(stored > 0, stored, _scale_from_amax(amax, FP8_MAX))
+    finite = amax < float("inf")
+    tl.store(InvScale, tl.where(finite, tl.math.div_rn(1.0, scale), float("nan")))
+    tl.store(AmaxOut, amax)
+    if RECORD:
+        now = tl.load(AmaxNow + slot)
+        tl.store(AmaxNow + slot, tl.where(finite, tl.maximum(now, amax), now))
+
+
+# ------------------------------------------------------------------------------------- launchers
+
+def _launch(kernel, grid, traced: bool):
+    """kernel[grid] eagerly, or through wrap_triton inside a triton_op (tracing)."""
+    return wrap_triton(kernel)[grid] if traced else kernel[grid]
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def programs(device: torch.device, rows: int, cols: int) -> int:
+    """Programs of a persistent pass over [rows, cols]: PER_SM per SM on a GPU (so their amax
+    partials stay under FINISH_BLOCK), 3 under the interpreter (so tests take several tiles per
+    program, unevenly); never more than there are tiles, at least 1."""
+    tiles = max(1, triton.cdiv(rows, BLOCK_M) * triton.cdiv(cols, BLOCK_N))
+    limit = PER_SM * _sm_count(device.index or 0) if device.type == "cuda" else 3
+    return min(limit, tiles, FINISH_BLOCK)
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_now: torch.Tensor | None,
+          slot: int, rows: int, cols: int, rowwise: bool, transpose: bool, traced: bool):
+    """The launches of `cast` (arguments checked there); returns (q, qt, inv, amax)."""
+    mant, bias, top = FORMATS[dtype]
+    n_rows, n_cols = x.shape
+    device = x.device
+    delayed = scale is not None
+    q = torch.empty((rows, cols) if rowwise else (0,), dtype=dtype, device=device)
+    qt = torch.empty((cols, rows) if transpose else (0,), dtype=dtype, device=device)
+    inv = torch.empty((), dtype=torch.float32, device=device)
+    amax = torch.empty((), dtype=torch.float32, device=device)
+    soft = interpreting()
+    # The interpreter stores the bytes _fp8_bits computes; compiled kernels the hardware's fp8.
+    q_arg, qt_arg = (q.view(torch.uint8), qt.view(torch.uint8)) if soft else (q, qt)
+    n_amax = programs(device, n_rows, n_cols)
+    partial_in = torch.empty(n_amax, dtype=torch.float32, device=device)
+    _launch(_fp8_amax_kernel, (n_amax,), traced)(
+        x, scale if delayed else inv, partial_in, n_rows, n_cols, x.stride(0), slot,
+        SKIP_IF_SCALED=delayed, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+    n_cast = programs(device, rows, cols)
+    partial = torch.empty(n_cast if delayed else 1, dtype=torch.float32, device=device)
+    _launch(_fp8_cast_kernel, (n_cast,), traced)(
+        x, q_arg if rowwise else qt_arg, qt_arg if transpose else q_arg, scale if delayed else inv,
+        partial_in, partial, inv, amax, n_rows, n_cols, rows, cols, x.stride(0), n_amax, slot,
+        FP8_MAX=top, MANT=mant, BIAS=bias, SOFT=soft, DELAYED=delayed, ROWWISE=rowwise, TRANSPOSE=transpose,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=triton.next_power_of_2(n_amax), num_warps=NUM_WARPS)
+    if delayed:
+        record = amax_now is not None
+        _launch(_fp8_finish_kernel, (1,), traced)(
+            partial, scale, amax_now if record else partial, inv, amax, n_cast, slot,
+            FP8_MAX=top, RECORD=record, BLOCK_P=triton.next_power_of_2(n_cast), num_warps=4)
+    return q, qt, inv, amax
+
+
+@triton_op("bert_fast::fp8_cast", mutates_args=("amax_now",))
+def _fp8_cast_op(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None,
+                 amax_now: torch.Tensor | None, slot: int, rows: int, cols: int, rowwise: bool,
+                 transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, traced=True)
+
+
+def _traced(t: torch.Tensor) -> bool:
+    """Under torch.compile / export, or fake tensors (make_fx): the triton_op path."""
+    return torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
+
+
+# ---------------------------------------------------------------------------------------- public
+
+def cast(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = None,
+         amax_now: torch.Tensor | None = None, slot: int = 0, rows: int | None = None,
+         cols: int | None = None, rowwise: bool = True, transpose: bool = False):
+    """x [M, N] (float32/16, bfloat16, unit column stride) cast to `dtype` (float8_e4m3fn or
+    float8_e5m2) under a per-tensor scale. Returns (q, qt, inv_scale, amax):
+
+    - q [rows, cols] row-major when `rowwise` (else an empty tensor), qt [cols, rows] = q^T when
+      `transpose`; rows >= M and cols >= N (default M, N): zeros past x.
+    - inv_scale: 0-d float32, 1 / scale (what `_scaled_mm` multiplies by); NaN when x holds NaN or
+      inf. amax: 0-d float32 max |x|, not finite when x holds NaN or inf.
+    - Scaling: `scale` None scales currently (fp8_max / amax). Otherwise delayed: `scale` is the
+      state's float32 buffer and `scale[slot]` is used when > 0 (else current scaling);
+      `amax_now[slot]` (the state's buffer, or None) is raised to amax when that is finite: the
+      step's record.
+    """
+    if dtype not in FORMATS:
+        raise TypeError(f"dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in DTYPES:
+        raise ValueError(f"x must be a 2-D float32, float16 or bfloat16 tensor, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
+    if x.numel() == 0:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    rows, cols = rows or x.shape[0], cols or x.shape[1]
+    if rows < x.shape[0] or cols < x.shape[1]:
+        raise ValueError(f"rows, cols must be at least x's shape {tuple(x.shape)}, got ({rows}, {cols})")
+    for name, t in (("scale", scale), ("amax_now", amax_now)):
+        if t is not None and (t.dtype != torch.float32 or t.dim() != 1 or not t.is_contiguous()
+                              or t.device != x.device or not 0 <= slot < t.numel()):
+            raise ValueError(f"{name} must be a contiguous 1-D float32 tensor on {x.device} with an entry "
+                             f"at slot {slot}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+    if amax_now is not None and scale is None:
+        raise ValueError("amax_now records delayed scaling's amax: give the state's scale too")
+    if not (rowwise or transpose):
+        raise ValueError("rowwise and transpose are both False: nothing to write")
+    if _traced(x):
+        return _fp8_cast_op(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose)
+    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, traced=False)
+
+
+def cast_reference(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = None,
+                   amax_now: torch.Tensor | None = None, slot: int = 0, rows: int | None = None,
+                   cols: int | None = None):
+    """`cast` in eager PyTorch, both layouts: (q, q^T, inv_scale, amax). The test oracle."""
+    _mant, _bias, top = FORMATS[dtype]
+    amax = x.detach().float().abs().amax()
+    finite = torch.isfinite(amax)
+    ok = (amax > 0) & finite
+    current = (top / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
+    current = torch.where(ok, current, torch.where(finite, 1.0, float("nan")))
+    used = current if scale is None else torch.where(scale[slot] > 0, scale[slot], current)
+    q = (x.float() * used).clamp(-top, top).to(dtype)
+    rows, cols = rows or x.shape[0], cols or x.shape[1]
+    padded = torch.zeros((rows, cols), dtype=torch.uint8, device=x.device)
+    padded[:x.shape[0], :x.shape[1]] = q.view(torch.uint8)
+    inv = torch.where(finite, used.reciprocal(), float("nan"))
+    if amax_now is not None:
+        amax_now[slot] = torch.where(finite, torch.maximum(amax_now[slot], amax), amax_now[slot])
+    return padded.view(dtype), padded.t().contiguous().view(dtype), inv, amax

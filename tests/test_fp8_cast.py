@@ -1,0 +1,232 @@
+"""kernels/fp8_cast.py under the Triton interpreter: the fused amax + scale + cast (+ transpose, +
+padding) against its eager reference bit for bit, its float32 -> fp8 rounding against torch's for
+every neighbourhood of the fp8 grids, non-finite and zero tensors, argument errors, and the launches
+per FP8 GEMM (bert_fast/ops/fp8.py on the kernel path) against the eager path's.
+
+Under the interpreter the kernels round in integer arithmetic (the interpreter's own fp8 conversion
+truncates; see the kernel module's docstring); the compiled kernels' hardware conversion is checked
+against the same reference in tests/gpu/test_fp8_gpu.py."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bert_fast.ops import fp8
+from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
+from bert_fast.kernels import fp8_cast as fc
+
+FORMATS = [fc.E4M3, fc.E5M2]
+# (shape, padded shape or None): one tile, odd sizes, several tiles per program, BERT-like widths.
+SHAPES = [((1, 1), (16, 16)), ((5, 9), None), ((37, 200), (48, 208)), ((64, 128), None), ((300, 260), None)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def _grid_values(dtype: torch.dtype) -> torch.Tensor:
+    """Every finite fp8 value, the midpoints between neighbours and the float32 values either side
+    of each midpoint (ties and near-ties, carries into the next binade, subnormals, the largest
+    value), negated too, and random magnitudes across the range."""
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = codes[torch.isfinite(codes)].unique()
+    grid = grid[grid >= 0]
+    mids = (grid[1:] + grid[:-1]) / 2
+    near = torch.cat([mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(1e9))])
+    top = fc.FORMATS[dtype][2]
+    tiny = grid[1]  # the smallest subnormal
+    extra = torch.tensor([0.0, tiny / 4, tiny / 2, tiny * 0.51, top, top * 1.03, top * 1.1, 3.0e38])
+    g = torch.Generator().manual_seed(0)
+    random = torch.exp(torch.empty(20000).uniform_(-25.0, 11.5, generator=g))
+    values = torch.cat([grid, near, extra, random])
+    return torch.cat([values, -values])
+
+
+@pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3", "e5m2"])
+def test_the_interpreted_rounding_is_torchs_for_every_neighbourhood_of_the_grid(dtype):
+    """A delayed scale of 1 casts the values as they are: clamp to +-max, round to nearest even."""
+    top = fc.FORMATS[dtype][2]
+    values = _grid_values(dtype)
+    values = torch.cat([values, torch.zeros((-values.numel()) % 128)]).reshape(-1, 128)
+    scale = torch.ones(1)
+    q, _, _, _ = fc.cast(values, dtype, scale=scale)
+    want = values.clamp(-top, top).to(dtype)
+    assert torch.equal(_bits(q), _bits(want)), values[_bits(q) != _bits(want)][:10]
+
+
+def _state_args(mode: str, slot: int = 1):
+    """cast()'s scaling arguments per mode: current; delayed with a scale; delayed with an empty
+    history (scale 0: the amax pass runs and it scales currently). Buffers of 3 slots, as a state's."""
+    if mode == "current":
+        return {}
+    stored = 0.0 if mode == "delayed-empty" else 0.37
+    return dict(scale=torch.tensor([5.0, stored, 9.0]), amax_now=torch.tensor([1.0, 2.5, 3.0]), slot=slot)
+
+
+@pytest.mark.parametrize("mode", ["current", "delayed", "delayed-empty"])
+@pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3", "e5m2"])
+@pytest.mark.parametrize("shape, padded", SHAPES, ids=lambda s: "x".join(map(str, s)) if s else "unpadded")
+def test_cast_equals_the_reference_bit_for_bit(shape, padded, dtype, mode):
+    g = torch.Generator().manual_seed(sum(shape))
+    for x_dtype, magnitude in ((torch.float32, 3.0), (torch.bfloat16, 1e-3), (torch.float16, 40.0)):
+        x = (torch.randn(*shape, generator=g) * magnitude).to(x_dtype)
+        rows, cols = padded or shape
+        args, ref_args = _state_args(mode), _state_args(mode)
+        q, qt, inv, amax = fc.cast(x, dtype, rows=rows, cols=cols, transpose=True, **args)
+        rq, rqt, rinv, ramax = fc.cast_reference(x, dtype, rows=rows, cols=cols, **ref_args)
+        assert q.shape == (rows, cols) and qt.shape == (cols, rows) and q.dtype == qt.dtype == dtype
+        assert torch.equal(_bits(q), _bits(rq)) and torch.equal(_bits(qt), _bits(rqt)), (x_dtype, mode)
+        assert torch.equal(inv, rinv) and torch.equal(amax, ramax) and amax == x.float().abs().max()
+        if mode != "current":
+            assert torch.equal(args["amax_now"], ref_args["amax_now"])
+            assert args["amax_now"].tolist() == [1.0, max(2.5, amax.item()), 3.0]  # its slot only
+
+
+@pytest.mark.parametrize("rowwise, transpose", [(True, False), (False, True)])
+def test_one_layout_alone_and_a_strided_input(rowwise, transpose):
+    base = torch.randn(40, 96)
+    x = base[3:33, 8:72]  # row stride 96, not the width
+    q, qt, inv, _ = fc.cast(x, fc.E4M3, rows=32, cols=64, rowwise=rowwise, transpose=transpose)
+    rq, rqt, rinv, _ = fc.cast_reference(x, fc.E4M3, rows=32, cols=64)
+    assert torch.equal(inv, rinv)
+    if rowwise:
+        assert torch.equal(_bits(q), _bits(rq)) and qt.numel() == 0
+    else:
+        assert torch.equal(_bits(qt), _bits(rqt)) and q.numel() == 0
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # the interpreter's max over the NaN flag's input
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("mode", ["current", "delayed", "delayed-empty"])
+def test_a_non_finite_tensor_gets_a_nan_inverse_scale_and_no_record(bad, mode):
+    x = torch.randn(37, 40)
+    x[20, 7] = bad
+    args = _state_args(mode)
+    q, qt, inv, amax = fc.cast(x, fc.E5M2, rows=48, cols=48, transpose=True, **args)
+    assert torch.isnan(inv) and not torch.isfinite(amax)
+    if mode != "current":
+        assert args["amax_now"].tolist() == [1.0, 2.5, 3.0]
+    # What any GEMM with it gives: NaN everywhere, as bert_fast.ops.fp8's eager path.
+    assert torch.isnan(q.float()[:37, :40] * inv).all()
+    assert not _bits(q)[37:].any() and not _bits(q)[:, 40:].any()  # the padding stays zeros
+    if mode != "delayed":  # scaled currently: the values themselves are NaN
+        assert torch.isnan(q.float()[:37, :40]).all() and torch.equal(_bits(qt), _bits(q).t())
+
+
+def test_zeros_cast_to_zeros_with_scale_one():
+    q, _, inv, amax = fc.cast(torch.zeros(7, 33), fc.E4M3)
+    assert not _bits(q).any() and inv == 1.0 and amax == 0.0
+
+
+def test_bad_arguments_are_named():
+    x = torch.randn(8, 16)
+    with pytest.raises(TypeError, match="dtype must be"):
+        fc.cast(x, torch.bfloat16)
+    with pytest.raises(ValueError, match="x must be a 2-D"):
+        fc.cast(x[0], fc.E4M3)
+    with pytest.raises(ValueError, match="x must not be empty"):
+        fc.cast(x[:0], fc.E4M3)
+    with pytest.raises(ValueError, match="rows, cols must be at least"):
+        fc.cast(x, fc.E4M3, rows=4)
+    with pytest.raises(ValueError, match="scale must be a contiguous 1-D float32 tensor .* slot 3"):
+        fc.cast(x, fc.E4M3, scale=torch.ones(3), slot=3)
+    with pytest.raises(ValueError, match="amax_now records delayed scaling"):
+        fc.cast(x, fc.E4M3, amax_now=torch.ones(3))
+    with pytest.raises(ValueError, match="nothing to write"):
+        fc.cast(x, fc.E4M3, rowwise=False)
+
+
+# ---- launches per FP8 GEMM ----------------------------------------------------------------------
+
+# Allocations and aliasing launch nothing on a GPU.
+_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
+
+
+class _Launches(TorchDispatchMode):
+    """Counts, inside the block, the aten ops that launch work (not views, not allocations) and
+    the Triton launches of kernels/fp8_cast.py; the interpreter's own tensor ops inside a launch
+    are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.kernels, self.inside = collections.Counter(), collections.Counter(), False
+
+    def __enter__(self):
+        self._original = original = fc._launch
+
+        def launch(kernel, grid, traced):
+            run = original(kernel, grid, traced)
+
+            def counted(*args, **kwargs):
+                self.kernels[kernel.fn.__name__] += 1
+                self.inside = True
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    self.inside = False
+            return counted
+
+        fc._launch = launch
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        fc._launch = self._original
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self.inside and not func.is_view and name not in _NO_LAUNCH:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self) -> int:
+        return sum(self.ops.values()) + sum(self.kernels.values())
+
+
+def _count_step(monkeypatch, scaling: str, kernels: bool) -> list[dict]:
+    """Launches of fp8_linear forward and backward (bf16 x [37, 64], W [48, 64], as CUDA runs it:
+    `_scaled_mm`, dimensions padded to 16), three micro-batches on unchanged weights."""
+    monkeypatch.setattr(fp8, "_pads", lambda device: True)
+    monkeypatch.setattr(fp8, "_use_kernels", lambda device: kernels)
+    state = Fp8State(Fp8Recipe(scaling))
+    w = (torch.randn(48, 64) * 0.05).bfloat16().requires_grad_()
+    counts = []
+    for _ in range(3):
+        x = torch.randn(37, 64).bfloat16().requires_grad_()
+        if state.delayed:
+            fp8.roll([state])
+        with _Launches() as forward:
+            y = fp8.fp8_linear(x, w, state, emulate=False)
+        grad = torch.randn_like(y)
+        w.grad = None
+        with _Launches() as backward:
+            y.backward(grad)
+        counts.append({"forward": forward.total(), "backward": backward.total(),
+                       "kernels": sum(forward.kernels.values()) + sum(backward.kernels.values()),
+                       "ops": dict(forward.ops + backward.ops)})
+    return counts
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_launches_per_gemm_fall_from_about_90_to_under_12(monkeypatch, scaling):
+    """The eager casts (what CUDA ran before these kernels): 56 + 35 launches per micro-batch under
+    current scaling, 76 + 45 under delayed (commit b424900, bf16, this shape). The kernel path: per
+    operand 2 (current) or 3 (delayed) cast launches, the weight's only on the first micro-batch
+    of an optimizer step (later ones reuse it; delayed scaling records its amax again: one op),
+    and the three `_scaled_mm`; no transposes, pads or clones."""
+    eager = _count_step(monkeypatch, scaling, kernels=False)
+    fused = _count_step(monkeypatch, scaling, kernels=True)
+    per_cast = 2 if scaling == "current" else 3
+    assert [c["kernels"] for c in fused] == [3 * per_cast, 2 * per_cast, 2 * per_cast]
+    gemm_ops = {"_scaled_mm": 3}
+    # Delayed scaling keeps the weight's amax to record it again (0 if not finite): once per step.
+    assert fused[0]["ops"] == (gemm_ops if scaling == "current" else {**gemm_ops, "nan_to_num": 1})
+    assert fused[1]["ops"] == (gemm_ops if scaling == "current" else {**gemm_ops, "maximum": 1})
+    first, later = fused[0]["forward"] + fused[0]["backward"], fused[1]["forward"] + fused[1]["backward"]
+    delayed = scaling == "delayed"
+    assert first == 3 * per_cast + 3 + delayed and later == 2 * per_cast + 3 + delayed
+    assert all(c["forward"] + c["backward"] >= 60 for c in eager), eager  # the eager casts, still on CPU
