@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from harness import Benchmark, Unavailable
 
-from bert_fast.ops import fp8
 from bert_fast.kernels import fp8_cast as fc
+from bert_fast.ops import fp8
 
 
 def make_inputs(case: dict, device: torch.device, dtype: torch.dtype) -> dict:

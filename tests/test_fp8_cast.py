@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bert_fast.kernels import fp8_cast as fc
 from bert_fast.ops import fp8
 from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
-from bert_fast.kernels import fp8_cast as fc
 
 FORMATS = [fc.E4M3, fc.E5M2]
 # (shape, padded shape or None): one tile, odd sizes, several tiles per program, BERT-like widths.

@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bert_fast.ops import fp8
-from bert_fast.model.config import BertConfig
-from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
 from bert_fast.model import BertForPreTraining
+from bert_fast.model.config import BertConfig
+from bert_fast.ops import fp8
+from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
 
 
 @pytest.fixture

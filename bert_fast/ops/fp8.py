@@ -38,12 +38,12 @@ accumulation order (tests/test_fp8.py checks both against float64). Training run
 CPU unless `BERT_FAST_FP8_EMULATE=1` (tests only) and on GPUs below compute capability 8.9.
 
 Why our own op and not torchao's float8 training (`torchao.float8.convert_to_float8_training`,
-evaluated at torchao 0.18.0): it swaps `nn.Linear` modules for `Float8Linear`, but our layers never
-call their `nn.Linear` forwards (they call `F.linear(x, child.weight)` to leave the bias to the fused
-epilogue), so the swap would change nothing without restructuring the model, and `Float8Linear`
-adds the bias itself, unfused; its only scaling is dynamic (`ScalingType.DYNAMIC`: delayed scaling
+evaluated at torchao 0.18.0): it swaps `nn.Linear` modules for `Float8Linear`, which replaces our
+`Linear` (bert_fast/model/bert.py, whose forward leaves the bias to the fused epilogue: bias + GELU,
+bias + dropout + residual + LayerNorm) with one that adds the bias itself, unfused, and drops the
+epilogue; its only scaling is dynamic (`ScalingType.DYNAMIC`: delayed scaling
 was removed), so `precision.fp8_scaling=delayed` and its checkpointed history could not be had.
-This file is ~450 lines on top of torch and keeps the fused layer as it is.
+This file is ~500 lines on top of torch and keeps the fused layer as it is.
 
 torch.compile: the step compiles with fullgraph=True (tests/test_fp8_compile.py): the eager casts
 are plain ops, the kernels a `bert_fast::fp8_cast` triton_op, nothing reads the device; compiled
