@@ -90,7 +90,7 @@ def test_two_phase_recipes_follow_nvidia(size):
     ("optimizer.momentum=0.9", "unknown config key optimizer.momentum"),
     ("train.lr=1e-4", r"unknown config key train.lr \(moved to optimizer.lr\)"),
     ("train.log_every=5", r"unknown config key train.log_every \(moved to log.every\)"),
-    ("train.steps=many", "config key train.steps must be a int, got 'many'"),
+    ("train.steps=many", "config key train.steps must be an int, got 'many'"),
     ("optimizer.lr=fast", "config key optimizer.lr must be a float"),
     ("optimizer.lr=true", "config key optimizer.lr must be a float"),
     ("optimizer.betas=0.9", "config key optimizer.betas must be a list of 2 floats"),
@@ -331,14 +331,14 @@ def test_the_recipe_is_frozen_and_int_to_float_is_coerced(tmp_path):
 
 
 @pytest.mark.parametrize("text, line, match", [
-    ("train:\n  steps: 7\n  micro_batch: many\n", 3, "config key train.micro_batch must be a int, got 'many'"),
+    ("train:\n  steps: 7\n  micro_batch: many\n", 3, "config key train.micro_batch must be an int, got 'many'"),
     ("train:\n  compile: 1\n", 2, "config key train.compile must be a bool, got 1"),
     ("data:\n  source: 3\n", 2, "config key data.source must be a str, got 3"),
     ("schedule:\n  power: 0.5\n  decay: cosine\n", 3,
      r"config key schedule.decay must be one of \('poly', 'linear', 'constant'\), got 'cosine'"),
     ("precision:\n\n  fp8_grad_format: e3m4\n", 3, "config key precision.fp8_grad_format must be one of"),
     ("optimizer:\n  betas: [0.9, yes]\n", 2, "config key optimizer.betas must be a list of 2 floats"),
-    ("model:\n  preset: tiny\n  hidden_size: big\n", 3, "config key model.hidden_size must be a int"),
+    ("model:\n  preset: tiny\n  hidden_size: big\n", 3, "config key model.hidden_size must be an int"),
     ("eval: 5\n", 1, "config key eval must be a mapping"),
     ("data:\n  objective: mlm\n", 2, r"config key data.objective must be one of \('nsp', 'sop', 'none'\)"),
 ])
@@ -374,7 +374,7 @@ def test_an_override_of_a_wrong_type_names_the_override_not_the_recipe(tmp_path)
     for override, match in (
             ("optimizer.lr=fast", r"^config key optimizer.lr must be a float, got 'fast' "
                                   r"\(override optimizer.lr=fast\)$"),
-            ("train.steps=[1, 2]", r"^config key train.steps must be a int, got \[1, 2\] \(override train.steps=\[1, 2\]\)$"),
+            ("train.steps=[1, 2]", r"^config key train.steps must be an int, got \[1, 2\] \(override train.steps=\[1, 2\]\)$"),
             ("optimizer.name=sgd", r"^config key optimizer.name must be one of .* \(override optimizer.name=sgd\)$"),
             ("train.steps=0", r"^config key train.steps must be >= 1, got 0 \(override train.steps=0\)$"),
             ("train={steps: 0}", r"^config key train.steps must be >= 1, got 0 \(override train=\{steps: 0\}\)$"),
@@ -397,7 +397,7 @@ def test_a_recipe_built_in_code_is_checked_like_a_loaded_one():
     validate_config(Recipe())
     with pytest.raises(ConfigError, match=r"optimizer.name must be one of \('lamb', 'adamw'\), got 'sgd'"):
         validate_config(Recipe(optimizer=OptimizerSection(name="sgd")))
-    with pytest.raises(ConfigError, match="config key train.steps must be a int, got 2.5"):
+    with pytest.raises(ConfigError, match="config key train.steps must be an int, got 2.5"):
         validate_config(Recipe(train=dataclasses.replace(Recipe().train, steps=2.5)))
 
 

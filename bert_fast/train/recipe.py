@@ -253,7 +253,8 @@ def coerce(value, kind, name: str):
             pass
     elif kind is Any or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
         return value
-    raise ConfigError(f"config key {name} must be a {kind.__name__}, got {value!r}", name)
+    article = "an" if kind.__name__[0] in "aeiou" else "a"
+    raise ConfigError(f"config key {name} must be {article} {kind.__name__}, got {value!r}", name)
 
 
 def merge(values: dict, update: dict) -> dict:
