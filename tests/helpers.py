@@ -47,6 +47,16 @@ def padded_batch(config: BertConfig, lengths: list[int], seq: int, mask_prob=0.3
                 mlm_labels=mlm_labels, next_sentence_label=next_sentence_label)
 
 
+def mlm_batch(vocab: int = 256, batch: int = 4, seq: int = 32, mask_prob: float = 0.2, seed: int = 0) -> dict:
+    """Unpadded random ids (no special tokens below 5) with about `mask_prob` of the positions
+    labelled with their own id, position 1 always: every row predicts at least one token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch, seq), generator=g)
+    labels = torch.where(torch.rand(batch, seq, generator=g) < mask_prob, ids, torch.full_like(ids, -100))
+    labels[:, 1] = ids[:, 1]
+    return dict(input_ids=ids, mlm_labels=labels, next_sentence_label=torch.randint(0, 2, (batch,), generator=g))
+
+
 def packed_from_padded(batch: dict, filler: int, empty_slots: int) -> dict:
     """The packed form of a padded batch, built row by row: real tokens back to back, `filler`
     pad rows after them, `empty_slots` empty sequences at the end, one MLM slot per label plus

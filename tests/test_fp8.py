@@ -14,6 +14,7 @@ from bert_fast.model.config import BertConfig
 from bert_fast.ops import fp8
 from bert_fast.ops.fp8 import E4M3, E5M2, Fp8Recipe, Fp8State
 from bert_fast.train.config import ConfigError, load_config
+from helpers import mlm_batch
 
 # (unit roundoff: half an ulp relative, half the smallest subnormal absolute) per format.
 ROUNDING = {E4M3: (2.0**-4, 2.0**-10), E5M2: (2.0**-3, 2.0**-17)}
@@ -193,14 +194,6 @@ def test_state_buffers_stay_float32_under_a_bf16_cast_and_are_named_as_state():
     assert not any(fp8.is_state_key(k) for k in current.state_dict())  # no state to keep
 
 
-def _batch(vocab=256, batch=4, seq=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (batch, seq), generator=g)
-    labels = torch.where(torch.rand(batch, seq, generator=g) < 0.2, ids, torch.full_like(ids, -100))
-    labels[:, 1] = ids[:, 1]
-    return dict(input_ids=ids, mlm_labels=labels, next_sentence_label=torch.randint(0, 2, (batch,), generator=g))
-
-
 def _model(recipe=None, seed=0):
     torch.manual_seed(seed)
     model = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=256, hidden_dropout_prob=0.0,
@@ -215,7 +208,7 @@ def test_the_model_runs_its_four_gemms_per_layer_through_fp8_close_to_float32(sc
     calls = []
     original = fp8.fp8_linear
     monkeypatch.setattr(fp8, "fp8_linear", lambda *a, **k: calls.append(a[1].shape) or original(*a, **k))
-    batch = _batch()
+    batch = mlm_batch()
     ref, low = _model(), _model(Fp8Recipe(scaling))
     for _ in range(2):  # the second step scales from the first one's history under delayed
         out_ref, out = ref(**batch), low(**batch)
@@ -228,7 +221,7 @@ def test_the_model_runs_its_four_gemms_per_layer_through_fp8_close_to_float32(sc
 
 
 def test_activation_checkpointing_recomputes_the_same_fp8_forward():
-    batch = _batch()
+    batch = mlm_batch()
     grads = []
     for checkpointing in (False, True):
         model = _model(Fp8Recipe("delayed"))
@@ -248,10 +241,10 @@ def test_an_inf_weight_gives_a_non_finite_loss_as_the_loop_expects():
     model = _model(Fp8Recipe("delayed"))
     with torch.no_grad():
         model.bert.layers[0].ffn_in.weight[3, 5] = float("inf")
-    out = model(**_batch())
+    out = model(**mlm_batch())
     assert not torch.isfinite(out.loss)
     out.loss.backward()
-    model(**_batch())  # the next forward rolls the step's amaxes in: the bad one stays out
+    model(**mlm_batch())  # the next forward rolls the step's amaxes in: the bad one stays out
     assert all(torch.isfinite(s.amax_history).all() for s in fp8.states_of(model))
 
 
@@ -259,7 +252,7 @@ def test_nan_input_gives_a_nan_loss():
     model = _model(Fp8Recipe("current"))
     with torch.no_grad():
         model.bert.embeddings.word.weight[7] = float("nan")
-    batch = _batch()
+    batch = mlm_batch()
     batch["input_ids"][0, 3] = 7
     assert torch.isnan(model(**batch).loss)
 

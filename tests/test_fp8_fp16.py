@@ -15,6 +15,7 @@ from bert_fast.model import BertForPreTraining
 from bert_fast.model.config import BertConfig
 from bert_fast.ops import fp8
 from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
+from helpers import mlm_batch
 
 E5M2_MAX = 57344.0
 
@@ -127,11 +128,7 @@ class _Scaler:
 
 
 def _batch(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 256, (8, 32), generator=g)
-    labels = torch.where(torch.rand(8, 32, generator=g) < 0.15, ids, torch.full_like(ids, -100))
-    labels[:, 1] = ids[:, 1]
-    return dict(input_ids=ids, mlm_labels=labels, next_sentence_label=torch.randint(0, 2, (8,), generator=g))
+    return mlm_batch(batch=8, seq=32, mask_prob=0.15, seed=seed)
 
 
 def _train_fp16(steps: int, recipe: Fp8Recipe | None, follow: bool, monkeypatch, lr: float = 2e-3,

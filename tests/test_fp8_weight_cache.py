@@ -11,6 +11,7 @@ from bert_fast.model import BertForPreTraining
 from bert_fast.model.config import BertConfig
 from bert_fast.ops import fp8
 from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
+from helpers import mlm_batch
 
 
 @pytest.fixture
@@ -37,11 +38,7 @@ def _model(scaling: str, seed: int = 0) -> BertForPreTraining:
 
 
 def _batch(seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 256, (4, 24), generator=g)
-    labels = torch.where(torch.rand(4, 24, generator=g) < 0.2, ids, torch.full_like(ids, -100))
-    labels[:, 1] = ids[:, 1]
-    return dict(input_ids=ids, mlm_labels=labels, next_sentence_label=torch.randint(0, 2, (4,), generator=g))
+    return mlm_batch(batch=4, seq=24, seed=seed)
 
 
 def _train(model, steps: int, accumulation: int) -> list:
