@@ -23,6 +23,33 @@ def batch(filler: int, seed: int = 4) -> dict:
                               filler=filler, empty_slots=1)
 
 
+def traced_graphs(model, partitioner, **aot_options) -> dict[str, str]:
+    """The code of the forward and backward graphs AOTAutograd's `partitioner` cuts from
+    torch.compile(model, fullgraph=True) on one packed batch, captured without compiling them
+    (for the fake-tensor trace scripts, which run with the Triton interpreter off)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    class Captured(Exception):
+        pass
+
+    def partition(joint, inputs, **kw):
+        graphs["forward"], graphs["backward"] = (g.code for g in partitioner(joint, inputs, **kw))
+        raise Captured()
+
+    step = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=lambda gm, ex: gm,
+                                                                     partition_fn=partition, **aot_options))
+    try:
+        step(**batch(filler=40), validate=False)
+    except Exception as err:
+        while err is not None and not isinstance(err, Captured):
+            err = err.__cause__ or err.__context__
+        if err is None:
+            raise
+    return graphs
+
+
 @pytest.mark.slow
 def test_inductor_matches_eager_over_three_steps():
     eager, compiled = tiny("torch"), tiny("torch")
@@ -60,27 +87,11 @@ _TRACE = """
 import re, sys, torch
 import bert_fast.ops as ops
 ops.triton_runs_on = lambda device: True  # fake tensors only: no kernel runs
-from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import default_partition
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-from test_compile import batch, tiny
+from test_compile import tiny, traced_graphs
 
-graphs = {}
-class Captured(Exception):
-    pass
-def partition(joint, inputs, **kw):
-    graphs["forward"], graphs["backward"] = (g.code for g in default_partition(joint, inputs, **kw))
-    raise Captured()
-model = torch.compile(tiny("fast", dropout=0.1), fullgraph=True,
-                      backend=aot_autograd(fw_compiler=lambda gm, ex: gm, partition_fn=partition))
-try:
-    model(**batch(filler=40), validate=False)
-except Exception as err:
-    while err is not None and not isinstance(err, Captured):
-        err = err.__cause__ or err.__context__
-    if err is None:
-        raise
-for name, code in graphs.items():
+for name, code in traced_graphs(tiny("fast", dropout=0.1), default_partition).items():
     kernels = {kernel_side_table.get_kernel(int(i)).fn.__name__ for i in re.findall(r"kernel_idx = (\\d+)", code)}
     print(name, *sorted(kernels), *sorted(set(re.findall(r"torch\\.ops\\.bert_fast\\.\\w+", code))))
 """

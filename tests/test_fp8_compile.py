@@ -65,28 +65,13 @@ import re, torch
 from bert_fast.ops import fp8
 fp8._use_kernels = lambda device: True  # the CUDA casts; fake tensors only: no kernel runs
 fp8._pads = lambda device: True
-from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-from test_compile import batch, tiny
+from test_compile import tiny, traced_graphs
 
-graphs = {{}}
-class Captured(Exception):
-    pass
-def partition(joint, inputs, **kw):
-    graphs["forward"], graphs["backward"] = (g.code for g in min_cut_rematerialization_partition(joint, inputs, **kw))
-    raise Captured()
 model = tiny("torch")
 fp8.enable(model, fp8.Fp8Recipe({scaling!r}))
-step = torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=lambda gm, ex: gm, partition_fn=partition,
-                                                                 keep_inference_input_mutations=True))
-try:
-    step(**batch(filler=40), validate=False)
-except Exception as err:
-    while err is not None and not isinstance(err, Captured):
-        err = err.__cause__ or err.__context__
-    if err is None:
-        raise
+graphs = traced_graphs(model, min_cut_rematerialization_partition, keep_inference_input_mutations=True)
 for name, code in graphs.items():
     kernels = [kernel_side_table.get_kernel(int(i)).fn.__name__ for i in re.findall(r"kernel_idx = (\\d+)", code)]
     syncs = sum(code.count(s) for s in {syncs!r})
