@@ -127,7 +127,7 @@ def _roll_worker(rank, result):
     """Each rank saw other amaxes this step; after the roll both hold the larger of each."""
     state = Fp8State(Fp8Recipe("delayed", amax_history=2))
     state.amax_now.copy_(torch.tensor([1.0, 4.0, 2.0]) if rank == 0 else torch.tensor([3.0, 0.5, 2.0]))
-    fp8.reduce_amaxes([state])  # what checkpoint.save does: in place, and again in roll changes nothing
+    fp8.reduce_amaxes([state])  # what the loop does after each backward, in place
     result["reduced"] = state.amax_now.tolist()
     fp8.roll([state])
     result["history"] = state.amax_history.tolist()

@@ -11,9 +11,10 @@ Scaling (`precision.fp8_scaling`), per tensor role (input, weight, gradient) and
 - `current`: scale = fp8_max / amax(tensor now). Never overflows; one reduction before each cast.
 - `delayed` (Transformer Engine's recipe): scale = fp8_max / max(amax history of the last
   `precision.fp8_amax_history` training forwards, i.e. micro-batches); the amax seen now (forward
-  and backward) is recorded and enters the history at the next training forward (`roll`,
-  all-reduced with MAX across data-parallel ranks so every rank scales alike and the checkpoint
-  rank 0 writes is every rank's). Values past the stale scale saturate to +-fp8_max. An empty
+  and backward) is recorded and enters the history at the next training forward (`roll`), after
+  the training loop has max-reduced it across data-parallel ranks (`reduce_amaxes`, after each
+  backward), so every rank scales alike and the checkpoint rank 0 writes is every rank's. Values
+  past the stale scale saturate to +-fp8_max. An empty
   history (the first step) falls back to the current amax. The history and scales are module
   buffers (`*.fp8.<gemm>.amax_history`, `.amax_now`, `.scale`, float32 whatever the model's
   dtype), so DeepSpeed's checkpoints save and restore them and a resumed run is bit-exact.
@@ -45,9 +46,14 @@ epilogue; its only scaling is dynamic (`ScalingType.DYNAMIC`: delayed scaling
 was removed), so `precision.fp8_scaling=delayed` and its checkpointed history could not be had.
 This file is ~500 lines on top of torch and keeps the fused layer as it is.
 
-torch.compile: the step compiles with fullgraph=True (tests/test_fp8_compile.py): the eager casts
-are plain ops, the kernels a `bert_fast::fp8_cast` triton_op, nothing reads the device; compiled
-forwards cast weights every time (the cache is host-side state that a graph cannot consult).
+torch.compile and CUDA graphs: the step compiles with fullgraph=True (tests/test_fp8_compile.py):
+the eager casts are plain ops, the kernels a `bert_fast::fp8_cast` triton_op, nothing reads the
+device. It is also capturable (tests/test_fp8_graphs.py): no tensor is made from host data inside
+it, the state it writes is module buffers (static addresses, which Inductor's CUDA graph trees may
+mutate) and the model's forward holds no collective (the loop reduces the amaxes eagerly, outside
+the graphs). Compiled and captured forwards cast weights every time: the cache is host-side state a
+graph cannot consult (a captured forward that reused a cast made outside it would replay that stale
+cast forever), and the extra weight pass is about 1% of a BERT-large step.
 
 References: Micikevicius et al., "FP8 Formats for Deep Learning" (arXiv:2209.05433); NVIDIA
 Transformer Engine's DelayedScaling recipe
@@ -120,11 +126,20 @@ class Fp8State(nn.Module):
             self.register_buffer("amax_history", torch.zeros(3, recipe.amax_history))
             self.register_buffer("amax_now", torch.zeros(3))
             self.register_buffer("scale", torch.zeros(3))
+            # The roles' format maxima on the state's device, so a roll inside a CUDA graph makes
+            # no tensor from host data (not saved: they follow from the recipe).
+            self.register_buffer("format_max", torch.tensor([fp8_max(d) for d in self.dtypes]),
+                                 persistent=False)
         _watch_optimizers()
 
     @property
     def delayed(self) -> bool:
         return self.recipe.scaling == "delayed"
+
+    @property
+    def dtypes(self) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
+        """The FP8 formats of the roles (input, weight, gradient)."""
+        return E4M3, E4M3, self.recipe.grad_dtype
 
     def _apply(self, fn, recurse=True):
         # DeepSpeed's bf16/fp16 cast (module.bfloat16()) converts every floating buffer: the scaling
@@ -141,15 +156,14 @@ class Fp8State(nn.Module):
 
     @torch.no_grad()
     def roll(self) -> None:
-        """The step's amaxes (`amax_now`, reduced across ranks by the module-level `roll`) enter
+        """The step's amaxes (`amax_now`, reduced across ranks by `reduce_amaxes` before) enter
         the history; the scales follow from the new history; the next step's amaxes start at 0."""
         self.amax_history.copy_(torch.cat([self.amax_now[:, None], self.amax_history[:, :-1]], dim=1))
         self.amax_now.zero_()
         self._update_scale()
 
     def _update_scale(self) -> None:
-        self.scale.copy_(_scale_from_amax(self.amax_history.amax(dim=1), (E4M3, E4M3, self.recipe.grad_dtype),
-                                          empty=0.0))
+        self.scale.copy_(_scale_from_amax(self.amax_history.amax(dim=1), self.format_max, empty=0.0))
 
     @torch.no_grad()
     def record(self, role: int, amax: torch.Tensor) -> None:
@@ -163,10 +177,11 @@ def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
-def _scale_from_amax(amax: torch.Tensor, dtypes, empty: float = 1.0) -> torch.Tensor:
-    """fp8_max / amax per entry (float32, finite); `empty` where amax is 0 or not finite."""
-    top = torch.tensor([fp8_max(d) for d in dtypes], device=amax.device) if isinstance(dtypes, tuple) \
-        else fp8_max(dtypes)
+def _scale_from_amax(amax: torch.Tensor, top: torch.dtype | torch.Tensor, empty: float = 1.0) -> torch.Tensor:
+    """top / amax per entry (float32, finite); `empty` where amax is 0 or not finite. top: an FP8
+    format (its fp8_max) or a tensor of maxima broadcasting with amax."""
+    if isinstance(top, torch.dtype):
+        top = fp8_max(top)
     ok = (amax > 0) & torch.isfinite(amax)
     scale = (top / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
     return torch.where(ok, scale, torch.full_like(scale, empty))
@@ -281,6 +296,11 @@ def _weight_key(weight: torch.Tensor) -> tuple:
             _use_kernels(weight.device), _pads(weight.device))
 
 
+def _capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on the current stream (bert_fast/train/cuda_graphs.py)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _cast_weight(weight: torch.Tensor, state: Fp8State | None, record: bool, transpose: bool) -> Cast:
     """The weight in e4m3, from the state's cache when the weight has not changed since it was cast
     (training forwards only: the micro-batches of one optimizer step and activation checkpointing's
@@ -288,7 +308,8 @@ def _cast_weight(weight: torch.Tensor, state: Fp8State | None, record: bool, tra
     the step's first training forward (the rolls of the later micro-batches move the weight scale
     only for the next cast), and the weight's amax is recorded again, so the history is what it
     would be without the cache."""
-    if state is None or not record or not CACHE_WEIGHTS or torch.compiler.is_compiling():
+    if state is None or not record or not CACHE_WEIGHTS or torch.compiler.is_compiling() \
+            or _capturing(weight):
         return cast(weight, E4M3, state, _WEIGHT, record, transpose=transpose)
     key, hit = _weight_key(weight), state._cached_weight
     if hit is not None and hit.key == key and hit.weight() is weight:
@@ -423,28 +444,32 @@ def states_of(model: nn.Module) -> list[Fp8State]:
     return [m for m in model.modules() if isinstance(m, Fp8State)]
 
 
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 @torch.no_grad()
-def reduce_amaxes(states: list[Fp8State]) -> list[torch.Tensor]:
-    """Every delayed state's step amaxes (`amax_now`), max-reduced across ranks in place (one
-    all-reduce when torch.distributed runs with more than one rank; idempotent) and returned.
-    checkpoint.save calls it, so the file rank 0 writes holds every rank's amaxes."""
+def reduce_amaxes(states: list[Fp8State]) -> None:
+    """Max-reduces every delayed state's step amaxes (`amax_now`) across data-parallel ranks in
+    place: one all-reduce when torch.distributed runs with more than one rank, nothing otherwise;
+    idempotent. The training loop calls it after each backward, eagerly (outside any compiled or
+    captured graph, which then hold no collective), so the next forward's `roll` takes every
+    rank's amaxes; checkpoint.save calls it too, so the file rank 0 writes holds them."""
     delayed = [s for s in states if s.delayed]
-    if not delayed:
-        return []
+    if not delayed or _world_size() == 1:
+        return
     now = torch.stack([s.amax_now for s in delayed])
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(now, op=dist.ReduceOp.MAX)
-        for s, amax in zip(delayed, now):
-            s.amax_now.copy_(amax)
-    return list(now)
+    dist.all_reduce(now, op=dist.ReduceOp.MAX)
+    for s, amax in zip(delayed, now):
+        s.amax_now.copy_(amax)
 
 
 @torch.no_grad()
 def roll(states: list[Fp8State]) -> None:
-    """Moves every delayed state's step amaxes, max-reduced across ranks (`reduce_amaxes`), into
-    its history. No host sync."""
-    reduce_amaxes(states)
+    """Moves every delayed state's step amaxes into its history. No host sync, no collective: on
+    several ranks, `reduce_amaxes` must have run since the last backward (the training loop's)."""
     for s in states:
         if s.delayed:
             s.roll()

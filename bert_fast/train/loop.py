@@ -47,7 +47,7 @@ import contextlib
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -167,6 +167,7 @@ class _Run:
     stream: object  # where rank 0 prints (None: stdout)
     step: int = 0
     last_saved: Path | None = None
+    fp8_states: list = field(default_factory=list)  # precision.fp8's scaling states (ops/fp8.py)
 
     def say(self, text: str) -> None:
         print(text, file=self.stream or sys.stdout, flush=True)
@@ -222,6 +223,7 @@ def _start(recipe: Recipe, resume, deepspeed_config_path, stream, overwrite: boo
     compile_model(engine.module, recipe)
     run = _Run(recipe, rank, world, device, engine, scheduler, batches, model_cfg, root, output,
                global_batch, accumulation, stream)
+    run.fp8_states = fp8.states_of(engine.module)
     if kind == "resume":  # validated on rank 0 by find_start: not hashed again
         state = checkpoint_load.load(engine, path, validated=meta)
         run.step, run.last_saved = state["step"], path
@@ -326,6 +328,7 @@ def _step(run: _Run, stream, m: _Meters) -> bool:
         inputs = _to_device(batch, run.device)
         out = engine(**inputs)
         engine.backward(out.loss)
+        fp8.reduce_amaxes(run.fp8_states)  # every rank's amaxes for the next forward's roll
         step_loss += out.loss.detach().float()
         m.window.add(out, inputs, batch, _batch_flops(run.model_cfg, batch))
         if i == run.accumulation - 1:
