@@ -11,8 +11,10 @@ and backward in a CUDA graph (CUDA graph trees) and replays it, the whole step o
 NVIDIA's MLPerf BERT runs its graphed step. DeepSpeed's hooks and the optimizer run eagerly
 around the graphs, so gradient reduction must not happen inside the backward: ZeRO 2 and 3
 (which reduce and partition gradients during it) are refused, as are the CPU and fp16's loss
-scaler (the scaler reads the loss). bert_fast/train/cuda_graphs.py captures the eager model directly;
-bench/e2e.py compares the two.
+scaler (the scaler reads the loss). precision.fp8 graphs: its casts and scaling-state updates are
+device ops on module buffers, and the amax all-reduce runs eagerly after each backward, outside the
+graphs (bert_fast/ops/fp8.py, tests/test_fp8_graphs.py). bert_fast/train/cuda_graphs.py captures
+the eager model directly; bench/e2e.py compares the two.
 """
 
 from __future__ import annotations
@@ -34,12 +36,6 @@ def check_compile(recipe: Recipe, device: torch.device) -> None:
         return
     key = "train.cuda_graphs" if t.cuda_graphs else "train.compile"
     stage = recipe.zero.stage
-    if recipe.precision.fp8 and t.cuda_graphs:
-        # Compiled FP8 is checked (tests/test_fp8_compile.py); a graphed step would also replay the
-        # scaling state's updates and the amax all-reduce inside the captured region, which no GPU
-        # run has checked yet.
-        raise ValueError("train.cuda_graphs: precision.fp8 is compiled (train.compile) but not graphed yet; "
-                         "set train.cuda_graphs=false")
     if stage == 3:
         raise ValueError(f"{key}: zero.stage=3 gathers parameters in module hooks, which break the "
                          "graph; use zero.stage <= 2 or set it false")

@@ -11,7 +11,12 @@ tensors, overwritten by the next replay.
 What a graph cannot hold: host work inside the step (DeepSpeed ZeRO's gradient-reduction hooks,
 a loss scaler that reads the loss), tensors that change address, and the CPU. The training loop
 therefore graphs only where none of those apply (one rank, no ZeRO partitioning, bf16 or
-fp32) and refuses otherwise with the reason.
+fp32) and refuses otherwise with the reason. precision.fp8 graphs too: its casts and scaling-state
+updates are device ops on module buffers, and a captured forward casts the weights itself rather
+than reuse a cast made outside the graph (bert_fast/ops/fp8.py).
+
+The warm-up steps before a capture are not training steps: they leave the parameters' gradients,
+the dropout generator and the module's buffers (FP8 amax histories and scales) as they found them.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ class GraphedStep:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         kept = [p.grad.clone() for p in self.params]  # what the caller accumulated so far
+        buffers = [(b, b.clone()) for b in self.model.buffers()]  # FP8 scaling state: warm-ups roll it
         rng = torch.cuda.get_rng_state()  # the warm-up's dropout draws must not shift this step's
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -73,8 +79,10 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self._run(inputs, batch["max_seqlen"])
-        with torch.no_grad():  # undo the warm-up's gradients; capturing ran nothing
+        with torch.no_grad():  # undo the warm-up's gradients and buffer updates; capturing ran nothing
             for p, g in zip(self.params, kept):
                 p.grad.copy_(g)
+            for b, saved in buffers:
+                b.copy_(saved)
         torch.cuda.set_rng_state(rng)
         return graph, inputs, outputs

@@ -1,12 +1,15 @@
 """A training step replayed from CUDA graphs (bert_fast/train/cuda_graphs.py) gives eager's losses and
 parameters over five steps with two batch shapes and gradient accumulation, dropout included
-(the dropout seed is drawn on the device inside the graph, from the same generator)."""
+(the dropout seed is drawn on the device inside the graph, from the same generator); in FP8 also
+eager's amax histories and scales (the warm-ups before a capture leave them alone, and the graphs
+cast the updated weights every step rather than replay a cast made before the capture)."""
 
 import pytest
 import torch
 from test_packed_batch import packed_from_padded
 
 from bert_fast import BertConfig, BertForPreTraining
+from bert_fast.ops import fp8
 from bert_fast.optim import FusedLAMB
 from bert_fast.train.cuda_graphs import GraphedStep
 from helpers import padded_batch
@@ -14,10 +17,13 @@ from helpers import padded_batch
 pytestmark = pytest.mark.gpu
 
 
-def model(dtype):
+def model(dtype, fp8_scaling=None):
     torch.manual_seed(0)
     config = BertConfig.from_preset("mini", vocab_size=512, max_position_embeddings=128, backend="auto")
-    return BertForPreTraining(config).to("cuda", dtype).train()
+    built = BertForPreTraining(config)
+    if fp8_scaling is not None:  # before the cast: the scaling state stays float32
+        fp8.enable(built, fp8.Fp8Recipe(fp8_scaling))
+    return built.to("cuda", dtype).train()
 
 
 def batches(config):
@@ -29,9 +35,17 @@ def batches(config):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphed_steps_equal_eager_steps(dtype):
-    eager, graphed = model(dtype), model(dtype)
+def _fp8_gpu() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.parametrize("dtype, fp8_scaling", [
+    (torch.float32, None), (torch.bfloat16, None),
+    pytest.param(torch.bfloat16, "delayed", marks=pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 GEMMs")),
+    pytest.param(torch.bfloat16, "current", marks=pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 GEMMs"))],
+    ids=["fp32", "bf16", "bf16-fp8-delayed", "bf16-fp8-current"])
+def test_graphed_steps_equal_eager_steps(dtype, fp8_scaling):
+    eager, graphed = model(dtype, fp8_scaling), model(dtype, fp8_scaling)
     data = batches(eager.config)
     step = GraphedStep(graphed, warmup=2)
     optimizers = [FusedLAMB(m.parameters(), lr=1e-3) for m in (eager, graphed)]
@@ -54,4 +68,6 @@ def test_graphed_steps_equal_eager_steps(dtype):
         assert abs(losses[1] - losses[0]) <= tol * abs(losses[0]), (i, losses)
     for p, q in zip(eager.parameters(), graphed.parameters()):
         torch.testing.assert_close(q.float(), p.float(), rtol=tol, atol=tol)
+    for b, c in zip(eager.buffers(), graphed.buffers()):  # FP8: histories of as many rolls, alike
+        torch.testing.assert_close(c.float(), b.float(), rtol=tol, atol=0)
     assert len(step.graphs) == 2

@@ -2,6 +2,7 @@
 packed batches (two micro batches per step, several bucket shapes) log the eager run's losses.
 Dropout is off: a compiled graph draws its random numbers differently from eager."""
 
+import functools
 import json
 import subprocess
 import sys
@@ -14,7 +15,14 @@ pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def losses(tmp_path: Path, *overrides: str) -> list[float]:
+@pytest.fixture(scope="module")
+def losses(tmp_path_factory):
+    """losses(*overrides): the run's train losses, each distinct run once per module (GPU time is
+    scarce: the compiled FP8 run serves two tests)."""
+    return functools.cache(functools.partial(_losses, tmp_path_factory.mktemp("runs")))
+
+
+def _losses(tmp_path: Path, *overrides: str) -> list[float]:
     out = tmp_path / "_".join(o.replace("=", "-") for o in overrides or ("eager",))
     result = subprocess.run(
         [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
@@ -28,10 +36,10 @@ def losses(tmp_path: Path, *overrides: str) -> list[float]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_compiled_and_graphed_runs_log_the_eager_losses(tmp_path):
-    eager = losses(tmp_path)
-    compiled = losses(tmp_path, "train.compile=true")
-    graphed = losses(tmp_path, "train.cuda_graphs=true")
+def test_compiled_and_graphed_runs_log_the_eager_losses(losses):
+    eager = losses()
+    compiled = losses("train.compile=true")
+    graphed = losses("train.cuda_graphs=true")
     assert len(eager) == len(compiled) == len(graphed) == 5
     # bf16: Inductor fuses and orders differently from eager; the graphs replay the compiled code.
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-2, atol=2e-2)
@@ -46,12 +54,22 @@ FP8 = ("precision.fp8=true", "precision.fp8_scaling=delayed")
 
 
 @pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 tensor cores (compute capability >= 8.9)")
-def test_compiled_fp8_run_logs_the_eager_losses(tmp_path):
+def test_compiled_fp8_run_logs_the_eager_losses(losses):
     """The fused FP8 casts inside the compiled graph (the bert_fast::fp8_cast triton_op)."""
-    eager = losses(tmp_path, *FP8)
-    compiled = losses(tmp_path, *FP8, "train.compile=true")
+    eager = losses(*FP8)
+    compiled = losses(*FP8, "train.compile=true")
     assert len(eager) == len(compiled) == 5
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 tensor cores (compute capability >= 8.9)")
+def test_graphed_fp8_run_logs_the_compiled_losses(losses):
+    """train.cuda_graphs with precision.fp8 (tests/test_fp8_graphs.py checks what a graph forbids):
+    the scaling state's updates replay inside the graphs, the amax reduction runs outside."""
+    compiled = losses(*FP8, "train.compile=true")
+    graphed = losses(*FP8, "train.cuda_graphs=true")
+    assert len(compiled) == len(graphed) == 5
+    torch.testing.assert_close(torch.tensor(graphed), torch.tensor(compiled), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 tensor cores (compute capability >= 8.9)")
