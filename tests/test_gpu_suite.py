@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
 # Scripts in bench/ that are not GPU benchmarks of their own.
 NOT_GPU_BENCHES = {"harness.py", "gather.py", "ceilings.py", "data.py", "attention_dropout_variants.py",
-                   "packing.py", "junit_report.py", "checkpoint.py"}
+                   "packing.py", "junit_report.py", "checkpoint.py", "fp8_prediction.py"}
 
 
 def run_suite(*args):
@@ -164,3 +164,6 @@ def test_ceilings_cpu(tmp_path):
     assert done.returncode == 0, done.stderr
     saved = json.loads((tmp_path / "ceilings.json").read_text())
     assert saved["copy_gbs"] is None and "nothing to measure" in done.stdout
+    # No FP8 tensor cores on the CPU: the key is there, null, with the reason beside it.
+    assert saved["fp8_matmul_tflops"] is None and "compute capability >= 8.9" in saved["fp8_matmul_unavailable"]
+    assert "fp8: no FP8 tensor cores" in (tmp_path / "ceilings.md").read_text()

@@ -1,0 +1,103 @@
+"""bench/fp8_prediction.py, issue 23's static FP8 speedup prediction: the committed JSON and table are
+what the committed inputs give, and its FLOP, byte and time arithmetic matches counts written out by
+hand here."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import fp8_prediction as fp  # noqa: E402
+
+from bert_fast.model.config import BertConfig  # noqa: E402
+from bert_fast.ops.fp8 import GEMMS  # noqa: E402
+
+RESULTS = fp.DEFAULT_RESULTS
+# BERT-large (H 1024, I 4096), one layer, 16384 tokens (seq 128 x batch 128 and seq 512 x batch 32):
+# multiply-adds per token QKV 1024*3072 + attention output 1024*1024 + FFN in 1024*4096 + FFN out
+# 4096*1024 = 12,582,912; 2 FLOPs each, forward + dX + dW: 6 * 16384 * 12,582,912.
+LAYER_GEMM_FLOPS = 1_236_950_581_248
+# Cast per layer: inputs 16384 * (1024 + 1024 + 1024 + 4096), output gradients
+# 16384 * (3072 + 1024 + 4096 + 1024), weights 3072*1024 + 1024*1024 + 4096*1024 + 1024*4096.
+LAYER_CAST = {"inputs": 117_440_512, "gradients": 150_994_944, "weights": 12_582_912}
+
+
+def test_committed_prediction_is_what_the_committed_inputs_give():
+    fresh = fp.predict(RESULTS)
+    committed = json.loads((RESULTS / "fp8_prediction.json").read_text())
+    assert committed == fresh, "inputs or model changed: rerun python bench/fp8_prediction.py"
+    assert (RESULTS / "fp8_prediction.md").read_text() == fp.markdown(fresh)
+
+
+def test_one_layer_gemm_flops_and_cast_elements_match_a_hand_count():
+    one = BertConfig.from_preset("large", vocab_size=fp.VOCAB, num_hidden_layers=1)
+    assert set(fp.layer_gemms(one, 16384)) == set(GEMMS)  # exactly the GEMMs fp8.py runs in FP8
+    assert fp.fp8_gemm_flops(one, 16384) == LAYER_GEMM_FLOPS
+    assert fp.cast_elements(one, 16384) == LAYER_CAST
+
+
+def test_the_rest_of_the_step_is_attention_and_the_heads():
+    """other = step - FP8 GEMMs, checked against attention + MLM head + pooler counted by hand
+    (forward x 3), at seq 128 batch 128 with 20 predictions per sequence."""
+    row = next(r for r in json.loads((RESULTS / "fp8_prediction.json").read_text())["rows"]
+               if r["seq"] == 128 and r["scaling"] == "delayed")
+    attention = 24 * 3 * 4 * 128 * 128 * 1024 * 128  # QK^T and PV per layer: 4 s^2 H per sequence
+    mlm = 3 * 2 * (128 * 20) * (1024 * 1024 + 1024 * 30522)  # transform + decoder on predicted tokens
+    pooler = 3 * 128 * (2 * 1024 * 1024 + 4 * 1024)  # pooler + NSP classifier per sequence
+    assert row["fp8_gemm_tflop"] == pytest.approx(24 * LAYER_GEMM_FLOPS / 1e12, rel=1e-5)
+    assert row["other_tflop"] == pytest.approx((attention + mlm + pooler) / 1e12, rel=1e-5)
+
+
+def _inputs(tmp_path: Path, ceilings: dict, ms: dict[int, float]) -> Path:
+    (tmp_path / "ceilings.json").write_text(json.dumps({"meta": {"device": "test GPU"}, **ceilings}))
+    rows = [{"model": "large", "seq": s, "batch": b, "provider": "torch", "status": "ok", "ms": ms[s]}
+            for s, b in ((128, 128), (512, 32))]
+    (tmp_path / "e2e.json").write_text(json.dumps({"meta": {"commit": "abc"}, "rows": rows}))
+    return tmp_path
+
+
+def test_step_time_model_with_a_measured_fp8_ceiling(tmp_path):
+    """Round numbers: bf16 1000 TFLOP/s, fp8 2500 (measured: taken over 2x bf16), copy 1000 GB/s."""
+    results = _inputs(tmp_path, {"copy_gbs": 1000.0, "bf16_matmul_tflops": 1000.0, "fp8_matmul_tflops": 2500.0},
+                      {128: 100.0, 512: 120.0})
+    got = fp.predict(results)
+    assert got["inputs"]["fp8_matmul_source"].startswith("measured")
+    gemm = 24 * LAYER_GEMM_FLOPS
+    elements = 24 * sum(LAYER_CAST.values())
+    for row in got["rows"]:
+        step = {128: 100.0, 512: 120.0}[row["seq"]]
+        bf16_gemm_ms, fp8_gemm_ms = gemm / 1e15 * 1e3, gemm / 2.5e15 * 1e3
+        # Delayed: read bf16 (2 B), write both fp8 layouts (1 + 1 B); current adds the amax read (2 B).
+        cast_ms = elements * {"delayed": 4, "current": 6}[row["scaling"]] / 1e12 * 1e3
+        fp8_step = step - bf16_gemm_ms + fp8_gemm_ms + cast_ms
+        assert row["cast_ms"] == pytest.approx(cast_ms, rel=1e-5)
+        assert row["fp8_step_ms"] == pytest.approx(fp8_step, rel=1e-5)
+        assert row["speedup"] == pytest.approx(step / fp8_step, rel=1e-5)
+        assert row["fp8_tokens_s"] == pytest.approx(16384 / fp8_step * 1e3, rel=1e-5)
+        # GEMMs at 80% of both ceilings: more of the bf16 step is GEMM, the rest shrinks.
+        at_80 = step / (step - bf16_gemm_ms / 0.8 + fp8_gemm_ms / 0.8 + cast_ms)
+        assert row["speedup_if_gemms_at"]["0.8"] == pytest.approx(at_80, rel=1e-5)
+        # At the rest it names, the speedup is exactly the target.
+        rest = row["remainder_ms_for_target"]
+        assert (bf16_gemm_ms + rest) / (fp8_gemm_ms + cast_ms + rest) == pytest.approx(1.3, rel=1e-4)
+
+
+def test_fp8_ceiling_defaults_to_twice_bf16_and_says_so(tmp_path):
+    results = _inputs(tmp_path, {"copy_gbs": 1000.0, "bf16_matmul_tflops": 1000.0, "fp8_matmul_tflops": None},
+                      {128: 100.0, 512: 120.0})
+    got = fp.predict(results)
+    assert got["inputs"]["fp8_matmul_tflops"] == 2000.0 and "assumed" in got["inputs"]["fp8_matmul_source"]
+    assert got["rows"][0]["fp8_gemm_ms"] == pytest.approx(24 * LAYER_GEMM_FLOPS / 2e15 * 1e3, rel=1e-5)
+
+
+def test_errors_name_the_file_key_and_row(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ceilings.json"):
+        fp.predict(tmp_path)
+    results = _inputs(tmp_path, {"copy_gbs": None, "bf16_matmul_tflops": 1000.0}, {128: 100.0, 512: 120.0})
+    with pytest.raises(ValueError, match="copy_gbs"):
+        fp.predict(results)
+    results = _inputs(tmp_path, {"copy_gbs": 1000.0, "bf16_matmul_tflops": 1000.0}, {128: 100.0, 512: 120.0})
+    with pytest.raises(ValueError, match="provider 'fast_packed' at large seq 128"):
+        fp.predict(results, provider="fast_packed")
