@@ -20,11 +20,12 @@ def test_fp8_operands_have_the_layout_scaled_mm_takes():
 def test_fp8_matmul_is_the_scaled_product_in_bf16():
     a, b, _, _ = ceilings.fp8_operands(32, torch.device("cpu"))
     scale_a, scale_b = torch.tensor(0.5), torch.tensor(0.25)
-    out = ceilings.fp8_matmul(a, b, scale_a, scale_b)
     # fp8 values are exact in float64: the reference differs only by the bf16 rounding of the result.
     ref = (a.double() * 0.5) @ (b.double() * 0.25)
-    assert out.dtype == torch.bfloat16 and out.shape == (32, 32)
-    torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-6)
+    for fast_accum in (False, True):
+        out = ceilings.fp8_matmul(a, b, scale_a, scale_b, fast_accum)
+        assert out.dtype == torch.bfloat16 and out.shape == (32, 32)
+        torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-6)
 
 
 def test_fp8_unavailable_names_the_reason_off_cuda():

@@ -166,4 +166,5 @@ def test_ceilings_cpu(tmp_path):
     assert saved["copy_gbs"] is None and "nothing to measure" in done.stdout
     # No FP8 tensor cores on the CPU: the key is there, null, with the reason beside it.
     assert saved["fp8_matmul_tflops"] is None and "compute capability >= 8.9" in saved["fp8_matmul_unavailable"]
+    assert saved["fp8_fast_accum_matmul_tflops"] is None
     assert "fp8: no FP8 tensor cores" in (tmp_path / "ceilings.md").read_text()
