@@ -70,7 +70,7 @@ STEPS=(
     "build-start|30|1|start_build"
     "build-sync|240|-|start_build && wait_build"
     "ceilings|30|1|$PY bench/ceilings.py"
-    "gpu-tests|100|1|$GPU_TEST tests/gpu --ignore=tests/gpu/ext --ignore=tests/gpu/test_train_compiled_gpu.py --junitxml=\$RESULTS/pytest-gpu.xml"
+    "gpu-tests|120|1|$GPU_TEST tests/gpu --ignore=tests/gpu/ext --ignore=tests/gpu/test_train_compiled_gpu.py --junitxml=\$RESULTS/pytest-gpu.xml"
     "build-wait|150|1|wait_build"
     "bench-e2e|150|1|$PY bench/e2e.py $Q"
     "fp8-prediction|15|1|$PY bench/fp8_prediction.py --results \$RESULTS --provider fast_packed || $PY bench/fp8_prediction.py --results \$RESULTS"

@@ -268,6 +268,13 @@ _generation = 0
 _hooked = False
 
 
+def forget_weight_casts(module: nn.Module) -> None:
+    """Frees the weight casts `module`'s FP8 states hold (about 1 byte per weight, twice): for
+    callers that will not run the eager cache again, such as CUDA graphs, which cast every time."""
+    for state in states_of(module):
+        state._cached_weight = None
+
+
 def weights_changed() -> None:
     """Drops every cached FP8 weight cast: call after writing weights other than through an
     optimizer step, a state-dict load or in-place ops on the parameters themselves."""
@@ -462,8 +469,7 @@ def reduce_amaxes(states: list[Fp8State]) -> None:
     now = torch.stack([s.amax_now for s in delayed])
     dist = torch.distributed
     dist.all_reduce(now, op=dist.ReduceOp.MAX)
-    for s, amax in zip(delayed, now):
-        s.amax_now.copy_(amax)
+    torch._foreach_copy_([s.amax_now for s in delayed], list(now))  # one launch, not one per state
 
 
 @torch.no_grad()

@@ -63,8 +63,8 @@ def save(engine, root: str | Path, step: int, client_state: dict, keep: int) -> 
     except (TypeError, ValueError) as err:
         raise TypeError(f"client_state must be JSON-serialisable: {err}") from None
     rng = rng_state()  # before anything below could draw a random number
-    # Every rank's FP8 amaxes of the step into the state rank 0 writes (what the next forward's
-    # roll would do first; MAX again there changes nothing, so saving leaves the run as it was).
+    # Every rank's FP8 amaxes of the step into the state rank 0 writes (the loop reduced them after
+    # the last backward already; MAX again changes nothing, so saving leaves the run as it was).
     if isinstance(getattr(engine, "module", None), torch.nn.Module):
         fp8.reduce_amaxes(fp8.states_of(engine.module))
     root, tag, rank = Path(root), f"step_{step:08d}", dist.rank()

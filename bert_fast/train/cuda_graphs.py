@@ -17,11 +17,15 @@ than reuse a cast made outside the graph (bert_fast/ops/fp8.py).
 
 The warm-up steps before a capture are not training steps: they leave the parameters' gradients,
 the dropout generator and the module's buffers (FP8 amax histories and scales) as they found them.
+On several ranks, delayed FP8 scaling needs `fp8.reduce_amaxes` after each step, as the training
+loop calls it (bert_fast/ops/fp8.py).
 """
 
 from __future__ import annotations
 
 import torch
+
+from bert_fast.ops import fp8
 
 PACKED_TENSORS = ("input_ids", "token_type_ids", "cu_seqlens", "mlm_positions", "mlm_labels",
                   "next_sentence_label")
@@ -76,6 +80,7 @@ class GraphedStep:
             for _ in range(self.warmup):
                 self._run(inputs, batch["max_seqlen"])
         torch.cuda.current_stream().wait_stream(side)
+        fp8.forget_weight_casts(self.model)  # the warm-ups' casts: the graphs make their own
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self._run(inputs, batch["max_seqlen"])

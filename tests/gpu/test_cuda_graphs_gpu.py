@@ -35,6 +35,12 @@ def batches(config):
     return out
 
 
+def _weight_amaxes(m) -> dict:
+    """Each FP8 GEMM's weight amax now, and the one its delayed state recorded this step."""
+    return {(i, name): (getattr(layer, name).weight.detach().abs().amax().float(), state.amax_now[1].clone())
+            for i, layer in enumerate(m.bert.layers) for name, state in layer.fp8.items()}
+
+
 def _fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
@@ -50,6 +56,7 @@ def test_graphed_steps_equal_eager_steps(dtype, fp8_scaling):
     step = GraphedStep(graphed, warmup=2)
     optimizers = [FusedLAMB(m.parameters(), lr=1e-3) for m in (eager, graphed)]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
+    first = _weight_amaxes(graphed) if fp8_scaling == "delayed" else {}
     for i in range(5):
         losses = []
         for which, (m, opt) in enumerate(zip((eager, graphed), optimizers)):
@@ -62,6 +69,9 @@ def test_graphed_steps_equal_eager_steps(dtype, fp8_scaling):
                     total += out.loss.item()
                 else:
                     total += step(micro)["loss"].item()
+            if which == 1 and fp8_scaling == "delayed":  # the graphs cast today's weights, not stale ones
+                for key, (now, recorded) in _weight_amaxes(m).items():
+                    assert torch.equal(recorded, now), (i, key, recorded, now)
             opt.step()
             opt.zero_grad(set_to_none=False)
             losses.append(total)
@@ -71,3 +81,6 @@ def test_graphed_steps_equal_eager_steps(dtype, fp8_scaling):
     for b, c in zip(eager.buffers(), graphed.buffers()):  # FP8: histories of as many rolls, alike
         torch.testing.assert_close(c.float(), b.float(), rtol=tol, atol=0)
     assert len(step.graphs) == 2
+    assert all(s._cached_weight is None for s in fp8.states_of(graphed))  # the warm-ups' casts freed
+    if first:  # the check above could tell a stale cast: the weights' amaxes did move
+        assert any(not torch.equal(first[k][0], now) for k, (now, _) in _weight_amaxes(graphed).items())

@@ -4,6 +4,7 @@ Dropout is off: a compiled graph draws its random numbers differently from eager
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,12 +25,14 @@ def losses(tmp_path_factory):
 
 def _losses(tmp_path: Path, *overrides: str) -> list[float]:
     out = tmp_path / "_".join(o.replace("=", "-") for o in overrides or ("eager",))
+    # A graph Inductor cannot capture is an error, not a silent eager fallback that would pass.
+    env = {**os.environ, "TORCHINDUCTOR_CUDAGRAPH_OR_ERROR": "1"}
     result = subprocess.run(
         [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
          "train.steps=5", "log.every=1", "eval.every=0", "checkpoint.every=0", "precision.bf16=true",
          "model.backend=fast", "train.micro_batch=16", "train.global_batch=32",
          "model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0", *overrides],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if r["kind"] == "train"]
