@@ -25,6 +25,8 @@ import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
+from together import run_together  # noqa: E402
+
 from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
 
@@ -101,13 +103,6 @@ def _schedule(seed: int) -> list[tuple[str, int]]:
     return [(site, 1 if site == "resume-rewrite" else rng.randint(1, 2)) for site in sites]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    _run(out)
-    return out
-
-
 def _survivors(out: Path) -> list[str]:
     """Processes of the chain still alive (DataLoader workers of a killed run included)."""
     import psutil
@@ -120,15 +115,21 @@ def _survivors(out: Path) -> list[str]:
     return alive
 
 
-def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(uninterrupted, tmp_path):
-    out = tmp_path / "chain"
-    schedule = _schedule(SEED)
-    assert len([s for s in schedule if s[0] != "resume-rewrite"]) >= 5 and set(s for s, _ in schedule) & set(
-        IN_A_WRITE)
+def _chain(out: Path, schedule: list[tuple[str, int]]) -> str:
+    """The run killed at each fault of `schedule`, resumed after each; the last resume's stdout."""
     for i, fault in enumerate(schedule):
         code, _, stderr = _run(out, *(["--resume", "auto"] if i else []), fault=fault, expect=None)
         assert code == -signal.SIGKILL, f"kill {i} at {fault} did not happen (exit {code}):\n{stderr[-3000:]}"
-    _, stdout, stderr = _run(out, "--resume", "auto")
+    return _run(out, "--resume", "auto")[1]
+
+
+def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(tmp_path):
+    out, uninterrupted = tmp_path / "chain", tmp_path / "uninterrupted"
+    schedule = _schedule(SEED)
+    assert len([s for s in schedule if s[0] != "resume-rewrite"]) >= 5 and set(s for s, _ in schedule) & set(
+        IN_A_WRITE)
+    # The reference run, never interrupted, beside the chain (one thread each, two cores).
+    stdout, _ = run_together(lambda: _chain(out, schedule), lambda: _run(uninterrupted))
     assert f"done: step {STEPS}" in stdout, stdout[-2000:]
 
     final = f"step_{STEPS:08d}"
@@ -234,13 +235,15 @@ def test_a_byte_flip_past_64_mib_is_refused_by_resume_init_from_and_export(large
     with pytest.raises(checkpoint_manifest.CheckpointError, match=where):
         checkpoint_manifest.validate(path)
 
-    _, _, stderr = _run(path.parent.parent, "data.source=synthetic", "model.preset=mini", "train.steps=2",
-                        "--resume", str(path), expect=2)
-    assert where in stderr and "corrupted" in stderr, stderr[-2000:]
-    _, _, stderr = _run(tmp_path / "phase2", "data.source=synthetic", "model.preset=mini", "train.steps=1",
-                        f"checkpoint.init_from={path}", expect=2)
-    assert where in stderr, stderr[-2000:]
-    done = subprocess.run([sys.executable, "-m", "bert_fast.train.export", str(path), str(tmp_path / "hf")], cwd=ROOT,
-                          capture_output=True, text=True, env=_env(), timeout=300)
+    # The three refusals read the checkpoint and write nothing: they run at once.
+    resumed, phase2, done = run_together(
+        lambda: _run(path.parent.parent, "data.source=synthetic", "model.preset=mini", "train.steps=2",
+                     "--resume", str(path), expect=2),
+        lambda: _run(tmp_path / "phase2", "data.source=synthetic", "model.preset=mini", "train.steps=1",
+                     f"checkpoint.init_from={path}", expect=2),
+        lambda: subprocess.run([sys.executable, "-m", "bert_fast.train.export", str(path), str(tmp_path / "hf")],
+                               cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300))
+    assert where in resumed[2] and "corrupted" in resumed[2], resumed[2][-2000:]
+    assert where in phase2[2], phase2[2][-2000:]
     assert done.returncode == 2 and where in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "hf").exists()
