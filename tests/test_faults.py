@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -123,36 +124,24 @@ def _chain(out: Path, schedule: list[tuple[str, int]]) -> str:
     return _run(out, "--resume", "auto")[1]
 
 
-def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(tmp_path):
-    out, uninterrupted = tmp_path / "chain", tmp_path / "uninterrupted"
-    schedule = _schedule(SEED)
-    assert len([s for s in schedule if s[0] != "resume-rewrite"]) >= 5 and set(s for s, _ in schedule) & set(
-        IN_A_WRITE)
-    # The reference run, never interrupted, beside the chain (one thread each, two cores).
-    stdout, _ = run_together(lambda: _chain(out, schedule), lambda: _run(uninterrupted))
-    assert f"done: step {STEPS}" in stdout, stdout[-2000:]
+CHAIN_TEST = "test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left"
 
-    final = f"step_{STEPS:08d}"
-    got = checkpoint_manifest.validate(out / "checkpoints" / final)
-    expected = checkpoint_manifest.validate(uninterrupted / "checkpoints" / final)
-    assert got["files"] == expected["files"], f"{schedule}: the final checkpoint's bytes differ"  # every byte
-    weights, reference = (checkpoint_load.model_state_dict(p / "checkpoints" / final) for p in (out, uninterrupted))
-    assert all(weights[k].equal(reference[k]) for k in reference) and weights.keys() == reference.keys()
 
-    records, reference_records = _records(out), _records(uninterrupted)
-    keys = [(r["kind"], r["step"]) for r in records]
-    assert len(keys) == len(set(keys)), f"{schedule}: a record twice: {sorted(k for k in keys if keys.count(k) > 1)}"
-    assert keys == [(r["kind"], r["step"]) for r in reference_records], schedule  # none missing, in order
-    assert [_comparable(r) for r in records] == [_comparable(r) for r in reference_records], schedule
-
-    assert _tree(out) == _tree(uninterrupted), f"{schedule}: leftovers or missing files"
-    for tree in (_tree(out), _tree(uninterrupted)):  # not even an empty staging folder
-        assert not [p for p in tree if p.endswith(".tmp") or checkpoint_manifest.PARTIAL in p], tree
-    assert (out / "checkpoints" / "latest").read_text() == final
-    deadline = time.monotonic() + 15  # a killed run's DataLoader worker notices its parent is gone
-    while _survivors(out) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _survivors(out), _survivors(out)
+@pytest.fixture(scope="module", autouse=True)
+def chain(request, tmp_path_factory):
+    """The SIGKILL chain (one run after another on one core, the longest work here) and beside it
+    its uninterrupted reference, started with the module in a background thread when the chain
+    test is selected: the other tests' runs take the second core meanwhile, and the chain test,
+    last in the file, collects it. Yields (chain folder, reference folder, future of the chain's
+    last stdout and the reference's result), or None."""
+    if not any(item.name == CHAIN_TEST and item.module is request.module for item in request.session.items):
+        yield None
+        return
+    root = tmp_path_factory.mktemp("chain")
+    out, uninterrupted = root / "chain", root / "uninterrupted"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain") as pool:
+        yield out, uninterrupted, pool.submit(run_together, lambda: _chain(out, _schedule(SEED)),
+                                              lambda: _run(uninterrupted))
 
 
 def _one_line(stderr: str) -> str:
@@ -247,3 +236,35 @@ def test_a_byte_flip_past_64_mib_is_refused_by_resume_init_from_and_export(large
     assert where in phase2[2], phase2[2][-2000:]
     assert done.returncode == 2 and where in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "hf").exists()
+
+
+# Last in the file: its runs started with the module (the `chain` fixture), beside the tests above.
+def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(chain):
+    out, uninterrupted, runs = chain
+    schedule = _schedule(SEED)
+    assert len([s for s in schedule if s[0] != "resume-rewrite"]) >= 5 and set(s for s, _ in schedule) & set(
+        IN_A_WRITE)
+    stdout, _ = runs.result()
+    assert f"done: step {STEPS}" in stdout, stdout[-2000:]
+
+    final = f"step_{STEPS:08d}"
+    got = checkpoint_manifest.validate(out / "checkpoints" / final)
+    expected = checkpoint_manifest.validate(uninterrupted / "checkpoints" / final)
+    assert got["files"] == expected["files"], f"{schedule}: the final checkpoint's bytes differ"  # every byte
+    weights, reference = (checkpoint_load.model_state_dict(p / "checkpoints" / final) for p in (out, uninterrupted))
+    assert all(weights[k].equal(reference[k]) for k in reference) and weights.keys() == reference.keys()
+
+    records, reference_records = _records(out), _records(uninterrupted)
+    keys = [(r["kind"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)), f"{schedule}: a record twice: {sorted(k for k in keys if keys.count(k) > 1)}"
+    assert keys == [(r["kind"], r["step"]) for r in reference_records], schedule  # none missing, in order
+    assert [_comparable(r) for r in records] == [_comparable(r) for r in reference_records], schedule
+
+    assert _tree(out) == _tree(uninterrupted), f"{schedule}: leftovers or missing files"
+    for tree in (_tree(out), _tree(uninterrupted)):  # not even an empty staging folder
+        assert not [p for p in tree if p.endswith(".tmp") or checkpoint_manifest.PARTIAL in p], tree
+    assert (out / "checkpoints" / "latest").read_text() == final
+    deadline = time.monotonic() + 15  # a killed run's DataLoader worker notices its parent is gone
+    while _survivors(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _survivors(out), _survivors(out)
