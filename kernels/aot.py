@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import triton
@@ -171,7 +172,8 @@ def inner_loop_instructions(sass: str) -> int | None:
     return len(loops[best])
 
 
-def _compile_here(spec: AotSpec, arch: int) -> AotReport:
+def _build(spec: AotSpec, arch: int):
+    """The Triton compile of `spec` for `arch` (TTIR to cubin)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -186,8 +188,12 @@ def _compile_here(spec: AotSpec, arch: int) -> AotReport:
              if (spec.aligned and (kind.startswith("*") or name.startswith("stride")))
              or name in spec.divisible}
     src = ASTSource(fn, signature, constexprs=dict(spec.constexprs), attrs=attrs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+
+
+def _measure(spec: AotSpec, kernel, arch: int) -> AotReport:
+    """Registers, spills and SASS loops of a built kernel, read by the CUDA tools."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin, ptx = Path(tmp, "k.cubin"), Path(tmp, "k.ptx")
         cubin.write_bytes(kernel.asm["cubin"])
@@ -204,6 +210,13 @@ def _compile_here(spec: AotSpec, arch: int) -> AotReport:
                      num_stages=spec.num_stages, constexprs=dict(spec.constexprs),
                      instructions_per_iteration=inner_loop_instructions(sass),
                      mma_loops=mma_loop_instructions(sass))
+
+
+def _compile_here(specs: list[AotSpec], arch: int) -> list[AotReport]:
+    kernels = [_build(spec, arch) for spec in specs]  # Triton's compiler, one kernel at a time
+    # The tools are separate processes (nvdisasm takes most of a report's time): one per core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="aot-tools") as pool:
+        return list(pool.map(_measure, specs, kernels, [arch] * len(specs)))
 
 
 def _compile_in_subprocess(specs: list[AotSpec], arch: int) -> list[AotReport]:
@@ -224,7 +237,7 @@ def compile_reports(specs: list[AotSpec], arch: int = 90) -> list[AotReport]:
     """Compile every spec for `arch` (90 = Hopper) and report registers, spills, shared memory."""
     if any(_interpreting(s.fn) for s in specs):
         return _compile_in_subprocess(specs, arch)
-    return [_compile_here(s, arch) for s in specs]
+    return _compile_here(specs, arch)
 
 
 def compile_report(fn, signature: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 3,
@@ -240,11 +253,9 @@ def _module(name: str):
 def _main() -> None:
     """Subprocess entry: JSON list of jobs on stdin, JSON list of reports on stdout."""
     arch = int(sys.argv[1])
-    reports = []
-    for job in json.loads(sys.stdin.read()):
-        fn = getattr(_module(job.pop("module")), job.pop("name"))
-        reports.append(dataclasses.asdict(_compile_here(AotSpec(fn, **job), arch)))
-    json.dump(reports, sys.stdout)
+    specs = [AotSpec(getattr(_module(job.pop("module")), job.pop("name")), **job)
+             for job in json.loads(sys.stdin.read())]
+    json.dump([dataclasses.asdict(r) for r in _compile_here(specs, arch)], sys.stdout)
 
 
 if __name__ == "__main__":

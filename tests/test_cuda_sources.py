@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from together import run_together
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
@@ -18,14 +19,29 @@ def test_cuda_sources_exist():
     assert SOURCES, "csrc/ has no .cu files"
 
 
+ARCHS = ("80", "90")
+
+
+@pytest.fixture(scope="module")
+def nvcc_compiles(tmp_path_factory) -> dict:
+    """(source, arch) -> nvcc's compile of it, with ptxas's report; the compiles run at once."""
+    out = tmp_path_factory.mktemp("nvcc")
+
+    def compile_one(source: Path, arch: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [NVCC, "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
+             "-c", str(source), "-o", str(out / f"{source.stem}-{arch}.o")],
+            capture_output=True, text=True)
+
+    jobs = [(source, arch) for source in SOURCES for arch in ARCHS]
+    return dict(zip(jobs, run_together(*(lambda job=job: compile_one(*job) for job in jobs))))
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (install a CUDA toolkit to check)")
-@pytest.mark.parametrize("arch", ["80", "90"])
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
-def test_compiles_without_spills(source, arch, tmp_path):
-    result = subprocess.run(
-        [NVCC, "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-         "-c", str(source), "-o", str(tmp_path / "out.o")],
-        capture_output=True, text=True)
+def test_compiles_without_spills(source, arch, nvcc_compiles):
+    result = nvcc_compiles[source, arch]
     assert result.returncode == 0, result.stderr
     report = result.stderr
     kernels = re.findall(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", report)
@@ -47,24 +63,35 @@ def _cuda_include():
 BINDINGS = sorted(CSRC.glob("*_cuda.cpp"))
 
 
-@pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers (set CUDA_HOME)")
-@pytest.mark.parametrize("source", BINDINGS, ids=lambda p: p.name)
-def test_cuda_bindings_compile_against_torch_headers(source, tmp_path):
-    """The tensor-side CUDA bindings are built only against a CUDA build of torch (GPU machines,
-    `make cuda-check`, which links them for real); a syntax-only compile here catches API mistakes
-    within the suite. The CPU wheel of torch lacks one generated header of its CUDA build, so a
-    stand-in provides it."""
+@pytest.fixture(scope="module")
+def binding_compiles(tmp_path_factory) -> dict:
+    """Source -> g++'s syntax-only compile of it against torch's headers; the compiles (single-
+    threaded, seconds each) run at once. The CPU wheel of torch lacks one generated header of its
+    CUDA build, so a stand-in provides it."""
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
 
-    stub = tmp_path / "c10" / "cuda" / "impl"
+    stubs = tmp_path_factory.mktemp("stubs")
+    stub = stubs / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    includes = [*include_paths(), str(tmp_path), str(_cuda_include()), sysconfig.get_paths()["include"]]
-    result = subprocess.run(
-        ["g++", "-std=c++20", "-fsyntax-only", "-DBERT_FAST_WITH_CUDA", *(f"-I{p}" for p in includes),
-         str(source)], capture_output=True, text=True)
+    includes = [*include_paths(), str(stubs), str(_cuda_include()), sysconfig.get_paths()["include"]]
+
+    def compile_one(source: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["g++", "-std=c++20", "-fsyntax-only", "-DBERT_FAST_WITH_CUDA",
+                               *(f"-I{p}" for p in includes), str(source)], capture_output=True, text=True)
+
+    return dict(zip(BINDINGS, run_together(*(lambda s=s: compile_one(s) for s in BINDINGS))))
+
+
+@pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers (set CUDA_HOME)")
+@pytest.mark.parametrize("source", BINDINGS, ids=lambda p: p.name)
+def test_cuda_bindings_compile_against_torch_headers(source, binding_compiles):
+    """The tensor-side CUDA bindings are built only against a CUDA build of torch (GPU machines,
+    `make cuda-check`, which links them for real); a syntax-only compile here catches API mistakes
+    within the suite."""
+    result = binding_compiles[source]
     assert result.returncode == 0, result.stderr[-4000:]
 
 

@@ -19,11 +19,14 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
+
+from together import run_together  # noqa: E402
 
 from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
@@ -101,13 +104,6 @@ def _schedule(seed: int) -> list[tuple[str, int]]:
     return [(site, 1 if site == "resume-rewrite" else rng.randint(1, 2)) for site in sites]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("uninterrupted")
-    _run(out)
-    return out
-
-
 def _survivors(out: Path) -> list[str]:
     """Processes of the chain still alive (DataLoader workers of a killed run included)."""
     import psutil
@@ -120,38 +116,33 @@ def _survivors(out: Path) -> list[str]:
     return alive
 
 
-def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(uninterrupted, tmp_path):
-    out = tmp_path / "chain"
-    schedule = _schedule(SEED)
-    assert len([s for s in schedule if s[0] != "resume-rewrite"]) >= 5 and set(s for s, _ in schedule) & set(
-        IN_A_WRITE)
+def _chain(out: Path, schedule: list[tuple[str, int]]) -> str:
+    """The run killed at each fault of `schedule`, resumed after each; the last resume's stdout."""
     for i, fault in enumerate(schedule):
         code, _, stderr = _run(out, *(["--resume", "auto"] if i else []), fault=fault, expect=None)
         assert code == -signal.SIGKILL, f"kill {i} at {fault} did not happen (exit {code}):\n{stderr[-3000:]}"
-    _, stdout, stderr = _run(out, "--resume", "auto")
-    assert f"done: step {STEPS}" in stdout, stdout[-2000:]
+    return _run(out, "--resume", "auto")[1]
 
-    final = f"step_{STEPS:08d}"
-    got = checkpoint_manifest.validate(out / "checkpoints" / final)
-    expected = checkpoint_manifest.validate(uninterrupted / "checkpoints" / final)
-    assert got["files"] == expected["files"], f"{schedule}: the final checkpoint's bytes differ"  # every byte
-    weights, reference = (checkpoint_load.model_state_dict(p / "checkpoints" / final) for p in (out, uninterrupted))
-    assert all(weights[k].equal(reference[k]) for k in reference) and weights.keys() == reference.keys()
 
-    records, reference_records = _records(out), _records(uninterrupted)
-    keys = [(r["kind"], r["step"]) for r in records]
-    assert len(keys) == len(set(keys)), f"{schedule}: a record twice: {sorted(k for k in keys if keys.count(k) > 1)}"
-    assert keys == [(r["kind"], r["step"]) for r in reference_records], schedule  # none missing, in order
-    assert [_comparable(r) for r in records] == [_comparable(r) for r in reference_records], schedule
+CHAIN_TEST = "test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left"
 
-    assert _tree(out) == _tree(uninterrupted), f"{schedule}: leftovers or missing files"
-    for tree in (_tree(out), _tree(uninterrupted)):  # not even an empty staging folder
-        assert not [p for p in tree if p.endswith(".tmp") or checkpoint_manifest.PARTIAL in p], tree
-    assert (out / "checkpoints" / "latest").read_text() == final
-    deadline = time.monotonic() + 15  # a killed run's DataLoader worker notices its parent is gone
-    while _survivors(out) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _survivors(out), _survivors(out)
+
+@pytest.fixture(scope="module", autouse=True)
+def chain(request, tmp_path_factory):
+    """The SIGKILL chain (one run after another on one core, the longest work here) and beside it
+    its uninterrupted reference, started with the module in a background thread when the chain
+    test is selected: the other tests' runs take the second core meanwhile, and the chain test,
+    last in the file, collects it. Yields (chain folder, reference folder, future of the chain's
+    last stdout and the reference's result), or None."""
+    here = [item.name for item in request.session.items if getattr(item, "module", None) is request.module]
+    if CHAIN_TEST not in here:
+        yield None
+        return
+    root = tmp_path_factory.mktemp("chain")
+    out, uninterrupted = root / "chain", root / "uninterrupted"
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain") as pool:
+        yield out, uninterrupted, pool.submit(run_together, lambda: _chain(out, _schedule(SEED)),
+                                              lambda: _run(uninterrupted))
 
 
 def _one_line(stderr: str) -> str:
@@ -234,13 +225,47 @@ def test_a_byte_flip_past_64_mib_is_refused_by_resume_init_from_and_export(large
     with pytest.raises(checkpoint_manifest.CheckpointError, match=where):
         checkpoint_manifest.validate(path)
 
-    _, _, stderr = _run(path.parent.parent, "data.source=synthetic", "model.preset=mini", "train.steps=2",
-                        "--resume", str(path), expect=2)
-    assert where in stderr and "corrupted" in stderr, stderr[-2000:]
-    _, _, stderr = _run(tmp_path / "phase2", "data.source=synthetic", "model.preset=mini", "train.steps=1",
-                        f"checkpoint.init_from={path}", expect=2)
-    assert where in stderr, stderr[-2000:]
-    done = subprocess.run([sys.executable, "-m", "bert_fast.train.export", str(path), str(tmp_path / "hf")], cwd=ROOT,
-                          capture_output=True, text=True, env=_env(), timeout=300)
+    # The three refusals read the checkpoint and write nothing: they run at once.
+    resumed, phase2, done = run_together(
+        lambda: _run(path.parent.parent, "data.source=synthetic", "model.preset=mini", "train.steps=2",
+                     "--resume", str(path), expect=2),
+        lambda: _run(tmp_path / "phase2", "data.source=synthetic", "model.preset=mini", "train.steps=1",
+                     f"checkpoint.init_from={path}", expect=2),
+        lambda: subprocess.run([sys.executable, "-m", "bert_fast.train.export", str(path), str(tmp_path / "hf")],
+                               cwd=ROOT, capture_output=True, text=True, env=_env(), timeout=300))
+    assert where in resumed[2] and "corrupted" in resumed[2], resumed[2][-2000:]
+    assert where in phase2[2], phase2[2][-2000:]
     assert done.returncode == 2 and where in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "hf").exists()
+
+
+# Last in the file: its runs started with the module (the `chain` fixture), beside the tests above.
+def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(chain):
+    out, uninterrupted, runs = chain
+    schedule = _schedule(SEED)
+    assert len([s for s in schedule if s[0] != "resume-rewrite"]) >= 5 and set(s for s, _ in schedule) & set(
+        IN_A_WRITE)
+    stdout, _ = runs.result()
+    assert f"done: step {STEPS}" in stdout, stdout[-2000:]
+
+    final = f"step_{STEPS:08d}"
+    got = checkpoint_manifest.validate(out / "checkpoints" / final)
+    expected = checkpoint_manifest.validate(uninterrupted / "checkpoints" / final)
+    assert got["files"] == expected["files"], f"{schedule}: the final checkpoint's bytes differ"  # every byte
+    weights, reference = (checkpoint_load.model_state_dict(p / "checkpoints" / final) for p in (out, uninterrupted))
+    assert all(weights[k].equal(reference[k]) for k in reference) and weights.keys() == reference.keys()
+
+    records, reference_records = _records(out), _records(uninterrupted)
+    keys = [(r["kind"], r["step"]) for r in records]
+    assert len(keys) == len(set(keys)), f"{schedule}: a record twice: {sorted(k for k in keys if keys.count(k) > 1)}"
+    assert keys == [(r["kind"], r["step"]) for r in reference_records], schedule  # none missing, in order
+    assert [_comparable(r) for r in records] == [_comparable(r) for r in reference_records], schedule
+
+    assert _tree(out) == _tree(uninterrupted), f"{schedule}: leftovers or missing files"
+    for tree in (_tree(out), _tree(uninterrupted)):  # not even an empty staging folder
+        assert not [p for p in tree if p.endswith(".tmp") or checkpoint_manifest.PARTIAL in p], tree
+    assert (out / "checkpoints" / "latest").read_text() == final
+    deadline = time.monotonic() + 15  # a killed run's DataLoader worker notices its parent is gone
+    while _survivors(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _survivors(out), _survivors(out)

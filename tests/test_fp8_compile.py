@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_compile import batch, tiny
+from together import run_together
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -79,11 +80,22 @@ for name, code in graphs.items():
 """
 
 
-@pytest.mark.parametrize("scaling", ["current", "delayed"])
-def test_the_fused_casts_trace_into_the_graphs(scaling):
+SCALINGS = ("current", "delayed")
+
+
+@pytest.fixture(scope="module")
+def traces() -> dict[str, str]:
+    """Each scaling's trace output; the two processes run at once (each mostly on one core)."""
+    outputs = run_together(*(lambda s=s: trace_with_fake_tensors(_TRACE.format(scaling=s, syncs=IN_GRAPHS))
+                             for s in SCALINGS))
+    return dict(zip(SCALINGS, outputs))
+
+
+@pytest.mark.parametrize("scaling", SCALINGS)
+def test_the_fused_casts_trace_into_the_graphs(scaling, traces):
     """As on CUDA: per layer the forward casts x and W (2 GEMMs' worth of launches each), the
     backward dY, all through the bert_fast::fp8_cast triton_op (which mutates amax_now), no read."""
-    out = trace_with_fake_tensors(_TRACE.format(scaling=scaling, syncs=IN_GRAPHS))
+    out = traces[scaling]
     graphs = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["forward"],
                                                                                                   ["backward"])}
     gemms = 4 * tiny("torch").config.num_hidden_layers
@@ -136,6 +148,6 @@ def test_compiled_fp8_training_logs_the_eager_losses(tmp_path):
     amax), so a value may differ in its last bit and, rarely, cross an e4m3 rounding boundary: that
     element moves by one FP8 step (2^-4 of itself) and the loss by far less than 1e-4 of itself.
     The tolerance is that; the losses measured agreed to 1.3e-6."""
-    eager, compiled = (_pretrain(tmp_path / str(c), c) for c in (False, True))
+    eager, compiled = run_together(*(lambda c=c: _pretrain(tmp_path / str(c), c) for c in (False, True)))
     assert len(compiled) == 3
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=0)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from together import run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -137,26 +138,43 @@ def test_crashes():
 '''
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("tests, status, console, in_report", [
-    (FAKE_TESTS, "failed (exit 1)", f"  FAILED {FAKE}::test_param[2]: AssertionError: n is not one",
-     "E   line four"),
-    (CRASH_TESTS, "failed (exit 134)",
-     "  ERROR pytest-gpu (no report): pytest ended without writing pytest-gpu.xml (killed by signal 6)",
-     "Fatal Python error: Aborted"),
-], ids=["failures", "crash"])
-def test_suite_shows_and_gathers_the_errors(tmp_path, tests, status, console, in_report):
-    """gpu_suite.sh --only gpu-tests on the CPU, over fake GPU tests in a copy of bench/: the
-    console names each failure, and report.md (what comes back from a GPU machine) holds the error
-    text right after the step table."""
-    tree = fake_tree(tmp_path, tests)
+def _suite_run(root: Path, tests: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """gpu_suite.sh --only gpu-tests over `tests` in a copy of bench/: (the process, its --out)."""
+    tree = fake_tree(root, tests)
     (tree / "bench").mkdir()
     for name in ("gpu_suite.sh", "junit_report.py", "gather.py", "harness.py"):
         shutil.copy(ROOT / "bench" / name, tree / "bench" / name)
-    out = tmp_path / "out"
+    out = root / "out"
     env = dict(os.environ, PYTHON=sys.executable)
     done = subprocess.run(["bash", "bench/gpu_suite.sh", "--only", "gpu-tests", "--budget", "200", "--out", str(out)],
                           cwd=tree, capture_output=True, text=True, env=env)
+    return done, out
+
+
+SUITE_CASES = {"failures": FAKE_TESTS, "crash": CRASH_TESTS}
+
+
+@pytest.fixture(scope="module")
+def suite_runs(tmp_path_factory) -> dict:
+    """Case -> _suite_run of it; the cases (one core each, seconds) run at once."""
+    roots = {case: tmp_path_factory.mktemp(case) for case in SUITE_CASES}
+    done = run_together(*(lambda case=case: _suite_run(roots[case], SUITE_CASES[case]) for case in SUITE_CASES))
+    return dict(zip(SUITE_CASES, done))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case, status, console, in_report", [
+    ("failures", "failed (exit 1)", f"  FAILED {FAKE}::test_param[2]: AssertionError: n is not one",
+     "E   line four"),
+    ("crash", "failed (exit 134)",
+     "  ERROR pytest-gpu (no report): pytest ended without writing pytest-gpu.xml (killed by signal 6)",
+     "Fatal Python error: Aborted"),
+], ids=["failures", "crash"])
+def test_suite_shows_and_gathers_the_errors(suite_runs, case, status, console, in_report):
+    """gpu_suite.sh --only gpu-tests on the CPU, over fake GPU tests in a copy of bench/: the
+    console names each failure, and report.md (what comes back from a GPU machine) holds the error
+    text right after the step table."""
+    done, out = suite_runs[case]
     assert done.returncode == 1, done.stdout + done.stderr
     assert console in done.stdout.splitlines(), done.stdout
     report = (out / "report.md").read_text()

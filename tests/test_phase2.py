@@ -13,6 +13,8 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
+from together import run_together  # noqa: E402
+
 from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
 
@@ -44,11 +46,26 @@ def phase1(tmp_path_factory):
     return out
 
 
-def test_phase2_takes_phase1_weights(phase1, tmp_path):
-    phase2 = tmp_path / "phase2"
+PHASE2_RUNS = {
     # lr 0: phase 2 must end exactly on phase 1's weights, which only holds if it started there.
-    records = _pretrain(phase2, "train.steps=3", "data.seq_length=64", "schedule.warmup_steps=2",
-                        "optimizer.lr=0.0", f"checkpoint.init_from={phase1 / 'checkpoints'}")
+    "lr0": ["train.steps=3", "data.seq_length=64", "schedule.warmup_steps=2", "optimizer.lr=0.0"],
+    "warmup": ["train.steps=4", "data.seq_length=64", "schedule.warmup_steps=4", "optimizer.lr=0.001"],
+}
+
+
+@pytest.fixture(scope="module")
+def phase2_runs(phase1, tmp_path_factory) -> dict:
+    """Name -> (output folder, train records) of each PHASE2_RUNS run from phase 1's checkpoint;
+    the two runs (one thread each) run at once."""
+    outs = {name: tmp_path_factory.mktemp(name) / "phase2" for name in PHASE2_RUNS}
+    done = run_together(*(lambda name=name: _pretrain(outs[name], *PHASE2_RUNS[name],
+                                                      f"checkpoint.init_from={phase1 / 'checkpoints'}")
+                          for name in PHASE2_RUNS))
+    return {name: (outs[name], records) for name, records in zip(PHASE2_RUNS, done)}
+
+
+def test_phase2_takes_phase1_weights(phase1, phase2_runs):
+    phase2, records = phase2_runs["lr0"]
     assert [r["step"] for r in records] == [1, 2, 3]  # a fresh step count
     start = checkpoint_load.model_state_dict(checkpoint_manifest.resolve_resume(phase1 / "checkpoints", "auto"))
     end_path = checkpoint_manifest.resolve_resume(phase2 / "checkpoints", "auto")
@@ -59,8 +76,6 @@ def test_phase2_takes_phase1_weights(phase1, tmp_path):
         torch.testing.assert_close(end[name], start[name], rtol=0, atol=0, msg=name)
 
 
-def test_phase2_schedule_restarts_warmup(phase1, tmp_path):
-    phase2 = tmp_path / "phase2"
-    records = _pretrain(phase2, "train.steps=4", "data.seq_length=64", "schedule.warmup_steps=4",
-                        "optimizer.lr=0.001", f"checkpoint.init_from={phase1 / 'checkpoints'}")
+def test_phase2_schedule_restarts_warmup(phase2_runs):
+    _, records = phase2_runs["warmup"]
     assert [r["lr"] for r in records] == pytest.approx([0.00025, 0.0005, 0.00075, 0.001])

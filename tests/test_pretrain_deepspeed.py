@@ -1,6 +1,6 @@
 """`deepspeed --num_gpus 2 pretrain.py` on 2 CPU ranks (gloo), as users launch it.
 
-- ZeRO-2 (fp32, 50 steps, held-out eval): the MLM loss falls, the ranks end with the same
+- ZeRO-2 (fp32, 30 steps, held-out eval): the MLM loss falls, the ranks end with the same
   parameters, every metric is logged (JSONL and TensorBoard).
 - Exact resume: the same run stopped by SIGTERM part-way (the ranks finish the step, save and exit
   0), then `--resume auto`, logs losses bit-identical to the uninterrupted run at every step.
@@ -35,10 +35,14 @@ pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 50
+# ZeRO-2's runs: the MLM loss falls by 1.9 in 30 steps (mean of the first 5 steps 8.84, of the last 5
+# 6.95), almost 4 times the 0.5 asked.
+STEPS = 30
 COMMON = [f"train.steps={STEPS}", "train.micro_batch=16", "data.seq_length=64", "data.workers=0",
-          "log.every=1", "schedule.warmup_steps=10", "eval.every=25", "eval.batches=2", "checkpoint.keep=2",
+          "log.every=1", "schedule.warmup_steps=10", "eval.every=15", "eval.batches=2", "checkpoint.keep=2",
           "train.threads=1"]
+# ZeRO-3 with LAMB fell by 2.7 in 50 steps (mean of the first 5 against the last 5), for 2.5 asked.
+ZERO3_STEPS = 50
 
 
 def _command(out: Path, *extra: str, port: int | None = None) -> list[str]:
@@ -98,7 +102,7 @@ def test_zero2_learns_logs_and_ranks_agree(straight):
         assert all(r[key] is not None for r in train), key
     assert train[0]["lr"] == pytest.approx(1e-4) and train[9]["lr"] == pytest.approx(1e-3)  # warmup
     assert all(r["skipped_steps"] == 0 for r in train)
-    assert [r["step"] for r in _records(straight, "eval")] == [25, 50]
+    assert [r["step"] for r in _records(straight, "eval")] == [15, 30]
     ranks = _records(straight, "ranks")
     assert len(ranks) == 1 and ranks[0]["agree"] and len(ranks[0]["fingerprints"]) == 2
     assert list((straight / "tensorboard").glob("events.out.tfevents.*"))
@@ -114,13 +118,13 @@ def _children(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """The same run, SIGTERM to both ranks (as a cluster scheduler sends it) after step 20, then
+    """The same run, SIGTERM to both ranks (as a cluster scheduler sends it) after step 10, then
     resumed with --resume auto. Returns (output folder, step the checkpoint was saved at)."""
     out = tmp_path_factory.mktemp("resumed")
     launcher = subprocess.Popen(_command(out, "zero.stage=2"), cwd=ROOT, env=_env(), text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
-    while not any(r["step"] >= 20 for r in _records(out, "train")):
+    while not any(r["step"] >= 10 for r in _records(out, "train")):
         assert launcher.poll() is None and time.monotonic() < deadline, launcher.communicate()[0][-3000:]
         time.sleep(0.1)
     for pid in _children(launcher.pid):
@@ -130,7 +134,7 @@ def interrupted(tmp_path_factory):
     saved = checkpoint_manifest.resolve_resume(out / "checkpoints", "auto")
     assert saved is not None and "resume with --resume auto" in log
     stopped_at = checkpoint_manifest.read_metadata(saved)["step"]
-    assert 20 <= stopped_at < STEPS, stopped_at
+    assert 10 <= stopped_at < STEPS, stopped_at
     resumed = _run(out, "zero.stage=2", "--resume", "auto")
     assert f"resumed from {saved} at step {stopped_at}" in resumed.stdout
     return out, stopped_at
@@ -168,8 +172,8 @@ def test_zero3_bf16_lamb_learns_and_exports_to_transformers(tmp_path):
     from bert_fast.train.export import checkpoint_model_config
 
     out, hf_dir = tmp_path / "zero3", tmp_path / "hf"
-    done = _run(out, "zero.stage=3", "precision.bf16=true", "optimizer.name=lamb", "optimizer.lr=0.02",
-                f"export.hf_dir={hf_dir}", "eval.every=0")
+    done = _run(out, f"train.steps={ZERO3_STEPS}", "zero.stage=3", "precision.bf16=true", "optimizer.name=lamb",
+                "optimizer.lr=0.02", f"export.hf_dir={hf_dir}", "eval.every=0")
     assert f"\n  export:          {hf_dir}\n" in done.stdout, done.stdout[-2000:]  # the done report names it
     train = _records(out, "train")
     assert sum(r["mlm_loss"] for r in train[-5:]) < sum(r["mlm_loss"] for r in train[:5]) - 2.5

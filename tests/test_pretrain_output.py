@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from together import run_together
 
 from bert_fast.train import checkpoint_manifest
 from bert_fast.train.config import load_config
@@ -123,12 +124,12 @@ def test_print_config_prints_the_resolved_recipe_and_exits(tmp_path):
 
 
 def test_help_says_where_the_keys_are_and_bad_keys_get_suggestions():
-    helped = _pretrain("--help")
+    # Three starts that each end at the command line: at once (one core each, mostly imports).
+    helped, typo, both = run_together(lambda: _pretrain("--help"), lambda: _pretrain("train.step=5"),
+                                      lambda: _pretrain("--resume", "auto", "--overwrite"))
     assert helped.returncode == 0
     assert "--print-config" in helped.stdout and "bert_fast/train/recipe.py" in helped.stdout
     assert "--overwrite" in helped.stdout
-    typo = _pretrain("train.step=5")
     assert typo.returncode == 2
     assert "unknown config key train.step (did you mean train.steps?)" in typo.stderr, typo.stderr
-    both = _pretrain("--resume", "auto", "--overwrite")
     assert both.returncode == 2 and "choose one" in both.stderr

@@ -42,7 +42,9 @@ def test_make_pretrain_recipe_learns_on_the_embedded_corpus(tmp_path):
 def test_synthetic_recipe_learns_nsp(tmp_path):
     """The synthetic data, 500 steps at seq 32 (about a minute on 2 cores): the MLM loss leaves the
     unigram plateau (ln 128 = 4.85) for its floor (ln 8 = 2.08) and NSP, which needs attention
-    across the two segments, is learned."""
+    across the two segments, is learned. Measured: NSP at chance until step ~225, 0.92 at 300,
+    0.998 at 500; 350 steps (warmup 70) reached only 0.82 (MLM loss 3.41), and lr 2e-3 with 300
+    steps never left the plateau. The run uses both cores (2 threads: 1.9 times 1 thread's speed)."""
     _, records = run_pretrain(tmp_path, "data.source=synthetic", "data.seq_length=32", "train.steps=500",
                               "schedule.warmup_steps=100", "log.every=100")
     assert [r["step"] for r in records] == [100, 200, 300, 400, 500]

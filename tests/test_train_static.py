@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from together import run_together
 
 from bert_fast.data.packing import pack_full_length
 from bert_fast.data.synthetic import SyntheticBatches
@@ -38,7 +39,7 @@ print(json.dumps({{"syncs": counts["syncs"], "steps": outcome.records[-1]["step"
 def counted_run(tmp_path: Path, steps: int, *overrides: str) -> dict:
     overrides = [f"train.steps={steps}", f"train.output_dir={tmp_path / str(steps)}", "log.every=1000",
                  "eval.every=0", "checkpoint.every=0", "train.check_every=1000", "log.tensorboard=false",
-                 "data.workers=0", *overrides]
+                 "data.workers=0", "train.threads=1", *overrides]
     script = COUNTED_RUN.format(tests=str(TESTS), config=str(ROOT / "configs/tiny-cpu.yaml"),
                                 overrides=overrides)
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
@@ -57,7 +58,7 @@ def test_a_run_reads_the_device_only_at_its_checks(tmp_path):
     steps = (2, 6)
     common = ("model.backend=torch", "train.micro_batch=4", "train.global_batch=8", "data.seq_length=32",
               "model.preset=tiny")
-    short, long = (counted_run(tmp_path, n, *common) for n in steps)
+    short, long = run_together(*(lambda n=n: counted_run(tmp_path, n, *common) for n in steps))  # one core each
     assert (short["steps"], long["steps"]) == steps
     assert long["syncs"] == short["syncs"], (short, long)
 
@@ -81,18 +82,20 @@ def test_synthetic_batches_pack_at_full_length_with_fixed_mlm_slots():
 @pytest.mark.slow
 def test_compiled_run_matches_eager(tmp_path):
     """train.compile (Inductor, fullgraph, one graph per shape) logs the eager run's losses."""
-    losses = {}
-    for compiled in (False, True):
+
+    def losses_of(compiled: bool) -> list[float]:
         out = tmp_path / str(compiled)
         result = subprocess.run(
             [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
              "train.steps=3", "log.every=1", "eval.every=0", "checkpoint.every=0", "data.workers=0",
              "model.backend=torch", "data.seq_length=32", "train.micro_batch=8", "model.hidden_dropout_prob=0",
-             "model.attention_probs_dropout_prob=0", f"train.compile={str(compiled).lower()}"],
+             "model.attention_probs_dropout_prob=0", "train.threads=1", f"train.compile={str(compiled).lower()}"],
             cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        losses[compiled] = [r["loss"] for r in records if r["kind"] == "train"]
+        return [r["loss"] for r in records if r["kind"] == "train"]
+
+    losses = dict(zip((False, True), run_together(lambda: losses_of(False), lambda: losses_of(True))))
     assert len(losses[True]) == 3
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-5)
 
