@@ -1,14 +1,8 @@
 import os
-import sys
 
 # Nothing may reach a model hub: every weight and tokenizer comes from disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# DeepSpeed builds its CPU comm op into torch's extensions folder, shared by every environment of
-# the user: checkouts with venvs of their own on one machine rebuilt it (~40 s) each time they
-# took turns. One folder per venv, inherited by the runs the tests start.
-if sys.prefix != sys.base_prefix:
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
