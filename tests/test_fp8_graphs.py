@@ -47,14 +47,9 @@ def _fp8_tiny(scaling: str):
     return model
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["eager-casts", "fused-casts"])
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
-def test_the_eager_step_reads_nothing_back_and_copies_no_host_data_in(monkeypatch, scaling, kernels):
-    """Training steps (delayed: two, the second scaling from a history); the fused casts run under the
-    Triton interpreter with the padding CUDA's _scaled_mm needs."""
-    if kernels:
-        monkeypatch.setattr(fp8, "_use_kernels", lambda device: True)
-        monkeypatch.setattr(fp8, "_pads", lambda device: True)
+def test_the_eager_step_reads_nothing_back_and_copies_no_host_data_in(scaling):
+    """Training steps of the model (delayed: two, the second scaling from a history)."""
     model = _fp8_tiny(scaling)
     for step in range(2 if scaling == "delayed" else 1):
         inputs = batch(filler=5, seed=step)  # built on the host, as the loader does
@@ -67,6 +62,26 @@ def test_the_eager_step_reads_nothing_back_and_copies_no_host_data_in(monkeypatc
                 p.grad = None
     if scaling == "delayed":  # the steps did roll the state the graph would replay
         assert (model.bert.layers[0].fp8["qkv"].amax_history[:, 0] > 0).all()
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_the_fused_casts_read_nothing_back_and_copy_no_host_data_in(monkeypatch, scaling):
+    """The CUDA path of one FP8 linear, forward and backward (kernels/fp8_cast.py under the Triton
+    interpreter, with the padding CUDA's _scaled_mm needs), twice with a roll between: what the
+    model's step runs per GEMM on a GPU."""
+    monkeypatch.setattr(fp8, "_use_kernels", lambda device: True)
+    monkeypatch.setattr(fp8, "_pads", lambda device: True)
+    state = fp8.Fp8State(fp8.Fp8Recipe(scaling))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(40, 24, generator=g), torch.randn(56, 24, generator=g)  # none a multiple of 16
+    for _ in range(2):
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with _Forbidden() as watch:
+            if scaling == "delayed":
+                fp8.roll([state])
+            fp8.fp8_linear(xs, ws, state).sum().backward()
+        assert watch.seen == [], sorted(set(watch.seen))
+        assert xs.grad is not None and ws.grad is not None
 
 
 def _compile_on_two_fake_ranks(model):
