@@ -17,7 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from test_compile import batch, tiny
+from test_compile import batch
+from test_fp8_compile import _fp8_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bert_fast.ops import fp8
@@ -39,12 +40,6 @@ class _Forbidden(TorchDispatchMode):
         if name in FORBIDDEN or moves:
             self.seen.append(str(func))
         return func(*args, **kwargs)
-
-
-def _fp8_tiny(scaling: str):
-    model = tiny("torch")
-    fp8.enable(model, fp8.Fp8Recipe(scaling))
-    return model
 
 
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
