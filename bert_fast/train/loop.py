@@ -295,7 +295,7 @@ def _run_steps(run: _Run, resume) -> list[dict]:
                          resumed=bool(resume)),
                 Window(run.device), LossScaleWatch(p.min_loss_scale, p.hysteresis),
                 FiniteWatch(run.device), Signals(), peak_tflops(run.device, lg.peak_tflops), [],
-                fp8.LossScaleFollower(fp8.states_of(run.engine.module), loss_scale(run.engine)))
+                fp8.LossScaleFollower(run.fp8_states, loss_scale(run.engine)))
     stream = run.batches.stream()
     try:
         while run.step < steps:
