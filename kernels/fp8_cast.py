@@ -141,12 +141,54 @@ def _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M: tl.const
 
 
 @triton.jit
+def _gelu(u, TANH: tl.constexpr):
+    """GELU in float32 as csrc/bias_gelu_math.h computes it: exact (erf) or HF's tanh form, the
+    latter as u * sigmoid(2 z) (= 0.5 u (1 + tanh z)): no cancellation for negative u."""
+    if TANH:
+        z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        return u / (1.0 + tl.exp(-2.0 * z))
+    return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_grad(u, TANH: tl.constexpr):
+    """d gelu(u) / du in float32 (csrc/bias_gelu_math.h's gelu_grad); the tanh form through
+    s = sigmoid(2 z): 1 + tanh z = 2 s, 1 - tanh^2 z = 4 s (1 - s)."""
+    if TANH:
+        k = 0.7978845608028654
+        s = 1.0 / (1.0 + tl.exp(-2.0 * k * (u + 0.044715 * u * u * u)))
+        return s + 2.0 * u * s * (1.0 - s) * k * (1.0 + 3.0 * 0.044715 * u * u)
+    cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
+    return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+
+
+@triton.jit
+def _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row, PROLOGUE: tl.constexpr,
+                GELU_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile `tile` of the tensor a pass casts, float32, zeros outside [n_rows, n_cols]: X itself
+    (PROLOGUE 0), gelu(X + ColBias) (1: the FFN's activation, cast for the second GEMM) or
+    X * gelu'(Pre + ColBias) (2: its gradient, cast for the first GEMM's backward; Pre has X's strides)."""
+    x, rows, cols, inside = _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
+    if PROLOGUE != 0:
+        b = tl.load(ColBias + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        if PROLOGUE == 1:
+            x = _gelu(x + b[None, :], GELU_TANH)
+        else:
+            u, _, _, _ = _load_tile(Pre, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
+            x = x * _gelu_grad(u + b[None, :], GELU_TANH)
+        x = tl.where(inside, x, 0.0)  # gelu(0 + bias) is not 0: padding must stay 0
+    return x, rows, cols, inside
+
+
+@triton.jit
 def _fp8_amax_kernel(
     X,  # [n_rows, n_cols], row stride stride_x_row, unit column stride
+    Pre, ColBias,  # the prologue's (_load_value): [n_rows, n_cols] like X, [n_cols]; unread for PROLOGUE 0
     Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (SKIP_IF_SCALED), else unread
     Partial,  # [programs] float32 out: each program's amax of |X| (NaN or inf: not finite)
     n_rows, n_cols, stride_x_row, slot,
-    SKIP_IF_SCALED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SKIP_IF_SCALED: tl.constexpr, PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The amax pass: before a current-scaled cast, or for a delayed one whose history is empty
     (Scale <= 0; with a scale it reads nothing)."""
@@ -157,7 +199,8 @@ def _fp8_amax_kernel(
         tiles = tl.where(tl.load(Scale + slot) > 0, 0, tiles)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(pid, tiles, tl.num_programs(0)):
-        x, _, _, _ = _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
+        x, _, _, _ = _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row, PROLOGUE,
+                                 GELU_TANH, BLOCK_M, BLOCK_N)
         acc = _max_nan(acc, tl.abs(x))
     tl.store(Partial + pid, _amax_of(acc))
 
@@ -165,6 +208,8 @@ def _fp8_amax_kernel(
 @triton.jit
 def _fp8_cast_kernel(
     X,  # [n_rows, n_cols], row stride stride_x_row, unit column stride
+    Pre, ColBias,  # the prologue's (_load_value): [n_rows, n_cols] like X, [n_cols]; unread for PROLOGUE 0
+    DBias,  # [cdiv(out_rows, BLOCK_M), out_cols] float32 out (PROLOGUE 2): per row block, column sums
     Q,  # [out_rows, out_cols] fp8 (uint8 under the interpreter), row-major (ROWWISE)
     QT,  # [out_cols, out_rows] the transposed copy (TRANSPOSE)
     Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (DELAYED); <= 0: current from AmaxIn
@@ -175,9 +220,12 @@ def _fp8_cast_kernel(
     n_rows, n_cols, out_rows, out_cols, stride_x_row, n_amax_in, slot,
     FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, SOFT: tl.constexpr,
     DELAYED: tl.constexpr, ROWWISE: tl.constexpr, TRANSPOSE: tl.constexpr,
+    PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """The cast pass over [out_rows, out_cols] tiles (zeros past [n_rows, n_cols])."""
+    """The cast pass over [out_rows, out_cols] tiles (zeros past [n_rows, n_cols]). Under PROLOGUE 2
+    it also writes the gradient's column sums per row block (float32, before scaling: the bias
+    gradient, which a deterministic sum over the blocks finishes)."""
     pid = tl.program_id(0)
     if DELAYED:
         stored = tl.load(Scale + slot)
@@ -191,7 +239,10 @@ def _fp8_cast_kernel(
     tiles = tl.cdiv(out_rows, BLOCK_M) * tiles_n
     seen = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(pid, tiles, tl.num_programs(0)):
-        x, rows, cols, inside = _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
+        x, rows, cols, inside = _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row,
+                                            PROLOGUE, GELU_TANH, BLOCK_M, BLOCK_N)
+        if PROLOGUE == 2:
+            tl.store(DBias + (tile // tiles_n) * out_cols + cols, tl.sum(x, 0), mask=cols < out_cols)
         if DELAYED:
             seen = _max_nan(seen, tl.abs(x))
         y = tl.where(inside, x * scale, 0.0)  # padding is 0 even under a NaN scale
@@ -259,9 +310,13 @@ def programs(device: torch.device, rows: int, cols: int) -> int:
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_now: torch.Tensor | None,
-          slot: int, rows: int, cols: int, rowwise: bool, transpose: bool, traced: bool):
-    """The launches of `cast` (arguments checked there); returns (q, qt, inv, amax)."""
-    mant, bias, top = FORMATS[dtype]
+          slot: int, rows: int, cols: int, rowwise: bool, transpose: bool, traced: bool,
+          bias: torch.Tensor | None = None, pre: torch.Tensor | None = None, gelu_tanh: bool = False):
+    """The launches of `cast` and the GELU casts (arguments checked there); returns (q, qt, inv,
+    amax, dbias): dbias [cols] float32 (only its first x.shape[1] entries are the bias gradient) when
+    `pre` is given, else an empty tensor."""
+    mant, exp_bias, top = FORMATS[dtype]
+    prologue = 0 if bias is None else 1 if pre is None else 2
     n_rows, n_cols = x.shape
     device = x.device
     delayed = scale is not None
@@ -272,31 +327,42 @@ def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_
     soft = interpreting()
     # The interpreter stores the bytes _fp8_bits computes; compiled kernels the hardware's fp8.
     q_arg, qt_arg = (q.view(torch.uint8), qt.view(torch.uint8)) if soft else (q, qt)
+    # Prologue operands stand in for themselves where unread (a pointer is needed all the same).
+    pre_arg, bias_arg = (x if pre is None else pre), (x if bias is None else bias)
+    dbias = torch.empty((triton.cdiv(rows, BLOCK_M), cols) if prologue == 2 else (0,), dtype=torch.float32,
+                        device=device)
+    prologue_flags = dict(PROLOGUE=prologue, GELU_TANH=gelu_tanh)
     n_amax = programs(device, n_rows, n_cols)
     partial_in = torch.empty(n_amax, dtype=torch.float32, device=device)
     _launch(_fp8_amax_kernel, (n_amax,), traced)(
-        x, scale if delayed else inv, partial_in, n_rows, n_cols, x.stride(0), slot,
-        SKIP_IF_SCALED=delayed, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+        x, pre_arg, bias_arg, scale if delayed else inv, partial_in, n_rows, n_cols, x.stride(0), slot,
+        SKIP_IF_SCALED=delayed, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, **prologue_flags)
     n_cast = programs(device, rows, cols)
     partial = torch.empty(n_cast if delayed else 1, dtype=torch.float32, device=device)
     _launch(_fp8_cast_kernel, (n_cast,), traced)(
-        x, q_arg if rowwise else qt_arg, qt_arg if transpose else q_arg, scale if delayed else inv,
+        x, pre_arg, bias_arg, dbias if prologue == 2 else partial, q_arg if rowwise else qt_arg,
+        qt_arg if transpose else q_arg, scale if delayed else inv,
         partial_in, partial, inv, amax, n_rows, n_cols, rows, cols, x.stride(0), n_amax, slot,
-        FP8_MAX=top, MANT=mant, BIAS=bias, SOFT=soft, DELAYED=delayed, ROWWISE=rowwise, TRANSPOSE=transpose,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=triton.next_power_of_2(n_amax), num_warps=NUM_WARPS)
+        FP8_MAX=top, MANT=mant, BIAS=exp_bias, SOFT=soft, DELAYED=delayed, ROWWISE=rowwise,
+        TRANSPOSE=transpose,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=triton.next_power_of_2(n_amax), num_warps=NUM_WARPS,
+        **prologue_flags)
     if delayed:
         record = amax_now is not None
         _launch(_fp8_finish_kernel, (1,), traced)(
             partial, scale, amax_now if record else partial, inv, amax, n_cast, slot,
             FP8_MAX=top, RECORD=record, BLOCK_P=triton.next_power_of_2(n_cast), num_warps=4)
-    return q, qt, inv, amax
+    if prologue == 2:  # the row blocks' column sums, added in a fixed order: deterministic
+        dbias = dbias.sum(0)
+    return q, qt, inv, amax, dbias
 
 
 @triton_op("bert_fast::fp8_cast", mutates_args=("amax_now",))
 def _fp8_cast_op(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None,
                  amax_now: torch.Tensor | None, slot: int, rows: int, cols: int, rowwise: bool,
-                 transpose: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, traced=True)
+                 transpose: bool, bias: torch.Tensor | None, pre: torch.Tensor | None, gelu_tanh: bool,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, True, bias, pre, gelu_tanh)
 
 
 def _traced(t: torch.Tensor) -> bool:
@@ -321,6 +387,55 @@ def cast(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = No
       `amax_now[slot]` (the state's buffer, or None) is raised to amax when that is finite: the
       step's record.
     """
+    return _checked(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, None, None, "none")[:4]
+
+
+def cast_gelu(y: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, approximate: str = "none", *,
+              scale: torch.Tensor | None = None, amax_now: torch.Tensor | None = None, slot: int = 0,
+              rows: int | None = None, cols: int | None = None, rowwise: bool = True,
+              transpose: bool = False):
+    """`cast` of gelu(y + bias), computed in float32 and never stored in y's dtype: the FFN's first
+    GEMM's epilogue and the second GEMM's input cast in one pass (bias [N], y's dtype; approximate
+    'none' (erf) or 'tanh'). Returns (q, qt, inv_scale, amax) of the activation."""
+    _check_bias(y, bias, approximate)
+    return _checked(y, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bias, None,
+                    approximate)[:4]
+
+
+def cast_gelu_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype,
+                   approximate: str = "none", *, scale: torch.Tensor | None = None,
+                   amax_now: torch.Tensor | None = None, slot: int = 0, rows: int | None = None,
+                   cols: int | None = None, rowwise: bool = True, transpose: bool = False):
+    """`cast` of grad * gelu'(y + bias), the gradient of `cast_gelu`'s activation taken back through
+    the GELU (float32, never stored in grad's dtype), and the bias gradient: returns (q, qt,
+    inv_scale, amax, dbias), dbias [N] float32 = that gradient's column sums (unscaled, before the
+    cast; summed over row blocks in a fixed order, so it is deterministic). y: [M, N] like grad."""
+    _check_bias(grad, bias, approximate)
+    if not isinstance(y, torch.Tensor) or y.shape != grad.shape or y.dtype not in DTYPES \
+            or y.device != grad.device:
+        raise ValueError(f"y must be a float tensor of grad's shape {tuple(grad.shape)} on {grad.device}, "
+                         "got "
+                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+    if y.stride() != grad.stride():
+        y, grad = y.contiguous(), grad.contiguous()
+    q, qt, inv, amax, dbias = _checked(grad, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose,
+                                       bias, y, approximate)
+    return q, qt, inv, amax, dbias[:grad.shape[1]]
+
+
+def _check_bias(x, bias, approximate: str) -> None:
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.dtype not in DTYPES \
+            or getattr(x, "dim", lambda: 0)() != 2 or bias.shape[0] != x.shape[1] or bias.device != x.device:
+        raise ValueError(f"bias must be a 1-D float tensor of x's width on x's device, got "
+                         f"{getattr(bias, 'dtype', type(bias).__name__)} "
+                         f"{tuple(getattr(bias, 'shape', ()))} for x "
+                         f"{tuple(getattr(x, 'shape', ()))}")
+
+
+def _checked(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bias, pre, approximate):
+    """The checks every cast shares, then the launches (eagerly or through the triton_op)."""
     if dtype not in FORMATS:
         raise TypeError(f"dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
     if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.dtype not in DTYPES:
@@ -330,6 +445,7 @@ def cast(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = No
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     if x.stride(-1) != 1:
         x = x.contiguous()
+        pre = None if pre is None else pre.contiguous()
     rows, cols = rows or x.shape[0], cols or x.shape[1]
     if rows < x.shape[0] or cols < x.shape[1]:
         raise ValueError(f"rows, cols must be at least x's shape {tuple(x.shape)}, got ({rows}, {cols})")
@@ -342,9 +458,11 @@ def cast(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = No
         raise ValueError("amax_now records delayed scaling's amax: give the state's scale too")
     if not (rowwise or transpose):
         raise ValueError("rowwise and transpose are both False: nothing to write")
+    bias = None if bias is None else bias.contiguous()
+    tanh = approximate == "tanh"
     if _traced(x):
-        return _fp8_cast_op(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose)
-    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, traced=False)
+        return _fp8_cast_op(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bias, pre, tanh)
+    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, False, bias, pre, tanh)
 
 
 def cast_reference(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = None,
@@ -366,3 +484,14 @@ def cast_reference(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor |
     if amax_now is not None:
         amax_now[slot] = torch.where(finite, torch.maximum(amax_now[slot], amax), amax_now[slot])
     return padded.view(dtype), padded.t().contiguous().view(dtype), inv, amax
+
+
+def gelu_float(y: torch.Tensor, bias: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """gelu(y + bias) in float32: what `cast_gelu` casts (the oracle, and the CPU's eager path)."""
+    return torch.nn.functional.gelu(y.float() + bias.float(), approximate=approximate)
+
+
+def gelu_grad_float(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor,
+                    approximate: str = "none") -> torch.Tensor:
+    """grad * gelu'(y + bias) in float32: what `cast_gelu_grad` casts and sums into the bias gradient."""
+    return torch.ops.aten.gelu_backward(grad.float(), y.float() + bias.float(), approximate=approximate)

@@ -11,7 +11,7 @@ import torch
 from bert_fast import ops
 from bert_fast.model import BertForPreTraining
 from bert_fast.model.config import BertConfig
-from bert_fast.ops import fp8
+from bert_fast.ops import fp8, fp8_ffn
 from bert_fast.ops.fp8 import E4M3, E5M2, Fp8Recipe, Fp8State
 from bert_fast.train.config import ConfigError, load_config
 from helpers import mlm_batch
@@ -206,15 +206,17 @@ def _model(recipe=None, seed=0):
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
 def test_the_model_runs_its_four_gemms_per_layer_through_fp8_close_to_float32(scaling, monkeypatch):
     calls = []
-    original = fp8.fp8_linear
-    monkeypatch.setattr(fp8, "fp8_linear", lambda *a, **k: calls.append(a[1].shape) or original(*a, **k))
+    for module, name in ((fp8, "fp8_linear"), (fp8_ffn, "fp8_linear_gelu")):  # ffn_in: the fused one
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, original=original, **k: calls.append(a[1].shape)
+                            or original(*a, **k))
     batch = mlm_batch()
     ref, low = _model(), _model(Fp8Recipe(scaling))
     for _ in range(2):  # the second step scales from the first one's history under delayed
         out_ref, out = ref(**batch), low(**batch)
         out_ref.loss.backward()
         out.loss.backward()
-    assert len(calls) == 2 * 4 * 2
+    assert len(calls) == 2 * 4 * 2 and len(set(calls)) == 4  # each of the four weights' shapes
     assert abs(out.loss.item() - out_ref.loss.item()) < 0.01 * out_ref.loss.item()
     w_ref, w = ref.bert.layers[0].ffn_in.weight.grad, low.bert.layers[0].ffn_in.weight.grad
     assert ((w - w_ref).norm() / w_ref.norm()).item() < 0.1

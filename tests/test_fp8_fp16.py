@@ -143,7 +143,7 @@ def _train_fp16(steps: int, recipe: Fp8Recipe | None, follow: bool, monkeypatch,
     def watching(t, dtype, state, role, record, **kwargs):
         made = original(t, dtype, state, role, record, **kwargs)
         if role == fp8._GRAD:
-            ratio = (t.float().abs().max() / made.inv / fp8.fp8_max(dtype)).item()
+            ratio = (made.amax / made.inv / fp8.fp8_max(dtype)).item()  # amax of what was cast
             step_worst[0] = max(step_worst[0], ratio)
         return made
 

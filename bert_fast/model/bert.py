@@ -61,14 +61,16 @@ class Linear(nn.Linear):
     (where ZeRO-3 has gathered the bias; a parent reading `child.bias` would find it partitioned)."""
 
     def forward(self, x: torch.Tensor, epilogue: Callable[[torch.Tensor, torch.Tensor], Any] | None = None, *,
-                fp8=None, record: bool = True) -> Any:
+                fp8=None, record: bool = True, op: Callable[..., Any] | None = None) -> Any:
+        if op is not None:  # one fused op over the whole layer, GEMM included: op(x, weight, bias)
+            return op(x, self.weight, self.bias)
         if epilogue is None:
             return ops.linear(x, self.weight, self.bias, fp8=fp8, record=record)
         return epilogue(ops.linear(x, self.weight, fp8=fp8, record=record), self.bias)
 
 
 def _bias_gelu(config: BertConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The epilogue of ffn_in and the MLM transform: `gelu(y + bias)`, one fused op."""
+    """The epilogue of the MLM transform: `gelu(y + bias)`, one fused op (the FFN's is ops.linear_gelu)."""
     return lambda y, bias: ops.bias_gelu(y, bias, config.gelu_approximate, backend=config.backend)
 
 
@@ -137,8 +139,7 @@ class BertLayer(nn.Module):
         record = self.training and torch.is_grad_enabled()
 
         def gemm(name: str, inputs: torch.Tensor, epilogue=None):
-            state = None if self.fp8 is None else self.fp8[name]
-            return getattr(self, name)(inputs, epilogue, fp8=state, record=record)
+            return getattr(self, name)(inputs, epilogue, fp8=self._fp8(name), record=record)
 
         # [..., 3, heads, head_dim]: q, k, v are strided views of the one QKV output.
         qkv = gemm("qkv", x).unflatten(-1, (3, c.num_attention_heads, c.head_dim))
@@ -152,8 +153,14 @@ class BertLayer(nn.Module):
                                         seed=seed, site=dropout_site("attention", self.index),
                                         impl=c.attention_impl, backend=c.backend)
         x = gemm("attn_out", context.flatten(-2), self._add_norm(self.attn_norm, x, seed, "attention_output"))
-        inner = gemm("ffn_in", x, _bias_gelu(c))
+        # Under FP8, `inner` comes cast for ffn_out already (ops.linear_gelu).
+        inner = self.ffn_in(x, op=lambda x, weight, bias: ops.linear_gelu(
+            x, weight, bias, c.gelu_approximate, fp8=self._fp8("ffn_in"), fp8_next=self._fp8("ffn_out"),
+            record=record, backend=c.backend))
         return gemm("ffn_out", inner, self._add_norm(self.ffn_norm, x, seed, "output"))
+
+    def _fp8(self, gemm: str):
+        return None if self.fp8 is None else self.fp8[gemm]
 
     def _add_norm(self, norm: LayerNorm, residual: torch.Tensor, seed, site: str):
         """The epilogue of attn_out and ffn_out: `norm(residual + dropout(y + bias))`, one fused op."""

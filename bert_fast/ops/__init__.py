@@ -76,14 +76,27 @@ def _kernel_runs(backend: str, x, op: str) -> bool:
             and _use_triton(backend, x.device, op))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fp8=None,
+def linear(x, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fp8=None,
            record: bool = True) -> torch.Tensor:
     """`x @ weight.T (+ bias)`: every encoder GEMM. x [..., K], weight [N, K], bias [N] or None
     (left out where a fused epilogue adds it). `fp8`: None runs `F.linear`; an
     `bert_fast.ops.fp8.Fp8State` runs the GEMM in FP8 with its scaling (bert_fast/ops/fp8.py; the bias is
-    then added in x's dtype), recording this step's amaxes when `record` (training)."""
+    then added in x's dtype), recording this step's amaxes when `record` (training). x may then be
+    the `Fp8Activation` `linear_gelu` returned, already cast under this state."""
     if fp8 is None:
         return F.linear(x, weight, bias)
+    from bert_fast.ops import fp8 as _fp8
+    from bert_fast.ops.fp8_ffn import Fp8Activation
+
+    given = None
+    if isinstance(x, Fp8Activation):
+        x, given = x
+    _check_fp8_linear(x, weight, bias, fp8)
+    out = _fp8.fp8_linear(x, weight, fp8, record=record, given=given)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def _check_fp8_linear(x, weight, bias, state) -> None:
     from bert_fast.ops import fp8 as _fp8
 
     check_tensor("x", x, dtypes=(torch.float32, torch.float16, torch.bfloat16))
@@ -91,10 +104,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                  dtypes=(torch.float32, torch.float16, torch.bfloat16))
     if bias is not None:
         check_tensor("bias", bias, shape=(weight.shape[0],), device=x.device)
-    if not isinstance(fp8, _fp8.Fp8State):
-        raise TypeError(f"fp8 must be a bert_fast.ops.fp8.Fp8State or None, got {type(fp8).__name__}")
-    out = _fp8.fp8_linear(x, weight, fp8, record=record)
-    return out if bias is None else out + bias.to(out.dtype)
+    if not isinstance(state, _fp8.Fp8State):
+        raise TypeError(f"fp8 must be a bert_fast.ops.fp8.Fp8State or None, got {type(state).__name__}")
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str = "none", *,
+                fp8=None, fp8_next=None, record: bool = True, backend: str = "auto"):
+    """`gelu(x @ weight.T + bias)`: the FFN's first GEMM and its activation. Without FP8 `linear`
+    then `bias_gelu`. With `fp8` (this GEMM's Fp8State) and `fp8_next` (the second FFN GEMM's)
+    the activation comes back already cast for that GEMM (an `Fp8Activation`, for `linear` with
+    fp8=fp8_next): bias + GELU run inside the FP8 casts (bert_fast/ops/fp8_ffn.py), unless
+    `fp8_ffn.FUSE_GELU` is off."""
+    if fp8 is None or fp8_next is None:
+        return bias_gelu(linear(x, weight, fp8=fp8, record=record), bias, approximate, backend=backend)
+    from bert_fast.ops import fp8_ffn
+
+    if not fp8_ffn.FUSE_GELU:
+        return bias_gelu(linear(x, weight, fp8=fp8, record=record), bias, approximate, backend=backend)
+    _check_fp8_linear(x, weight, bias, fp8)
+    if not isinstance(fp8_next, type(fp8)):
+        raise TypeError(f"fp8_next must be a bert_fast.ops.fp8.Fp8State, got {type(fp8_next).__name__}")
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return fp8_ffn.fp8_linear_gelu(x, weight, bias, fp8, fp8_next, approximate=approximate, record=record)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none",

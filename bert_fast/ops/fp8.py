@@ -224,12 +224,14 @@ def _scale_for(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role
 
 class Cast(NamedTuple):
     """An operand in FP8: q [rows, cols] row-major and/or its transpose qt (None where not made;
-    zero-padded to multiples of 16 where `_scaled_mm` needs it), 1 / scale, and the tensor's amax."""
+    zero-padded to multiples of 16 where `_scaled_mm` needs it), 1 / scale, and the tensor's amax;
+    for a GELU gradient's cast (`cast(..., pre=)`) also the bias gradient, float32 [cols]."""
 
     q: torch.Tensor | None
     qt: torch.Tensor | None
     inv: torch.Tensor
     amax: torch.Tensor
+    dbias: torch.Tensor | None = None
 
 
 def _use_kernels(device: torch.device) -> bool:
@@ -238,23 +240,39 @@ def _use_kernels(device: torch.device) -> bool:
 
 
 def cast(t: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int, record: bool, *,
-         rowwise: bool = True, transpose: bool = False) -> Cast:
+         rowwise: bool = True, transpose: bool = False, bias: torch.Tensor | None = None,
+         pre: torch.Tensor | None = None, approximate: str = "none") -> Cast:
     """`t` [M, N] in FP8 under `state`'s scaling for `role`, recording its amax when `record`.
-    On CUDA one fused kernel pass (two under current scaling) writes the layouts asked for, padded
-    for `_scaled_mm`; elsewhere the eager ops, whose transpose is a view (the emulated GEMM reads
-    any layout)."""
+    With `bias`, what is cast is gelu(t + bias) (the FFN's activation), with `pre` too
+    t * gelu'(pre + bias) (its gradient, whose column sums come back as `dbias`); both in float32,
+    never stored in t's dtype (bert_fast/ops/fp8_ffn.py). On CUDA one fused kernel pass (two under
+    current scaling) writes the layouts asked for, padded for `_scaled_mm`; elsewhere the eager ops,
+    whose transpose is a view (the emulated GEMM reads any layout)."""
     if _use_kernels(t.device):
         from bert_fast.kernels import fp8_cast
 
         delayed = state is not None and state.delayed
         rows, cols = (_round16(n) for n in t.shape) if _pads(t.device) else t.shape
-        q, qt, inv, amax = fp8_cast.cast(t, dtype, scale=state.scale if delayed else None,
-                                         amax_now=state.amax_now if delayed and record else None, slot=role,
-                                         rows=rows, cols=cols, rowwise=rowwise, transpose=transpose)
-        return Cast(q if rowwise else None, qt if transpose else None, inv, amax)
+        layout = dict(scale=state.scale if delayed else None,
+                      amax_now=state.amax_now if delayed and record else None, slot=role, rows=rows,
+                      cols=cols, rowwise=rowwise, transpose=transpose)
+        dbias = None
+        if bias is None:
+            q, qt, inv, amax = fp8_cast.cast(t, dtype, **layout)
+        elif pre is None:
+            q, qt, inv, amax = fp8_cast.cast_gelu(t, bias, dtype, approximate, **layout)
+        else:
+            q, qt, inv, amax, dbias = fp8_cast.cast_gelu_grad(t, pre, bias, dtype, approximate, **layout)
+        return Cast(q if rowwise else None, qt if transpose else None, inv, amax, dbias)
+    dbias = None
+    if bias is not None:
+        from bert_fast.kernels.fp8_cast import gelu_float, gelu_grad_float
+
+        t = gelu_float(t, bias, approximate) if pre is None else gelu_grad_float(t, pre, bias, approximate)
+        dbias = None if pre is None else t.sum(0)
     scale, amax = _scale_and_amax(t, dtype, state, role, record)
     q = quantize(t, dtype, scale)
-    return Cast(q, q.t(), scale.reciprocal(), amax)
+    return Cast(q, q.t(), scale.reciprocal(), amax, dbias)
 
 
 # Weights change once per optimizer step, micro-batches cast them once (Transformer Engine's FP8
@@ -387,9 +405,11 @@ class _Fp8Linear(torch.autograd.Function):
     the casts wrote in the same pass as q(X) and q(W)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, state, record, emulate):
+    def forward(ctx, x2d, weight, state, record, emulate, given):
         grad_x, grad_w = ctx.needs_input_grad[:2]
-        cx = cast(x2d, E4M3, state, _INPUT, record, transpose=grad_w)
+        # given: x2d's cast made (and recorded) by the op before (bert_fast/ops/fp8_ffn.py), whose
+        # x2d only carries the gradient.
+        cx = given if given is not None else cast(x2d, E4M3, state, _INPUT, record, transpose=grad_w)
         cw = _cast_weight(weight, state, record, transpose=grad_x)
         ctx.save_for_backward(cx.qt if grad_w else None, cw.qt if grad_x else None, cx.inv, cw.inv)
         ctx.state, ctx.record, ctx.emulate = state, record, emulate
@@ -410,16 +430,17 @@ class _Fp8Linear(torch.autograd.Function):
             grad_x = _gemm(cg.q, qt_w, cg.inv, inv_w, ctx.x_dtype, ctx.emulate, m, k)
         if want_w:  # dW [N, K] = q(dY)^T [N, M] @ q(X) [M, K]
             grad_w = _gemm(cg.qt, qt_x, cg.inv, inv_x, ctx.w_dtype, ctx.emulate, n, k)
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, state: Fp8State | None = None, *,
-               record: bool = True, emulate: bool | None = None) -> torch.Tensor:
+               record: bool = True, emulate: bool | None = None, given: Cast | None = None) -> torch.Tensor:
     """`x @ weight.T` in FP8 (no bias: add it after, or let a fused epilogue take it). x [..., K],
     weight [N, K]; the result has x's dtype. `state` None scales everything currently with e5m2
-    gradients; `record` False (evaluation) leaves a delayed state's amaxes alone. Arguments are
-    checked by `bert_fast.ops.linear`."""
-    out = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, state, record, emulate)
+    gradients; `record` False (evaluation) leaves a delayed state's amaxes alone. `given`: x
+    already cast (both layouts, by bert_fast/ops/fp8_ffn.py), x then only carries the gradient.
+    Arguments are checked by `bert_fast.ops.linear`."""
+    out = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, state, record, emulate, given)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
