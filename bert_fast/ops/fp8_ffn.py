@@ -61,9 +61,11 @@ class _Fp8LinearGelu(torch.autograd.Function):
         ctx.save_for_backward(cx.qt if grad_w else None, cw.qt if grad_x else None, cx.inv, cw.inv, y, bias)
         ctx.state, ctx.record, ctx.emulate, ctx.approximate = state, record, emulate, approximate
         ctx.shapes = (x2d.shape[0], x2d.shape[1], weight.shape[0])
-        anchor = torch.empty_strided(y.shape, (0, 0), dtype=y.dtype, device=y.device).zero_()
+        anchor = torch.empty_strided(y.shape, (0, 0), dtype=y.dtype, device=y.device)  # never read
         qt = ch.qt if ch.qt is not None else ch.q.new_empty(0)
         ctx.mark_non_differentiable(ch.q, qt, ch.inv, ch.amax)
+        # The cast's outputs get no gradient: no zero-filled [M, N] buffers for them in backward.
+        ctx.set_materialize_grads(False)
         return anchor, ch.q, qt, ch.inv, ch.amax
 
     @staticmethod
