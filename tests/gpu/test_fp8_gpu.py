@@ -116,6 +116,65 @@ def test_the_fused_casts_change_no_bit_of_the_gemms(scaling, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("mode", ["current", "delayed"])
+def test_compiled_gelu_casts_round_the_float64_values(mode):
+    """kernels/fp8_cast.py's GELU prologues with the hardware conversion and libdevice's erf/exp,
+    at BERT-large's FFN width (tokens x 4096, padded rows), against float64 as the CPU tests check
+    the interpreted ones (tests/test_fp8_gelu_cast.py)."""
+    from test_fp8_gelu_cast import _TOL, _assert_rounds, _gelu64, _gelu_grad64
+
+    from bert_fast.kernels import fp8_cast as fc
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    y = (torch.randn(1000, 4096, device="cuda", generator=g) * 2.5).bfloat16()
+    bias = (torch.randn(4096, device="cuda", generator=g) * 0.5).bfloat16()
+    grad = (torch.randn(1000, 4096, device="cuda", generator=g) * 1e-3).bfloat16()
+
+    def args():
+        return {} if mode == "current" else dict(scale=torch.tensor([0.37, 0.0, 0.0], device="cuda"),
+                                                 amax_now=torch.zeros(3, device="cuda"))
+
+    u = y.double() + bias.double()
+    q, qt, inv, _ = fc.cast_gelu(y, bias, fc.E4M3, rows=1008, cols=4096, transpose=True, **args())
+    assert torch.equal(qt.view(torch.uint8), q.view(torch.uint8).t()) and not q.view(torch.uint8)[1000:].any()
+    _assert_rounds(q[:1000], _gelu64(u, "none"), _TOL * (u.abs() + 1), 1 / inv.item(), fc.E4M3)
+    q, qt, inv, _, dbias = fc.cast_gelu_grad(grad, y, bias, fc.E5M2, rows=1008, cols=4096, transpose=True,
+                                             **args())
+    exact = grad.double() * _gelu_grad64(u, "none")
+    slack = _TOL * grad.double().abs() * (1 + u.abs())
+    _assert_rounds(q[:1000], exact, slack, 1 / inv.item(), fc.E5M2)
+    assert ((dbias.double() - exact.sum(0)).abs() <= 1e-6 * 1000 * exact.abs().sum(0) + slack.sum(0)).all()
+
+
+@pytest.mark.parametrize("scaling", ["current", "delayed"])
+def test_the_fused_gelu_ffn_is_close_to_the_unfused_one(scaling, monkeypatch):
+    """BERT-large's FFN (1024 -> 4096 -> 1024) in FP8 with bias + GELU inside the casts against the
+    unfused path (bf16 GELU, then the cast): they round h and its gradient differently (once
+    from float32 against twice through bf16), nothing more."""
+    from bert_fast import ops
+    from bert_fast.ops import fp8_ffn
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2000, 1024, device="cuda", generator=g).bfloat16()
+    w1 = (torch.randn(4096, 1024, device="cuda", generator=g) * 0.02).bfloat16()
+    b1 = (torch.randn(4096, device="cuda", generator=g) * 0.1).bfloat16()
+    w2 = (torch.randn(1024, 4096, device="cuda", generator=g) * 0.02).bfloat16()
+    dy = (torch.randn(2000, 1024, device="cuda", generator=g) * 1e-4).bfloat16()
+    results = []
+    for fuse in (True, False):
+        monkeypatch.setattr(fp8_ffn, "FUSE_GELU", fuse)
+        states = [fp8.Fp8State(fp8.Fp8Recipe(scaling)).cuda() for _ in range(2)]
+        for _ in range(2):  # the second step scales from the first one's history under delayed
+            fp8.roll(states)
+            leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2)]
+            inner = ops.linear_gelu(*leaves[:3], fp8=states[0], fp8_next=states[1])
+            out = ops.linear(inner, leaves[3], fp8=states[1])
+            out.backward(dy)
+        results.append([out.float(), *(t.grad.float() for t in leaves)])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all() and ((got - want).norm() / want.norm()).item() < 0.03
+
+
 def test_an_fp16_gemm_result_past_65504_is_inf_not_saturated():
     """Under precision.fp16 the loss scaler finds overflow by a non-finite gradient: `_scaled_mm`
     into float16 must give inf where the product exceeds float16's range (the emulation's
