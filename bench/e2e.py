@@ -20,7 +20,9 @@ default (`model.attention_impl: auto`); `*_packed` take the training loader's st
 `torch.compile(fullgraph=True)`, and `fast_graphed` replays it from a CUDA graph
 (bert_fast/train/cuda_graphs.py). `fast_packed_fp8` is `fast_packed` with the encoder's four GEMMs per
 layer in FP8 (precision.fp8, bert_fast/ops/fp8.py) under delayed scaling, `fast_packed_fp8_current`
-under current scaling, `fast_graphed_fp8` is `fast_graphed` in FP8 (delayed): GPUs of compute
+under current scaling, `fast_packed_fp8_unfused` with the FFN's bias + GELU outside the FP8 casts
+(what bert_fast/ops/fp8_ffn.py fuses, to measure the fusion), `fast_graphed_fp8` is `fast_graphed`
+in FP8 (delayed): GPUs of compute
 capability 8.9+ only (a row on the CPU says why not). Issue 23's targets: fp8 >= 1.3x `fast_packed`
 (bf16) at BERT-large seq 128 and 512 on H100/H200, and `fast_graphed_fp8` >= 250k tokens/s per H200
 at BERT-large seq 512 with the pipeline's lengths.
@@ -46,7 +48,7 @@ from bert_fast import BertConfig, BertForPreTraining
 from bert_fast.data import builder, packing
 from bert_fast.data.dataset import collate
 from bert_fast.data.settings import SampleSettings
-from bert_fast.ops import extension, fp8
+from bert_fast.ops import extension, fp8, fp8_ffn
 from bert_fast.optim import FusedLAMB, param_groups
 from bert_fast.train.flops import step_flops
 
@@ -128,9 +130,10 @@ def _fp8_unavailable(device: torch.device) -> str | None:
 
 
 def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run: str = "eager",
-          fp8_scaling: str | None = None):
+          fp8_scaling: str | None = None, fuse_gelu: bool = True):
     """Our model on the padded or the packed batch, run eagerly, compiled (fullgraph) or graphed,
-    with the encoder GEMMs in FP8 when `fp8_scaling` ('current' or 'delayed') is given.
+    with the encoder GEMMs in FP8 when `fp8_scaling` ('current' or 'delayed') is given (and the
+    FFN's bias + GELU outside the FP8 casts when not `fuse_gelu`: eager runs only).
     Returns the provider's state: model, optimizer, loss (a function), graphed (the loss
     function ran the backward too), compiled."""
 
@@ -158,10 +161,22 @@ def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run:
                         graphed=True, compiled=False)
         batch = dict(inputs[form], **({"validate": False} if form == "packed" else {}))
         forward = torch.compile(model, fullgraph=True, dynamic=False) if run == "compiled" else model
-        return dict(model=model, optimizer=optimizer, loss=lambda: forward(**batch).loss, graphed=False,
-                    compiled=run == "compiled")
+        loss = (lambda: forward(**batch).loss) if fuse_gelu else _unfused(lambda: forward(**batch).loss)
+        return dict(model=model, optimizer=optimizer, loss=loss, graphed=False, compiled=run == "compiled")
 
     return build
+
+
+def _unfused(forward):
+    """`forward` with bert_fast/ops/fp8_ffn.py's fusion off (the backward follows the forward's)."""
+
+    def run():
+        fp8_ffn.FUSE_GELU = False
+        try:
+            return forward()
+        finally:
+            fp8_ffn.FUSE_GELU = True
+    return run
 
 
 def _hf(case, inputs):
@@ -235,6 +250,8 @@ bench = Benchmark(
                                                        fp8_scaling="delayed")),
                "fast_packed_fp8": training_step(_ours("fast", form="packed", fp8_scaling="delayed")),
                "fast_packed_fp8_current": training_step(_ours("fast", form="packed", fp8_scaling="current")),
+               "fast_packed_fp8_unfused": training_step(_ours("fast", form="packed", fp8_scaling="delayed",
+                                                              fuse_gelu=False)),
                "torch_packed": training_step(_ours("torch", form="packed")),
                "torch_compiled": training_step(_ours("torch", form="packed", run="compiled"))},
     # The headline (BERT-large, seq 128) first: a run cut short by its time limit keeps it.
@@ -253,7 +270,8 @@ bench = Benchmark(
     # loop's packed step, its FP8 form (issue 23's 1.3x) and its graphs before the padded forms;
     # compiling a large model takes the longest.
     gpu_providers=("hf", "torch", "fast_packed", "fast_packed_fp8", "fast_graphed", "fast_graphed_fp8",
-                   "fast", "fast_triton_attention", "fast_packed_fp8_current", "fast_compiled"),
+                   "fast", "fast_triton_attention", "fast_packed_fp8_current", "fast_packed_fp8_unfused",
+                   "fast_compiled"),
     baseline="hf",
     derive=derive,
     description=__doc__.splitlines()[0],

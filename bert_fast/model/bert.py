@@ -2,9 +2,10 @@
 
 Every computation goes through `bert_fast.ops`, which picks eager PyTorch or our kernels; this
 file only holds parameters and wiring. GEMMs whose bias a fused op can absorb run without it
-(`ops.linear(x, W)`, then `ops.bias_gelu` / `ops.add_layer_norm` with the bias); the encoder's four
-GEMMs per layer go through `ops.linear`, in FP8 once `bert_fast.ops.fp8.enable` gave the layers their
-scaling state (`precision.fp8`). Parameter names
+(`ops.linear(x, W)`, then `ops.bias_gelu` / `ops.add_layer_norm` with the bias; the FFN's first GEMM
+and its GELU are one op, `ops.linear_gelu`); the encoder's four GEMMs per layer run in FP8 once
+`bert_fast.ops.fp8.enable` gave the layers their scaling state (`precision.fp8`), and the FFN's
+activation then reaches its second GEMM already cast. Parameter names
 map one-to-one to Hugging Face `BertForPreTraining` (bert_fast/model/hf.py); Q, K and V are one [3H, H]
 GEMM. On the fast backend the encoder unpads the batch once after the embeddings and runs every
 layer on the packed real tokens (bert_fast/ops/padding.py), so padding costs no FLOPs.

@@ -7,7 +7,8 @@ backend, so the model code never branches on the device or on what is implemente
 
 The package also holds what the switch dispatches to outside kernels/: the C++/CUDA extension's
 loader (extension.py) and op wrapper (bias_gelu_ext.py), PyTorch's varlen FlashAttention-2
-(torch_flash.py), unpadding (padding.py) and the FP8 GEMM (fp8.py). Validation happens once per
+(torch_flash.py), unpadding (padding.py), the FP8 GEMM (fp8.py) and the FP8 FFN's fused GELU
+(fp8_ffn.py). Validation happens once per
 call: the op checks its arguments on the torch path, the kernel's public function on the fast path.
 """
 

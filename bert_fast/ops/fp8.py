@@ -5,7 +5,9 @@ float8_e4m3fn under a per-tensor scale; its backward casts the incoming gradient
 `precision.fp8_grad_format`) and runs both gradient GEMMs in FP8 on the quantised copies the forward
 saved (dX = q(dY) @ q(W), dW = q(dY)^T @ q(X)). The result comes back in the input's dtype, so the
 fused epilogues after it (`ops.bias_gelu`, `ops.add_layer_norm` with the GEMM's bias) run unchanged:
-the bias is never part of the FP8 GEMM. `bert_fast.ops.linear` is the one entry the model calls.
+the bias is never part of the FP8 GEMM. `bert_fast.ops.linear` is the one entry the model calls
+(`ops.linear_gelu` for the FFN's first GEMM, whose bias + GELU run inside the casts instead:
+bert_fast/ops/fp8_ffn.py).
 
 Scaling (`precision.fp8_scaling`), per tensor role (input, weight, gradient) and per GEMM:
 - `current`: scale = fp8_max / amax(tensor now). Never overflows; one reduction before each cast.

@@ -7,12 +7,12 @@ stored in bf16. The backward takes h's gradient (from the second GEMM's backward
 gelu'(y + b1), casts the product to the gradient format in both layouts and sums its columns into
 b1's gradient, all in one pass; then the two gradient GEMMs of the first one.
 
-Why: unfused, an FP8 FFN moves the [tokens, 4 x hidden] activation through memory 5 times forward
-and 6 times backward in bf16 (bias + GELU's read and write, the cast's read, its two fp8 writes;
-backward: the bias-GELU backward's two reads and write, the bias sum's read, the cast's read and
-writes). Fused: 1 bf16 read and 2 fp8 writes forward, 2 bf16 reads and 2 fp8 writes backward, per
-element 4 + 6 bytes fewer. At BERT-large seq 128 x 128 that is 16 GB per step, 3.8 ms at H200 copy
-bandwidth (bench/fp8_prediction.py). Transformer Engine fuses the same pair (its LayerNormMLP's
+Why: unfused, an FP8 FFN moves 8 bytes per element of the [tokens, 4 x hidden] activation forward
+(bias + GELU reads y and writes h in bf16, the cast reads h and writes two fp8 copies) and 12
+backward (the GELU backward reads dh and y and writes dy in bf16, the bias sum and the cast read dy,
+the cast writes two fp8 copies). Fused: 4 forward (y in, two fp8 copies out) and 6 backward (dh
+and y in, two fp8 copies out), 10 bytes fewer. At BERT-large seq 128 x 128 that is 16 GB per
+step, 3.8 ms at H200 copy bandwidth (bench/fp8_prediction.py). Transformer Engine fuses the same pair (its LayerNormMLP's
 FP8 GELU and its dgelu + cast + transpose + dbias kernel).
 
 Autograd across two modules: the second GEMM is another `Linear` (DeepSpeed ZeRO-3 gathers each
