@@ -21,7 +21,8 @@ default (`model.attention_impl: auto`); `*_packed` take the training loader's st
 (bert_fast/train/cuda_graphs.py). `fast_packed_fp8` is `fast_packed` with the encoder's four GEMMs per
 layer in FP8 (precision.fp8, bert_fast/ops/fp8.py) under delayed scaling, `fast_packed_fp8_current`
 under current scaling, `fast_packed_fp8_unfused` with the FFN's bias + GELU outside the FP8 casts
-(what bert_fast/ops/fp8_ffn.py fuses, to measure the fusion), `fast_graphed_fp8` is `fast_graphed`
+(what bert_fast/ops/fp8_ffn.py fuses, to measure the fusion), `fast_packed_fp8_fast_accum` with
+the forward GEMMs' fast accumulation (precision.fp8_fast_accum), `fast_graphed_fp8` is `fast_graphed`
 in FP8 (delayed): GPUs of compute
 capability 8.9+ only (a row on the CPU says why not). Issue 23's targets: fp8 >= 1.3x `fast_packed`
 (bf16) at BERT-large seq 128 and 512 on H100/H200, and `fast_graphed_fp8` >= 250k tokens/s per H200
@@ -130,10 +131,11 @@ def _fp8_unavailable(device: torch.device) -> str | None:
 
 
 def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run: str = "eager",
-          fp8_scaling: str | None = None, fuse_gelu: bool = True):
+          fp8_scaling: str | None = None, fuse_gelu: bool = True, fast_accum: bool = False):
     """Our model on the padded or the packed batch, run eagerly, compiled (fullgraph) or graphed,
     with the encoder GEMMs in FP8 when `fp8_scaling` ('current' or 'delayed') is given (and the
-    FFN's bias + GELU outside the FP8 casts when not `fuse_gelu`: eager runs only).
+    FFN's bias + GELU outside the FP8 casts when not `fuse_gelu`: eager runs only; forward GEMMs with
+    fast accumulation when `fast_accum`).
     Returns the provider's state: model, optimizer, loss (a function), graphed (the loss
     function ran the backward too), compiled."""
 
@@ -150,7 +152,7 @@ def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run:
                                         attention_impl=attention_impl)
         model = BertForPreTraining(config)
         if fp8_scaling is not None:  # its scaling state stays float32 under the cast below
-            fp8.enable(model, fp8.Fp8Recipe(fp8_scaling))
+            fp8.enable(model, fp8.Fp8Recipe(fp8_scaling, fast_accum=fast_accum))
         model = model.to(device=device, dtype=inputs["dtype"]).train()
         optimizer = make_optimizer(model, device)
         if run == "graphed":
@@ -252,6 +254,8 @@ bench = Benchmark(
                "fast_packed_fp8_current": training_step(_ours("fast", form="packed", fp8_scaling="current")),
                "fast_packed_fp8_unfused": training_step(_ours("fast", form="packed", fp8_scaling="delayed",
                                                               fuse_gelu=False)),
+               "fast_packed_fp8_fast_accum": training_step(_ours("fast", form="packed", fp8_scaling="delayed",
+                                                                 fast_accum=True)),
                "torch_packed": training_step(_ours("torch", form="packed")),
                "torch_compiled": training_step(_ours("torch", form="packed", run="compiled"))},
     # The headline (BERT-large, seq 128) first: a run cut short by its time limit keeps it.
@@ -271,7 +275,7 @@ bench = Benchmark(
     # compiling a large model takes the longest.
     gpu_providers=("hf", "torch", "fast_packed", "fast_packed_fp8", "fast_graphed", "fast_graphed_fp8",
                    "fast", "fast_triton_attention", "fast_packed_fp8_current", "fast_packed_fp8_unfused",
-                   "fast_compiled"),
+                   "fast_packed_fp8_fast_accum", "fast_compiled"),
     baseline="hf",
     derive=derive,
     description=__doc__.splitlines()[0],

@@ -296,14 +296,36 @@ def test_scaled_mm_pads_dimensions_that_are_not_multiples_of_16(monkeypatch):
     assert torch.allclose(got, qx.float() @ qw.float().t(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_fast_accumulation_reaches_the_forward_gemms_only(fast, monkeypatch):
+    """precision.fp8_fast_accum: `_scaled_mm(use_fast_accum=)` of both forward GEMM kinds (the
+    plain FP8 linear and the FFN's fused one) follows it; the four gradient GEMMs keep exact sums."""
+    seen = []
+    original = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: seen.append(k["use_fast_accum"]) or original(*a, **k))
+    recipe = Fp8Recipe("delayed", fast_accum=fast)
+    states = [Fp8State(recipe) for _ in range(2)]
+    x = torch.randn(5, 32, requires_grad=True)
+    w1, b1, w2 = (torch.randn(64, 32) * 0.1).requires_grad_(), torch.zeros(64, requires_grad=True), \
+        (torch.randn(32, 64) * 0.1).requires_grad_()
+    inner = fp8_ffn.fp8_linear_gelu(x, w1, b1, states[0], states[1], emulate=False)
+    out = fp8.fp8_linear(inner.anchor, w2, states[1], emulate=False, given=inner.cast)
+    assert seen == [fast, fast]
+    out.sum().backward()
+    assert seen[2:] == [False] * 4 and x.grad is not None and w1.grad is not None
+
+
 def test_recipe_and_config_errors_name_the_key():
     config = load_config("configs/tiny-cpu.yaml")
     p = config.precision
-    assert (p.fp8, p.fp8_scaling, p.fp8_grad_format, p.fp8_amax_history) == (False, "current", "e5m2", 16)
+    assert (p.fp8, p.fp8_scaling, p.fp8_grad_format, p.fp8_amax_history, p.fp8_fast_accum) == \
+        (False, "current", "e5m2", 16, False)
     assert Fp8Recipe.from_config(load_config(None, ["precision.fp8_scaling=delayed"])).scaling == "delayed"
+    assert Fp8Recipe.from_config(load_config(None, ["precision.fp8_fast_accum=true"])).fast_accum is True
     for override, key in (("precision.fp8=2", "precision.fp8"), ("precision.fp8_scaling=late", "precision.fp8_scaling"),
                           ("precision.fp8_grad_format=e3m4", "precision.fp8_grad_format"),
-                          ("precision.fp8_amax_history=0", "precision.fp8_amax_history")):
+                          ("precision.fp8_amax_history=0", "precision.fp8_amax_history"),
+                          ("precision.fp8_fast_accum=often", "precision.fp8_fast_accum")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
             load_config(None, [override])
         assert err.value.key == key

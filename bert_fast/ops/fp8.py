@@ -88,11 +88,13 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 @dataclass(frozen=True)
 class Fp8Recipe:
     """The `precision.fp8_*` settings: scaling 'current' or 'delayed', the gradients' format
-    ('e5m2' or 'e4m3') and the delayed amax history's length."""
+    ('e5m2' or 'e4m3'), the delayed amax history's length and whether the forward GEMMs use the
+    tensor cores' fast accumulation (CUDA only: the CPU's emulation sums exactly in float32)."""
 
     scaling: str = "current"
     grad_format: str = "e5m2"
     amax_history: int = 16
+    fast_accum: bool = False
 
     def __post_init__(self):
         if self.scaling not in SCALINGS:
@@ -103,6 +105,8 @@ class Fp8Recipe:
         length = self.amax_history
         if isinstance(length, bool) or not isinstance(length, int) or length < 1:
             raise ValueError(f"fp8 amax_history must be an int >= 1, got {self.amax_history!r}")
+        if not isinstance(self.fast_accum, bool):
+            raise ValueError(f"fp8 fast_accum must be true or false, got {self.fast_accum!r}")
 
     @property
     def grad_dtype(self) -> torch.dtype:
@@ -112,7 +116,7 @@ class Fp8Recipe:
     def from_config(cls, recipe) -> Fp8Recipe:
         """From the training recipe's precision section (bert_fast/train/recipe.py Recipe)."""
         p = recipe.precision
-        return cls(p.fp8_scaling, p.fp8_grad_format, p.fp8_amax_history)
+        return cls(p.fp8_scaling, p.fp8_grad_format, p.fp8_amax_history, p.fp8_fast_accum)
 
 
 class Fp8State(nn.Module):
@@ -375,11 +379,12 @@ def emulated(device: torch.device) -> bool:
 
 
 def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
-              out_dtype: torch.dtype, emulate: bool | None = None) -> torch.Tensor:
+              out_dtype: torch.dtype, emulate: bool | None = None, fast_accum: bool = False) -> torch.Tensor:
     """`(a * inv_a) @ (b_t * inv_b).T` for fp8 a [M, K] and b_t [N, K], in `out_dtype`.
     `torch._scaled_mm` (which takes its second operand column-major: b_t.T of a row-major b_t is
     that view, no copy), on CUDA with every dimension zero-padded to a multiple of 16 (the casts
-    pad already there); or the float32 emulation (`emulate`, default: off CUDA), any layout."""
+    pad already there), with the tensor cores' fast accumulation when `fast_accum`; or the float32
+    emulation (`emulate`, default: off CUDA), any layout, always exact float32 sums."""
     if emulate is None:
         emulate = emulated(a.device)
     if emulate:
@@ -390,14 +395,15 @@ def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: to
     pad = _pads(a.device) and bool(m % 16 or k % 16 or n % 16)
     if pad:
         a, b_t = _pad_to(a, _round16(m), _round16(k)), _pad_to(b_t, _round16(n), _round16(k))
-    out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), inv_a, inv_b, out_dtype=out_dtype)
+    out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), inv_a, inv_b, out_dtype=out_dtype,
+                           use_fast_accum=fast_accum)
     return out[:m, :n] if pad else out
 
 
 def _gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a, inv_b, out_dtype, emulate, rows: int,
-          cols: int) -> torch.Tensor:
+          cols: int, fast_accum: bool = False) -> torch.Tensor:
     """scaled_mm of possibly padded operands, the padding's rows and columns sliced off (a view)."""
-    out = scaled_mm(a, b_t, inv_a, inv_b, out_dtype, emulate)
+    out = scaled_mm(a, b_t, inv_a, inv_b, out_dtype, emulate, fast_accum)
     return out if out.shape == (rows, cols) else out[:rows, :cols]
 
 
@@ -417,7 +423,8 @@ class _Fp8Linear(torch.autograd.Function):
         ctx.state, ctx.record, ctx.emulate = state, record, emulate
         ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
         ctx.shapes = (x2d.shape[0], x2d.shape[1], weight.shape[0])
-        return _gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0])
+        return _gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0],
+                     uses_fast_accum(state))
 
     @staticmethod
     def backward(ctx, grad):
@@ -433,6 +440,11 @@ class _Fp8Linear(torch.autograd.Function):
         if want_w:  # dW [N, K] = q(dY)^T [N, M] @ q(X) [M, K]
             grad_w = _gemm(cg.qt, qt_x, cg.inv, inv_x, ctx.w_dtype, ctx.emulate, n, k)
         return grad_x, grad_w, None, None, None, None
+
+
+def uses_fast_accum(state: Fp8State | None) -> bool:
+    """Whether a forward GEMM under `state` uses fast accumulation (precision.fp8_fast_accum)."""
+    return state is not None and state.recipe.fast_accum
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, state: Fp8State | None = None, *,

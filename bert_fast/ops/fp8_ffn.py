@@ -12,8 +12,8 @@ Why: unfused, an FP8 FFN moves 8 bytes per element of the [tokens, 4 x hidden] a
 backward (the GELU backward reads dh and y and writes dy in bf16, the bias sum and the cast read dy,
 the cast writes two fp8 copies). Fused: 4 forward (y in, two fp8 copies out) and 6 backward (dh
 and y in, two fp8 copies out), 10 bytes fewer. At BERT-large seq 128 x 128 that is 16 GB per
-step, 3.8 ms at H200 copy bandwidth (bench/fp8_prediction.py). Transformer Engine fuses the same pair (its LayerNormMLP's
-FP8 GELU and its dgelu + cast + transpose + dbias kernel).
+step, 3.8 ms at H200 copy bandwidth (bench/fp8_prediction.py). Transformer Engine fuses the same
+pair (its LayerNormMLP's FP8 GELU and its dgelu + cast + transpose + dbias kernel).
 
 Autograd across two modules: the second GEMM is another `Linear` (DeepSpeed ZeRO-3 gathers each
 module's parameters around its own forward), so the result is an `Fp8Activation`: the cast,
@@ -54,7 +54,8 @@ class _Fp8LinearGelu(torch.autograd.Function):
         grad_x, grad_w = ctx.needs_input_grad[:2]
         cx = fp8.cast(x2d, E4M3, state, _INPUT, record, transpose=grad_w)
         cw = fp8._cast_weight(weight, state, record, transpose=grad_x)
-        y = fp8._gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0])
+        y = fp8._gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0],
+                      fp8.uses_fast_accum(state))
         # h^T is what the next GEMM's weight gradient reads: made when autograd records.
         ch = fp8.cast(y, E4M3, next_state, _INPUT, record, transpose=transpose, bias=bias,
                       approximate=approximate)

@@ -103,6 +103,9 @@ class PrecisionSection:
     fp8_scaling: Literal["current", "delayed"] = "current"
     fp8_grad_format: Literal["e5m2", "e4m3"] = "e5m2"  # of the gradients
     fp8_amax_history: int = 16
+    # The forward GEMMs accumulate in the tensor cores' fast mode (`_scaled_mm(use_fast_accum=True)`,
+    # Transformer Engine's and torchao's forward default): faster, less exact sums; gradients never.
+    fp8_fast_accum: bool = False
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,23 @@ def test_scaled_mm_equals_the_emulation(shape, grad_format):
         assert ((got - want).abs() <= want.abs() * 2.0**-7 + 1e-6 * want.abs().max()).all()
 
 
+@pytest.mark.parametrize("shape", [(4096, 1024, 3072), (4096, 4096, 1024)], ids=lambda s: "x".join(map(str, s)))
+def test_fast_accumulation_stays_close_to_exact_sums(shape):
+    """precision.fp8_fast_accum (forward GEMMs only) against the exact float32 emulation, at
+    BERT-large's widest reductions (K = 4096: FFN out): Hopper's fast FP8 accumulation keeps fewer
+    bits than float32, so this bounds what it costs; the bound is loose, the error is printed."""
+    m, k, n = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+    state = fp8.Fp8State(fp8.Fp8Recipe(fast_accum=True))
+    fast = fp8.fp8_linear(x, w, state).float()
+    exact = fp8.fp8_linear(x, w, state, emulate=True).float()
+    error = ((fast - exact).norm() / exact.norm()).item()
+    print(f"fast accumulation {shape}: relative error {error:.2e}")
+    assert torch.isfinite(fast).all() and error < 1e-2
+
+
 def test_fast_backend_step_in_fp8_is_close_to_bf16():
     config = BertConfig.from_preset("base", vocab_size=30522, hidden_dropout_prob=0.0,
                                     attention_probs_dropout_prob=0.0)
