@@ -43,6 +43,7 @@ from e2e import bench as e2e_bench
 from harness import BENCH_DIR
 
 from bert_fast.fileio import atomic_write_text
+from bert_fast.kernels.fp8_cast_aot import row_key
 from bert_fast.model.config import BertConfig
 from bert_fast.ops.fp8 import GEMMS
 from bert_fast.train.flops import step_flops
@@ -79,16 +80,16 @@ def cast_elements(config: BertConfig, tokens: int) -> dict[str, int]:
             "weights": layers * sum(n * k for m, n, k in shapes)}
 
 
-def cast_bytes_per_element(report: list[dict], scaling: str, fp8: str) -> int:
+def cast_bytes_per_element(report: list[dict], scaling: str, fp8: str, prologue: str = "-") -> int:
     """Bytes a bf16 element costs to cast under `scaling` (the AOT report's rows): the cast pass
     writing both layouts, plus the amax pass's read under current scaling (under delayed scaling
-    it reads nothing once the amax history holds a step)."""
-    rows = {(r["kernel"], r["dtype"], r["fp8"], r["scaling"], r["layout"]): r["bytes_per_element"]
-            for r in report}
+    it reads nothing once the amax history holds a step). `prologue` "gelu" / "gelu_grad": the
+    casts with the FFN's bias + GELU (its gradient) fused in, which read y (dh and y)."""
+    rows = {row_key(r): r["bytes_per_element"] for r in report}
     try:
-        total = rows["cast", "bf16", fp8, scaling, "both"]
+        total = rows["cast", "bf16", fp8, scaling, "both", prologue]
         if scaling == "current":
-            total += rows["amax", "bf16", "-", scaling, "-"]
+            total += rows["amax", "bf16", "-", scaling, "-", prologue]
     except KeyError as err:
         raise ValueError(f"{CAST_REPORT.name} has no row {err}: rerun bench/fp8_cast.py "
                          "--compile-report") from None
