@@ -18,14 +18,25 @@ FP8 scaling (`delayed`, e2e's `fast_packed_fp8` row; `current`, `fast_packed_fp8
   input and output gradient once per step, its weight once per optimizer step (one per step
   here), each read in bf16 and written as both fp8 layouts; current scaling adds the amax pass's
   read (bytes per element: the AOT report).
+- The FFN's bias + GELU fused into two of those casts (bert_fast/ops/fp8_ffn.py): ffn_out's input
+  cast is the report's `gelu` row (read y, write gelu(y + b) in both e4m3 layouts) and ffn_in's
+  output-gradient cast its `gelu_grad` row (read dh and y, write dh * gelu'(y + b) in both e5m2
+  layouts, the bias gradient summed on the way); under current scaling their amax passes read
+  what they read. Assumed: the measured bf16 rest holds the bias + GELU forward (read y, write h:
+  4 bytes per [tokens, 4H] element), its backward (read dh and y, write g: 6) and the bias-gradient
+  sum (read g: 2) at copy bandwidth, 12 bytes per element that the fused FP8 step no longer moves,
+  so they leave the rest. The unfused figures (plain casts of h and g, the rest as measured) are
+  kept in each row's `unfused`.
 
 It is a best case: it holds only if the FP8 GEMMs reach the same fraction of their ceiling as the
 bf16 GEMMs of theirs (both taken as 100%), the casts run at copy bandwidth and cost no launch
-gaps, and nothing else in the step changes. `speedup_if_gemms_at` shows the one assumption that
-cuts the other way: bf16 GEMMs below their ceiling leave less non-GEMM time and FP8 (at the same
-fraction) saves more. `remainder_ms_for_target` is the non-GEMM time at which FP8 would reach issue
-23's 1.3x (negative: out of reach), `remainder_ms_for_tokens_target` the one at which the FP8 step
-would reach its 250k real tokens/s.
+gaps (the fused GELU casts, as built, issue too many instructions per byte for that: see
+bench/results/aot/README.md), and nothing else in the step changes. `speedup_if_gemms_at` shows
+the one assumption that cuts the other way: bf16 GEMMs below their ceiling leave less non-GEMM
+time and FP8 (at the same fraction) saves more. `remainder_ms_for_target` is the non-GEMM time of
+the bf16 step at which FP8 would reach issue 23's 1.3x (negative: out of reach),
+`remainder_ms_for_tokens_target` the one at which the FP8 step would reach its 250k real tokens/s
+(both with the bias-GELU bytes taken out of the FP8 step's rest, as above).
 
 The bf16 step is the `torch` backend's by default, the fastest measured so far. e2e's fp8 rows run
 the fast backend's packed step, whose bf16 twin (`fast_packed`) has no GPU figure yet: once it has,
@@ -43,6 +54,7 @@ from e2e import bench as e2e_bench
 from harness import BENCH_DIR
 
 from bert_fast.fileio import atomic_write_text
+from bert_fast.kernels.fp8_cast_aot import row_key
 from bert_fast.model.config import BertConfig
 from bert_fast.ops.fp8 import GEMMS
 from bert_fast.train.flops import step_flops
@@ -55,6 +67,9 @@ TARGET_SPEEDUP = 1.3  # issue 23: fp8 >= 1.3x bf16 end to end
 TARGET_TOKENS_S = 250e3  # issue 23: real tokens/s per H200 at seq 512 (with the graphed step)
 GEMM_FRACTIONS = (0.9, 0.8, 0.7)
 LAUNCHES_PER_CAST = {"delayed": 3, "current": 2}  # kernels/fp8_cast.py _cast: amax, cast (+ finish)
+# What the bf16 bias + GELU moves per [tokens, 4H] element (assumed inside the measured rest):
+# forward read y + write h, backward read dh and y + write g, bias-gradient sum read g.
+BIAS_GELU_BYTES = (2 + 2) + (2 + 2 + 2) + 2
 
 
 def layer_gemms(config: BertConfig, tokens: int) -> dict[str, tuple[int, int, int]]:
@@ -79,16 +94,22 @@ def cast_elements(config: BertConfig, tokens: int) -> dict[str, int]:
             "weights": layers * sum(n * k for m, n, k in shapes)}
 
 
-def cast_bytes_per_element(report: list[dict], scaling: str, fp8: str) -> int:
+def ffn_elements(config: BertConfig, tokens: int) -> int:
+    """Elements of the FFN's [tokens, intermediate] activation, all layers: what ffn_out's input cast
+    and ffn_in's output-gradient cast cover, and what the bias + GELU reads and writes."""
+    return config.num_hidden_layers * tokens * config.intermediate_size
+
+
+def cast_bytes_per_element(report: list[dict], scaling: str, fp8: str, prologue: str = "-") -> int:
     """Bytes a bf16 element costs to cast under `scaling` (the AOT report's rows): the cast pass
     writing both layouts, plus the amax pass's read under current scaling (under delayed scaling
-    it reads nothing once the amax history holds a step)."""
-    rows = {(r["kernel"], r["dtype"], r["fp8"], r["scaling"], r["layout"]): r["bytes_per_element"]
-            for r in report}
+    it reads nothing once the amax history holds a step). `prologue` "gelu" / "gelu_grad": the
+    casts with the FFN's bias + GELU (its gradient) fused in, which read y (dh and y)."""
+    rows = {row_key(r): r["bytes_per_element"] for r in report}
     try:
-        total = rows["cast", "bf16", fp8, scaling, "both"]
+        total = rows["cast", "bf16", fp8, scaling, "both", prologue]
         if scaling == "current":
-            total += rows["amax", "bf16", "-", scaling, "-"]
+            total += rows["amax", "bf16", "-", scaling, "-", prologue]
     except KeyError as err:
         raise ValueError(f"{CAST_REPORT.name} has no row {err}: rerun bench/fp8_cast.py "
                          "--compile-report") from None
@@ -110,10 +131,11 @@ def _round(value: float) -> float:
 
 
 def _speedup(bf16_gemm_ms: float, fp8_gemm_ms: float, cast_ms: float, bf16_step_ms: float,
-             fraction: float) -> float:
-    """bf16 step / fp8 step when both GEMM kinds run at `fraction` of their ceiling."""
+             fraction: float, saved_ms: float = 0.0) -> float:
+    """bf16 step / fp8 step when both GEMM kinds run at `fraction` of their ceiling; `saved_ms` of the
+    rest (the fused bias + GELU's bytes) does not run in the fp8 step."""
     remainder = bf16_step_ms - bf16_gemm_ms / fraction
-    return bf16_step_ms / (remainder + fp8_gemm_ms / fraction + cast_ms)
+    return bf16_step_ms / (remainder - saved_ms + fp8_gemm_ms / fraction + cast_ms)
 
 
 def predict_case(case: dict, bf16_ms: float, ceilings: dict, report: list[dict], scaling: str) -> dict:
@@ -126,25 +148,41 @@ def predict_case(case: dict, bf16_ms: float, ceilings: dict, report: list[dict],
     bf16_gemm_ms = gemm / bf16_tflops / 1e9
     fp8_gemm_ms = gemm / fp8_tflops / 1e9
     elements = cast_elements(config, tokens)
-    cast_bytes = ((elements["inputs"] + elements["weights"]) * cast_bytes_per_element(report, scaling, "e4m3")
-                  + elements["gradients"] * cast_bytes_per_element(report, scaling, GRAD_FORMAT))
-    cast_ms = cast_bytes / ceilings["copy_gbs"] / 1e6
+
+    def per(fp8: str, prologue: str = "-") -> int:
+        return cast_bytes_per_element(report, scaling, fp8, prologue)
+
+    unfused_bytes = ((elements["inputs"] + elements["weights"]) * per("e4m3")
+                     + elements["gradients"] * per(GRAD_FORMAT))
+    # Fused: ffn_out's input h and ffn_in's output gradient g are cast by the GELU rows instead.
+    ffn = ffn_elements(config, tokens)
+    cast_bytes = (unfused_bytes + ffn * (per("e4m3", "gelu") - per("e4m3"))
+                  + ffn * (per(GRAD_FORMAT, "gelu_grad") - per(GRAD_FORMAT)))
+    gelu_bytes = ffn * BIAS_GELU_BYTES
+    cast_ms, unfused_cast_ms, gelu_ms = (b / ceilings["copy_gbs"] / 1e6
+                                         for b in (cast_bytes, unfused_bytes, gelu_bytes))
     remainder_ms = bf16_ms - bf16_gemm_ms
-    fp8_ms = remainder_ms + fp8_gemm_ms + cast_ms
-    # (G_bf16 + R) / (G_fp8 + cast + R) = target, solved for R.
-    needed = (bf16_gemm_ms - TARGET_SPEEDUP * (fp8_gemm_ms + cast_ms)) / (TARGET_SPEEDUP - 1)
+    fp8_ms = remainder_ms - gelu_ms + fp8_gemm_ms + cast_ms
+    unfused_ms = remainder_ms + fp8_gemm_ms + unfused_cast_ms
+    # (G_bf16 + R) / (G_fp8 + cast + R - gelu) = target, solved for R.
+    needed = (bf16_gemm_ms - TARGET_SPEEDUP * (fp8_gemm_ms + cast_ms - gelu_ms)) / (TARGET_SPEEDUP - 1)
     row = {"model": case["model"], "seq": case["seq"], "batch": case["batch"], "scaling": scaling,
            "real_tokens": tokens, "step_tflop": total / 1e12, "fp8_gemm_tflop": gemm / 1e12,
            "other_tflop": (total - gemm) / 1e12, "fp8_gemm_share": gemm / total,
            "bf16_step_ms": bf16_ms, "bf16_gemm_ms": bf16_gemm_ms, "remainder_ms": remainder_ms,
            "fp8_gemm_ms": fp8_gemm_ms, "cast_gb": cast_bytes / 1e9, "cast_ms": cast_ms,
+           "bias_gelu_gb": gelu_bytes / 1e9, "bias_gelu_ms": gelu_ms,
+           "fp8_remainder_ms": remainder_ms - gelu_ms,
            # three operands per GEMM (x, W, dY), each cast in LAUNCHES_PER_CAST kernels
            "cast_launches": 3 * config.num_hidden_layers * len(GEMMS) * LAUNCHES_PER_CAST[scaling],
            "fp8_step_ms": fp8_ms, "speedup": bf16_ms / fp8_ms, "bf16_tokens_s": tokens / bf16_ms * 1e3,
            "fp8_tokens_s": tokens / fp8_ms * 1e3, "remainder_ms_for_target": needed,
-           "remainder_ms_for_tokens_target": tokens / TARGET_TOKENS_S * 1e3 - fp8_gemm_ms - cast_ms,
-           "speedup_if_gemms_at": {str(f): _speedup(bf16_gemm_ms, fp8_gemm_ms, cast_ms, bf16_ms, f)
-                                   for f in GEMM_FRACTIONS}}
+           "remainder_ms_for_tokens_target": tokens / TARGET_TOKENS_S * 1e3 - fp8_gemm_ms - cast_ms + gelu_ms,
+           "speedup_if_gemms_at": {str(f): _speedup(bf16_gemm_ms, fp8_gemm_ms, cast_ms, bf16_ms, f, gelu_ms)
+                                   for f in GEMM_FRACTIONS},
+           # the FFN's bias + GELU as separate bf16 kernels (in the rest) and plain casts of h and g
+           "unfused": {"cast_gb": unfused_bytes / 1e9, "cast_ms": unfused_cast_ms, "fp8_step_ms": unfused_ms,
+                       "speedup": bf16_ms / unfused_ms, "fp8_tokens_s": tokens / unfused_ms * 1e3}}
     return {k: _round(v) if isinstance(v, float) else
             ({f: _round(s) for f, s in v.items()} if isinstance(v, dict) else v) for k, v in row.items()}
 
@@ -173,7 +211,9 @@ def predict(results: Path, provider: str = "torch", cast_report: Path = CAST_REP
                        "fp8_matmul_tflops",
                        "copy_gbs": _round(ceilings["copy_gbs"]), "grad_format": GRAD_FORMAT},
             "bound": "best case: FP8 and bf16 GEMMs at the same fraction (100%) of their ceilings, casts at "
-                     "copy bandwidth without launch gaps, the rest of the step unchanged",
+                     "copy bandwidth without launch gaps, the rest of the step unchanged but for the FFN's "
+                     "bias + GELU (12 bytes per [tokens, 4H] element at copy bandwidth), fused into the "
+                     "casts",
             "rows": rows}
 
 
@@ -185,16 +225,22 @@ def _relative(path: Path) -> str:
 
 
 COLUMNS = ("seq", "batch", "scaling", "FP8 GEMM share of FLOPs", "bf16 ms (GEMM + rest)",
-           "fp8 ms (GEMM + casts + rest)", "speedup", "fp8 tokens/s", "rest for 1.3x, ms",
-           "rest for 250k tokens/s, ms", "speedup, GEMMs at 80%")
+           "fp8 ms (GEMM + casts + rest - bias-GELU)", "speedup", "fp8 tokens/s",
+           "unfused: fp8 ms (casts), speedup, tokens/s", "rest for 1.3x, ms", "rest for 250k tokens/s, ms",
+           "speedup, GEMMs at 80%")
 
 
 def _cells(r: dict) -> tuple:
+    u = r["unfused"]
     return (r["seq"], r["batch"], r["scaling"], f"{100 * r['fp8_gemm_share']:.1f}%",
             f"{r['bf16_step_ms']:.1f} ({r['bf16_gemm_ms']:.1f} + {r['remainder_ms']:.1f})",
-            f"{r['fp8_step_ms']:.1f} ({r['fp8_gemm_ms']:.1f} + {r['cast_ms']:.1f} + {r['remainder_ms']:.1f})",
-            f"{r['speedup']:.2f}x", f"{r['fp8_tokens_s'] / 1e3:.0f}k", f"{r['remainder_ms_for_target']:.1f}",
-            f"{r['remainder_ms_for_tokens_target']:.1f}", f"{r['speedup_if_gemms_at']['0.8']:.2f}x")
+            f"{r['fp8_step_ms']:.1f} ({r['fp8_gemm_ms']:.1f} + {r['cast_ms']:.1f} + {r['remainder_ms']:.1f} "
+            f"- {r['bias_gelu_ms']:.1f})",
+            f"{r['speedup']:.2f}x", f"{r['fp8_tokens_s'] / 1e3:.0f}k",
+            f"{u['fp8_step_ms']:.1f} ({u['cast_ms']:.1f}), {u['speedup']:.2f}x, "
+            f"{u['fp8_tokens_s'] / 1e3:.0f}k",
+            f"{r['remainder_ms_for_target']:.1f}", f"{r['remainder_ms_for_tokens_target']:.1f}",
+            f"{r['speedup_if_gemms_at']['0.8']:.2f}x")
 
 
 def markdown(prediction: dict) -> str:
@@ -221,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     atomic_write_text(out / "fp8_prediction.md", markdown(prediction))
     for r in prediction["rows"]:
         print(f"fp8_prediction: seq {r['seq']} {r['scaling']}: {r['fp8_step_ms']:.1f} ms, "
-              f"{r['speedup']:.2f}x bf16, {r['fp8_tokens_s']:.0f} tokens/s")
+              f"{r['speedup']:.2f}x bf16, {r['fp8_tokens_s']:.0f} tokens/s (unfused GELU: "
+              f"{r['unfused']['fp8_step_ms']:.1f} ms, {r['unfused']['speedup']:.2f}x)")
     return prediction
 
 

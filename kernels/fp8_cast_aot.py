@@ -8,9 +8,17 @@ same pass) and per layout written (row-major, transposed, both: what the backwar
 e4m3 for activations and weights, e5m2 for gradients; and the one-program finish. All as they
 launch: hardware conversion (SOFT=False), BLOCK_M x BLOCK_N tiles, NUM_WARPS.
 
+The `prologue` column: "-" casts x itself; "gelu" casts gelu(y + b) (PROLOGUE 1, the FFN's
+activation for ffn_out, e4m3) and "gelu_grad" casts dh * gelu'(y + b) while summing the bias
+gradient (PROLOGUE 2, ffn_in's output gradient, e5m2), both in bf16, both layouts, exact (erf)
+GELU, as bert_fast/ops/fp8_ffn.py launches them; with their amax passes under current scaling
+(under delayed scaling the amax pass returns at once once the history holds a step).
+
 Per row: `instructions_per_iteration`, the SASS of the loop over tiles (one thread's share of a
 tile); `instructions_per_element` = that x threads / tile elements; `bytes_per_element`, what the
-pass reads and writes per element of x (input size, plus 1 per fp8 copy written).
+pass reads and writes per element of x: each bf16/fp32 tensor read (gelu_grad reads dh and y),
+plus 1 per fp8 copy written. The bias (one row) and gelu_grad's bias-gradient partials (one float32
+row per 64-row block: 4 / 64 bytes per element) are left out.
 """
 
 from __future__ import annotations
@@ -20,7 +28,8 @@ from bert_fast.kernels import fp8_cast as fc
 
 _SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 _FP8 = {"e4m3": ("fp8e4nv", fc.FORMATS[fc.E4M3]), "e5m2": ("fp8e5", fc.FORMATS[fc.E5M2])}
-_INTS = ("n_rows", "n_cols", "out_rows", "out_cols", "stride_x_row", "n_amax_in", "n_partial")
+# prologue column -> (PROLOGUE, tensors of x's size read)
+PROLOGUES = {"-": (0, 1), "gelu": (1, 1), "gelu_grad": (2, 2)}
 
 
 def _signature(fn, pointers: dict) -> dict:
@@ -30,17 +39,32 @@ def _signature(fn, pointers: dict) -> dict:
             for name in fn.arg_names if name not in constexprs}
 
 
-def _amax(dtype: str, delayed: bool) -> aot.AotSpec:
-    sig = _signature(fc._fp8_amax_kernel, {"X": f"*{dtype}"})
-    flags = dict(SKIP_IF_SCALED=delayed, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N)
+def _inputs(dtype: str, prologue: str) -> dict:
+    """Pointer types of x and the prologue's operands. Unread (PROLOGUE 0) they are x itself, as
+    kernels/fp8_cast.py passes them; DBias is float32 and stays the default."""
+    if prologue == "-":
+        return {"X": f"*{dtype}", "Pre": f"*{dtype}", "ColBias": f"*{dtype}"}
+    return {"X": "*bf16", "Pre": "*bf16", "ColBias": "*bf16"}
+
+
+def _prologue_flags(prologue: str) -> dict:
+    return dict(PROLOGUE=PROLOGUES[prologue][0], GELU_TANH=False)
+
+
+def _amax(dtype: str, delayed: bool, prologue: str = "-") -> aot.AotSpec:
+    sig = _signature(fc._fp8_amax_kernel, _inputs(dtype, prologue))
+    flags = dict(SKIP_IF_SCALED=delayed, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N, **_prologue_flags(prologue))
     return aot.AotSpec(fc._fp8_amax_kernel, sig, flags, fc.NUM_WARPS, 3, divisible=("n_cols",))
 
 
-def _cast(dtype: str, fmt: str, delayed: bool, rowwise: bool, transpose: bool) -> aot.AotSpec:
+def _cast(dtype: str, fmt: str, delayed: bool, rowwise: bool, transpose: bool,
+          prologue: str = "-") -> aot.AotSpec:
     triton_fp8, (mant, bias, top) = _FP8[fmt]
-    sig = _signature(fc._fp8_cast_kernel, {"X": f"*{dtype}", "Q": f"*{triton_fp8}", "QT": f"*{triton_fp8}"})
+    sig = _signature(fc._fp8_cast_kernel,
+                     {**_inputs(dtype, prologue), "Q": f"*{triton_fp8}", "QT": f"*{triton_fp8}"})
     flags = dict(FP8_MAX=top, MANT=mant, BIAS=bias, SOFT=False, DELAYED=delayed, ROWWISE=rowwise,
-                 TRANSPOSE=transpose, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N, BLOCK_P=fc.FINISH_BLOCK)
+                 TRANSPOSE=transpose, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N, BLOCK_P=fc.FINISH_BLOCK,
+                 **_prologue_flags(prologue))
     # Padded sizes are multiples of 16 (what _scaled_mm wants); the input's columns are BERT's widths.
     return aot.AotSpec(fc._fp8_cast_kernel, sig, flags, fc.NUM_WARPS, 3,
                        divisible=("n_cols", "out_rows", "out_cols"))
@@ -52,6 +76,13 @@ def _finish() -> aot.AotSpec:
 
 
 LAYOUTS = {"rowwise": (True, False), "transposed": (False, True), "both": (True, True)}
+# The fused FFN casts: which fp8 format each prologue is cast to (fp8_ffn.py: the activation e4m3,
+# its gradient the recipe's gradient format, e5m2 by default).
+FUSED = {"gelu": "e4m3", "gelu_grad": "e5m2"}
+
+
+def _read(dtype: str, prologue: str) -> int:
+    return _SIZE[dtype] * PROLOGUES[prologue][1]
 
 
 def specs() -> list[tuple[dict, aot.AotSpec]]:
@@ -60,17 +91,31 @@ def specs() -> list[tuple[dict, aot.AotSpec]]:
     for dtype in ("bf16", "fp32"):
         for delayed in (False, True):
             scaling = "delayed" if delayed else "current"
-            out.append((dict(kernel="amax", dtype=dtype, fp8="-", scaling=scaling, layout="-",
+            out.append((dict(kernel="amax", dtype=dtype, fp8="-", scaling=scaling, layout="-", prologue="-",
                              bytes_per_element=_SIZE[dtype]), _amax(dtype, delayed)))
             for layout, (rowwise, transpose) in LAYOUTS.items():
                 for fmt in ("e4m3", "e5m2") if dtype == "bf16" else ("e4m3",):
                     written = int(rowwise) + int(transpose)
                     out.append((dict(kernel="cast", dtype=dtype, fp8=fmt, scaling=scaling, layout=layout,
-                                     bytes_per_element=_SIZE[dtype] + written),
+                                     prologue="-", bytes_per_element=_SIZE[dtype] + written),
                                 _cast(dtype, fmt, delayed, rowwise, transpose)))
-    out.append((dict(kernel="finish", dtype="fp32", fp8="e4m3", scaling="delayed", layout="-",
+    for prologue, fmt in FUSED.items():
+        read = _read("bf16", prologue)
+        out.append((dict(kernel="amax", dtype="bf16", fp8="-", scaling="current", layout="-",
+                         prologue=prologue, bytes_per_element=read), _amax("bf16", False, prologue)))
+        for delayed in (False, True):
+            scaling = "delayed" if delayed else "current"
+            out.append((dict(kernel="cast", dtype="bf16", fp8=fmt, scaling=scaling, layout="both",
+                             prologue=prologue, bytes_per_element=read + 2),
+                        _cast("bf16", fmt, delayed, True, True, prologue)))
+    out.append((dict(kernel="finish", dtype="fp32", fp8="e4m3", scaling="delayed", layout="-", prologue="-",
                      bytes_per_element=0), _finish()))
     return out
+
+
+def row_key(row: dict) -> tuple:
+    """What names a report row: (kernel, dtype, fp8, scaling, layout, prologue)."""
+    return tuple(row[k] for k in ("kernel", "dtype", "fp8", "scaling", "layout", "prologue"))
 
 
 def fp8_cast_report() -> list[dict]:
