@@ -141,30 +141,65 @@ def _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M: tl.const
 
 
 @triton.jit
-def _gelu(u, TANH: tl.constexpr):
-    """GELU in float32 as csrc/bias_gelu_math.h computes it: exact (erf) or HF's tanh form, the
-    latter as u * sigmoid(2 z) (= 0.5 u (1 + tanh z)): no cancellation for negative u."""
-    if TANH:
-        z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
-        return u / (1.0 + tl.exp(-2.0 * z))
-    return 0.5 * u * (1.0 + tl.math.erf(u * 0.7071067811865476))
+def _exp2(x, SOFT: tl.constexpr):
+    """2^x; compiled, one MUFU.EX2 (`ex2.approx.ftz`, relative error < 2^-22; results below 2^-126
+    flush to 0, far below anything an fp8 cast keeps) instead of tl.exp2's range fix-ups."""
+    if SOFT:
+        return tl.exp2(x)
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
 
 
 @triton.jit
-def _gelu_grad(u, TANH: tl.constexpr):
+def _rcp(x, SOFT: tl.constexpr):
+    """1 / x for x >= 1; compiled, one MUFU.RCP (`rcp.approx.ftz`, 1 ulp) instead of a full division."""
+    if SOFT:
+        return 1.0 / x
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def _cdf_and_pdf(u, SOFT: tl.constexpr):
+    """Phi(u), the standard normal CDF, and its density phi(u), in float32 from one exp and one
+    reciprocal: erfc by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7; libdevice's erff
+    costs about 36 instructions, this about 12), its constants folded (p / sqrt 2, a_i / 2, the
+    exp in base 2). The tail is taken as P(t) e^(-u^2 / 2) directly, never as 1 - erf, so it keeps
+    its relative accuracy where the CDF is small."""
+    t = _rcp(1.0 + 0.23164189340114784 * tl.abs(u), SOFT)
+    half_poly = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135
+                                                                                  + t * 0.5307027145))))
+    e = _exp2(u * u * -0.7213475204444817, SOFT)  # exp(-u^2 / 2)
+    tail = half_poly * e  # Phi(-|u|)
+    return tl.where(u < 0, tail, 1.0 - tail), e * 0.3989422804014327
+
+
+@triton.jit
+def _gelu(u, TANH: tl.constexpr, SOFT: tl.constexpr):
+    """GELU in float32: exact (u Phi(u), the erf form) or HF's tanh form, the latter as
+    u * sigmoid(2 z) (= 0.5 u (1 + tanh z)): no cancellation for negative u."""
+    if TANH:
+        z = 0.7978845608028654 * (u + 0.044715 * u * u * u)
+        return u * _rcp(1.0 + _exp2(z * -2.8853900817779268, SOFT), SOFT)  # exp(-2 z)
+    cdf, _ = _cdf_and_pdf(u, SOFT)
+    return u * cdf
+
+
+@triton.jit
+def _gelu_grad(u, TANH: tl.constexpr, SOFT: tl.constexpr):
     """d gelu(u) / du in float32 (csrc/bias_gelu_math.h's gelu_grad); the tanh form through
     s = sigmoid(2 z): 1 + tanh z = 2 s, 1 - tanh^2 z = 4 s (1 - s)."""
     if TANH:
         k = 0.7978845608028654
-        s = 1.0 / (1.0 + tl.exp(-2.0 * k * (u + 0.044715 * u * u * u)))
+        s = _rcp(1.0 + _exp2(k * (u + 0.044715 * u * u * u) * -2.8853900817779268, SOFT), SOFT)
         return s + 2.0 * u * s * (1.0 - s) * k * (1.0 + 3.0 * 0.044715 * u * u)
-    cdf = 0.5 * (1.0 + tl.math.erf(u * 0.7071067811865476))
-    return cdf + u * tl.exp(-0.5 * u * u) * 0.3989422804014327
+    cdf, pdf = _cdf_and_pdf(u, SOFT)
+    return cdf + u * pdf
 
 
 @triton.jit
 def _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row, PROLOGUE: tl.constexpr,
-                GELU_TANH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                GELU_TANH: tl.constexpr, SOFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Tile `tile` of the tensor a pass casts, float32, zeros outside [n_rows, n_cols]: X itself
     (PROLOGUE 0), gelu(X + ColBias) (1: the FFN's activation, cast for the second GEMM) or
     X * gelu'(Pre + ColBias) (2: its gradient, cast for the first GEMM's backward; Pre has X's strides)."""
@@ -172,10 +207,10 @@ def _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row, PR
     if PROLOGUE != 0:
         b = tl.load(ColBias + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         if PROLOGUE == 1:
-            x = _gelu(x + b[None, :], GELU_TANH)
+            x = _gelu(x + b[None, :], GELU_TANH, SOFT)
         else:
             u, _, _, _ = _load_tile(Pre, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
-            x = x * _gelu_grad(u + b[None, :], GELU_TANH)
+            x = x * _gelu_grad(u + b[None, :], GELU_TANH, SOFT)
         x = tl.where(inside, x, 0.0)  # gelu(0 + bias) is not 0: padding must stay 0
     return x, rows, cols, inside
 
@@ -187,7 +222,7 @@ def _fp8_amax_kernel(
     Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (SKIP_IF_SCALED), else unread
     Partial,  # [programs] float32 out: each program's amax of |X| (NaN or inf: not finite)
     n_rows, n_cols, stride_x_row, slot,
-    SKIP_IF_SCALED: tl.constexpr, PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr,
+    SKIP_IF_SCALED: tl.constexpr, PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The amax pass: before a current-scaled cast, or for a delayed one whose history is empty
@@ -200,7 +235,7 @@ def _fp8_amax_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(pid, tiles, tl.num_programs(0)):
         x, _, _, _ = _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row, PROLOGUE,
-                                 GELU_TANH, BLOCK_M, BLOCK_N)
+                                 GELU_TANH, SOFT, BLOCK_M, BLOCK_N)
         acc = _max_nan(acc, tl.abs(x))
     tl.store(Partial + pid, _amax_of(acc))
 
@@ -240,7 +275,7 @@ def _fp8_cast_kernel(
     seen = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(pid, tiles, tl.num_programs(0)):
         x, rows, cols, inside = _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row,
-                                            PROLOGUE, GELU_TANH, BLOCK_M, BLOCK_N)
+                                            PROLOGUE, GELU_TANH, SOFT, BLOCK_M, BLOCK_N)
         if PROLOGUE == 2:
             tl.store(DBias + (tile // tiles_n) * out_cols + cols, tl.sum(x, 0), mask=cols < out_cols)
         if DELAYED:
@@ -258,6 +293,13 @@ def _fp8_cast_kernel(
         if ROWWISE:
             tl.store(Q + rows.to(tl.int64)[:, None] * out_cols + cols[None, :], q, mask=out)
         if TRANSPOSE:
+            if PROLOGUE != 0 and ROWWISE:
+                # The transposed copy from the bytes just written (L2), not from q: given q, Triton
+                # recomputes the whole prologue (a second GELU per element) in the transposed
+                # layout rather than moving the bytes there. The barrier makes the CTA's writes
+                # visible to all its threads.
+                tl.debug_barrier()
+                q = tl.load(Q + rows.to(tl.int64)[:, None] * out_cols + cols[None, :], mask=out)
             tl.store(QT + cols.to(tl.int64)[None, :] * out_rows + rows[:, None], q, mask=out)
     if DELAYED:
         tl.store(Partial + pid, _amax_of(seen))
@@ -336,7 +378,8 @@ def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_
     partial_in = torch.empty(n_amax, dtype=torch.float32, device=device)
     _launch(_fp8_amax_kernel, (n_amax,), traced)(
         x, pre_arg, bias_arg, scale if delayed else inv, partial_in, n_rows, n_cols, x.stride(0), slot,
-        SKIP_IF_SCALED=delayed, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS, **prologue_flags)
+        SKIP_IF_SCALED=delayed, SOFT=soft, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+        **prologue_flags)
     n_cast = programs(device, rows, cols)
     partial = torch.empty(n_cast if delayed else 1, dtype=torch.float32, device=device)
     _launch(_fp8_cast_kernel, (n_cast,), traced)(

@@ -53,7 +53,8 @@ def _prologue_flags(prologue: str) -> dict:
 
 def _amax(dtype: str, delayed: bool, prologue: str = "-") -> aot.AotSpec:
     sig = _signature(fc._fp8_amax_kernel, _inputs(dtype, prologue))
-    flags = dict(SKIP_IF_SCALED=delayed, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N, **_prologue_flags(prologue))
+    flags = dict(SKIP_IF_SCALED=delayed, SOFT=False, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N,
+                 **_prologue_flags(prologue))
     return aot.AotSpec(fc._fp8_amax_kernel, sig, flags, fc.NUM_WARPS, 3, divisible=("n_cols",))
 
 

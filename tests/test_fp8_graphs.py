@@ -21,7 +21,7 @@ from test_compile import batch
 from test_fp8_compile import _fp8_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bert_fast.ops import fp8
+from bert_fast.ops import fp8, fp8_ffn
 
 # Device reads, and tensors made from host data (torch.tensor(...): aten.lift_fresh, then on CUDA a
 # host-to-device copy).
@@ -61,22 +61,25 @@ def test_the_eager_step_reads_nothing_back_and_copies_no_host_data_in(scaling):
 
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
 def test_the_fused_casts_read_nothing_back_and_copy_no_host_data_in(monkeypatch, scaling):
-    """The CUDA path of one FP8 linear, forward and backward (kernels/fp8_cast.py under the Triton
-    interpreter, with the padding CUDA's _scaled_mm needs), twice with a roll between: what the
-    model's step runs per GEMM on a GPU."""
+    """The CUDA path of one FP8 linear and of the FFN's fused pair (ops/fp8_ffn.py), forward and
+    backward (kernels/fp8_cast.py under the Triton interpreter, with the padding CUDA's _scaled_mm
+    needs), twice with a roll between: what the model's step runs per GEMM on a GPU."""
     monkeypatch.setattr(fp8, "_use_kernels", lambda device: True)
     monkeypatch.setattr(fp8, "_pads", lambda device: True)
-    state = fp8.Fp8State(fp8.Fp8Recipe(scaling))
+    states = [fp8.Fp8State(fp8.Fp8Recipe(scaling)) for _ in range(2)]
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(40, 24, generator=g), torch.randn(56, 24, generator=g)  # none a multiple of 16
+    # None a multiple of 16.
+    x, w, b, w2 = (torch.randn(*shape, generator=g) for shape in ((40, 24), (56, 24), (56,), (24, 56)))
     for _ in range(2):
-        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        xs, ws, bs, w2s = (t.clone().requires_grad_() for t in (x, w, b, w2))
         with _Forbidden() as watch:
             if scaling == "delayed":
-                fp8.roll([state])
-            fp8.fp8_linear(xs, ws, state).sum().backward()
+                fp8.roll(states)
+            fp8.fp8_linear(xs, ws, states[0]).sum().backward()
+            inner = fp8_ffn.fp8_linear_gelu(xs, ws, bs, *states)
+            fp8.fp8_linear(inner.anchor, w2s, states[1], given=inner.cast).sum().backward()
         assert watch.seen == [], sorted(set(watch.seen))
-        assert xs.grad is not None and ws.grad is not None
+        assert all(t.grad is not None for t in (xs, ws, bs, w2s))
 
 
 def _compile_on_two_fake_ranks(model):
