@@ -30,11 +30,13 @@ FP8 scaling (`delayed`, e2e's `fast_packed_fp8` row; `current`, `fast_packed_fp8
 
 It is a best case: it holds only if the FP8 GEMMs reach the same fraction of their ceiling as the
 bf16 GEMMs of theirs (both taken as 100%), the casts run at copy bandwidth and cost no launch
-gaps (the fused GELU casts, as built, issue too many instructions per byte for that: see
-bench/results/aot/README.md), and nothing else in the step changes. `speedup_if_gemms_at` shows
-the one assumption that cuts the other way: bf16 GEMMs below their ceiling leave less non-GEMM
-time and FP8 (at the same fraction) saves more. `remainder_ms_for_target` is the non-GEMM time of
-the bf16 step at which FP8 would reach issue 23's 1.3x (negative: out of reach),
+gaps, and nothing else in the step changes. `cast_ms_if_issue_bound` is the casts' time if every
+pass takes the longer of its bytes and its sm_90 instructions at ISSUE_RATE: the fused GELU casts
+(about 28 and 36 instructions per element, bench/results/aot/README.md) sit near the balance.
+`speedup_if_gemms_at` shows the one assumption that cuts the other way: bf16 GEMMs below their
+ceiling leave less non-GEMM time and FP8 (at the same fraction) saves more.
+`remainder_ms_for_target` is the non-GEMM time of the bf16 step at which FP8 would reach issue
+23's 1.3x (negative: out of reach),
 `remainder_ms_for_tokens_target` the one at which the FP8 step would reach its 250k real tokens/s
 (both with the bias-GELU bytes taken out of the FP8 step's rest, as above).
 
@@ -70,6 +72,10 @@ LAUNCHES_PER_CAST = {"delayed": 3, "current": 2}  # kernels/fp8_cast.py _cast: a
 # What the bf16 bias + GELU moves per [tokens, 4H] element (assumed inside the measured rest):
 # forward read y + write h, backward read dh and y + write g, bias-gradient sum read g.
 BIAS_GELU_BYTES = (2 + 2) + (2 + 2 + 2) + 2
+# Thread-instructions an H100/H200 issues per second (132 SMs x 4 schedulers x 1 warp-instruction
+# per clock x ~1.7 GHz x 32 threads): with the AOT report's instructions per element, the time a
+# cast pass takes if it is issue- rather than memory-bound (tests/test_fp8_cast_aot.py's figure).
+ISSUE_RATE = 28e12
 
 
 def layer_gemms(config: BertConfig, tokens: int) -> dict[str, tuple[int, int, int]]:
@@ -114,6 +120,18 @@ def cast_bytes_per_element(report: list[dict], scaling: str, fp8: str, prologue:
         raise ValueError(f"{CAST_REPORT.name} has no row {err}: rerun bench/fp8_cast.py "
                          "--compile-report") from None
     return total
+
+
+def cast_ns_per_element(report: list[dict], scaling: str, fp8: str, copy_gbs: float,
+                        prologue: str = "-") -> float:
+    """Nanoseconds a bf16 element costs to cast when each pass (as in cast_bytes_per_element) takes
+    the longer of its bytes at `copy_gbs` and its sm_90 instructions at ISSUE_RATE."""
+    rows = {row_key(r): r for r in report}
+    passes = [rows["cast", "bf16", fp8, scaling, "both", prologue]]
+    if scaling == "current":
+        passes.append(rows["amax", "bf16", "-", scaling, "-", prologue])
+    return sum(max(r["bytes_per_element"] / copy_gbs, r["instructions_per_element"] / ISSUE_RATE * 1e9)
+               for r in passes)
 
 
 def _bf16_row(e2e: dict, case: dict, provider: str, path: Path) -> dict:
@@ -161,6 +179,13 @@ def predict_case(case: dict, bf16_ms: float, ceilings: dict, report: list[dict],
     gelu_bytes = ffn * BIAS_GELU_BYTES
     cast_ms, unfused_cast_ms, gelu_ms = (b / ceilings["copy_gbs"] / 1e6
                                          for b in (cast_bytes, unfused_bytes, gelu_bytes))
+    def ns(fp8: str, prologue: str = "-") -> float:
+        return cast_ns_per_element(report, scaling, fp8, ceilings["copy_gbs"], prologue)
+
+    # The casts' time if each pass takes the longer of its bytes and its instructions.
+    issue_cast_ms = ((elements["inputs"] + elements["weights"] - ffn) * ns("e4m3")
+                     + ffn * ns("e4m3", "gelu") + (elements["gradients"] - ffn) * ns(GRAD_FORMAT)
+                     + ffn * ns(GRAD_FORMAT, "gelu_grad")) / 1e6
     remainder_ms = bf16_ms - bf16_gemm_ms
     fp8_ms = remainder_ms - gelu_ms + fp8_gemm_ms + cast_ms
     unfused_ms = remainder_ms + fp8_gemm_ms + unfused_cast_ms
@@ -171,6 +196,7 @@ def predict_case(case: dict, bf16_ms: float, ceilings: dict, report: list[dict],
            "other_tflop": (total - gemm) / 1e12, "fp8_gemm_share": gemm / total,
            "bf16_step_ms": bf16_ms, "bf16_gemm_ms": bf16_gemm_ms, "remainder_ms": remainder_ms,
            "fp8_gemm_ms": fp8_gemm_ms, "cast_gb": cast_bytes / 1e9, "cast_ms": cast_ms,
+           "cast_ms_if_issue_bound": issue_cast_ms,
            "bias_gelu_gb": gelu_bytes / 1e9, "bias_gelu_ms": gelu_ms,
            "fp8_remainder_ms": remainder_ms - gelu_ms,
            # three operands per GEMM (x, W, dY), each cast in LAUNCHES_PER_CAST kernels
@@ -227,7 +253,7 @@ def _relative(path: Path) -> str:
 COLUMNS = ("seq", "batch", "scaling", "FP8 GEMM share of FLOPs", "bf16 ms (GEMM + rest)",
            "fp8 ms (GEMM + casts + rest - bias-GELU)", "speedup", "fp8 tokens/s",
            "unfused: fp8 ms (casts), speedup, tokens/s", "rest for 1.3x, ms", "rest for 250k tokens/s, ms",
-           "speedup, GEMMs at 80%")
+           "speedup, GEMMs at 80%", "casts if issue-bound, ms")
 
 
 def _cells(r: dict) -> tuple:
@@ -240,7 +266,7 @@ def _cells(r: dict) -> tuple:
             f"{u['fp8_step_ms']:.1f} ({u['cast_ms']:.1f}), {u['speedup']:.2f}x, "
             f"{u['fp8_tokens_s'] / 1e3:.0f}k",
             f"{r['remainder_ms_for_target']:.1f}", f"{r['remainder_ms_for_tokens_target']:.1f}",
-            f"{r['speedup_if_gemms_at']['0.8']:.2f}x")
+            f"{r['speedup_if_gemms_at']['0.8']:.2f}x", f"{r['cast_ms_if_issue_bound']:.1f}")
 
 
 def markdown(prediction: dict) -> str:

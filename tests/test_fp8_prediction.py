@@ -64,6 +64,22 @@ def test_fused_casts_bytes_per_element_come_from_the_report():
     assert got == {"delayed": [4, 4, 4, 6], "current": [6, 6, 6, 10]}
     assert fp.BIAS_GELU_BYTES == 12
 
+def test_issue_bound_cast_time_takes_the_longer_of_bytes_and_instructions():
+    """Per element: bytes at copy bandwidth against sm_90 instructions at 28 T/s. Plain delayed cast
+    (4 bytes, ~14 instructions) at 1000 GB/s: 4 ps against 0.5: memory. At 10,000 GB/s the bytes take
+    0.4 ps and the instructions decide; current scaling adds its amax pass."""
+    report = json.loads(fp.CAST_REPORT.read_text())
+    rows = {fp.row_key(r): r for r in report}
+    plain = rows["cast", "bf16", "e4m3", "delayed", "both", "-"]
+    assert fp.cast_ns_per_element(report, "delayed", "e4m3", 1000.0) == pytest.approx(0.004)
+    assert fp.cast_ns_per_element(report, "delayed", "e4m3", 1e4) == \
+        pytest.approx(plain["instructions_per_element"] / 28e12 * 1e9)
+    gelu, amax = rows["cast", "bf16", "e4m3", "current", "both", "gelu"], rows["amax", "bf16", "-", "current", "-",
+                                                                                  "gelu"]
+    assert fp.cast_ns_per_element(report, "current", "e4m3", 1e4, "gelu") == pytest.approx(
+        (gelu["instructions_per_element"] + amax["instructions_per_element"]) / 28e12 * 1e9)
+
+
 def test_the_rest_of_the_step_is_attention_and_the_heads():
     """other = step - FP8 GEMMs, checked against attention + MLM head + pooler counted by hand
     (forward x 3), at seq 128 batch 128 with 20 predictions per sequence."""
