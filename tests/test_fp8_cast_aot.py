@@ -69,7 +69,7 @@ def test_the_fused_gelu_casts_stay_near_memory_speed(prologue):
     on one MUFU.EX2 and one MUFU.RCP; libdevice's erff took 36, and Triton computed the GELU twice
     for the transposed copy until it was made to reread the bytes), more than a 4-6 byte pass has
     room for under the plain passes' budget. The delayed cast (the recipe run for speed: one pass)
-    is held under 7.5 per byte instead: memory-bound on an H100 (8.4), at most ~25% issue-bound on
+    is held under 7.5 per byte instead: memory-bound on an H100 (8.4), at most ~29% issue-bound on
     an H200 (4.8 TB/s: 5.8 per byte), and no spills (test_no_pass_spills)."""
     fmt = {"gelu": "e4m3", "gelu_grad": "e5m2"}[prologue]
     r = _row("cast", fmt, "delayed", "both", prologue)

@@ -11,9 +11,11 @@ Why: unfused, an FP8 FFN moves 8 bytes per element of the [tokens, 4 x hidden] a
 (bias + GELU reads y and writes h in bf16, the cast reads h and writes two fp8 copies) and 12
 backward (the GELU backward reads dh and y and writes dy in bf16, the bias sum and the cast read dy,
 the cast writes two fp8 copies). Fused: 4 forward (y in, two fp8 copies out) and 6 backward (dh
-and y in, two fp8 copies out), 10 bytes fewer. At BERT-large seq 128 x 128 that is 16 GB per
-step, 3.8 ms at H200 copy bandwidth (bench/fp8_prediction.py). Transformer Engine fuses the same
-pair (its LayerNormMLP's FP8 GELU and its dgelu + cast + transpose + dbias kernel).
+and y in, two fp8 copies out), 10 bytes fewer under delayed scaling (current scaling's amax
+passes read y, then dh and y, in both forms: 8 fewer). At BERT-large seq 128 x 128 that is 16 GB
+per step delayed (13 current), 3.8 ms at H200 copy bandwidth (bench/fp8_prediction.py).
+Transformer Engine fuses the same pair (its LayerNormMLP's FP8 GELU and its dgelu + cast +
+transpose + dbias kernel).
 
 Autograd across two modules: the second GEMM is another `Linear` (DeepSpeed ZeRO-3 gathers each
 module's parameters around its own forward), so the result is an `Fp8Activation`: the cast,

@@ -133,11 +133,13 @@ def test_the_fused_casts_change_no_bit_of_the_gemms(scaling, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("mode", ["current", "delayed"])
-def test_compiled_gelu_casts_round_the_float64_values(mode):
-    """kernels/fp8_cast.py's GELU prologues with the hardware conversion and libdevice's erf/exp,
+def test_compiled_gelu_casts_round_the_float64_values(mode, approximate):
+    """kernels/fp8_cast.py's GELU prologues with the hardware conversion and ex2.approx / rcp.approx,
     at BERT-large's FFN width (tokens x 4096, padded rows), against float64 as the CPU tests check
-    the interpreted ones (tests/test_fp8_gelu_cast.py)."""
+    the interpreted ones (tests/test_fp8_gelu_cast.py); each transposed copy, reread from the bytes
+    the pass has just stored, equal to its row-major one byte for byte."""
     from test_fp8_gelu_cast import _TOL, _assert_rounds, _gelu64, _gelu_grad64
 
     from bert_fast.kernels import fp8_cast as fc
@@ -152,12 +154,14 @@ def test_compiled_gelu_casts_round_the_float64_values(mode):
                                                  amax_now=torch.zeros(3, device="cuda"))
 
     u = y.double() + bias.double()
-    q, qt, inv, _ = fc.cast_gelu(y, bias, fc.E4M3, rows=1008, cols=4096, transpose=True, **args())
+    q, qt, inv, _ = fc.cast_gelu(y, bias, fc.E4M3, approximate, rows=1008, cols=4096, transpose=True,
+                                 **args())
     assert torch.equal(qt.view(torch.uint8), q.view(torch.uint8).t()) and not q.view(torch.uint8)[1000:].any()
-    _assert_rounds(q[:1000], _gelu64(u, "none"), _TOL * (u.abs() + 1), 1 / inv.item(), fc.E4M3)
-    q, qt, inv, _, dbias = fc.cast_gelu_grad(grad, y, bias, fc.E5M2, rows=1008, cols=4096, transpose=True,
-                                             **args())
-    exact = grad.double() * _gelu_grad64(u, "none")
+    _assert_rounds(q[:1000], _gelu64(u, approximate), _TOL * (u.abs() + 1), 1 / inv.item(), fc.E4M3)
+    q, qt, inv, _, dbias = fc.cast_gelu_grad(grad, y, bias, fc.E5M2, approximate, rows=1008, cols=4096,
+                                             transpose=True, **args())
+    assert torch.equal(qt.view(torch.uint8), q.view(torch.uint8).t()) and not q.view(torch.uint8)[1000:].any()
+    exact = grad.double() * _gelu_grad64(u, approximate)
     slack = _TOL * grad.double().abs() * (1 + u.abs())
     _assert_rounds(q[:1000], exact, slack, 1 / inv.item(), fc.E5M2)
     assert ((dbias.double() - exact.sum(0)).abs() <= 1e-6 * 1000 * exact.abs().sum(0) + slack.sum(0)).all()
