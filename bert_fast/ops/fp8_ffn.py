@@ -73,6 +73,8 @@ class _Fp8LinearGelu(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, *_):
+        if grad is None:  # grads are not materialised: nothing reached the activation
+            return (None,) * 9
         qt_x, qt_w, inv_x, inv_w, y, bias = ctx.saved_tensors
         state = ctx.state
         m, k, n = ctx.shapes
