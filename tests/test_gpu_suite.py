@@ -3,12 +3,14 @@ parses, its dry run lists every step, every GPU benchmark is one of them, --only
 gathering a results folder yields at most 8 files with valid JSON."""
 
 import json
+import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 import pytest
+from together import run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
@@ -136,21 +138,42 @@ def test_gather_keeps_the_end_of_a_huge_build_log(tmp_path, monkeypatch):
 
 
 KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "e2e", "fp8_cast"]
+# Two queues of about equal length, one core each: e2e alone (34 s at one thread) is as long as the
+# other six together (30 s).
+_BENCH_QUEUES = (["e2e"], ["optim", "attention", "mlm_loss", "fp8_cast", "embeddings", "layernorm"])
+
+
+@pytest.fixture(scope="module")
+def bench_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every kernel benchmark's CPU mode (tiny sizes, torch reference only; --strict turns any
+    provider error into a failure), one thread each, two at a time: the timings are not looked at."""
+    root = tmp_path_factory.mktemp("benches")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def run(name: str) -> tuple[subprocess.CompletedProcess, Path]:
+        out = root / name
+        return subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--device", "cpu", "--quick",
+                               "--strict", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
+                              env=env), out
+
+    queues = run_together(*(lambda names=names: {n: run(n) for n in names} for names in _BENCH_QUEUES))
+    return {name: result for queue in queues for name, result in queue.items()}
+
+
+def test_the_bench_queues_hold_every_kernel_bench_once():
+    assert sorted(n for queue in _BENCH_QUEUES for n in queue) == sorted(KERNEL_BENCHES)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", KERNEL_BENCHES)
-def test_bench_cpu_mode_writes_valid_json(name, tmp_path):
-    # The CPU mode: tiny sizes, torch reference only; --strict turns any provider error into a failure.
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--device", "cpu",
-                           "--quick", "--strict", "--out", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT)
+def test_bench_cpu_mode_writes_valid_json(name, bench_runs):
+    done, out = bench_runs[name]
     assert done.returncode == 0, done.stderr[-3000:]
-    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    saved = json.loads((out / f"{name}.json").read_text())
     ok = [r for r in saved["rows"] if r["status"] == "ok"]
     assert ok and all(r["ms"] > 0 for r in ok), saved["rows"]
     assert saved["meta"]["device"].startswith("cpu")
-    assert (tmp_path / f"{name}.md").read_text().startswith(f"# {name}")
+    assert (out / f"{name}.md").read_text().startswith(f"# {name}")
 
 
 def test_every_kernel_bench_is_checked():
