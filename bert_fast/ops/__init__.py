@@ -24,7 +24,7 @@ from bert_fast.backends import ATTENTION_IMPLS, BACKENDS
 from bert_fast.kernels.checks import FLOAT_DTYPES, INT_DTYPES, check_same, check_tensor
 from bert_fast.labels import IGNORE_INDEX
 from bert_fast.ops import extension, padding
-from bert_fast.ops.bias_gelu_ext import bias_gelu_reference, bias_gelu_unchecked, check_args
+from bert_fast.ops.bias_gelu_ext import APPROXIMATIONS, bias_gelu_reference, bias_gelu_unchecked, check_args
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -116,17 +116,15 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, appro
     the activation comes back already cast for that GEMM (an `Fp8Activation`, for `linear` with
     fp8=fp8_next): bias + GELU run inside the FP8 casts (bert_fast/ops/fp8_ffn.py), unless
     `fp8_ffn.FUSE_GELU` is off."""
-    if fp8 is None or fp8_next is None:
-        return bias_gelu(linear(x, weight, fp8=fp8, record=record), bias, approximate, backend=backend)
     from bert_fast.ops import fp8_ffn
 
-    if not fp8_ffn.FUSE_GELU:
+    if fp8 is None or fp8_next is None or not fp8_ffn.FUSE_GELU:
         return bias_gelu(linear(x, weight, fp8=fp8, record=record), bias, approximate, backend=backend)
     _check_fp8_linear(x, weight, bias, fp8)
     if not isinstance(fp8_next, type(fp8)):
         raise TypeError(f"fp8_next must be a bert_fast.ops.fp8.Fp8State, got {type(fp8_next).__name__}")
-    if approximate not in ("none", "tanh"):
-        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    if approximate not in APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
     return fp8_ffn.fp8_linear_gelu(x, weight, bias, fp8, fp8_next, approximate=approximate, record=record)
 
 

@@ -407,6 +407,40 @@ def _gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a, inv_b, out_dtype, emulate, 
     return out if out.shape == (rows, cols) else out[:rows, :cols]
 
 
+def _forward_gemm(ctx, x2d, weight, state, record, emulate, given=None):
+    """The forward both FP8 autograd functions share: x cast (unless `given`: made, and recorded,
+    by the op before, bert_fast/ops/fp8_ffn.py, whose x2d only carries the gradient) and W cast,
+    y = q(x) @ q(W)^T, and on ctx what `_backward_gemms` reads. Returns (y, the tensors to save
+    for it: q(X)^T and q(W)^T where a gradient needs them, and their inverse scales)."""
+    grad_x, grad_w = ctx.needs_input_grad[:2]
+    cx = given if given is not None else cast(x2d, E4M3, state, _INPUT, record, transpose=grad_w)
+    cw = _cast_weight(weight, state, record, transpose=grad_x)
+    ctx.state, ctx.record, ctx.emulate = state, record, emulate
+    ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
+    ctx.shapes = (x2d.shape[0], x2d.shape[1], weight.shape[0])
+    y = _gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0],
+              uses_fast_accum(state))
+    return y, (cx.qt if grad_w else None, cw.qt if grad_x else None, cx.inv, cw.inv)
+
+
+def _grad_dtype(state: Fp8State | None) -> torch.dtype:
+    return state.recipe.grad_dtype if state is not None else E5M2
+
+
+def _backward_gemms(ctx, cg: Cast, saved) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dX = q(dY) @ q(W) and dW = q(dY)^T @ q(X), where wanted, from the output gradient's cast
+    and what `_forward_gemm` saved."""
+    qt_x, qt_w, inv_x, inv_w = saved
+    m, k, n = ctx.shapes
+    want_x, want_w = ctx.needs_input_grad[:2]
+    grad_x = grad_w = None
+    if want_x:  # dX [M, K] = q(dY) [M, N] @ q(W) [N, K]
+        grad_x = _gemm(cg.q, qt_w, cg.inv, inv_w, ctx.x_dtype, ctx.emulate, m, k)
+    if want_w:  # dW [N, K] = q(dY)^T [N, M] @ q(X) [M, K]
+        grad_w = _gemm(cg.qt, qt_x, cg.inv, inv_x, ctx.w_dtype, ctx.emulate, n, k)
+    return grad_x, grad_w
+
+
 class _Fp8Linear(torch.autograd.Function):
     """y = q(x) @ q(W)^T; dX = q(dY) @ q(W); dW = q(dY)^T @ q(X). The forward keeps only what the
     backward reads, the transposed copies q(X)^T and q(W)^T (half the bytes of bf16 ones), which
@@ -414,32 +448,16 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, state, record, emulate, given):
-        grad_x, grad_w = ctx.needs_input_grad[:2]
-        # given: x2d's cast made (and recorded) by the op before (bert_fast/ops/fp8_ffn.py), whose
-        # x2d only carries the gradient.
-        cx = given if given is not None else cast(x2d, E4M3, state, _INPUT, record, transpose=grad_w)
-        cw = _cast_weight(weight, state, record, transpose=grad_x)
-        ctx.save_for_backward(cx.qt if grad_w else None, cw.qt if grad_x else None, cx.inv, cw.inv)
-        ctx.state, ctx.record, ctx.emulate = state, record, emulate
-        ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
-        ctx.shapes = (x2d.shape[0], x2d.shape[1], weight.shape[0])
-        return _gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0],
-                     uses_fast_accum(state))
+        y, saved = _forward_gemm(ctx, x2d, weight, state, record, emulate, given)
+        ctx.save_for_backward(*saved)
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        qt_x, qt_w, inv_x, inv_w = ctx.saved_tensors
-        state = ctx.state
-        m, k, n = ctx.shapes
         want_x, want_w = ctx.needs_input_grad[:2]
-        grad_dtype = state.recipe.grad_dtype if state is not None else E5M2
-        cg = cast(grad, grad_dtype, state, _GRAD, ctx.record, rowwise=want_x, transpose=want_w)
-        grad_x = grad_w = None
-        if want_x:  # dX [M, K] = q(dY) [M, N] @ q(W) [N, K]
-            grad_x = _gemm(cg.q, qt_w, cg.inv, inv_w, ctx.x_dtype, ctx.emulate, m, k)
-        if want_w:  # dW [N, K] = q(dY)^T [N, M] @ q(X) [M, K]
-            grad_w = _gemm(cg.qt, qt_x, cg.inv, inv_x, ctx.w_dtype, ctx.emulate, n, k)
-        return grad_x, grad_w, None, None, None, None
+        cg = cast(grad, _grad_dtype(ctx.state), ctx.state, _GRAD, ctx.record, rowwise=want_x,
+                  transpose=want_w)
+        return *_backward_gemms(ctx, cg, ctx.saved_tensors), None, None, None, None
 
 
 def uses_fast_accum(state: Fp8State | None) -> bool:

@@ -53,17 +53,12 @@ class _Fp8LinearGelu(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2d, weight, bias, state, next_state, record, emulate, approximate, transpose):
-        grad_x, grad_w = ctx.needs_input_grad[:2]
-        cx = fp8.cast(x2d, E4M3, state, _INPUT, record, transpose=grad_w)
-        cw = fp8._cast_weight(weight, state, record, transpose=grad_x)
-        y = fp8._gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0],
-                      fp8.uses_fast_accum(state))
+        y, saved = fp8._forward_gemm(ctx, x2d, weight, state, record, emulate)
         # h^T is what the next GEMM's weight gradient reads: made when autograd records.
         ch = fp8.cast(y, E4M3, next_state, _INPUT, record, transpose=transpose, bias=bias,
                       approximate=approximate)
-        ctx.save_for_backward(cx.qt if grad_w else None, cw.qt if grad_x else None, cx.inv, cw.inv, y, bias)
-        ctx.state, ctx.record, ctx.emulate, ctx.approximate = state, record, emulate, approximate
-        ctx.shapes = (x2d.shape[0], x2d.shape[1], weight.shape[0])
+        ctx.save_for_backward(*saved, y, bias)
+        ctx.approximate = approximate
         anchor = torch.empty_strided(y.shape, (0, 0), dtype=y.dtype, device=y.device)  # never read
         qt = ch.qt if ch.qt is not None else ch.q.new_empty(0)
         ctx.mark_non_differentiable(ch.q, qt, ch.inv, ch.amax)
@@ -75,20 +70,12 @@ class _Fp8LinearGelu(torch.autograd.Function):
     def backward(ctx, grad, *_):
         if grad is None:  # grads are not materialised: nothing reached the activation
             return (None,) * 9
-        qt_x, qt_w, inv_x, inv_w, y, bias = ctx.saved_tensors
-        state = ctx.state
-        m, k, n = ctx.shapes
+        *saved, y, bias = ctx.saved_tensors
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        grad_dtype = state.recipe.grad_dtype if state is not None else fp8.E5M2
-        cg = fp8.cast(grad, grad_dtype, state, _GRAD, ctx.record, rowwise=want_x,
+        cg = fp8.cast(grad, fp8._grad_dtype(ctx.state), ctx.state, _GRAD, ctx.record, rowwise=want_x,
                       transpose=want_w or not want_x, bias=bias, pre=y, approximate=ctx.approximate)
-        grad_x = grad_w = None
-        if want_x:  # dX [M, K] = q(g) [M, N] @ q(W) [N, K]
-            grad_x = fp8._gemm(cg.q, qt_w, cg.inv, inv_w, y.dtype, ctx.emulate, m, k)
-        if want_w:  # dW [N, K] = q(g)^T [N, M] @ q(X) [M, K]
-            grad_w = fp8._gemm(cg.qt, qt_x, cg.inv, inv_x, y.dtype, ctx.emulate, n, k)
         grad_b = cg.dbias.to(bias.dtype) if want_b else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return *fp8._backward_gemms(ctx, cg, saved), grad_b, None, None, None, None, None, None
 
 
 def fp8_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, state: Fp8State | None,
@@ -104,9 +91,3 @@ def fp8_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s
     cast = Cast(q, qt if qt.numel() else None, inv, amax)
     return Fp8Activation(anchor.reshape(*x.shape[:-1], weight.shape[0]), cast)
 
-
-def activation_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, s_x: torch.Tensor,
-                         s_w: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """gelu(fp8 forward + bias) in float64 from the same quantised operands (the test oracle)."""
-    y = fp8.linear_reference(x, weight, s_x, s_w) + bias.double()
-    return torch.nn.functional.gelu(y, approximate=approximate)
