@@ -443,7 +443,6 @@ def cast_gelu(y: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, approxima
     """`cast` of gelu(y + bias), computed in float32 and never stored in y's dtype: the FFN's first
     GEMM's epilogue and the second GEMM's input cast in one pass (bias [N], y's dtype; approximate
     'none' (erf) or 'tanh'). Returns (q, qt, inv_scale, amax) of the activation."""
-    _check_bias(y, bias, approximate)
     return _checked(y, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bias, None,
                     approximate)[:4]
 
@@ -456,28 +455,24 @@ def cast_gelu_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, dtyp
     the GELU (float32, never stored in grad's dtype), and the bias gradient: returns (q, qt,
     inv_scale, amax, dbias), dbias [N] float32 = that gradient's column sums (unscaled, before the
     cast; summed over row blocks in a fixed order, so it is deterministic). y: [M, N] like grad."""
-    _check_bias(grad, bias, approximate)
-    if not isinstance(y, torch.Tensor) or y.shape != grad.shape or y.dtype not in DTYPES \
-            or y.device != grad.device:
-        raise ValueError(f"y must be a float tensor of grad's shape {tuple(grad.shape)} on {grad.device}, "
-                         "got "
-                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
-    if y.stride() != grad.stride():
-        y, grad = y.contiguous(), grad.contiguous()
     q, qt, inv, amax, dbias = _checked(grad, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose,
                                        bias, y, approximate)
     return q, qt, inv, amax, dbias[:grad.shape[1]]
 
 
-def _check_bias(x, bias, approximate: str) -> None:
+def _check_prologue(x: torch.Tensor, bias, pre, approximate: str) -> None:
+    """The GELU casts' own arguments (x, the tensor cast, is a checked 2-D float tensor by then)."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
     if not isinstance(bias, torch.Tensor) or bias.dim() != 1 or bias.dtype not in DTYPES \
-            or getattr(x, "dim", lambda: 0)() != 2 or bias.shape[0] != x.shape[1] or bias.device != x.device:
+            or bias.shape[0] != x.shape[1] or bias.device != x.device:
         raise ValueError(f"bias must be a 1-D float tensor of x's width on x's device, got "
                          f"{getattr(bias, 'dtype', type(bias).__name__)} "
-                         f"{tuple(getattr(bias, 'shape', ()))} for x "
-                         f"{tuple(getattr(x, 'shape', ()))}")
+                         f"{tuple(getattr(bias, 'shape', ()))} for x {tuple(x.shape)}")
+    if pre is not None and (not isinstance(pre, torch.Tensor) or pre.shape != x.shape
+                            or pre.dtype not in DTYPES or pre.device != x.device):
+        raise ValueError(f"y must be a float tensor of grad's shape {tuple(x.shape)} on {x.device}, got "
+                         f"{getattr(pre, 'dtype', type(pre).__name__)} {tuple(getattr(pre, 'shape', ()))}")
 
 
 def _checked(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bias, pre, approximate):
@@ -489,7 +484,9 @@ def _checked(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bi
                          f"{getattr(x, 'dtype', type(x).__name__)} of shape {tuple(getattr(x, 'shape', ()))}")
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
-    if x.stride(-1) != 1:
+    if bias is not None:
+        _check_prologue(x, bias, pre, approximate)
+    if x.stride(-1) != 1 or (pre is not None and pre.stride() != x.stride()):  # pre is read with x's strides
         x = x.contiguous()
         pre = None if pre is None else pre.contiguous()
     rows, cols = rows or x.shape[0], cols or x.shape[1]
