@@ -106,32 +106,33 @@ def ffn_elements(config: BertConfig, tokens: int) -> int:
     return config.num_hidden_layers * tokens * config.intermediate_size
 
 
-def cast_bytes_per_element(report: list[dict], scaling: str, fp8: str, prologue: str = "-") -> int:
-    """Bytes a bf16 element costs to cast under `scaling` (the AOT report's rows): the cast pass
-    writing both layouts, plus the amax pass's read under current scaling (under delayed scaling
-    it reads nothing once the amax history holds a step). `prologue` "gelu" / "gelu_grad": the
-    casts with the FFN's bias + GELU (its gradient) fused in, which read y (dh and y)."""
-    rows = {row_key(r): r["bytes_per_element"] for r in report}
+def cast_passes(report: list[dict], scaling: str, fp8: str, prologue: str = "-") -> list[dict]:
+    """The AOT report's rows of what casting a bf16 element costs under `scaling`: the cast pass
+    writing both layouts, plus the amax pass under current scaling (under delayed scaling it reads
+    nothing once the amax history holds a step). `prologue` "gelu" / "gelu_grad": the casts with
+    the FFN's bias + GELU (its gradient) fused in, which read y (dh and y)."""
+    rows = {row_key(r): r for r in report}
+    keys = [("cast", "bf16", fp8, scaling, "both", prologue)]
+    if scaling == "current":
+        keys.append(("amax", "bf16", "-", scaling, "-", prologue))
     try:
-        total = rows["cast", "bf16", fp8, scaling, "both", prologue]
-        if scaling == "current":
-            total += rows["amax", "bf16", "-", scaling, "-", prologue]
+        return [rows[k] for k in keys]
     except KeyError as err:
         raise ValueError(f"{CAST_REPORT.name} has no row {err}: rerun bench/fp8_cast.py "
                          "--compile-report") from None
-    return total
+
+
+def cast_bytes_per_element(report: list[dict], scaling: str, fp8: str, prologue: str = "-") -> int:
+    """Bytes a bf16 element costs to cast (`cast_passes`)."""
+    return sum(r["bytes_per_element"] for r in cast_passes(report, scaling, fp8, prologue))
 
 
 def cast_ns_per_element(report: list[dict], scaling: str, fp8: str, copy_gbs: float,
                         prologue: str = "-") -> float:
-    """Nanoseconds a bf16 element costs to cast when each pass (as in cast_bytes_per_element) takes
-    the longer of its bytes at `copy_gbs` and its sm_90 instructions at ISSUE_RATE."""
-    rows = {row_key(r): r for r in report}
-    passes = [rows["cast", "bf16", fp8, scaling, "both", prologue]]
-    if scaling == "current":
-        passes.append(rows["amax", "bf16", "-", scaling, "-", prologue])
+    """Nanoseconds a bf16 element costs to cast when each pass (`cast_passes`) takes the longer of
+    its bytes at `copy_gbs` and its sm_90 instructions at ISSUE_RATE."""
     return sum(max(r["bytes_per_element"] / copy_gbs, r["instructions_per_element"] / ISSUE_RATE * 1e9)
-               for r in passes)
+               for r in cast_passes(report, scaling, fp8, prologue))
 
 
 def _bf16_row(e2e: dict, case: dict, provider: str, path: Path) -> dict:
