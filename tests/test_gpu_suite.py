@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
 # Scripts in bench/ that are not GPU benchmarks of their own.
 NOT_GPU_BENCHES = {"harness.py", "gather.py", "ceilings.py", "data.py", "attention_dropout_variants.py",
-                   "packing.py", "junit_report.py", "checkpoint.py", "fp8_prediction.py"}
+                   "packing.py", "junit_report.py", "checkpoint.py", "fp8_prediction.py",
+                   "kernel_categories.py"}
 
 
 def run_suite(*args):
