@@ -1,7 +1,9 @@
-"""bench/kernel_categories.py: kernel names from real H100 traces and our own kernels land in their
-categories, busy time is the union of overlapping kernels (checked against a microsecond-grid
-count), and the per-step arithmetic adds up."""
+"""bench/step_profile.py and bench/kernel_categories.py: kernel names from real H100 traces and our
+own kernels land in their categories, busy time is the union of overlapping kernels (checked
+against a microsecond-grid count), the per-step arithmetic adds up, and a CPU run of the bench on
+BERT-tiny writes every category with percentages that sum to 100."""
 
+import json
 import random
 import sys
 from pathlib import Path
@@ -211,3 +213,26 @@ def test_kernels_from_events_keeps_device_work_only():
                                                      K("Optimizer.step#FusedLAMB.step", 10, 20)]
     with pytest.raises(ValueError, match="device_type must be 'cuda' or 'cpu', got 'mps'"):
         kc.kernels_from_events(events, "mps")
+
+
+@pytest.mark.slow
+def test_cpu_run_writes_every_category(tmp_path, capsys):
+    import step_profile
+
+    rows = step_profile.main(["--device", "cpu", "--seq", "32", "--batch", "2", "--warmup", "1", "--steps", "2",
+                              "--providers", "torch,fast_packed", "--strict", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "step_profile.json").read_text())
+    assert saved["rows"] == json.loads(json.dumps(rows))
+    assert {"device", "torch", "triton", "commit", "date", "dtype"} <= set(saved["meta"])
+    ok, skipped = saved["rows"]
+    assert skipped["provider"] == "fast_packed" and skipped["status"].startswith("unavailable: ")
+    assert ok["status"] == "ok" and (ok["model"], ok["seq"], ok["batch"]) == ("tiny", 32, 2)
+    assert set(ok["categories"]) == set(kc.NAMES) and ok["launches"] > 0
+    assert sum(c["pct"] for c in ok["categories"].values()) + ok["idle_pct"] == pytest.approx(100, abs=0.01)
+    # The torch backend's step on real CPU traces: its GEMMs, attention and optimizer are recognised.
+    assert all(ok["categories"][c]["ms"] > 0 for c in ("gemm", "attention", "optimizer", "layernorm"))
+    assert 0 < ok["busy_ms"] <= 1.01 * ok["wall_ms"] and ok["ms"] > 0
+    table = (tmp_path / "step_profile.md").read_text()
+    assert table.startswith("# step_profile") and "| idle (gaps) |" in table
+    assert "### tiny, seq 32 x batch 2 (full lengths): torch" in table
+    assert "tiny, seq 32 x batch 2 (full lengths): torch: " in capsys.readouterr().out
