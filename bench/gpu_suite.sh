@@ -74,6 +74,7 @@ STEPS=(
     "build-wait|150|1|wait_build"
     "bench-e2e|150|1|$PY bench/e2e.py $Q"
     "fp8-prediction|15|1|$PY bench/fp8_prediction.py --results \$RESULTS --provider fast_packed || $PY bench/fp8_prediction.py --results \$RESULTS"
+    "bench-step_profile|45|1|$PY bench/step_profile.py $Q"
     "pretrain|90|1|run_pretrain"
     "pretrain-throughput|60|0|run_pretrain_throughput"
     "gpu-tests-train|200|0|$GPU_TEST tests/gpu/test_train_compiled_gpu.py --junitxml=\$RESULTS/pytest-gpu-train.xml"

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
 # Scripts in bench/ that are not GPU benchmarks of their own.
 NOT_GPU_BENCHES = {"harness.py", "gather.py", "ceilings.py", "data.py", "attention_dropout_variants.py",
-                   "packing.py", "junit_report.py", "checkpoint.py", "fp8_prediction.py"}
+                   "packing.py", "junit_report.py", "checkpoint.py", "fp8_prediction.py",
+                   "kernel_categories.py", "step_profile_report.py"}
 
 
 def run_suite(*args):
@@ -44,6 +45,8 @@ def test_dry_run_lists_every_step_and_benchmark():
     # The trainer runs once the extension is built (its fused optimizer needs it).
     assert steps.index("build-wait") < steps.index("bench-e2e") < steps.index("pretrain") \
         < steps.index("pretrain-throughput") < steps.index("gpu-tests-ext")
+    # The step profile right after the prediction whose "rest" it breaks down.
+    assert steps.index("bench-step_profile") == steps.index("fp8-prediction") + 1
     for script in sorted((ROOT / "bench").glob("*.py")):
         if script.name not in NOT_GPU_BENCHES:
             assert f"bench/{script.name}" in out, f"{script.name} is not in the GPU suite"
@@ -137,10 +140,10 @@ def test_gather_keeps_the_end_of_a_huge_build_log(tmp_path, monkeypatch):
     assert text.startswith("[build.log: its first 911 bytes left out]") and text.endswith("the error\n")
 
 
-KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "e2e", "fp8_cast"]
-# Two queues of about equal length, one core each: e2e alone (34 s at one thread) is as long as the
-# other six together (30 s).
-_BENCH_QUEUES = (["e2e"], ["optim", "attention", "mlm_loss", "fp8_cast", "embeddings", "layernorm"])
+KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "e2e", "fp8_cast", "step_profile"]
+# Two queues of about equal length, one core each: e2e alone (34 s at one thread) is about as long as
+# the other seven together (30 s, and 7 s of step_profile).
+_BENCH_QUEUES = (["e2e"], ["optim", "attention", "mlm_loss", "fp8_cast", "embeddings", "layernorm", "step_profile"])
 
 
 @pytest.fixture(scope="module")
