@@ -7,12 +7,13 @@ What is fused, per operand of a GEMM (x, W, dY):
   (`delayed`: the largest amax of the last steps, bert_fast/ops/fp8.py). Current scaling needs the amax
   before the first element is cast: an amax pass (read) and a cast pass (read, write): 2 launches.
   Delayed scaling knows its scale before the pass: the cast pass reads the tensor once, writes it
-  once and records its amax on the way (per-program partials, which a one-program finish launch
-  reduces, records into the state's `amax_now` and turns into 1 / scale): 2 launches, plus the
-  amax pass kept for a state whose history is empty (the first step: current scaling), which
-  otherwise returns at once. Eager PyTorch spends 25-40 launches per operand on the same
-  (abs, amax, the guards against 0 and non-finite amaxes, mul, clamp, cast; tests/test_fp8_cast.py
-  counts them).
+  once and records its amax on the way (per-program partials; the last program to finish its
+  tiles, found by an atomic ticket, reduces them, records the amax into the state's `amax_now` and
+  turns it into 1 / scale), plus the amax pass kept for a state whose history is empty (the first
+  step: current scaling), which otherwise only zeroes the ticket and returns: 2 launches. (A
+  separate one-program finish launch, as before, was 288 of a BERT-large step's launches.) Eager
+  PyTorch spends 25-40 launches per operand on the same (abs, amax, the guards against 0 and
+  non-finite amaxes, mul, clamp, cast; tests/test_fp8_cast.py counts them).
 - Each pass writes the row-major copy [rows, cols] and/or the transposed one [cols, rows] from the
   same tile (the backward's dX = dY W and dW = dY^T X read W^T, dY^T and X^T; `_scaled_mm` takes its
   first operand row-major and its second column-major), with rows and columns past the tensor's
@@ -123,9 +124,11 @@ def _scale_from_amax(amax, FP8_MAX: tl.constexpr):
 
 
 @triton.jit
-def _max_partials(P, n, BLOCK_P: tl.constexpr):
+def _max_partials(P, n, BLOCK_P: tl.constexpr, VOLATILE: tl.constexpr = False):
+    """The amax of n partials; VOLATILE for partials other programs of this launch wrote (not
+    through this SM's L1, which could hold stale lines)."""
     offs = tl.arange(0, BLOCK_P)
-    return _amax_of(tl.load(P + offs, mask=offs < n, other=0.0))
+    return _amax_of(tl.load(P + offs, mask=offs < n, other=0.0, volatile=VOLATILE))
 
 
 @triton.jit
@@ -222,13 +225,18 @@ def _fp8_amax_kernel(
     Pre, ColBias,  # the prologue's (_load_value): [n_rows, n_cols] like X, [n_cols]; unread for PROLOGUE 0
     Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (SKIP_IF_SCALED), else unread
     Partial,  # [programs] float32 out: each program's amax of |X| (NaN or inf: not finite)
+    Ticket,  # [1] int32 out, zeroed (SKIP_IF_SCALED): the delayed cast pass's arrival count
     n_rows, n_cols, stride_x_row, slot,
     SKIP_IF_SCALED: tl.constexpr, PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The amax pass: before a current-scaled cast, or for a delayed one whose history is empty
-    (Scale <= 0; with a scale it reads nothing)."""
+    (Scale <= 0; with a scale it reads nothing). Before a delayed cast it also zeroes the cast's
+    ticket, which a fresh allocation would otherwise need a memset launch for."""
     pid = tl.program_id(0)
+    if SKIP_IF_SCALED:
+        if pid == 0:
+            tl.store(Ticket, 0)
     tiles_n = tl.cdiv(n_cols, BLOCK_N)
     tiles = tl.cdiv(n_rows, BLOCK_M) * tiles_n
     if SKIP_IF_SCALED:
@@ -241,6 +249,24 @@ def _fp8_amax_kernel(
     tl.store(Partial + pid, _amax_of(acc))
 
 
+# A subroutine, not inlined: inlined, ptxas built the bf16 two-layout delayed cast with 189 registers
+# instead of 151 (2 CTAs per SM instead of 3); called, every pass's loop builds as before.
+@triton.jit(noinline=True)
+def _finish(Partial, n_partial, Scale, AmaxNow, InvScale, AmaxOut, slot, FP8_MAX: tl.constexpr,
+            RECORD: tl.constexpr, BLOCK_F: tl.constexpr):
+    """After a delayed-scaled cast, in its last program: amax, 1 / scale (NaN for a non-finite
+    tensor), and the step's amax record (a non-finite one left out)."""
+    amax = _max_partials(Partial, n_partial, BLOCK_F, True)
+    stored = tl.load(Scale + slot)
+    scale = tl.where(stored > 0, stored, _scale_from_amax(amax, FP8_MAX))
+    finite = amax < float("inf")
+    tl.store(InvScale, tl.where(finite, tl.math.div_rn(1.0, scale), float("nan")))
+    tl.store(AmaxOut, amax)
+    if RECORD:
+        now = tl.load(AmaxNow + slot)
+        tl.store(AmaxNow + slot, tl.where(finite, tl.maximum(now, amax), now))
+
+
 @triton.jit
 def _fp8_cast_kernel(
     X,  # [n_rows, n_cols], row stride stride_x_row, unit column stride
@@ -251,17 +277,20 @@ def _fp8_cast_kernel(
     Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (DELAYED); <= 0: current from AmaxIn
     AmaxIn,  # [n_amax_in] float32 partials of the amax pass (read under current scaling)
     Partial,  # [programs] float32 out: each program's amax, NaN kept (DELAYED)
-    InvScale,  # [1] float32 out: 1 / scale (current scaling; the finish kernel's under DELAYED)
-    AmaxOut,  # [1] float32 out: amax of |X|, NaN kept (current scaling)
+    Ticket,  # [1] int32, zero at launch (the amax pass zeroed it): programs done (DELAYED)
+    AmaxNow,  # [slot + 1] float32: AmaxNow[slot] is the state's amax of this step, max-updated (RECORD)
+    InvScale,  # [1] float32 out: 1 / scale (NaN for a non-finite X under DELAYED)
+    AmaxOut,  # [1] float32 out: amax of |X|, NaN kept
     n_rows, n_cols, out_rows, out_cols, stride_x_row, n_amax_in, slot,
     FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, SOFT: tl.constexpr,
-    DELAYED: tl.constexpr, ROWWISE: tl.constexpr, TRANSPOSE: tl.constexpr,
+    DELAYED: tl.constexpr, RECORD: tl.constexpr, ROWWISE: tl.constexpr, TRANSPOSE: tl.constexpr,
     PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """The cast pass over [out_rows, out_cols] tiles (zeros past [n_rows, n_cols]). Under PROLOGUE 2
     it also writes the gradient's column sums per row block (float32, before scaling: the bias
-    gradient, which a deterministic sum over the blocks finishes)."""
+    gradient, which a deterministic sum over the blocks finishes). Under DELAYED the last program
+    done finishes (`_finish`)."""
     pid = tl.program_id(0)
     if DELAYED:
         stored = tl.load(Scale + slot)
@@ -306,31 +335,17 @@ def _fp8_cast_kernel(
             tl.store(QT + cols.to(tl.int64)[None, :] * out_rows + rows[:, None], q, mask=out)
     if DELAYED:
         tl.store(Partial + pid, _amax_of(seen))
+        # Release this program's partial, then take a ticket: the program that draws the last one
+        # has seen every partial's release (acq_rel at GPU scope; the barrier first, so the whole
+        # CTA's work precedes the release whichever thread stored the partial).
+        tl.debug_barrier()
+        done = tl.atomic_add(Ticket, 1, sem="acq_rel", scope="gpu")
+        if done == tl.num_programs(0) - 1:
+            _finish(Partial, tl.num_programs(0), Scale, AmaxNow, InvScale, AmaxOut, slot, FP8_MAX, RECORD,
+                    BLOCK_F)
     elif pid == 0:
         tl.store(InvScale, tl.math.div_rn(1.0, scale))
         tl.store(AmaxOut, amax)
-
-
-@triton.jit
-def _fp8_finish_kernel(
-    Partial,  # [n_partial] float32: the cast pass's amaxes
-    Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale the cast used (<= 0: current)
-    AmaxNow,  # [slot + 1] float32: AmaxNow[slot] is the state's amax of this step, max-updated (RECORD)
-    InvScale, AmaxOut,  # [1] float32 out each
-    n_partial, slot,
-    FP8_MAX: tl.constexpr, RECORD: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """One program after a delayed-scaled cast: amax, 1 / scale (NaN for a non-finite tensor),
-    and the step's amax record (a non-finite one left out)."""
-    amax = _max_partials(Partial, n_partial, BLOCK_P)
-    stored = tl.load(Scale + slot)
-    scale = tl.where(stored > 0, stored, _scale_from_amax(amax, FP8_MAX))
-    finite = amax < float("inf")
-    tl.store(InvScale, tl.where(finite, tl.math.div_rn(1.0, scale), float("nan")))
-    tl.store(AmaxOut, amax)
-    if RECORD:
-        now = tl.load(AmaxNow + slot)
-        tl.store(AmaxNow + slot, tl.where(finite, tl.maximum(now, amax), now))
 
 
 # ------------------------------------------------------------------------------------- launchers
@@ -352,6 +367,12 @@ def programs(device: torch.device, rows: int, cols: int) -> int:
     tiles = max(1, triton.cdiv(rows, BLOCK_M) * triton.cdiv(cols, BLOCK_N))
     limit = PER_SM * _sm_count(device.index or 0) if device.type == "cuda" else 3
     return min(limit, tiles, FINISH_BLOCK)
+
+
+def _ticket(device: torch.device) -> torch.Tensor:
+    """The delayed cast pass's arrival count, allocated but not filled: the amax pass zeroes it
+    (a fill would be a launch of its own)."""
+    return torch.empty(1, dtype=torch.int32, device=device)
 
 
 def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_now: torch.Tensor | None,
@@ -379,25 +400,23 @@ def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_
     prologue_flags = dict(PROLOGUE=prologue, GELU_TANH=gelu_tanh)
     n_amax = programs(device, n_rows, n_cols)
     partial_in = torch.empty(n_amax, dtype=torch.float32, device=device)
+    ticket = _ticket(device)
     _launch(_fp8_amax_kernel, (n_amax,), traced)(
-        x, pre_arg, bias_arg, scale if delayed else inv, partial_in, n_rows, n_cols, x.stride(0), slot,
+        x, pre_arg, bias_arg, scale if delayed else inv, partial_in, ticket, n_rows, n_cols, x.stride(0),
+        slot,
         SKIP_IF_SCALED=delayed, SOFT=soft, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
         **prologue_flags)
     n_cast = programs(device, rows, cols)
     partial = torch.empty(n_cast if delayed else 1, dtype=torch.float32, device=device)
+    record = amax_now is not None
     _launch(_fp8_cast_kernel, (n_cast,), traced)(
         x, pre_arg, bias_arg, dbias if prologue == 2 else partial, q_arg if rowwise else qt_arg,
         qt_arg if transpose else q_arg, scale if delayed else inv,
-        partial_in, partial, inv, amax, n_rows, n_cols, rows, cols, x.stride(0), n_amax, slot,
-        FP8_MAX=top, MANT=mant, BIAS=exp_bias, SOFT=soft, DELAYED=delayed, ROWWISE=rowwise,
-        TRANSPOSE=transpose,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=triton.next_power_of_2(n_amax), num_warps=NUM_WARPS,
-        **prologue_flags)
-    if delayed:
-        record = amax_now is not None
-        _launch(_fp8_finish_kernel, (1,), traced)(
-            partial, scale, amax_now if record else partial, inv, amax, n_cast, slot,
-            FP8_MAX=top, RECORD=record, BLOCK_P=triton.next_power_of_2(n_cast), num_warps=4)
+        partial_in, partial, ticket, amax_now if record else partial, inv, amax, n_rows, n_cols, rows, cols,
+        x.stride(0), n_amax, slot,
+        FP8_MAX=top, MANT=mant, BIAS=exp_bias, SOFT=soft, DELAYED=delayed, RECORD=record, ROWWISE=rowwise,
+        TRANSPOSE=transpose, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=triton.next_power_of_2(n_amax),
+        BLOCK_F=triton.next_power_of_2(n_cast), num_warps=NUM_WARPS, **prologue_flags)
     if prologue == 2:  # the row blocks' column sums, added in a fixed order: deterministic
         dbias = dbias.sum(0)
     return q, qt, inv, amax, dbias

@@ -5,8 +5,9 @@ kernels/aot.py: what bench/results/aot/fp8_cast.json holds (`python bench/fp8_ca
 Rows: the amax pass and the cast pass per input dtype (bf16, what the model casts; fp32), per
 scaling (current: the scale from the amax pass; delayed: the state's, recording the amax in the
 same pass) and per layout written (row-major, transposed, both: what the backward GEMMs read),
-e4m3 for activations and weights, e5m2 for gradients; and the one-program finish. All as they
-launch: hardware conversion (SOFT=False), BLOCK_M x BLOCK_N tiles, NUM_WARPS.
+e4m3 for activations and weights, e5m2 for gradients (a delayed cast's last program also
+finishes: amax, 1 / scale and the record, outside the loop). All as they launch: hardware
+conversion (SOFT=False), BLOCK_M x BLOCK_N tiles, NUM_WARPS.
 
 The `prologue` column: "-" casts x itself; "gelu" casts gelu(y + b) (PROLOGUE 1, the FFN's
 activation for ffn_out, e4m3) and "gelu_grad" casts dh * gelu'(y + b) while summing the bias
@@ -52,7 +53,7 @@ def _prologue_flags(prologue: str) -> dict:
 
 
 def _amax(dtype: str, delayed: bool, prologue: str = "-") -> aot.AotSpec:
-    sig = _signature(fc._fp8_amax_kernel, _inputs(dtype, prologue))
+    sig = _signature(fc._fp8_amax_kernel, {**_inputs(dtype, prologue), "Ticket": "*i32"})
     flags = dict(SKIP_IF_SCALED=delayed, SOFT=False, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N,
                  **_prologue_flags(prologue))
     return aot.AotSpec(fc._fp8_amax_kernel, sig, flags, fc.NUM_WARPS, 3, divisible=("n_cols",))
@@ -62,18 +63,14 @@ def _cast(dtype: str, fmt: str, delayed: bool, rowwise: bool, transpose: bool,
           prologue: str = "-") -> aot.AotSpec:
     triton_fp8, (mant, bias, top) = _FP8[fmt]
     sig = _signature(fc._fp8_cast_kernel,
-                     {**_inputs(dtype, prologue), "Q": f"*{triton_fp8}", "QT": f"*{triton_fp8}"})
-    flags = dict(FP8_MAX=top, MANT=mant, BIAS=bias, SOFT=False, DELAYED=delayed, ROWWISE=rowwise,
-                 TRANSPOSE=transpose, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N, BLOCK_P=fc.FINISH_BLOCK,
-                 **_prologue_flags(prologue))
+                     {**_inputs(dtype, prologue), "Q": f"*{triton_fp8}", "QT": f"*{triton_fp8}",
+                      "Ticket": "*i32"})
+    flags = dict(FP8_MAX=top, MANT=mant, BIAS=bias, SOFT=False, DELAYED=delayed, RECORD=delayed,
+                 ROWWISE=rowwise, TRANSPOSE=transpose, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N,
+                 BLOCK_P=fc.FINISH_BLOCK, BLOCK_F=fc.FINISH_BLOCK, **_prologue_flags(prologue))
     # Padded sizes are multiples of 16 (what _scaled_mm wants); the input's columns are BERT's widths.
     return aot.AotSpec(fc._fp8_cast_kernel, sig, flags, fc.NUM_WARPS, 3,
                        divisible=("n_cols", "out_rows", "out_cols"))
-
-
-def _finish() -> aot.AotSpec:
-    flags = dict(FP8_MAX=448.0, RECORD=True, BLOCK_P=fc.FINISH_BLOCK)
-    return aot.AotSpec(fc._fp8_finish_kernel, _signature(fc._fp8_finish_kernel, {}), flags, 4, 3)
 
 
 LAYOUTS = {"rowwise": (True, False), "transposed": (False, True), "both": (True, True)}
@@ -109,8 +106,6 @@ def specs() -> list[tuple[dict, aot.AotSpec]]:
             out.append((dict(kernel="cast", dtype="bf16", fp8=fmt, scaling=scaling, layout="both",
                              prologue=prologue, bytes_per_element=read + 2),
                         _cast("bf16", fmt, delayed, True, True, prologue)))
-    out.append((dict(kernel="finish", dtype="fp32", fp8="e4m3", scaling="delayed", layout="-", prologue="-",
-                     bytes_per_element=0), _finish()))
     return out
 
 
@@ -124,7 +119,7 @@ def fp8_cast_report() -> list[dict]:
     rows = []
     for (config, _), r in zip(named, aot.compile_reports([s for _, s in named])):
         tile = fc.BLOCK_M * fc.BLOCK_N
-        per_element = (None if r.instructions_per_iteration is None or config["kernel"] == "finish"
+        per_element = (None if r.instructions_per_iteration is None
                        else round(r.instructions_per_iteration * 32 * r.num_warps / tile, 2))
         rows.append(dict(**config, block=f"{fc.BLOCK_M}x{fc.BLOCK_N}", num_warps=r.num_warps,
                          registers=r.registers, spills=r.spills, shared_bytes=r.shared_bytes,

@@ -86,6 +86,34 @@ def test_cast_equals_the_reference_bit_for_bit(shape, padded, dtype, mode):
             assert args["amax_now"].tolist() == [1.0, max(2.5, amax.item()), 3.0]  # its slot only
 
 
+# 300 x 200 is 10 tiles over 3 interpreted programs, in order: tile 0 is the first's, tile 2 (rows
+# 64-127, columns 0-127) the last's.
+@pytest.mark.parametrize("peak", [(0, 0), (64, 0)], ids=["first-program", "last-program"])
+def test_a_delayed_cast_finishes_in_its_last_program_from_a_stale_ticket(monkeypatch, peak):
+    """Delayed scaling's finish (amax, 1 / scale, the record) runs in the cast pass's program that
+    takes the last ticket, reading every program's partial. The ticket comes unfilled: the amax
+    pass must zero it, or no program (or the wrong one, before the rest are done) would finish.
+    The amax sits in the first program's tiles (the finisher reads another's partial) or in the
+    last one's (a finisher too early would not have it)."""
+    tickets = []
+
+    def stale(device):
+        tickets.append(torch.full((1,), 12345, dtype=torch.int32, device=device))
+        return tickets[-1]
+
+    monkeypatch.setattr(fc, "_ticket", stale)
+    x = torch.randn(300, 200)
+    x[peak] = 100.0
+    args, ref = _state_args("delayed"), _state_args("delayed")
+    q, qt, inv, amax = fc.cast(x, fc.E4M3, transpose=True, **args)
+    rq, rqt, rinv, ramax = fc.cast_reference(x, fc.E4M3, **ref)
+    assert torch.equal(inv, rinv) and amax == ramax == 100.0
+    assert torch.equal(args["amax_now"], ref["amax_now"]) and args["amax_now"][1] == 100.0
+    assert torch.equal(_bits(q), _bits(rq)) and torch.equal(_bits(qt), _bits(rqt))
+    programs = fc.programs(x.device, 300, 200)
+    assert programs > 1 and tickets[0].item() == programs  # each program arrived once, counted from 0
+
+
 @pytest.mark.parametrize("rowwise, transpose", [(True, False), (False, True)])
 def test_one_layout_alone_and_a_strided_input(rowwise, transpose):
     base = torch.randn(40, 96)
@@ -215,12 +243,13 @@ def _count_step(monkeypatch, scaling: str, kernels: bool) -> list[dict]:
 def test_launches_per_gemm_fall_from_about_90_to_under_12(monkeypatch, scaling):
     """The eager casts (what CUDA ran before these kernels): 56 + 35 launches per micro-batch under
     current scaling, 76 + 45 under delayed (commit b424900, bf16, this shape). The kernel path: per
-    operand 2 (current) or 3 (delayed) cast launches, the weight's only on the first micro-batch
+    operand 2 cast launches (amax, cast; delayed scaling's finish runs in the cast's last program),
+    the weight's only on the first micro-batch
     of an optimizer step (later ones reuse it; delayed scaling records its amax again: one op),
     and the three `_scaled_mm`; no transposes, pads or clones."""
     eager = _count_step(monkeypatch, scaling, kernels=False)
     fused = _count_step(monkeypatch, scaling, kernels=True)
-    per_cast = 2 if scaling == "current" else 3
+    per_cast = 2
     assert [c["kernels"] for c in fused] == [3 * per_cast, 2 * per_cast, 2 * per_cast]
     gemm_ops = {"_scaled_mm": 3}
     # Delayed scaling keeps the weight's amax to record it again (0 if not finite): once per step.

@@ -105,7 +105,7 @@ def test_fusing_replaces_the_gelu_ops_and_allocates_no_zero_gradients(scaling, m
     """Forward + backward of the FFN on the kernel path, as CUDA runs it: the fused casts take the
     place of bias + GELU, its backward and the bias sum (the same cast launches, 2 fewer ops),
     and autograd fills no zero gradients for the cast's outputs (4 [M, N]-sized memsets if it did).
-    Measured, delayed: 29 launches against 31 unfused."""
+    Measured, delayed: 23 launches against 25 unfused (29 and 31 with a finish launch per cast)."""
     monkeypatch.setattr(fp8, "_use_kernels", lambda device: True)
     monkeypatch.setattr(fp8, "_pads", lambda device: True)
     monkeypatch.setattr(fp8, "emulated", lambda device: False)  # torch._scaled_mm, as on CUDA
@@ -122,7 +122,7 @@ def test_fusing_replaces_the_gelu_ops_and_allocates_no_zero_gradients(scaling, m
     (fused, ops_fused), (unfused, ops_unfused) = counts[True], counts[False]
     assert fused == unfused - 2, counts
     assert not {"add", "gelu", "gelu_backward", "zeros", "zero_", "fill_"} & set(ops_fused), ops_fused
-    cast_kernels = ("_fp8_amax_kernel", "_fp8_cast_kernel", "_fp8_finish_kernel")
+    cast_kernels = ("_fp8_amax_kernel", "_fp8_cast_kernel")
     assert [ops_fused[k] for k in cast_kernels] == [ops_unfused[k] for k in cast_kernels]
 
 

@@ -27,7 +27,7 @@ fires; its amax is left out of the history, so one bad step does not poison the 
 Casts: on CUDA kernels/fp8_cast.py (one pass under delayed scaling: cast with the state's scale
 and record the amax; two under current: amax, then cast), writing the row-major copy the forward
 GEMM reads and the transposed one the backward reads (q(X)^T, q(W)^T and q(dY)^T, which the forward
-saves instead of q(X), q(W)), zero-padded for `_scaled_mm`: 2-3 launches per operand against the
+saves instead of q(X), q(W)), zero-padded for `_scaled_mm`: 2 launches per operand against the
 25-40 eager ops elsewhere (tests/test_fp8_cast.py counts them). A training forward casts a weight
 once per optimizer step (`_cast_weight`: later micro-batches and activation checkpointing's
 recomputation reuse the cast; under delayed scaling with its scale of the step's first forward).

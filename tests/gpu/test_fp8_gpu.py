@@ -113,6 +113,42 @@ def test_compiled_cast_kernels_equal_the_reference_bit_for_bit(shape, padded, dt
             assert torch.equal(args["amax_now"], ref["amax_now"])
 
 
+def test_every_delayed_cast_finishes_after_all_its_programs():
+    """Delayed scaling's finish runs in the cast pass's program that takes the last ticket (an
+    acq_rel atomic at GPU scope), which must see every program's amax partial. 64 casts back to back
+    with the amax in a different program's tile each time, then 16 replays of one captured cast
+    (the amax pass zeroes the ticket on every replay): each amax, inverse scale and record exact."""
+    from bert_fast.kernels import fp8_cast as fc
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8192, 1024, device="cuda", generator=g).bfloat16()  # 1024 tiles, one per program
+    scale, amax_now = torch.tensor([0.0, 4.0, 0.0], device="cuda"), torch.zeros(3, device="cuda")
+    peaks = torch.randperm(x.numel(), device="cuda", generator=g)[:64]
+    got, want = [], []
+    for i, peak in enumerate(peaks.tolist()):
+        y = x.clone()
+        y.view(-1)[peak] = 100.0 + i
+        _, _, inv, amax = fc.cast(y, torch.float8_e4m3fn, scale=scale, amax_now=amax_now, slot=1, transpose=True)
+        got.append(torch.stack([amax, inv]))
+        want.append(torch.stack([y.float().abs().max(), torch.tensor(0.25, device="cuda")]))
+    assert torch.equal(torch.stack(got), torch.stack(want))
+    assert amax_now.tolist() == [0.0, float(torch.stack(want)[:, 0].max()), 0.0]
+
+    y = x.clone()
+    fc.cast(y, torch.float8_e4m3fn, scale=scale, slot=1, transpose=True)  # compiled before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _, _, inv, amax = fc.cast(y, torch.float8_e4m3fn, scale=scale, slot=1, transpose=True)
+    got, want = [], []
+    for i, peak in enumerate(peaks[:16].tolist()):
+        y.copy_(x)
+        y.view(-1)[peak] = -200.0 - i
+        graph.replay()
+        got.append(torch.stack([amax, inv]))
+        want.append(torch.stack([y.float().abs().max(), torch.tensor(0.25, device="cuda")]))
+    assert torch.equal(torch.stack(got), torch.stack(want))
+
+
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
 def test_the_fused_casts_change_no_bit_of_the_gemms(scaling, monkeypatch):
     """fp8_linear with kernels/fp8_cast.py against the eager casts it replaced: the same FP8 bytes
