@@ -170,6 +170,9 @@ class Benchmark:
     cpu_providers: tuple[str, ...] = ("eager",)
     # Providers a GPU run takes by default, in this order (all when None); --providers names any.
     gpu_providers: tuple[str, ...] | None = None
+    # A GPU run's default order: (case, provider) -> priority, lower first (case by case when None),
+    # so the rows that matter most are measured before a time limit cuts the run.
+    gpu_priority: Callable[[dict, str], int] | None = None
     baseline: str = "eager"
     extra_args: Callable[[argparse.ArgumentParser], None] | None = None
     # Extra columns of a measured row (seq/s, MFU, ...): derive(case, row, device) -> dict.
@@ -267,6 +270,45 @@ class Benchmark:
         # A provider may leave columns of its own (bench/e2e.py: real tokens, syncs per step).
         return {"ms": med, "ms_p20": lo, "ms_p80": hi, "peak_mb": peak_mb, **inputs.get("row", {})}
 
+    def _plan(self, args, device, names, cases, modes) -> list[tuple[int, dict, str, str]]:
+        """(case index, case, mode, provider) in the order to run: case by case, each mode's
+        providers in turn, or on a GPU's default run by `gpu_priority` first (stably: the usual
+        order within a priority)."""
+        plan = [(i, case, mode, name) for i, case in enumerate(cases) for mode in modes for name in names]
+        if device.type == "cuda" and self.gpu_priority is not None and not args.providers:
+            plan.sort(key=lambda entry: self.gpu_priority(entry[1], entry[3]))
+        return plan
+
+    def _row(self, name, case, mode, device, dtype, args, bandwidth) -> dict:
+        row = {**case, "mode": mode, "provider": name, "status": "ok"}
+        try:
+            torch.manual_seed(0)
+            inputs = self.make_inputs(case, device, dtype)
+            row.update(self._measure(self.providers[name], inputs, case, mode, device))
+        except Unavailable as why:
+            row["status"] = f"unavailable: {why}"
+        except torch.cuda.OutOfMemoryError:
+            row["status"] = "out of memory"
+        except Exception as err:  # a broken peer must not cost the other rows
+            if args.strict:
+                raise
+            row["status"] = f"error: {type(err).__name__}: {err}"[:300]
+        finally:
+            inputs = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if row["status"] == "ok":
+            seconds = row["ms"] * 1e-3
+            if self.flops:
+                row["tflops"] = self.flops(case, mode) / seconds / 1e12
+            if self.bytes:
+                row["gbs"] = self.bytes(case, mode) / seconds / 1e9
+                if bandwidth:
+                    row["pct_bandwidth"] = 100 * row["gbs"] / bandwidth
+            if self.derive:
+                row.update(self.derive(case, row, device))
+        return row
+
     def run(self, args: argparse.Namespace) -> list[dict]:
         device = torch.device(args.device)
         dtype = DTYPES[args.dtype] if args.dtype else (
@@ -275,50 +317,24 @@ class Benchmark:
         meta = stamp(device, dtype)
         bandwidth = copy_bandwidth_gbs(str(device))
         meta["copy_gbs"] = bandwidth
-        rows: list[dict] = []
         out_dir = args.out or BENCH_DIR / "results" / device_slug(device)
-        for case in cases:
-            for mode in modes:
-                base_ms = None
-                for name in names:
-                    row = {**case, "mode": mode, "provider": name, "status": "ok"}
-                    try:
-                        torch.manual_seed(0)
-                        inputs = self.make_inputs(case, device, dtype)
-                        row.update(self._measure(self.providers[name], inputs, case, mode, device))
-                    except Unavailable as why:
-                        row["status"] = f"unavailable: {why}"
-                    except torch.cuda.OutOfMemoryError:
-                        row["status"] = "out of memory"
-                    except Exception as err:  # a broken peer must not cost the other rows
-                        if args.strict:
-                            raise
-                        row["status"] = f"error: {type(err).__name__}: {err}"[:300]
-                    finally:
-                        inputs = None
-                        if device.type == "cuda":
-                            torch.cuda.empty_cache()
-                    if row["status"] == "ok":
-                        seconds = row["ms"] * 1e-3
-                        if self.flops:
-                            row["tflops"] = self.flops(case, mode) / seconds / 1e12
-                        if self.bytes:
-                            row["gbs"] = self.bytes(case, mode) / seconds / 1e9
-                            if bandwidth:
-                                row["pct_bandwidth"] = 100 * row["gbs"] / bandwidth
-                        if self.derive:
-                            row.update(self.derive(case, row, device))
-                        if name == self.baseline:
-                            base_ms = row["ms"]
-                    rows.append(row)
-                    print(f"[{self.name}] {_describe(row)}", flush=True)
-                    # After every row, so a run stopped at its time limit (bench/gpu_suite.sh gives
-                    # each benchmark one) still leaves what it measured.
-                    write_results(out_dir, self.name, meta, rows, baseline=self.baseline, final=False)
-                for row in rows:  # speedup over the baseline measured beside it
-                    if row["mode"] == mode and row.get("ms") and base_ms and all(
-                            row.get(k) == v for k, v in case.items()):
-                        row["x_baseline"] = base_ms / row["ms"]
+        # Rows by where they stand in the tables (case, mode, provider), whatever order they ran in.
+        place = {(i, mode, name): n for n, (i, mode, name) in
+                 enumerate((i, mode, name) for i in range(len(cases)) for mode in modes for name in names)}
+        done: dict[tuple, dict] = {}
+        for i, case, mode, name in self._plan(args, device, names, cases, modes):
+            row = done[i, mode, name] = self._row(name, case, mode, device, dtype, args, bandwidth)
+            print(f"[{self.name}] {_describe(row)}", flush=True)
+            base = done.get((i, mode, self.baseline))
+            if base is not None and base["status"] == "ok":  # speedup over the baseline measured beside it
+                for (j, m, _), other in done.items():
+                    if (j, m) == (i, mode) and other.get("ms"):
+                        other["x_baseline"] = base["ms"] / other["ms"]
+            rows = [done[key] for key in sorted(done, key=place.__getitem__)]
+            # After every row, so a run stopped at its time limit (bench/gpu_suite.sh gives each
+            # benchmark one) still leaves what it measured.
+            write_results(out_dir, self.name, meta, rows, baseline=self.baseline, final=False)
+        rows = [done[key] for key in sorted(done, key=place.__getitem__)]
         write_results(out_dir, self.name, meta, rows, baseline=self.baseline)
         return rows
 

@@ -90,3 +90,55 @@ def test_a_provider_row_keeps_its_own_columns(tmp_path):
 
     rows = _bench({"eager": provider}, cpu_providers=("eager",)).main(["--out", str(tmp_path), "--modes", "forward"])
     assert all(r["real_tokens"] == 3 for r in rows)
+
+
+def test_a_gpu_priority_reorders_the_runs_not_the_tables(tmp_path, monkeypatch):
+    """On a GPU's default run `gpu_priority` picks what runs first (so a time limit cuts the rows
+    that matter least); the tables keep case, mode, provider order and each row's speedup is over
+    its own case's baseline, however late that ran."""
+    ran = []
+
+    def provider(name, scale):
+        def run(inputs, case):
+            ran.append((case["n"], name))
+            return (inputs["x"] * scale).sin()
+        return run
+
+    bench = _bench({"eager": provider("eager", 2), "fast": provider("fast", 3), "other": provider("other", 4)},
+                   cpu_providers=("eager", "fast", "other"))
+    # "fast" on the second case first, then every eager row, then the rest.
+    bench.gpu_priority = lambda case, name: 0 if (name, case["n"]) == ("fast", 256) else 1 if name == "eager" else 2
+    args = bench.parser().parse_args(["--out", str(tmp_path), "--modes", "forward"])
+    plan = bench._plan(args, torch.device("cuda"), ["eager", "fast", "other"], bench.cpu_cases, ["forward"])
+    assert [(case["n"], name) for _, case, _, name in plan] == [
+        (256, "fast"), (64, "eager"), (256, "eager"), (64, "fast"), (64, "other"), (256, "other")]
+    assert bench._plan(args, torch.device("cpu"), ["eager", "fast"], bench.cpu_cases, ["forward"]) == [
+        (0, bench.cpu_cases[0], "forward", "eager"), (0, bench.cpu_cases[0], "forward", "fast"),
+        (1, bench.cpu_cases[1], "forward", "eager"), (1, bench.cpu_cases[1], "forward", "fast")]
+    # The same order run on the CPU: the first row's baseline comes two rows later.
+    monkeypatch.setattr(bench, "_plan", lambda *a: plan)
+    rows = bench.main(["--out", str(tmp_path), "--modes", "forward"])
+    assert [(n, name) for n, name in dict.fromkeys(ran)] == [(case["n"], name) for _, case, _, name in plan]
+    assert [(r["n"], r["provider"]) for r in rows] == [
+        (64, "eager"), (64, "fast"), (64, "other"), (256, "eager"), (256, "fast"), (256, "other")]
+    for r in rows:
+        base = next(b for b in rows if b["n"] == r["n"] and b["provider"] == "eager")
+        assert r["x_baseline"] == base["ms"] / r["ms"]
+    assert json.loads((tmp_path / "toy.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_e2e_on_a_gpu_measures_issue_23s_rows_first():
+    """bench/e2e.py's default GPU run (about 70 BERT-large/base rows, 150 s in the GPU suite): the
+    FP8 and bf16 packed steps at seq 128 and 512 and the graphed FP8 step on the pipeline's seq-512
+    lengths come first, every row still runs once."""
+    import e2e
+
+    args = e2e.bench.parser().parse_args([])
+    names, cases, modes = e2e.bench._selected(args, torch.device("cuda"))
+    plan = [(c["seq"], c["lengths"], name) for _, c, _, name in
+            e2e.bench._plan(args, torch.device("cuda"), names, cases, modes)]
+    assert plan[:7] == [(128, "full", "torch"), (128, "full", "fast_packed"), (128, "full", "fast_packed_fp8"),
+                        (512, "full", "torch"), (512, "full", "fast_packed"), (512, "full", "fast_packed_fp8"),
+                        (512, "pipeline", "fast_graphed_fp8")]
+    everything = e2e.bench._plan(args, torch.device("cuda"), names, cases, modes)
+    assert sorted((i, n) for i, _, _, n in everything) == sorted((i, n) for i in range(len(cases)) for n in names)
