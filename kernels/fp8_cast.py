@@ -132,15 +132,23 @@ def _max_partials(P, n, BLOCK_P: tl.constexpr, VOLATILE: tl.constexpr = False):
 
 
 @triton.jit
-def _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """Tile `tile` (row-major order over [BLOCK_M, BLOCK_N] tiles) of X as float32, zeros outside;
-    also its row and column indices."""
+def _tile_index(tile, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row and column indices of tile `tile` (row-major order over [BLOCK_M, BLOCK_N] tiles). The
+    passes take them from here and hand them to the loads, never back from a load helper: torch's
+    mutation analysis of a triton_op's kernels (torch._higher_order_ops.triton_kernel_wrap) counts
+    every argument of a call whose result feeds a store's address as written, so torch.compile
+    would clone x, the tensor cast, around every cast (tests/test_fp8_cast.py checks the analysis)."""
     rows = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, cols
+
+
+@triton.jit
+def _load_tile(X, rows, cols, n_rows, n_cols, stride_x_row):
+    """X[rows, cols] as float32, zeros outside [n_rows, n_cols]; also that mask."""
     inside = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
     x = tl.load(X + rows.to(tl.int64)[:, None] * stride_x_row + cols[None, :], mask=inside, other=0.0)
-    return x.to(tl.float32), rows, cols, inside
+    return x.to(tl.float32), inside
 
 
 @triton.jit
@@ -202,21 +210,22 @@ def _gelu_grad(u, TANH: tl.constexpr, SOFT: tl.constexpr):
 
 
 @triton.jit
-def _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row, PROLOGUE: tl.constexpr,
-                GELU_TANH: tl.constexpr, SOFT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Tile `tile` of the tensor a pass casts, float32, zeros outside [n_rows, n_cols]: X itself
+def _load_value(X, Pre, ColBias, rows, cols, n_rows, n_cols, stride_x_row, PROLOGUE: tl.constexpr,
+                GELU_TANH: tl.constexpr, SOFT: tl.constexpr):
+    """The tile [rows, cols] of the tensor a pass casts, float32, zeros outside [n_rows, n_cols], and
+    that mask: X itself
     (PROLOGUE 0), gelu(X + ColBias) (1: the FFN's activation, cast for the second GEMM) or
     X * gelu'(Pre + ColBias) (2: its gradient, cast for the first GEMM's backward; Pre has X's strides)."""
-    x, rows, cols, inside = _load_tile(X, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
+    x, inside = _load_tile(X, rows, cols, n_rows, n_cols, stride_x_row)
     if PROLOGUE != 0:
         b = tl.load(ColBias + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         if PROLOGUE == 1:
             x = _gelu(x + b[None, :], GELU_TANH, SOFT)
         else:
-            u, _, _, _ = _load_tile(Pre, tile, tiles_n, n_rows, n_cols, stride_x_row, BLOCK_M, BLOCK_N)
+            u, _ = _load_tile(Pre, rows, cols, n_rows, n_cols, stride_x_row)
             x = x * _gelu_grad(u + b[None, :], GELU_TANH, SOFT)
         x = tl.where(inside, x, 0.0)  # gelu(0 + bias) is not 0: padding must stay 0
-    return x, rows, cols, inside
+    return x, inside
 
 
 @triton.jit
@@ -243,8 +252,9 @@ def _fp8_amax_kernel(
         tiles = tl.where(tl.load(Scale + slot) > 0, 0, tiles)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tile in range(pid, tiles, tl.num_programs(0)):
-        x, _, _, _ = _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row, PROLOGUE,
-                                 GELU_TANH, SOFT, BLOCK_M, BLOCK_N)
+        rows, cols = _tile_index(tile, tiles_n, BLOCK_M, BLOCK_N)
+        x, _ = _load_value(X, Pre, ColBias, rows, cols, n_rows, n_cols, stride_x_row, PROLOGUE, GELU_TANH,
+                           SOFT)
         acc = _max_nan(acc, tl.abs(x))
     tl.store(Partial + pid, _amax_of(acc))
 
@@ -306,8 +316,9 @@ def _fp8_cast_kernel(
     # Not software-pipelined (no tl.range stages): the transposed copy's reread of Q below must
     # not be issued before the store it reads, which a pipeliner assuming no aliasing could do.
     for tile in range(pid, tiles, tl.num_programs(0)):
-        x, rows, cols, inside = _load_value(X, Pre, ColBias, tile, tiles_n, n_rows, n_cols, stride_x_row,
-                                            PROLOGUE, GELU_TANH, SOFT, BLOCK_M, BLOCK_N)
+        rows, cols = _tile_index(tile, tiles_n, BLOCK_M, BLOCK_N)
+        x, inside = _load_value(X, Pre, ColBias, rows, cols, n_rows, n_cols, stride_x_row, PROLOGUE,
+                                GELU_TANH, SOFT)
         if PROLOGUE == 2:
             tl.store(DBias + (tile // tiles_n) * out_cols + cols, tl.sum(x, 0), mask=cols < out_cols)
         if DELAYED:

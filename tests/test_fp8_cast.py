@@ -259,3 +259,69 @@ def test_launches_per_gemm_fall_from_about_90_to_under_12(monkeypatch, scaling):
     delayed = scaling == "delayed"
     assert first == 3 * per_cast + 3 + delayed and later == 2 * per_cast + 3 + delayed
     assert all(c["forward"] + c["backward"] >= 60 for c in eager), eager  # the eager casts, still on CPU
+
+
+# ---- what torch.compile believes the kernels write ----------------------------------------------
+
+# Run compiled (TRITON_INTERPRET=0: torch analyses TTIR, which interpreted kernels have none), with a
+# stand-in for the CUDA driver where torch reads the target: sm_90.
+_WRITTEN = """
+import itertools, json, torch, triton
+from triton.backends.compiler import GPUTarget
+from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+from bert_fast.kernels import fp8_cast as fc
+
+class Sm90:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+triton.runtime.driver.set_active(Sm90())
+
+def written(kernel, **kwargs):
+    return sorted(dep.name for dep in identify_accessed_tensors(kernel, kwargs, {}).read_writes.writes)
+
+x = torch.randn(64, 128, dtype=torch.bfloat16)
+tensors = dict(X=x, Pre=x.clone(), ColBias=torch.randn(128, dtype=torch.bfloat16), Scale=torch.ones(3),
+               Partial=torch.empty(4), Ticket=torch.empty(1, dtype=torch.int32))
+outputs = dict(DBias=torch.empty(1, 128), Q=torch.empty(64, 128, dtype=fc.E4M3),
+               QT=torch.empty(128, 64, dtype=fc.E4M3), AmaxIn=torch.empty(4), AmaxNow=torch.zeros(3),
+               InvScale=torch.empty(()), AmaxOut=torch.empty(()))
+sizes = dict(n_rows=64, n_cols=128, stride_x_row=128, slot=1)
+rows = []
+for prologue in (0, 1, 2):
+    flags = dict(PROLOGUE=prologue, GELU_TANH=False, SOFT=False, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N)
+    for delayed in (False, True):
+        rows.append(["amax", prologue, delayed, False, True, False,
+                     written(fc._fp8_amax_kernel, **tensors, **sizes, **flags, SKIP_IF_SCALED=delayed)])
+    for (delayed, record), (rowwise, transpose) in itertools.product(
+            ((False, False), (True, False), (True, True)), ((True, False), (False, True), (True, True))):
+        rows.append(["cast", prologue, delayed, record, rowwise, transpose, written(
+            fc._fp8_cast_kernel, **tensors, **outputs, **sizes, **flags, out_rows=64, out_cols=128, n_amax_in=4,
+            FP8_MAX=448.0, MANT=3, BIAS=7, DELAYED=delayed, RECORD=record, ROWWISE=rowwise, TRANSPOSE=transpose,
+            BLOCK_P=4, BLOCK_F=4)])
+print(json.dumps(rows))
+"""
+
+
+def test_torch_compile_sees_exactly_what_each_cast_kernel_writes():
+    """Under torch.compile the casts run in the bert_fast::fp8_cast triton_op, and torch learns what
+    each kernel writes from its TTIR (torch._higher_order_ops.triton_kernel_wrap): a tensor counted
+    as written that is used later is cloned around the launch. The analysis must find the outputs,
+    the finish's included (a subroutine: amax, 1 / scale, the record), and nothing only read: x, y,
+    the bias, the scale, the amax pass's partials. (Store addresses taken back from a load helper
+    once made it count x, y and the bias as written: a clone of x per cast.) Every prologue, scaling
+    and layout."""
+    import json
+
+    from helpers import trace_with_fake_tensors
+
+    rows = json.loads(trace_with_fake_tensors(_WRITTEN).splitlines()[-1])
+    assert len(rows) == 3 * (2 + 9)
+    for kernel, prologue, delayed, record, rowwise, transpose, written in rows:
+        if kernel == "amax":
+            want = {"Partial", "Ticket"} if delayed else {"Partial"}
+        else:
+            want = {"InvScale", "AmaxOut"}.union(*(names for names, on in (
+                ({"Q"}, rowwise), ({"QT"}, transpose), ({"DBias"}, prologue == 2),
+                ({"Partial", "Ticket"}, delayed), ({"AmaxNow"}, record)) if on))
+        assert set(written) == want, (kernel, prologue, delayed, record, rowwise, transpose)
