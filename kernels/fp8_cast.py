@@ -260,7 +260,9 @@ def _fp8_amax_kernel(
 
 
 # A subroutine, not inlined: inlined, ptxas built the bf16 two-layout delayed cast with 189 registers
-# instead of 151 (2 CTAs per SM instead of 3); called, every pass's loop builds as before.
+# instead of 151 (2 CTAs per SM instead of 3); called, every pass's loop builds as before. Eager
+# launches and graphs captured from them keep it; torch.compile re-emits helpers with a plain
+# @triton.jit and builds the inlined form (tests/test_fp8_cast_aot.py pins both).
 @triton.jit(noinline=True)
 def _finish(Partial, n_partial, Scale, AmaxNow, InvScale, AmaxOut, slot, FP8_MAX: tl.constexpr,
             RECORD: tl.constexpr, BLOCK_F: tl.constexpr):
