@@ -15,6 +15,7 @@ built once (retain_graph); `full` times both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
@@ -279,24 +280,15 @@ class Benchmark:
             plan.sort(key=lambda entry: self.gpu_priority(entry[1], entry[3]))
         return plan
 
+    def _measured(self, name, case, mode, device, dtype) -> dict:
+        torch.manual_seed(0)
+        inputs = self.make_inputs(case, device, dtype)  # freed on return, before the cache is emptied
+        return self._measure(self.providers[name], inputs, case, mode, device)
+
     def _row(self, name, case, mode, device, dtype, args, bandwidth) -> dict:
         row = {**case, "mode": mode, "provider": name, "status": "ok"}
-        try:
-            torch.manual_seed(0)
-            inputs = self.make_inputs(case, device, dtype)
-            row.update(self._measure(self.providers[name], inputs, case, mode, device))
-        except Unavailable as why:
-            row["status"] = f"unavailable: {why}"
-        except torch.cuda.OutOfMemoryError:
-            row["status"] = "out of memory"
-        except Exception as err:  # a broken peer must not cost the other rows
-            if args.strict:
-                raise
-            row["status"] = f"error: {type(err).__name__}: {err}"[:300]
-        finally:
-            inputs = None
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        with failures_recorded(row, args.strict, device):
+            row.update(self._measured(name, case, mode, device, dtype))
         if row["status"] == "ok":
             seconds = row["ms"] * 1e-3
             if self.flops:
@@ -337,6 +329,26 @@ class Benchmark:
         rows = [done[key] for key in sorted(done, key=place.__getitem__)]
         write_results(out_dir, self.name, meta, rows, baseline=self.baseline)
         return rows
+
+
+@contextlib.contextmanager
+def failures_recorded(row: dict, strict: bool, device: torch.device):
+    """Why a provider gave no row goes in row["status"] (unavailable, out of memory, or the error,
+    raised instead when `strict`): one broken peer must not cost the other rows. The device's
+    cached memory is freed after each provider either way."""
+    try:
+        yield
+    except Unavailable as why:
+        row["status"] = f"unavailable: {why}"
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "out of memory"
+    except Exception as err:
+        if strict:
+            raise
+        row["status"] = f"error: {type(err).__name__}: {err}"[:300]
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 class SyncCounter:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from e2e import bench as e2e_bench
 from e2e import make_inputs
-from harness import BENCH_DIR, DTYPES, Unavailable, device_slug, stamp
+from harness import BENCH_DIR, DTYPES, device_slug, failures_recorded, stamp
 from kernel_categories import kernels_from_events, summarize
 from step_profile_report import describe, markdown
 
@@ -132,24 +132,13 @@ def profile_provider(name: str, case: dict, shared: dict, device: torch.device, 
         return dict(row, status="ok")
     finally:
         inputs["state"].clear()
+        gc.collect()  # the model, before failures_recorded empties the device's cache
 
 
 def run_one(name: str, case: dict, shared: dict, device: torch.device, args) -> dict:
     row = {**case, "provider": name, "status": "ok"}
-    try:
+    with failures_recorded(row, args.strict, device):
         row.update(profile_provider(name, case, shared, device, args))
-    except Unavailable as why:
-        row["status"] = f"unavailable: {why}"
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "out of memory"
-    except Exception as err:  # one broken provider must not cost the other rows
-        if args.strict:
-            raise
-        row["status"] = f"error: {type(err).__name__}: {err}"[:300]
-    finally:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     return row
 
 
