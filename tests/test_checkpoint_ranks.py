@@ -219,7 +219,7 @@ def launch(tmp_path_factory):
 
 
 @pytest.fixture
-def zero_run(tmp_path_factory):
+def zero_run(tmp_path_factory, deepspeed_shm_op):
     return launch(tmp_path_factory)
 
 

@@ -34,7 +34,7 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @pytest.fixture
-def zero_run(tmp_path_factory):
+def zero_run(tmp_path_factory, deepspeed_shm_op):
     return launch(tmp_path_factory)
 
 

@@ -31,7 +31,7 @@ from together import run_together  # noqa: E402
 from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
 
 ROOT = Path(__file__).resolve().parents[1]

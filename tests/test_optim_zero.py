@@ -27,7 +27,7 @@ from ranks import run_ranks  # noqa: E402
 from bert_fast.ops import extension  # noqa: E402
 from bert_fast.optim import fallback as optim_fallback  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
 
 WORLD, MICRO, STEPS = 2, 4, 10

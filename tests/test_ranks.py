@@ -12,6 +12,8 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make instal
 
 from ranks import run_ranks  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("deepspeed_shm_op")
+
 
 def _abort_on_rank0(rank, result):
     result["joined"] = True

@@ -1,0 +1,151 @@
+"""Long runs that tests only read once they are done, started as soon as the session's tests are
+collected, in background threads at a low CPU priority.
+
+Most of the suite keeps one of CI's two cores busy (the Triton interpreter, small eager models,
+one subprocess at a time), so a minute of `pretrain.py` that a test module reads later costs no
+wall time when it runs beside them instead of in its module's turn. `@early.job` turns a function
+`fn(folder, threads)` into a session fixture of the same name: tests take its result as they take
+any fixture's, and the function's own assertions fail them as a fixture's would. Jobs are
+started (tests/conftest.py) when a selected test uses their fixture and tests of other modules
+are selected too (beside which to run), not for --collect-only, in the order the tests will first
+ask for them, two at a time. A fixture whose job was not started runs it when first asked, in the
+test's own turn, as an ordinary fixture does.
+
+A job started early runs in a thread at nice 10, which every thread and process it starts
+inherits (Linux keeps a nice value per thread): the tests in their turn keep the CPU whenever they
+want it. `threads` is then 1, and 0 (the default: every core) for a job run in its turn; a job
+passes it on (`train.threads`, OMP_NUM_THREADS): an early job is for an idle core, and a niced
+thread of a multi-threaded op would hold back its peers. Jobs start their subprocesses through
+`run`: those still running when the session ends (a failure under -x, an interrupt) are killed
+with their process group, and jobs not yet started are dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+NICENESS = 10
+WORKERS = 2
+
+
+class Stopped(Exception):
+    """The session ended before this job could run."""
+
+
+class Jobs:
+    def __init__(self, workers: int = WORKERS):
+        self.workers = workers
+        self.jobs: dict[str, Callable[[Path, int], object]] = {}
+        self.futures: dict[str, Future] = {}
+        self.processes: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+        self.stopping = False
+
+    def job(self, fn: Callable[[Path, int], object]):
+        """A session fixture named after `fn`: `fn(folder, threads)`, started early when a selected
+        test uses it."""
+        name = fn.__name__
+        if self.jobs.get(name, fn) is not fn:
+            raise ValueError(f"two early jobs named {name}")
+        self.jobs[name] = fn
+
+        def fixture(tmp_path_factory):
+            return self.result(name, tmp_path_factory)
+
+        fixture.__doc__ = fn.__doc__
+        return pytest.fixture(scope="session", name=name)(fixture)
+
+    def result(self, name: str, tmp_path_factory):
+        """The job's result, waiting for it if it was started, running it now otherwise."""
+        future = self.futures.get(name)
+        if future is None:
+            return self.jobs[name](tmp_path_factory.mktemp(name), 0)
+        return future.result()
+
+    def start(self, session) -> list[str]:
+        """Starts the jobs the session's selected tests use, in the order of their first use;
+        returns their names."""
+        if session.config.option.collectonly:
+            return []
+        first_use: dict[str, int] = {}
+        users: dict[str, set] = {}
+        items = [item for item in session.items if not item.get_closest_marker("skip")]  # GPU tests, off a GPU
+        for index, item in enumerate(items):
+            for name in getattr(item, "fixturenames", ()):
+                if name in self.jobs and name not in self.futures:
+                    first_use.setdefault(name, index)
+                    users.setdefault(name, set()).add(item.path)
+        modules = {item.path for item in items}
+        names = sorted((name for name in first_use if modules - users[name]), key=first_use.get)
+        for name in names:
+            self.begin(name, session.config._tmp_path_factory)  # what the tmp_path_factory fixture returns
+        return names
+
+    def begin(self, name: str, tmp_path_factory) -> Future:
+        """Starts the job now (queued behind those started before it) unless it was started; for a
+        module that runs a job beside its own tests when the session did not start it earlier."""
+        if name not in self.futures:
+            self.pool = self.pool or ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="early")
+            self.futures[name] = self.pool.submit(self._run_job, name, tmp_path_factory.mktemp(name))
+        return self.futures[name]
+
+    def _run_job(self, name: str, folder: Path):
+        if self.stopping:
+            raise Stopped(name)
+        if os.getpriority(os.PRIO_PROCESS, 0) < NICENESS:
+            os.setpriority(os.PRIO_PROCESS, 0, NICENESS)  # this thread (Linux), and all it starts
+        return self.jobs[name](folder, 1)
+
+    def run(self, args: list[str], *, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
+        """subprocess.run for jobs, text output captured, in a process group of its own that stop()
+        kills if the session ends first."""
+        with self.lock:
+            if self.stopping:
+                raise Stopped(" ".join(map(str, args[:3])))
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True, **kwargs)
+            self.processes.add(proc)
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            raise AssertionError(f"{args[:4]} still running after {timeout} s:\n{stderr[-3000:]}") from None
+        finally:
+            with self.lock:
+                self.processes.discard(proc)
+        return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
+
+    def stop(self) -> None:
+        """Drops the jobs not started, kills the subprocesses of the running ones, waits for their
+        threads."""
+        with self.lock:
+            self.stopping = True
+            for proc in self.processes:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def each(threads: int, *calls: Callable[[], object]) -> list:
+    """The calls' results, in order: one after another in a job started early (threads 1: one core),
+    at the same time in a test's own turn (tests/together.py)."""
+    from together import run_together
+
+    return [call() for call in calls] if threads == 1 else run_together(*calls)
+
+
+_SESSION = Jobs()
+job, run, start, begin, stop = _SESSION.job, _SESSION.run, _SESSION.start, _SESSION.begin, _SESSION.stop
