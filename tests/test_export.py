@@ -17,6 +17,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import early
 import pytest
 import torch
 from checkpoint_fixtures import fake_checkpoint as _fake
@@ -147,13 +148,14 @@ def _plain(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+@early.job
+def trained(root, threads):
     """(root, prepared folder, export folder): the proverbs prepared with an uncased vocab of their
-    words, and a tiny BERT trained on them by `pretrain.py` with export.hf_dir set."""
+    words, and a tiny BERT trained on them by `pretrain.py` with export.hf_dir set; started with
+    the session on one thread (tests/early.py: one and two threads give the same predictions, with
+    the same probabilities to 3 digits)."""
     import random
 
-    root = tmp_path_factory.mktemp("e2e")
     rng = random.Random(0)
     documents = [[rng.choice([s, s.upper(), s.lower()]) for s in rng.choices(PROVERBS, k=rng.randint(2, 5))]
                  for _ in range(400)]
@@ -161,12 +163,12 @@ def trained(tmp_path_factory):
     _vocab(root / "vocab.txt", [w.strip(".") for s in PROVERBS for w in _plain(s).split()])
     prepare(root / "corpus.txt", root / "data", vocab=root / "vocab.txt",
             settings=PrepareSettings(shard_tokens=4000, workers=1))
-    done = subprocess.run(
+    done = early.run(
         [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={root / 'run'}",
          f"data.source={root / 'data'}", "data.seq_length=32", "data.workers=0", f"train.steps={STEPS}",
          "train.micro_batch=32", "eval.every=0", "log.every=100", "checkpoint.every=0", "optimizer.name=adamw",
-         "optimizer.lr=3e-3", "schedule.warmup_steps=30", "schedule.decay=linear", f"export.hf_dir={root / 'hf'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+         "optimizer.lr=3e-3", "schedule.warmup_steps=30", "schedule.decay=linear", f"train.threads={threads}",
+         f"export.hf_dir={root / 'hf'}"], cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return root, root / "data", root / "hf"
 
