@@ -19,13 +19,13 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
+import early  # noqa: E402
 from together import run_together  # noqa: E402
 
 from bert_fast.ops import extension  # noqa: E402
@@ -127,22 +127,24 @@ def _chain(out: Path, schedule: list[tuple[str, int]]) -> str:
 CHAIN_TEST = "test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left"
 
 
+@early.job
+def chain_runs(root, threads):
+    """The SIGKILL chain (one run after another on one core, the longest work here) and beside it
+    its uninterrupted reference: (chain folder, reference folder, the chain's last stdout). Started
+    with the session when other modules are selected (tests/early.py), else with this module (the
+    `chain` fixture), so that the other tests take the second core meanwhile."""
+    out, uninterrupted = root / "chain", root / "uninterrupted"
+    stdout, _ = run_together(lambda: _chain(out, _schedule(SEED)), lambda: _run(uninterrupted))
+    return out, uninterrupted, stdout
+
+
 @pytest.fixture(scope="module", autouse=True)
 def chain(request, tmp_path_factory):
-    """The SIGKILL chain (one run after another on one core, the longest work here) and beside it
-    its uninterrupted reference, started with the module in a background thread when the chain
-    test is selected: the other tests' runs take the second core meanwhile, and the chain test,
-    last in the file, collects it. Yields (chain folder, reference folder, future of the chain's
-    last stdout and the reference's result), or None."""
+    """Starts chain_runs with the module when the chain test is selected and the session has not
+    started it yet; the chain test, last in the file, collects it."""
     here = [item.name for item in request.session.items if getattr(item, "module", None) is request.module]
-    if CHAIN_TEST not in here:
-        yield None
-        return
-    root = tmp_path_factory.mktemp("chain")
-    out, uninterrupted = root / "chain", root / "uninterrupted"
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="chain") as pool:
-        yield out, uninterrupted, pool.submit(run_together, lambda: _chain(out, _schedule(SEED)),
-                                              lambda: _run(uninterrupted))
+    if CHAIN_TEST in here:
+        early.begin("chain_runs", tmp_path_factory)
 
 
 def _one_line(stderr: str) -> str:
@@ -239,13 +241,12 @@ def test_a_byte_flip_past_64_mib_is_refused_by_resume_init_from_and_export(large
     assert not (tmp_path / "hf").exists()
 
 
-# Last in the file: its runs started with the module (the `chain` fixture), beside the tests above.
-def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(chain):
-    out, uninterrupted, runs = chain
+# Last in the file: its runs started with the session or the module (chain_runs), beside other tests.
+def test_sigkill_chain_resumes_bit_exact_with_each_record_once_and_nothing_left(chain_runs):
+    out, uninterrupted, stdout = chain_runs
     schedule = _schedule(SEED)
     assert len([s for s in schedule if s[0] != "resume-rewrite"]) >= 5 and set(s for s, _ in schedule) & set(
         IN_A_WRITE)
-    stdout, _ = runs.result()
     assert f"done: step {STEPS}" in stdout, stdout[-2000:]
 
     final = f"step_{STEPS:08d}"
