@@ -9,8 +9,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+import early
 import pytest
-from together import run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "bench" / "gpu_suite.sh"
@@ -146,20 +146,19 @@ KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "
 _BENCH_QUEUES = (["e2e"], ["optim", "attention", "mlm_loss", "fp8_cast", "embeddings", "layernorm", "step_profile"])
 
 
-@pytest.fixture(scope="module")
-def bench_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+@early.job
+def bench_runs(root, threads) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """Every kernel benchmark's CPU mode (tiny sizes, torch reference only; --strict turns any
-    provider error into a failure), one thread each, two at a time: the timings are not looked at."""
-    root = tmp_path_factory.mktemp("benches")
+    provider error into a failure), one thread each: the timings are not looked at. Started with
+    the session, one after another (tests/early.py); in this module's turn, two at a time."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(name: str) -> tuple[subprocess.CompletedProcess, Path]:
         out = root / name
-        return subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--device", "cpu", "--quick",
-                               "--strict", "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                              env=env), out
+        return early.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), "--device", "cpu", "--quick",
+                          "--strict", "--out", str(out)], cwd=ROOT, env=env), out
 
-    queues = run_together(*(lambda names=names: {n: run(n) for n in names} for names in _BENCH_QUEUES))
+    queues = early.each(threads, *(lambda names=names: {n: run(n) for n in names} for names in _BENCH_QUEUES))
     return {name: result for queue in queues for name, result in queue.items()}
 
 
