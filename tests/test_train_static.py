@@ -6,13 +6,12 @@ syncs of a whole run does not grow with its steps, both backends, with accumulat
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
+import early
 import pytest
 import torch
-from together import run_together
 
 from bert_fast.data.packing import pack_full_length
 from bert_fast.data.synthetic import SyntheticBatches
@@ -42,24 +41,33 @@ def counted_run(tmp_path: Path, steps: int, *overrides: str) -> dict:
                  "data.workers=0", "train.threads=1", *overrides]
     script = COUNTED_RUN.format(tests=str(TESTS), config=str(ROOT / "configs/tiny-cpu.yaml"),
                                 overrides=overrides)
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+    result = early.run([sys.executable, "-c", script], cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+COUNTED_STEPS = (2, 6)
+
+
+@early.job
+def counted_runs(folder, threads):
+    """(short, long) counted runs of test_a_run_reads_the_device_only_at_its_checks; an early job
+    (tests/early.py)."""
+    common = ("model.backend=torch", "train.micro_batch=4", "train.global_batch=8", "data.seq_length=32",
+              "model.preset=tiny")
+    return early.each(threads, *(lambda n=n: counted_run(folder, n, *common) for n in COUNTED_STEPS))
+
+
 @pytest.mark.slow
-def test_a_run_reads_the_device_only_at_its_checks(tmp_path):
+def test_a_run_reads_the_device_only_at_its_checks(counted_runs):
     """Two runs of 2 micro batches per optimizer step (DeepSpeed engine, AdamW, real corpus
     batches), one longer, checks only at the end: the same number of device reads, so a step makes
     none. The end itself reads (the last check, the log record, the grad norm, checkpoint,
     fingerprints). The loop is the same for both backends; that the fast backend's forward,
     backward and optimizer step read nothing is tests/test_packed_batch.py's (a run of it here,
     in the Triton interpreter, passed once and costs a minute of the suite)."""
-    steps = (2, 6)
-    common = ("model.backend=torch", "train.micro_batch=4", "train.global_batch=8", "data.seq_length=32",
-              "model.preset=tiny")
-    short, long = run_together(*(lambda n=n: counted_run(tmp_path, n, *common) for n in steps))  # one core each
-    assert (short["steps"], long["steps"]) == steps
+    short, long = counted_runs
+    assert (short["steps"], long["steps"]) == COUNTED_STEPS
     assert long["syncs"] == short["syncs"], (short, long)
 
 
@@ -79,23 +87,30 @@ def test_synthetic_batches_pack_at_full_length_with_fixed_mlm_slots():
         pack_full_length(SyntheticBatches(6, 24, 2000, seed=3).next(), predictions=3)
 
 
-@pytest.mark.slow
-def test_compiled_run_matches_eager(tmp_path):
-    """train.compile (Inductor, fullgraph, one graph per shape) logs the eager run's losses."""
+@early.job
+def compiled_and_eager_losses(folder, threads) -> dict[bool, list[float]]:
+    """The train losses of 3 steps with train.compile false and true (Inductor compiles for a
+    while on a fresh machine); an early job (tests/early.py)."""
 
     def losses_of(compiled: bool) -> list[float]:
-        out = tmp_path / str(compiled)
-        result = subprocess.run(
+        out = folder / str(compiled)
+        result = early.run(
             [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
              "train.steps=3", "log.every=1", "eval.every=0", "checkpoint.every=0", "data.workers=0",
              "model.backend=torch", "data.seq_length=32", "train.micro_batch=8", "model.hidden_dropout_prob=0",
              "model.attention_probs_dropout_prob=0", "train.threads=1", f"train.compile={str(compiled).lower()}"],
-            cwd=ROOT, capture_output=True, text=True)
+            cwd=ROOT)
         assert result.returncode == 0, result.stderr[-3000:]
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in records if r["kind"] == "train"]
 
-    losses = dict(zip((False, True), run_together(lambda: losses_of(False), lambda: losses_of(True))))
+    return dict(zip((False, True), early.each(threads, lambda: losses_of(False), lambda: losses_of(True))))
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager(compiled_and_eager_losses):
+    """train.compile (Inductor, fullgraph, one graph per shape) logs the eager run's losses."""
+    losses = compiled_and_eager_losses
     assert len(losses[True]) == 3
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-5)
 
