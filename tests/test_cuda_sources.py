@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import early
 import pytest
-from together import run_together
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
@@ -22,19 +22,20 @@ def test_cuda_sources_exist():
 ARCHS = ("80", "90")
 
 
-@pytest.fixture(scope="module")
-def nvcc_compiles(tmp_path_factory) -> dict:
-    """(source, arch) -> nvcc's compile of it, with ptxas's report; the compiles run at once."""
-    out = tmp_path_factory.mktemp("nvcc")
+@early.job
+def nvcc_compiles(out, threads) -> dict:
+    """(source, arch) -> nvcc's compile of it, with ptxas's report: an early job (tests/early.py),
+    the compiles one after another there, at once in this module's turn."""
+    if NVCC is None:
+        return {}
 
     def compile_one(source: Path, arch: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
+        return early.run(
             [NVCC, "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v",
-             "-c", str(source), "-o", str(out / f"{source.stem}-{arch}.o")],
-            capture_output=True, text=True)
+             "-c", str(source), "-o", str(out / f"{source.stem}-{arch}.o")])
 
     jobs = [(source, arch) for source in SOURCES for arch in ARCHS]
-    return dict(zip(jobs, run_together(*(lambda job=job: compile_one(*job) for job in jobs))))
+    return dict(zip(jobs, early.each(threads, *(lambda job=job: compile_one(*job) for job in jobs))))
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (install a CUDA toolkit to check)")
@@ -63,26 +64,28 @@ def _cuda_include():
 BINDINGS = sorted(CSRC.glob("*_cuda.cpp"))
 
 
-@pytest.fixture(scope="module")
-def binding_compiles(tmp_path_factory) -> dict:
+@early.job
+def binding_compiles(stubs, threads) -> dict:
     """Source -> g++'s syntax-only compile of it against torch's headers; the compiles (single-
-    threaded, seconds each) run at once. The CPU wheel of torch lacks one generated header of its
-    CUDA build, so a stand-in provides it."""
+    threaded, seconds each) are an early job (tests/early.py), one after another there, at once in
+    this module's turn. The CPU wheel of torch lacks one generated header of its CUDA build, so a
+    stand-in provides it."""
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
 
-    stubs = tmp_path_factory.mktemp("stubs")
+    if _cuda_include() is None:
+        return {}
     stub = stubs / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#define C10_CUDA_BUILD_SHARED_LIBS\n")
     includes = [*include_paths(), str(stubs), str(_cuda_include()), sysconfig.get_paths()["include"]]
 
     def compile_one(source: Path) -> subprocess.CompletedProcess:
-        return subprocess.run(["g++", "-std=c++20", "-fsyntax-only", "-DBERT_FAST_WITH_CUDA",
-                               *(f"-I{p}" for p in includes), str(source)], capture_output=True, text=True)
+        return early.run(["g++", "-std=c++20", "-fsyntax-only", "-DBERT_FAST_WITH_CUDA",
+                          *(f"-I{p}" for p in includes), str(source)])
 
-    return dict(zip(BINDINGS, run_together(*(lambda s=s: compile_one(s) for s in BINDINGS))))
+    return dict(zip(BINDINGS, early.each(threads, *(lambda s=s: compile_one(s) for s in BINDINGS))))
 
 
 @pytest.mark.skipif(_cuda_include() is None, reason="no CUDA toolkit headers (set CUDA_HOME)")
