@@ -5,8 +5,10 @@ no spills, Hopper's wgmma, and dropout costing at most 1.5x the instructions of 
 without it. A kernel change that moves these numbers must come with a fresh report."""
 
 import json
+import sys
 from pathlib import Path
 
+import early
 import pytest
 
 from bert_fast.kernels import aot
@@ -19,8 +21,11 @@ pytestmark = [pytest.mark.slow,
                                  reason=f"no AOT compile here: {aot.unavailable_reason()}")]
 
 
-@pytest.fixture(scope="module")
-def fresh():
+@early.job
+def fresh(folder, threads):
+    """Every candidate rebuilt for sm_90: an early job (tests/early.py)."""
+    if aot.unavailable_reason() is not None:
+        return None
     from bert_fast.kernels.attention_aot import report
 
     return report("bf16")
@@ -58,17 +63,30 @@ def test_every_candidate_meets_the_static_targets(fresh):
                 assert row["registers"] <= 168, name
 
 
-def test_regenerating_the_mask_beats_storing_it(monkeypatch):
+_VARIANTS = """
+import json, sys
+sys.path.insert(0, {bench!r})
+from attention_dropout_variants import report
+print(json.dumps(report()))
+"""
+
+
+@early.job
+def dropout_variant_rows(folder, threads):
+    """bench/attention_dropout_variants.py's report() rows, computed in a subprocess of this
+    process's environment (which compiles in its own, as in pytest): an early job (tests/early.py)."""
+    if aot.unavailable_reason() is not None:
+        return None
+    done = early.run([sys.executable, "-c", _VARIANTS.format(bench=str(REPORT.parents[2]))])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_regenerating_the_mask_beats_storing_it(dropout_variant_rows):
     # bench/attention_dropout_variants.py: the backward draws the mask again (kernels/dropout.py)
     # rather than reading one bit per score that the forward stored. It must stay the cheaper way
     # in instructions per score element and in GEMMs, or the choice must be revisited.
-    import sys
-
-    monkeypatch.syspath_prepend(str(REPORT.parents[2]))
-    sys.modules.pop("attention_dropout_variants", None)
-    from attention_dropout_variants import report
-
-    rows = report()
+    rows = dropout_variant_rows
     totals = {v: sum(r["instructions_per_score"] for r in rows if r["variant"] == v) for v in ("stored", "regenerate")}
     gemms = {v: sum(r["gemms"] for r in rows if r["variant"] == v) for v in ("stored", "regenerate")}
     assert totals["regenerate"] < totals["stored"] and gemms["regenerate"] < gemms["stored"], (totals, gemms)

@@ -11,6 +11,7 @@ import json
 import weakref
 from pathlib import Path
 
+import early
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -383,13 +384,21 @@ def _aot_reason():
     return reason and f"no AOT compile here: {reason}"
 
 
-@pytest.fixture(scope="module")
-def fresh_report():
+@early.job
+def mlm_loss_aot_report(folder, threads):
+    """The kernels' sm_90 report: an early job (tests/early.py)."""
     if _aot_reason():
-        pytest.skip(_aot_reason())
+        return None
     from bert_fast.kernels.mlm_loss_aot import report
 
     return report()
+
+
+@pytest.fixture(scope="module")
+def fresh_report(mlm_loss_aot_report):
+    if _aot_reason():
+        pytest.skip(_aot_reason())
+    return mlm_loss_aot_report
 
 
 KEY = ("kernel", "dtype")
