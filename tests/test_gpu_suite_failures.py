@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import early
 import pytest
-from together import run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -146,19 +146,21 @@ def _suite_run(root: Path, tests: str) -> tuple[subprocess.CompletedProcess, Pat
         shutil.copy(ROOT / "bench" / name, tree / "bench" / name)
     out = root / "out"
     env = dict(os.environ, PYTHON=sys.executable)
-    done = subprocess.run(["bash", "bench/gpu_suite.sh", "--only", "gpu-tests", "--budget", "200", "--out", str(out)],
-                          cwd=tree, capture_output=True, text=True, env=env)
+    done = early.run(["bash", "bench/gpu_suite.sh", "--only", "gpu-tests", "--budget", "200", "--out", str(out)],
+                     cwd=tree, env=env)
     return done, out
 
 
 SUITE_CASES = {"failures": FAKE_TESTS, "crash": CRASH_TESTS}
 
 
-@pytest.fixture(scope="module")
-def suite_runs(tmp_path_factory) -> dict:
-    """Case -> _suite_run of it; the cases (one core each, seconds) run at once."""
-    roots = {case: tmp_path_factory.mktemp(case) for case in SUITE_CASES}
-    done = run_together(*(lambda case=case: _suite_run(roots[case], SUITE_CASES[case]) for case in SUITE_CASES))
+@early.job
+def suite_runs(root, threads) -> dict:
+    """Case -> _suite_run of it; the cases (one core each, seconds) are an early job (tests/early.py),
+    one after the other there, at once in this module's turn."""
+    roots = {case: root / case for case in SUITE_CASES}
+    done = early.each(threads, *(lambda case=case: _suite_run(roots[case], SUITE_CASES[case])
+                                 for case in SUITE_CASES))
     return dict(zip(SUITE_CASES, done))
 
 
