@@ -4,6 +4,7 @@ with the kernel's own mask, the padded form, validation, and sm_90 builds of eve
 
 import math
 
+import early
 import pytest
 import torch
 
@@ -261,8 +262,14 @@ print(gm.code)
 """
 
 
-def test_ops_trace_with_fake_tensors():
-    code = trace_with_fake_tensors(_TRACE)
+@early.job
+def attention_fake_trace(folder, threads):
+    """trace_with_fake_tensors(_TRACE) (a fresh process, the interpreter off): an early job (tests/early.py)."""
+    return trace_with_fake_tensors(_TRACE)
+
+
+def test_ops_trace_with_fake_tensors(attention_fake_trace):
+    code = attention_fake_trace
     assert "bert_fast.attention_varlen_fwd" in code
     assert "bert_fast.attention_varlen_bwd" in code
 

@@ -122,10 +122,15 @@ for name, code in traced_graphs(tiny("fast", dropout=0.1), default_partition).it
 """
 
 
-def test_the_fast_step_traces_into_one_forward_and_one_backward_graph():
+@early.job
+def fast_step_fake_trace(folder, threads):
+    """trace_with_fake_tensors(_TRACE) (a fresh process, the interpreter off): an early job (tests/early.py)."""
+    return trace_with_fake_tensors(_TRACE)
+
+
+def test_the_fast_step_traces_into_one_forward_and_one_backward_graph(fast_step_fake_trace):
     printed = {line.split()[0]: set(line.split()[1:])
-               for line in trace_with_fake_tensors(_TRACE).splitlines() if line.split()[:1] in (["forward"],
-                                                                                             ["backward"])}
+               for line in fast_step_fake_trace.splitlines() if line.split()[:1] in (["forward"], ["backward"])}
     assert printed["forward"] >= {"_embeddings_fwd_kernel", "_attn_fwd_kernel", "_add_layer_norm_fwd_kernel",
                                   "_mlm_stats_kernel", "_mlm_grad_kernel", "torch.ops.bert_fast.bias_gelu"}
     assert printed["backward"] >= {"_embeddings_bwd_kernel", "_attn_bwd_kernel", "_add_layer_norm_bwd_kernel",

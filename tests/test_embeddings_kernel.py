@@ -3,6 +3,7 @@ position, token type, gamma, beta) against float64, compared three ways; padding
 the exposed mask, determinism, bad input, launches and host syncs per call (the sm_90 builds are
 checked by tests/test_row_norm_aot.py)."""
 
+import early
 import pytest
 import torch
 
@@ -167,8 +168,14 @@ print(gm.code)
 """
 
 
-def test_ops_trace_with_fake_tensors():
-    code = trace_with_fake_tensors(_TRACE)
+@early.job
+def embeddings_fake_trace(folder, threads):
+    """trace_with_fake_tensors(_TRACE) (a fresh process, the interpreter off): an early job (tests/early.py)."""
+    return trace_with_fake_tensors(_TRACE)
+
+
+def test_ops_trace_with_fake_tensors(embeddings_fake_trace):
+    code = embeddings_fake_trace
     assert code.count("bert_fast.embeddings_fwd") == 1
     assert code.count("bert_fast.embeddings_bwd") == 1
     assert "nonzero" not in code and "_local_scalar_dense" not in code

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import early
+
 ROOT = Path(__file__).resolve().parents[1]
 # What the package root gives lazily (bert_fast/__init__.py): the module each name comes from.
 LAZY = {"BertConfig": "bert_fast.model.config", "BertForPreTraining": "bert_fast.model",
@@ -124,16 +126,23 @@ def test_no_lower_layer_imports_a_higher_one():
     assert stray == []
 
 
-def test_importing_a_kernel_or_the_data_package_loads_no_model_code():
-    code = ("import sys, bert_fast.kernels.layernorm, bert_fast.data, bert_fast.data.dataset; "
-            "print(sorted(m for m in sys.modules if m in ('bert_fast.model', 'bert_fast.ops', "
-            "'bert_fast.train')))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+@early.job
+def fresh_imports(folder, threads) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """Two fresh interpreters: what importing a kernel and the data package loads, and where the
+    package root's lazy BertForPreTraining comes from; an early job (tests/early.py)."""
+    loads = ("import sys, bert_fast.kernels.layernorm, bert_fast.data, bert_fast.data.dataset; "
+             "print(sorted(m for m in sys.modules if m in ('bert_fast.model', 'bert_fast.ops', "
+             "'bert_fast.train')))")
+    lazy = "from bert_fast import BertForPreTraining, BertConfig; print(BertForPreTraining.__module__)"
+    return tuple(early.each(threads, *(lambda code=code: early.run([sys.executable, "-c", code], cwd=ROOT)
+                                       for code in (loads, lazy))))
+
+
+def test_importing_a_kernel_or_the_data_package_loads_no_model_code(fresh_imports):
+    result, lazy = fresh_imports
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
-    code = "from bert_fast import BertForPreTraining, BertConfig; print(BertForPreTraining.__module__)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert result.stdout.strip() == "bert_fast.model.bert", result.stderr[-2000:]
+    assert lazy.stdout.strip() == "bert_fast.model.bert", lazy.stderr[-2000:]
 
 
 def test_ignore_index_is_defined_once():

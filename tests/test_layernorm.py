@@ -3,6 +3,7 @@
 launches and host syncs per call, and the encoder's fast path against its torch path (the sm_90
 builds are checked by tests/test_row_norm_aot.py)."""
 
+import early
 import pytest
 import torch
 
@@ -266,8 +267,14 @@ print(make_fx(step, tracing_mode="fake")(x, residual, weight, bias, x_bias, torc
 """
 
 
-def test_ops_trace_with_fake_tensors():
-    code = trace_with_fake_tensors(_TRACE)
+@early.job
+def layernorm_fake_trace(folder, threads):
+    """trace_with_fake_tensors(_TRACE) (a fresh process, the interpreter off): an early job (tests/early.py)."""
+    return trace_with_fake_tensors(_TRACE)
+
+
+def test_ops_trace_with_fake_tensors(layernorm_fake_trace):
+    code = layernorm_fake_trace
     assert code.count("bert_fast.add_layer_norm_fwd") == 2
     assert code.count("bert_fast.add_layer_norm_bwd") == 2
 
