@@ -4,7 +4,6 @@ optimizer and schedule, at another sequence length, as in NVIDIA's two-phase BER
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
-from together import run_together  # noqa: E402
+import early  # noqa: E402
 
 from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
@@ -26,24 +25,35 @@ COMMON = ["train.micro_batch=8", "data.workers=0", "eval.every=0", "log.every=1"
 
 
 def _pretrain(out: Path, *overrides: str, expect_in_stdout: str = "") -> list[dict]:
-    done = subprocess.run([sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
-                           f"train.output_dir={out}", *COMMON, *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = early.run([sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
+                      f"train.output_dir={out}", *COMMON, *overrides], cwd=ROOT, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert expect_in_stdout in done.stdout, done.stdout[-3000:]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in lines if r["kind"] == "train"]
 
 
-@pytest.fixture(scope="module")
-def phase1(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phase1")
+@early.job
+def phase_runs(root, threads) -> tuple[Path, dict]:
+    """(phase 1's output folder, name -> (output folder, train records) of each PHASE2_RUNS run
+    from phase 1's checkpoint): an early job (tests/early.py); the two phase 2 runs (one thread
+    each) one after the other there, at once in this module's turn."""
+    phase1 = root / "phase1"
     # Phase 1 also runs gradient accumulation: 2 micro batches of 8 per optimizer step.
-    records = _pretrain(out, "train.steps=6", "data.seq_length=32", "schedule.warmup_steps=2",
+    records = _pretrain(phase1, "train.steps=6", "data.seq_length=32", "schedule.warmup_steps=2",
                         "train.global_batch=16", expect_in_stdout="global batch 16 = 8 x 2 accumulation x 1")
     assert [r["step"] for r in records] == list(range(1, 7))
     assert records[-1]["seq_per_s"] > 0 and all(r["grad_norm"] > 0 for r in records)
-    return out
+    outs = {name: root / name / "phase2" for name in PHASE2_RUNS}
+    done = early.each(threads, *(lambda name=name: _pretrain(outs[name], *PHASE2_RUNS[name],
+                                                             f"checkpoint.init_from={phase1 / 'checkpoints'}")
+                                 for name in PHASE2_RUNS))
+    return phase1, {name: (outs[name], records) for name, records in zip(PHASE2_RUNS, done)}
+
+
+@pytest.fixture(scope="module")
+def phase1(phase_runs):
+    return phase_runs[0]
 
 
 PHASE2_RUNS = {
@@ -54,14 +64,8 @@ PHASE2_RUNS = {
 
 
 @pytest.fixture(scope="module")
-def phase2_runs(phase1, tmp_path_factory) -> dict:
-    """Name -> (output folder, train records) of each PHASE2_RUNS run from phase 1's checkpoint;
-    the two runs (one thread each) run at once."""
-    outs = {name: tmp_path_factory.mktemp(name) / "phase2" for name in PHASE2_RUNS}
-    done = run_together(*(lambda name=name: _pretrain(outs[name], *PHASE2_RUNS[name],
-                                                      f"checkpoint.init_from={phase1 / 'checkpoints'}")
-                          for name in PHASE2_RUNS))
-    return {name: (outs[name], records) for name, records in zip(PHASE2_RUNS, done)}
+def phase2_runs(phase_runs) -> dict:
+    return phase_runs[1]
 
 
 def test_phase2_takes_phase1_weights(phase1, phase2_runs):
