@@ -16,6 +16,8 @@ import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
+import early  # noqa: E402
+
 from bert_fast.ops import extension  # noqa: E402
 from bert_fast.train import checkpoint_load, checkpoint_manifest  # noqa: E402
 
@@ -64,14 +66,32 @@ def test_sigterm_to_the_process_group_saves_and_exits_0(tmp_path):
     assert saved is not None and 3 <= checkpoint_manifest.read_metadata(saved)["step"] < 500
 
 
-@pytest.fixture(scope="module")
-def bf16_stage0(tmp_path_factory):
-    """3 steps of ZeRO stage 0 in bf16: DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters."""
-    out = tmp_path_factory.mktemp("bf16_stage0")
-    done = subprocess.run(_command(out, "data.workers=0", "train.steps=3", "precision.bf16=true", "zero.stage=0"),
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return early.run(_command(out, "data.workers=0", *extra), cwd=ROOT, env=_env(), timeout=300)
+
+
+@early.job
+def bf16_runs(root, threads) -> tuple[Path, dict]:
+    """3 steps of ZeRO stage 0 in bf16 (DeepSpeed's FP16_UnfusedOptimizer keeps fp32 masters), then
+    the runs that start from its checkpoint: another model shape ("shape"), and one step at lr 0
+    under ZeRO-2 and -3 in bf16 (2, 3). (its checkpoint, key -> (output folder, finished process)):
+    an early job (tests/early.py), the later runs one after another there, at once in this
+    module's turn."""
+    out = root / "bf16_stage0"
+    done = _run(out, "train.steps=3", "precision.bf16=true", "zero.stage=0")
     assert done.returncode == 0, done.stderr[-3000:]
-    return checkpoint_manifest.resolve_resume(out / "checkpoints", "auto")
+    saved = checkpoint_manifest.resolve_resume(out / "checkpoints", "auto")
+    later = {"shape": ["train.steps=2", "model.num_hidden_layers=3"],
+             **{stage: ["train.steps=1", "precision.bf16=true", f"zero.stage={stage}", "optimizer.lr=0"]
+                for stage in (2, 3)}}
+    done = early.each(threads, *(lambda key=key: _run(root / str(key), *later[key], f"checkpoint.init_from={saved}")
+                                 for key in later))
+    return saved, {key: (root / str(key), result) for key, result in zip(later, done)}
+
+
+@pytest.fixture(scope="module")
+def bf16_stage0(bf16_runs):
+    return bf16_runs[0]
 
 
 def test_stage0_bf16_weights_are_the_fp32_masters(bf16_stage0):
@@ -89,27 +109,23 @@ def test_stage0_bf16_weights_are_the_fp32_masters(bf16_stage0):
     assert any(not torch.equal(v, v.bfloat16().float()) for v in masters.values())
 
 
-def test_init_from_another_model_shape_is_refused_by_field(bf16_stage0, tmp_path):
-    done = subprocess.run(_command(tmp_path, "data.workers=0", "train.steps=2", "model.num_hidden_layers=3",
-                                   f"checkpoint.init_from={bf16_stage0}"),
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+def test_init_from_another_model_shape_is_refused_by_field(bf16_stage0, bf16_runs):
+    _, done = bf16_runs[1]["shape"]
     assert done.returncode == 2, done.stderr[-3000:]
     assert "num_hidden_layers: checkpoint 2, this run 3" in done.stderr and str(bf16_stage0) in done.stderr, \
         done.stderr[-3000:]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_init_from_keeps_fp32_masters_under_zero_bf16(bf16_stage0, tmp_path, stage):
+def test_init_from_keeps_fp32_masters_under_zero_bf16(bf16_stage0, bf16_runs, stage):
     """Phase 2 under ZeRO-2/3 in bf16 starts from the fp32 masters, not their bf16 rounding: one
     step at lr 0 (a no-op for AdamW) saves exactly the weights it was given."""
     import torch
 
-    done = subprocess.run(_command(tmp_path, "data.workers=0", "train.steps=1", "precision.bf16=true",
-                                   f"zero.stage={stage}", "optimizer.lr=0", f"checkpoint.init_from={bf16_stage0}"),
-                          cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    out, done = bf16_runs[1][stage]
     assert done.returncode == 0, done.stderr[-3000:]
     source = checkpoint_load.model_state_dict(bf16_stage0)
-    got = checkpoint_load.model_state_dict(checkpoint_manifest.resolve_resume(tmp_path / "checkpoints", "auto"))
+    got = checkpoint_load.model_state_dict(checkpoint_manifest.resolve_resume(out / "checkpoints", "auto"))
     assert sorted(got) == sorted(source)
     for name, value in source.items():
         assert torch.equal(got[name], value), name
