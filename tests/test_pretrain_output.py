@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import early
 import pytest
 from together import run_together
 
@@ -27,12 +28,14 @@ SMALL = ["train.micro_batch=8", "data.seq_length=32", "data.workers=0", "train.t
 OURS = re.compile(r"pretrain: |pretrain\.py: |\{\"kind\": |done: |  (output folder|last checkpoint|export): ")
 
 
-def _pretrain(*args: str) -> subprocess.CompletedProcess:
+def _pretrain(*args: str, run=None) -> subprocess.CompletedProcess:
     # As `make pretrain` runs on a machine without a GPU: no CUDA device, DS_ACCELERATOR unset.
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "pretrain.py", "--config", RECIPE, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "pretrain.py", "--config", RECIPE, *args]
+    if run is not None:  # early.run: output captured as text
+        return run(command, cwd=ROOT, env=env, timeout=600)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _tree(folder: Path) -> dict:
@@ -44,16 +47,17 @@ def _train_steps(out: Path) -> list[int]:
     return [r["step"] for r in records if r["kind"] == "train"]
 
 
-@pytest.fixture(scope="module")
-def one_run(tmp_path_factory):
-    """(output folder, finished process) of a 2-step run in a new folder. The embedded corpus is
-    prepared first: the run that trains its vocab also warns, once per machine, that the corpus
-    gives fewer words than the recipe asks; the runs after it, measured here, print only ours."""
+@early.job
+def one_run(folder, threads):
+    """(output folder, finished process) of a 2-step run in a new folder: an early job
+    (tests/early.py). The embedded corpus is prepared first: the run that trains its vocab also
+    warns, once per machine, that the corpus gives fewer words than the recipe asks; the runs
+    after it, measured here, print only ours."""
     from bert_fast.data.corpus import default_prepared
 
     default_prepared(8192)
-    out = tmp_path_factory.mktemp("one") / "run"
-    done = _pretrain(f"train.output_dir={out}", *SMALL, "train.steps=2")
+    out = folder / "run"
+    done = _pretrain(f"train.output_dir={out}", *SMALL, "train.steps=2", run=early.run)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
