@@ -203,11 +203,11 @@ def test_an_unexpected_error_ends_the_run_in_seconds(tmp_path):
         os.killpg(proc.pid, 0)
 
 
-@pytest.fixture(scope="module")
-def large_file_checkpoint(tmp_path_factory) -> Path:
+@early.job
+def large_file_checkpoint(out, threads) -> Path:
     """One step of BERT-mini on synthetic ids (vocab 30522): its model-states file (weights and
-    Adam's two moments, ZeRO stage 0, fp32) is about 130 MB, over the 64 MiB that main hashed."""
-    out = tmp_path_factory.mktemp("large")
+    Adam's two moments, ZeRO stage 0, fp32) is about 130 MB, over the 64 MiB that main hashed. An
+    early job (tests/early.py)."""
     _run(out, "data.source=synthetic", "model.preset=mini", "train.steps=1", "eval.every=0")
     return checkpoint_manifest.resolve_resume(out / "checkpoints", "auto")
 
