@@ -44,6 +44,14 @@ def pytest_sessionfinish(session):
     early.stop()
 
 
+def pytest_terminal_summary(terminalreporter):
+    lines = early.timeline()
+    if lines:
+        terminalreporter.section("runs started early (tests/early.py)")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
 _BUILD_SHM_OP = """
 from bert_fast.train.engine import use_cpu_accelerator_without_gpu
 use_cpu_accelerator_without_gpu()

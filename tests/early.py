@@ -22,10 +22,13 @@ with their process group, and jobs not yet started are dropped.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,6 +37,8 @@ import pytest
 
 NICENESS = 10
 WORKERS = 2
+# Started before every other job, whatever the order of first use: short, and many tests wait on it.
+FIRST = ("deepspeed_shm_op",)
 
 
 class Stopped(Exception):
@@ -49,6 +54,10 @@ class Jobs:
         self.lock = threading.Lock()
         self.pool: ThreadPoolExecutor | None = None
         self.stopping = False
+        self.origin = time.monotonic()
+        # name -> [queued, started, finished, asked, answered] in seconds since the session began
+        # (None until it happens): the summary printed after the tests (timeline()).
+        self.times: dict[str, list[float | None]] = {}
 
     def job(self, fn: Callable[[Path, int], object]):
         """A session fixture named after `fn`: `fn(folder, threads)`, started early when a selected
@@ -69,7 +78,12 @@ class Jobs:
         future = self.futures.get(name)
         if future is None:
             return self.jobs[name](tmp_path_factory.mktemp(name), 0)
-        return future.result()
+        times = self.times[name]
+        times[3] = self._now()
+        try:
+            return future.result()
+        finally:
+            times[4] = self._now()
 
     def start(self, session) -> list[str]:
         """Starts the jobs the session's selected tests use, in the order of their first use;
@@ -85,7 +99,8 @@ class Jobs:
                     first_use.setdefault(name, index)
                     users.setdefault(name, set()).add(item.path)
         modules = {item.path for item in items}
-        names = sorted((name for name in first_use if modules - users[name]), key=first_use.get)
+        names = sorted((name for name in first_use if modules - users[name]),
+                       key=lambda name: (name not in FIRST, first_use[name]))
         for name in names:
             self.begin(name, session.config._tmp_path_factory)  # what the tmp_path_factory fixture returns
         return names
@@ -95,15 +110,38 @@ class Jobs:
         module that runs a job beside its own tests when the session did not start it earlier."""
         if name not in self.futures:
             self.pool = self.pool or ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="early")
+            self.times[name] = [self._now(), None, None, None, None]
             self.futures[name] = self.pool.submit(self._run_job, name, tmp_path_factory.mktemp(name))
         return self.futures[name]
+
+    def _now(self) -> float:
+        return time.monotonic() - self.origin
 
     def _run_job(self, name: str, folder: Path):
         if self.stopping:
             raise Stopped(name)
         if os.getpriority(os.PRIO_PROCESS, 0) < NICENESS:
             os.setpriority(os.PRIO_PROCESS, 0, NICENESS)  # this thread (Linux), and all it starts
-        return self.jobs[name](folder, 1)
+        self.times[name][1] = self._now()
+        try:
+            return self.jobs[name](folder, 1)
+        finally:
+            self.times[name][2] = self._now()
+
+    def timeline(self) -> list[str]:
+        """One line per job started early: when it was queued, ran and finished, and how long a
+        test waited for it (seconds since the session began), to see what holds the suite up."""
+        def at(t):
+            return "-" if t is None else f"{t:.0f}"
+
+        lines = []
+        for name, (queued, started, finished, asked, answered) in sorted(
+                self.times.items(), key=lambda item: item[1][0]):
+            waited = "-" if asked is None or answered is None else f"{answered - asked:.1f}"
+            ran = "-" if started is None or finished is None else f"{finished - started:.0f}"
+            lines.append(f"{name:<30} queued {at(queued):>5}  ran {at(started):>5}-{at(finished):<5} "
+                         f"({ran:>4} s)  first asked {at(asked):>5}  waited {waited:>5} s")
+        return lines
 
     def run(self, args: list[str], *, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
         """subprocess.run for jobs, text output captured, in a process group of its own that stop()
@@ -139,6 +177,17 @@ class Jobs:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def report(module: str, function: str, *args) -> object:
+    """`module.function(*args)` (JSON in, JSON out) in a fresh interpreter started through `run`: for
+    jobs that compile (the AOT reports), which in a thread of this process would hold the GIL
+    through Triton's compiler passes and stall the tests' own thread."""
+    code = (f"import json, sys; from {module} import {function} as f; "
+            f"print(json.dumps(f(*json.loads(sys.argv[1]))))")
+    done = run([sys.executable, "-c", code, json.dumps(list(args))])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
 def each(threads: int, *calls: Callable[[], object]) -> list:
     """The calls' results, in order: one after another in a job started early (threads 1: one core),
     at the same time in a test's own turn (tests/together.py)."""
@@ -148,4 +197,5 @@ def each(threads: int, *calls: Callable[[], object]) -> list:
 
 
 _SESSION = Jobs()
-job, run, start, begin, stop = _SESSION.job, _SESSION.run, _SESSION.start, _SESSION.begin, _SESSION.stop
+job, run, start, begin, stop, timeline = (_SESSION.job, _SESSION.run, _SESSION.start, _SESSION.begin, _SESSION.stop,
+                                          _SESSION.timeline)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import sys
 
 import torch
@@ -132,7 +131,9 @@ def trace_with_fake_tensors(script: str) -> str:
     """Runs `script` (which prints a make_fx graph's code) in a fresh process with the Triton
     interpreter off and returns its output. torch.compile and export trace with fake tensors first,
     which the interpreter cannot run (it reads data pointers); with it off no kernel runs at all."""
+    import early  # its run: killed with the session, as early jobs (most callers) need
+
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    done = early.run([sys.executable, "-c", script], env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -26,9 +26,7 @@ def fresh(folder, threads):
     """Every candidate rebuilt for sm_90: an early job (tests/early.py)."""
     if aot.unavailable_reason() is not None:
         return None
-    from bert_fast.kernels.attention_aot import report
-
-    return report("bf16")
+    return early.report("bert_fast.kernels.attention_aot", "report", "bf16")
 
 
 def by_key(rows):

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
+import early
 import pytest
 import torch
 from test_compile import batch, tiny
-from together import run_together
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
@@ -81,11 +80,12 @@ for name, code in graphs.items():
 SCALINGS = ("current", "delayed")
 
 
-@pytest.fixture(scope="module")
-def traces() -> dict[str, str]:
-    """Each scaling's trace output; the two processes run at once (each mostly on one core)."""
-    outputs = run_together(*(lambda s=s: trace_with_fake_tensors(_TRACE.format(scaling=s, syncs=IN_GRAPHS))
-                             for s in SCALINGS))
+@early.job
+def traces(folder, threads) -> dict[str, str]:
+    """Each scaling's trace output: an early job (tests/early.py), one after the other there, at once
+    in this module's turn (each process mostly on one core)."""
+    outputs = early.each(threads, *(lambda s=s: trace_with_fake_tensors(_TRACE.format(scaling=s, syncs=IN_GRAPHS))
+                                    for s in SCALINGS))
     return dict(zip(SCALINGS, outputs))
 
 
@@ -106,25 +106,33 @@ def test_the_fused_casts_trace_into_the_graphs(scaling, traces):
 
 def _pretrain(out: Path, compiled: bool) -> list[float]:
     env = {**os.environ, fp8.EMULATE_ENV: "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
+    done = early.run(
         [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
          "train.steps=3", "log.every=1", "eval.every=0", "checkpoint.every=0", "data.workers=0",
          "model.backend=torch", "data.seq_length=32", "train.micro_batch=8", "train.global_batch=16",
          "model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0", "precision.fp8=true",
          "precision.fp8_scaling=delayed", f"train.compile={str(compiled).lower()}"],
-        cwd=ROOT, capture_output=True, text=True, env=env, timeout=900)
+        cwd=ROOT, env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if r["kind"] == "train"]
 
 
+@early.job
+def fp8_eager_and_compiled_losses(root, threads) -> tuple[list[float], list[float]]:
+    """The train losses of _pretrain eager and compiled: an early job (tests/early.py), one after the
+    other there, at once in this module's turn (Inductor compiles for over a minute on a fresh
+    machine)."""
+    return tuple(early.each(threads, *(lambda c=c: _pretrain(root / str(c), c) for c in (False, True))))
+
+
 @pytest.mark.slow
-def test_compiled_fp8_training_logs_the_eager_losses(tmp_path):
+def test_compiled_fp8_training_logs_the_eager_losses(fp8_eager_and_compiled_losses):
     """Three steps of two micro-batches (DeepSpeed, float32, delayed scaling, emulated FP8 GEMMs),
     compiled by Inductor and eager. Inductor reorders float32 reductions (LayerNorm, softmax, the
     amax), so a value may differ in its last bit and, rarely, cross an e4m3 rounding boundary: that
     element moves by one FP8 step (2^-4 of itself) and the loss by far less than 1e-4 of itself.
     The tolerance is that; the losses measured agreed to 1.3e-6."""
-    eager, compiled = run_together(*(lambda c=c: _pretrain(tmp_path / str(c), c) for c in (False, True)))
+    eager, compiled = fp8_eager_and_compiled_losses
     assert len(compiled) == 3
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-4, atol=0)

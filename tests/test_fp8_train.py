@@ -16,15 +16,15 @@ import pytest
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
 
+import early  # noqa: E402
 import torch  # noqa: E402
-from together import run_together  # noqa: E402
 
 from bert_fast.ops import extension, fp8  # noqa: E402
 from bert_fast.ops.fp8 import Fp8Recipe, Fp8State  # noqa: E402
 from bert_fast.train import checkpoint_load  # noqa: E402
 from bert_fast.train.engine import free_port  # noqa: E402
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("deepspeed_shm_op"),
               pytest.mark.skipif(not extension.available("cpu"), reason="bert_fast._C is not built")]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,10 +45,8 @@ def _run(out: Path, *extra: str, emulate: bool = True, ranks: int = 1) -> subpro
     """pretrain.py as one process, or on `ranks` gloo ranks through DeepSpeed's launcher."""
     launcher = [] if ranks == 1 else ["-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                                       "--master_port", str(free_port())]
-    done = subprocess.run([sys.executable, *launcher, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
-                           f"train.output_dir={out}", *COMMON, *extra], cwd=ROOT, env=_env(emulate),
-                          capture_output=True, text=True, timeout=600)
-    return done
+    return early.run([sys.executable, *launcher, "pretrain.py", "--config", "configs/tiny-cpu.yaml",
+                      f"train.output_dir={out}", *COMMON, *extra], cwd=ROOT, env=_env(emulate), timeout=600)
 
 
 def _losses(out: Path) -> dict[int, float]:
@@ -56,18 +54,26 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
-def test_fp8_trains_within_2_percent_of_bf16(tmp_path):
+VARIANTS = {"bf16": [], "fp8": ["precision.fp8=true", "precision.fp8_scaling=delayed"]}
+
+
+@early.job
+def bf16_and_fp8_runs(root, threads) -> Path:
+    """200 steps of each of VARIANTS into root / name (one thread each, COMMON): an early job
+    (tests/early.py), one after the other there, at once on the two cores in this module's turn."""
+    schedule = ["train.steps=200", "schedule.warmup_steps=40", "log.every=20", "checkpoint.every=0"]
+    done = early.each(threads, *(lambda name=name, extra=extra: _run(root / name, *schedule, *extra)
+                                 for name, extra in VARIANTS.items()))
+    for run in done:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return root
+
+
+def test_fp8_trains_within_2_percent_of_bf16(bf16_and_fp8_runs):
     """200 steps each, the same data and initial weights: the final loss within 2%, and the whole
     logged curve (every 20 steps, falling from 9.4 to 6.8) within 5%. Measured: 6.76695 (fp8,
     delayed) against 6.76815 (bf16), 0.02% apart; current scaling 6.76797."""
-    schedule = ["train.steps=200", "schedule.warmup_steps=40", "log.every=20", "checkpoint.every=0"]
-    variants = {"bf16": [], "fp8": ["precision.fp8=true", "precision.fp8_scaling=delayed"]}
-    # One thread each (COMMON): the two independent runs share the two cores.
-    done = run_together(*(lambda name=name, extra=extra: _run(tmp_path / name, *schedule, *extra)
-                          for name, extra in variants.items()))
-    for run in done:
-        assert run.returncode == 0, run.stderr[-3000:]
-    bf16, low = (_losses(tmp_path / name) for name in variants)
+    bf16, low = (_losses(bf16_and_fp8_runs / name) for name in VARIANTS)
     assert sorted(bf16) == sorted(low) == list(range(20, 201, 20))
     assert abs(low[200] - bf16[200]) <= 0.02 * bf16[200], (bf16, low)
     assert all(abs(low[s] - bf16[s]) <= 0.05 * bf16[s] for s in bf16), (bf16, low)
@@ -85,31 +91,58 @@ def _state(saved: Path) -> dict[str, torch.Tensor]:
     return {**state, **checkpoint_load.model_state_dict(saved)}
 
 
-@pytest.mark.parametrize("ranks, stage", [(1, 0), (2, 0), (2, 3)], ids=["1rank-zero0", "2ranks-zero0", "2ranks-zero3"])
-def test_resume_from_a_mid_run_checkpoint_is_bit_exact(tmp_path, ranks, stage):
+RESUME_CASES = {"1rank-zero0": (1, 0), "2ranks-zero0": (2, 0), "2ranks-zero3": (2, 3)}
+
+
+def _resume_steps(ranks: int, stage: int) -> list[str]:
+    steps = ["train.steps=20", "schedule.warmup_steps=5", "log.every=1", "checkpoint.every=10",
+             "checkpoint.keep=0", "precision.fp8=true", "precision.fp8_scaling=delayed",
+             "precision.fp8_amax_history=4", f"zero.stage={stage}"]
+    return steps + ["train.micro_batch=8"] if ranks > 1 else steps
+
+
+def _straight_then_resumed(out: Path, ranks: int, stage: int) -> dict:
+    """20 steps into `out`, then its step-20 checkpoint read and removed and the run resumed from
+    step 10: the two processes, the straight run's losses and its step-20 state."""
+    steps = _resume_steps(ranks, stage)
+    straight = _run(out, *steps, ranks=ranks)
+    if straight.returncode != 0:
+        return dict(straight=straight)
+    losses, final = _losses(out), out / "checkpoints" / "step_00000020"
+    before = _state(final)
+    shutil.rmtree(final)  # a resume may not save beside later ones
+    resumed = _run(out, *steps, "--resume", str(out / "checkpoints" / "step_00000010"), ranks=ranks)
+    return dict(straight=straight, losses=losses, before=before, resumed=resumed)
+
+
+@early.job
+def resume_runs(root, threads) -> dict[str, tuple[Path, dict]]:
+    """Case -> (its output folder, _straight_then_resumed of it) for each of RESUME_CASES: an early
+    job (tests/early.py), the cases one after another there, at once in this module's turn."""
+    outs = {case: root / case / "run" for case in RESUME_CASES}
+    done = early.each(threads, *(lambda case=case: _straight_then_resumed(outs[case], *RESUME_CASES[case])
+                                 for case in RESUME_CASES))
+    return {case: (outs[case], result) for case, result in zip(RESUME_CASES, done)}
+
+
+@pytest.mark.parametrize("case", RESUME_CASES)
+def test_resume_from_a_mid_run_checkpoint_is_bit_exact(resume_runs, case):
     """20 steps with a checkpoint at 10, then the same run resumed from it: steps 11-20 log the same
     losses to the last bit and end with the same weights and amax histories, which needs the
     delayed-scaling histories (module buffers, float32 under bf16, equal on every rank) restored
     along with the weights. One process at ZeRO 0, two gloo ranks at ZeRO 0 (rank 0 writes the
     module state: checkpoint.save max-reduces the step's amaxes first) and at ZeRO 3."""
-    steps = ["train.steps=20", "schedule.warmup_steps=5", "log.every=1", "checkpoint.every=10",
-             "checkpoint.keep=0", "precision.fp8=true", "precision.fp8_scaling=delayed",
-             "precision.fp8_amax_history=4", f"zero.stage={stage}"]
-    if ranks > 1:
-        steps.append("train.micro_batch=8")
-    out = tmp_path / "run"
-    done = _run(out, *steps, ranks=ranks)
+    out, runs = resume_runs[case]
+    done = runs["straight"]
     assert done.returncode == 0, done.stderr[-3000:]
-    straight = _losses(out)
+    straight, before = runs["losses"], runs["before"]
     saved = out / "checkpoints" / "step_00000010"
     history = _state(saved)["bert.layers.1.fp8.ffn_out.amax_history"]
     assert history.dtype == torch.float32 and (history > 0).all()  # 10 steps filled all 4 slots
     assert not any(fp8.is_state_key(k) for k in checkpoint_load.model_state_dict(saved))  # weights only
 
     final = out / "checkpoints" / "step_00000020"
-    before = _state(final)
-    shutil.rmtree(final)  # a resume may not save beside later ones
-    done = _run(out, *steps, "--resume", str(saved), ranks=ranks)
+    done = runs["resumed"]
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"resumed from {saved} at step 10" in done.stdout
     resumed = _losses(out)

@@ -22,9 +22,7 @@ def optim_report(folder, threads):
     """LAMB's Triton fallback's sm_90 report: an early job (tests/early.py)."""
     if aot.unavailable_reason() is not None:
         return None
-    from bert_fast.kernels import lamb_aot
-
-    return lamb_aot.optim_report()
+    return early.report("bert_fast.kernels.lamb_aot", "optim_report")
 
 
 def test_committed_report_matches_a_fresh_build_and_meets_the_targets(optim_report):

@@ -389,9 +389,7 @@ def mlm_loss_aot_report(folder, threads):
     """The kernels' sm_90 report: an early job (tests/early.py)."""
     if _aot_reason():
         return None
-    from bert_fast.kernels.mlm_loss_aot import report
-
-    return report()
+    return early.report("bert_fast.kernels.mlm_loss_aot", "report")
 
 
 @pytest.fixture(scope="module")

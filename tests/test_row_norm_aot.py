@@ -32,9 +32,7 @@ def row_norm_reports(folder, threads):
     """name -> its kernels' sm_90 report: an early job (tests/early.py)."""
     if aot.unavailable_reason() is not None:
         return None
-    from bert_fast.kernels import row_norm_aot
-
-    return {name: getattr(row_norm_aot, f"{name}_report")("bf16") for name in NAMES}
+    return {name: early.report("bert_fast.kernels.row_norm_aot", f"{name}_report", "bf16") for name in NAMES}
 
 
 @pytest.mark.parametrize("name", NAMES)
