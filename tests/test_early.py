@@ -3,7 +3,8 @@ tests are selected, in the order of first use, on one thread in a niced thread (
 niced too), and its fixture waits for it; an unused job, one with nothing beside it or a
 collect-only session's is not started, and runs when asked, on every core, not niced; stopping
 kills a running job's subprocess and drops the jobs queued; `each` runs calls one after another
-in an early job and at once otherwise."""
+in an early job and at once otherwise; FIRST jobs are queued first; the timeline shows each job;
+`report` returns a function's JSON result from another interpreter."""
 
 import os
 import subprocess
@@ -131,3 +132,36 @@ def test_each_runs_one_after_another_in_an_early_job_and_at_once_otherwise():
     assert seen == [here]
     barrier = threading.Barrier(2, timeout=10)  # passes only if both calls wait at once
     assert early.each(0, lambda: barrier.wait() * 0 + 1, lambda: barrier.wait() * 0 + 2) == [1, 2]
+
+
+def test_first_jobs_are_queued_before_the_others_and_the_timeline_shows_each(tmp_path_factory, monkeypatch):
+    jobs, order = early.Jobs(workers=1), []
+
+    def early_user(folder, threads):
+        order.append("early_user")
+
+    def late_user(folder, threads):
+        order.append("late_user")
+
+    jobs.job(early_user)
+    jobs.job(late_user)
+    monkeypatch.setattr(early, "FIRST", ("late_user",))
+    try:
+        assert jobs.start(session(tmp_path_factory, ["early_user"], ["tmp_path"], ["late_user"])) == [
+            "late_user", "early_user"]
+        jobs.result("early_user", tmp_path_factory)
+        assert order == ["late_user", "early_user"]
+        lines = jobs.timeline()
+        assert [line.split()[0] for line in lines] == ["late_user", "early_user"]  # in the order queued
+        asked = {line.split()[0]: line for line in lines}
+        assert "waited" in asked["early_user"] and not asked["early_user"].endswith("waited     - s")
+        assert asked["late_user"].split("first asked")[1].split()[0] == "-"  # no test asked for it
+    finally:
+        jobs.stop()
+
+
+def test_report_returns_a_functions_json_result_from_a_fresh_interpreter():
+    assert early.report("math", "hypot", 3, 4) == 5.0
+    assert early.report("os", "getpid") != os.getpid()
+    with pytest.raises(AssertionError, match="ImportError"):
+        early.report("math", "no_such_function")
