@@ -105,9 +105,13 @@ def test_the_fused_casts_trace_into_the_graphs(scaling, traces):
 
 
 def _pretrain(out: Path, compiled: bool) -> list[float]:
+    # Synthetic batches pack to one shape: one compile each way. The corpus's 3 steps give three
+    # packed shapes, each a compile of its own (over a minute more on a fresh machine); a compile
+    # per shape is tests/test_compile.py's.
     env = {**os.environ, fp8.EMULATE_ENV: "1", "OMP_NUM_THREADS": "1"}
     done = early.run(
         [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
+         "data.source=synthetic",
          "train.steps=3", "log.every=1", "eval.every=0", "checkpoint.every=0", "data.workers=0",
          "model.backend=torch", "data.seq_length=32", "train.micro_batch=8", "train.global_batch=16",
          "model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0", "precision.fp8=true",
