@@ -30,15 +30,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
 
 NICENESS = 10
 WORKERS = 2
-# Started before every other job, whatever the order of first use: short, and many tests wait on it.
+# Started before every other job, whatever the order of first use, and finished before any other
+# starts (their runs load what it builds, and a run killed while building would leave torch's build
+# lock behind): short, and many tests wait on it.
 FIRST = ("deepspeed_shm_op",)
+# A run's time limit is stretched this much in a job started early: at nice 10 it gets a tenth of a
+# core while the tests' own thread keeps both busy (two ranks, two runs at once).
+NICED_TIMEOUT = 5
 
 
 class Stopped(Exception):
@@ -58,6 +63,11 @@ class Jobs:
         # name -> [queued, started, finished, asked, answered] in seconds since the session began
         # (None until it happens): the summary printed after the tests (timeline()).
         self.times: dict[str, list[float | None]] = {}
+        # The environment and folder the session's tests were collected in: what jobs' runs get,
+        # whatever a test running meanwhile sets (monkeypatch.setenv, chdir).
+        self.environ: dict[str, str] | None = None
+        self.cwd: str | None = None
+        self.local = threading.local()  # .early: this thread runs a job started early
 
     def job(self, fn: Callable[[Path, int], object]):
         """A session fixture named after `fn`: `fn(folder, threads)`, started early when a selected
@@ -88,11 +98,14 @@ class Jobs:
     def start(self, session) -> list[str]:
         """Starts the jobs the session's selected tests use, in the order of their first use;
         returns their names."""
-        if session.config.option.collectonly:
+        option = session.config.option
+        if option.collectonly or getattr(option, "setupplan", False) or getattr(option, "showfixtures", False):
             return []
+        from _pytest.skipping import evaluate_skip_marks  # skip and skipif, as pytest will decide them
+
         first_use: dict[str, int] = {}
         users: dict[str, set] = {}
-        items = [item for item in session.items if not item.get_closest_marker("skip")]  # GPU tests, off a GPU
+        items = [item for item in session.items if evaluate_skip_marks(item) is None]
         for index, item in enumerate(items):
             for name in getattr(item, "fixturenames", ()):
                 if name in self.jobs and name not in self.futures:
@@ -101,6 +114,8 @@ class Jobs:
         modules = {item.path for item in items}
         names = sorted((name for name in first_use if modules - users[name]),
                        key=lambda name: (name not in FIRST, first_use[name]))
+        if names:
+            self.environ, self.cwd = dict(os.environ), os.getcwd()
         for name in names:
             self.begin(name, session.config._tmp_path_factory)  # what the tmp_path_factory fixture returns
         return names
@@ -118,10 +133,15 @@ class Jobs:
         return time.monotonic() - self.origin
 
     def _run_job(self, name: str, folder: Path):
+        if name not in FIRST:
+            for first in FIRST:
+                if first in self.futures:
+                    wait([self.futures[first]])  # its failure is its own fixture's to report
         if self.stopping:
             raise Stopped(name)
-        if os.getpriority(os.PRIO_PROCESS, 0) < NICENESS:
+        if name not in FIRST and os.getpriority(os.PRIO_PROCESS, 0) < NICENESS:
             os.setpriority(os.PRIO_PROCESS, 0, NICENESS)  # this thread (Linux), and all it starts
+        self.local.early = True
         self.times[name][1] = self._now()
         try:
             return self.jobs[name](folder, 1)
@@ -143,15 +163,34 @@ class Jobs:
                          f"({ran:>4} s)  first asked {at(asked):>5}  waited {waited:>5} s")
         return lines
 
-    def run(self, args: list[str], *, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
-        """subprocess.run for jobs, text output captured, in a process group of its own that stop()
-        kills if the session ends first."""
+    def env(self) -> dict[str, str]:
+        """A copy of the environment for a job's run: the session's at collection when jobs were
+        started then, else this process's now."""
+        return dict(os.environ if self.environ is None else self.environ)
+
+    def timeout(self, seconds: float | None) -> float | None:
+        """A run's time limit, stretched NICED_TIMEOUT times in a job started early."""
+        return seconds * NICED_TIMEOUT if seconds is not None and getattr(self.local, "early", False) else seconds
+
+    def popen(self, args: list[str], **kwargs) -> subprocess.Popen:
+        """subprocess.Popen in a process group of its own that stop() kills if the session ends
+        first; env and cwd default to the session's (env())."""
+        kwargs.setdefault("env", self.env())
+        if self.cwd is not None:
+            kwargs.setdefault("cwd", self.cwd)
         with self.lock:
             if self.stopping:
                 raise Stopped(" ".join(map(str, args[:3])))
-            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                    start_new_session=True, **kwargs)
+            self.processes = {p for p in self.processes if p.poll() is None}
+            proc = subprocess.Popen(args, start_new_session=True, **kwargs)
             self.processes.add(proc)
+        return proc
+
+    def run(self, args: list[str], *, timeout: float | None = None, **kwargs) -> subprocess.CompletedProcess:
+        """subprocess.run for jobs through popen, text output captured; `timeout` as timeout()
+        stretches it."""
+        timeout = self.timeout(timeout)
+        proc = self.popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
         try:
             stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -197,5 +236,6 @@ def each(threads: int, *calls: Callable[[], object]) -> list:
 
 
 _SESSION = Jobs()
-job, run, start, begin, stop, timeline = (_SESSION.job, _SESSION.run, _SESSION.start, _SESSION.begin, _SESSION.stop,
-                                          _SESSION.timeline)
+job, run, popen, start, begin, stop, timeline = (_SESSION.job, _SESSION.run, _SESSION.popen, _SESSION.start,
+                                                 _SESSION.begin, _SESSION.stop, _SESSION.timeline)
+environ, timeout = _SESSION.env, _SESSION.timeout

@@ -133,7 +133,7 @@ def trace_with_fake_tensors(script: str) -> str:
     which the interpreter cannot run (it reads data pointers); with it off no kernel runs at all."""
     import early  # its run: killed with the session, as early jobs (most callers) need
 
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(early.environ(), TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
     done = early.run([sys.executable, "-c", script], env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout

@@ -4,7 +4,9 @@ niced too), and its fixture waits for it; an unused job, one with nothing beside
 collect-only session's is not started, and runs when asked, on every core, not niced; stopping
 kills a running job's subprocess and drops the jobs queued; `each` runs calls one after another
 in an early job and at once otherwise; FIRST jobs are queued first; the timeline shows each job;
-`report` returns a function's JSON result from another interpreter."""
+`report` returns a function's JSON result from another interpreter; skipif counts as skip; runs get
+the environment and folder of the session's start, a job's time limits are stretched, its
+processes are killed at the end; other jobs wait for the FIRST ones."""
 
 import os
 import subprocess
@@ -17,11 +19,20 @@ import early
 import pytest
 
 
-def session(tmp_path_factory, *fixture_lists, collectonly=False, skipped=(), modules=None):
-    """A session whose i-th test uses fixture_lists[i], in module modules[i] (test_i.py by default)."""
+def session(tmp_path_factory, *fixture_lists, collectonly=False, skipped=(), skipped_if=(), modules=None):
+    """A session whose i-th test uses fixture_lists[i], in module modules[i] (test_i.py by default),
+    marked skip when i is in `skipped`, skipif(True) when in `skipped_if`."""
     modules = modules or [f"test_{i}.py" for i in range(len(fixture_lists))]
+
+    def marks(i, name):
+        if name == "skip" and i in skipped:
+            return [pytest.mark.skip(reason="a GPU test off a GPU").mark]
+        if name == "skipif" and i in skipped_if:
+            return [pytest.mark.skipif(True, reason="bert_fast._C is not built").mark]
+        return []
+
     items = [SimpleNamespace(fixturenames=list(names), path=modules[i],
-                             get_closest_marker=lambda mark, i=i: object() if mark == "skip" and i in skipped else None)
+                             iter_markers=lambda name=None, i=i: marks(i, name))
              for i, names in enumerate(fixture_lists)]
     config = SimpleNamespace(option=SimpleNamespace(collectonly=collectonly), _tmp_path_factory=tmp_path_factory)
     return SimpleNamespace(items=items, config=config)
@@ -55,7 +66,7 @@ def test_used_jobs_start_in_order_of_first_use_and_the_fixture_waits(tmp_path_fa
         jobs.job(fn)
     try:
         started = jobs.start(session(tmp_path_factory, ["tmp_path"], ["first"], ["second", "first"],
-                                    ["unused"], skipped={3}))
+                                    ["unused"], ["unused"], skipped={3}, skipped_if={4}))
         assert started == ["first", "second"]
         deadline = time.monotonic() + 10
         while not order and time.monotonic() < deadline:
@@ -165,3 +176,59 @@ def test_report_returns_a_functions_json_result_from_a_fresh_interpreter():
     assert early.report("os", "getpid") != os.getpid()
     with pytest.raises(AssertionError, match="ImportError"):
         early.report("math", "no_such_function")
+
+
+def test_runs_get_the_sessions_environment_and_folder_and_are_killed_at_the_end(tmp_path_factory, monkeypatch,
+                                                                                tmp_path):
+    jobs, seen = early.Jobs(workers=1), threading.Event()
+    show = [sys.executable, "-c", "import os; print(os.environ.get('EARLY_PROBE'), os.getcwd())"]
+
+    def probe(folder, threads):
+        assert seen.wait(10)  # the test below has changed the environment and folder by now
+        return jobs.run(show).stdout.split(), jobs.timeout(10)
+
+    def sleeper(folder, threads):
+        return jobs.popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+    jobs.job(probe)
+    jobs.job(sleeper)
+    monkeypatch.setenv("EARLY_PROBE", "session")
+    here = os.getcwd()
+    try:
+        assert jobs.start(session(tmp_path_factory, ["probe", "sleeper"], ["tmp_path"])) == ["probe", "sleeper"]
+        monkeypatch.setenv("EARLY_PROBE", "a test's")  # as a test running meanwhile may
+        monkeypatch.chdir(tmp_path)
+        seen.set()
+        assert jobs.result("probe", tmp_path_factory) == (["session", here], 10 * early.NICED_TIMEOUT)
+        sleeping = jobs.result("sleeper", tmp_path_factory)
+        assert sleeping.poll() is None
+        assert jobs.timeout(10) == 10  # not stretched in the tests' own thread
+        assert jobs.run(show).stdout.split() == ["session", here]
+    finally:
+        jobs.stop()
+    assert sleeping.wait(10) == -9  # SIGKILL, with its process group
+
+
+def test_other_jobs_wait_for_the_first_ones(tmp_path_factory, monkeypatch):
+    jobs, order, release = early.Jobs(workers=2), [], threading.Event()
+
+    def builds(folder, threads):
+        assert release.wait(10)
+        order.append("builds")
+
+    def loads(folder, threads):
+        order.append("loads")
+
+    jobs.job(builds)
+    jobs.job(loads)
+    monkeypatch.setattr(early, "FIRST", ("builds",))
+    try:
+        assert jobs.start(session(tmp_path_factory, ["loads"], ["builds"])) == ["builds", "loads"]
+        time.sleep(0.3)  # a free worker would have run `loads` by now
+        assert order == []
+        release.set()
+        jobs.result("loads", tmp_path_factory)
+        assert order == ["builds", "loads"]
+    finally:
+        release.set()
+        jobs.stop()

@@ -51,17 +51,19 @@ TIMINGS = {"seq_per_s", "tokens_per_s", "tflops", "tflops_per_gpu", "mfu_pct", "
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return {**early.environ(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _start(out: Path, *extra: str, fault: tuple[str, int] | None = None) -> subprocess.Popen:
     entry = ["tests/faults.py", fault[0], str(fault[1])] if fault else ["pretrain.py"]
-    return subprocess.Popen([sys.executable, *entry, "--config", "configs/tiny-cpu.yaml",
-                             f"train.output_dir={out}", *RUN, *extra], cwd=ROOT, env=_env(), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    # early.popen: its own process group, killed if the session ends first (the chain is an early job).
+    return early.popen([sys.executable, *entry, "--config", "configs/tiny-cpu.yaml",
+                        f"train.output_dir={out}", *RUN, *extra], cwd=ROOT, env=_env(), text=True,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    timeout = early.timeout(timeout)  # stretched in a job started early (niced)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -6,7 +6,6 @@ fake tensors, as CUDA runs them), `pretrain.py` with train.compile logs the eage
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -106,9 +105,9 @@ def test_the_fused_casts_trace_into_the_graphs(scaling, traces):
 
 def _pretrain(out: Path, compiled: bool) -> list[float]:
     # Synthetic batches pack to one shape: one compile each way. The corpus's 3 steps give three
-    # packed shapes, each a compile of its own (over a minute more on a fresh machine); a compile
-    # per shape is tests/test_compile.py's.
-    env = {**os.environ, fp8.EMULATE_ENV: "1", "OMP_NUM_THREADS": "1"}
+    # packed shapes, each a compile of its own (over a minute more on a fresh machine); the
+    # recompile per shape is checked against eager by test_train_static's compiled run.
+    env = {**early.environ(), fp8.EMULATE_ENV: "1", "OMP_NUM_THREADS": "1"}
     done = early.run(
         [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
          "data.source=synthetic",

@@ -6,7 +6,6 @@ the test hook is refused naming the key."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ COMMON = ["data.seq_length=32", "train.micro_batch=16", "data.workers=0", "eval.
 
 
 def _env(emulate: bool = True) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**early.environ(), "OMP_NUM_THREADS": "1"}
     env.pop(fp8.EMULATE_ENV, None)
     return {**env, fp8.EMULATE_ENV: "1"} if emulate else env
 

@@ -3,7 +3,6 @@ parses, its dry run lists every step, every GPU benchmark is one of them, --only
 gathering a results folder yields at most 8 files with valid JSON."""
 
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -151,7 +150,7 @@ def bench_runs(root, threads) -> dict[str, tuple[subprocess.CompletedProcess, Pa
     """Every kernel benchmark's CPU mode (tiny sizes, torch reference only; --strict turns any
     provider error into a failure), one thread each: the timings are not looked at. Started with
     the session, one after another (tests/early.py); in this module's turn, two at a time."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**early.environ(), "OMP_NUM_THREADS": "1"}
 
     def run(name: str) -> tuple[subprocess.CompletedProcess, Path]:
         out = root / name

@@ -4,7 +4,6 @@ its stand-in for a pytest that died without one, and gpu_suite.sh run on the CPU
 tests in a copy of bench/, through to the gathered report.md."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -145,7 +144,7 @@ def _suite_run(root: Path, tests: str) -> tuple[subprocess.CompletedProcess, Pat
     for name in ("gpu_suite.sh", "junit_report.py", "gather.py", "harness.py"):
         shutil.copy(ROOT / "bench" / name, tree / "bench" / name)
     out = root / "out"
-    env = dict(os.environ, PYTHON=sys.executable)
+    env = dict(early.environ(), PYTHON=sys.executable)
     done = early.run(["bash", "bench/gpu_suite.sh", "--only", "gpu-tests", "--budget", "200", "--out", str(out)],
                      cwd=tree, env=env)
     return done, out

@@ -6,7 +6,6 @@ a CPU run prints only our own lines (no accelerator warning, no DeepSpeed build 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ OURS = re.compile(r"pretrain: |pretrain\.py: |\{\"kind\": |done: |  (output fold
 
 def _pretrain(*args: str, run=None) -> subprocess.CompletedProcess:
     # As `make pretrain` runs on a machine without a GPU: no CUDA device, DS_ACCELERATOR unset.
-    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    env = {k: v for k, v in early.environ().items() if k != "DS_ACCELERATOR"}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     command = [sys.executable, "pretrain.py", "--config", RECIPE, *args]
     if run is not None:  # early.run: output captured as text
@@ -53,9 +52,11 @@ def one_run(folder, threads):
     (tests/early.py). The embedded corpus is prepared first: the run that trains its vocab also
     warns, once per machine, that the corpus gives fewer words than the recipe asks; the runs
     after it, measured here, print only ours."""
-    from bert_fast.data.corpus import default_prepared
-
-    default_prepared(8192)
+    # In a process of its own: the cache's lock (fcntl) is per process, so a thread here would not
+    # keep this process's tests that prepare the same cache out.
+    prepared = early.run([sys.executable, "-c", "from bert_fast.data.corpus import default_prepared; "
+                          "default_prepared(8192)"], cwd=ROOT)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
     out = folder / "run"
     done = _pretrain(f"train.output_dir={out}", *SMALL, "train.steps=2", run=early.run)
     assert done.returncode == 0, done.stderr[-3000:]

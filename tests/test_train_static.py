@@ -93,12 +93,10 @@ def compiled_and_eager_losses(folder, threads) -> dict[bool, list[float]]:
     while on a fresh machine); an early job (tests/early.py)."""
 
     def losses_of(compiled: bool) -> list[float]:
-        # Synthetic batches pack to one shape, so one compile each way (the corpus's give three;
-        # a compile per shape is tests/test_compile.py's).
         out = folder / str(compiled)
         result = early.run(
             [sys.executable, "pretrain.py", "--config", "configs/tiny-cpu.yaml", f"train.output_dir={out}",
-             "data.source=synthetic", "train.steps=3", "log.every=1", "eval.every=0", "checkpoint.every=0", "data.workers=0",
+             "train.steps=3", "log.every=1", "eval.every=0", "checkpoint.every=0", "data.workers=0",
              "model.backend=torch", "data.seq_length=32", "train.micro_batch=8", "model.hidden_dropout_prob=0",
              "model.attention_probs_dropout_prob=0", "train.threads=1", f"train.compile={str(compiled).lower()}"],
             cwd=ROOT)
