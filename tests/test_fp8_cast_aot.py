@@ -6,6 +6,7 @@ report, which the first test proves is the fresh build."""
 import json
 from pathlib import Path
 
+import early
 import pytest
 
 from bert_fast.kernels import aot
@@ -24,13 +25,19 @@ def _name(r: dict) -> str:
     return "/".join(str(k) for k in row_key(r))
 
 
+@early.job
+def fp8_cast_fresh_report(folder, threads):
+    """fp8_cast_aot.fp8_cast_report(), built in a fresh interpreter: an early job (tests/early.py)."""
+    if aot.unavailable_reason() is not None:
+        return None
+    return early.report("bert_fast.kernels.fp8_cast_aot", "fp8_cast_report")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(aot.unavailable_reason() is not None,
                     reason=f"no AOT compile here: {aot.unavailable_reason()}")
-def test_committed_report_matches_a_fresh_build():
-    from bert_fast.kernels import fp8_cast_aot
-
-    assert REPORT == fp8_cast_aot.fp8_cast_report(), \
+def test_committed_report_matches_a_fresh_build(fp8_cast_fresh_report):
+    assert REPORT == fp8_cast_fresh_report, \
         "the sm_90 builds changed: rerun bench/fp8_cast.py --compile-report"
 
 
@@ -165,10 +172,11 @@ print(json.dumps(dict(ordering=ordering, noinline_emitted="noinline" in source,
 """
 
 
-@pytest.fixture(scope="module")
-def builds() -> dict:
-    import json
-
+@early.job
+def builds(folder, threads) -> dict | None:
+    """_BUILDS's findings (a fresh process, the interpreter off): an early job (tests/early.py)."""
+    if aot.unavailable_reason() is not None:
+        return None
     from helpers import trace_with_fake_tensors
 
     return json.loads(trace_with_fake_tensors(_BUILDS).splitlines()[-1])
