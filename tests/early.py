@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,17 @@ class Stopped(Exception):
     """The session ended before this job could run."""
 
 
+@dataclass
+class Times:
+    """When a job started early was queued, ran, finished, first asked for and answered: seconds
+    since the session began, None until it happens (Jobs.timeline)."""
+    queued: float
+    started: float | None = None
+    finished: float | None = None
+    asked: float | None = None
+    answered: float | None = None
+
+
 class Jobs:
     def __init__(self, workers: int = WORKERS):
         self.workers = workers
@@ -60,9 +72,7 @@ class Jobs:
         self.pool: ThreadPoolExecutor | None = None
         self.stopping = False
         self.origin = time.monotonic()
-        # name -> [queued, started, finished, asked, answered] in seconds since the session began
-        # (None until it happens): the summary printed after the tests (timeline()).
-        self.times: dict[str, list[float | None]] = {}
+        self.times: dict[str, Times] = {}
         # The environment and folder the session's tests were collected in: what jobs' runs get,
         # whatever a test running meanwhile sets (monkeypatch.setenv, chdir).
         self.environ: dict[str, str] | None = None
@@ -89,11 +99,11 @@ class Jobs:
         if future is None:
             return self.jobs[name](tmp_path_factory.mktemp(name), 0)
         times = self.times[name]
-        times[3] = self._now()
+        times.asked = self._now()
         try:
             return future.result()
         finally:
-            times[4] = self._now()
+            times.answered = self._now()
 
     def start(self, session) -> list[str]:
         """Starts the jobs the session's selected tests use, in the order of their first use;
@@ -125,7 +135,7 @@ class Jobs:
         module that runs a job beside its own tests when the session did not start it earlier."""
         if name not in self.futures:
             self.pool = self.pool or ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="early")
-            self.times[name] = [self._now(), None, None, None, None]
+            self.times[name] = Times(self._now())
             self.futures[name] = self.pool.submit(self._run_job, name, tmp_path_factory.mktemp(name))
         return self.futures[name]
 
@@ -142,11 +152,11 @@ class Jobs:
         if name not in FIRST and os.getpriority(os.PRIO_PROCESS, 0) < NICENESS:
             os.setpriority(os.PRIO_PROCESS, 0, NICENESS)  # this thread (Linux), and all it starts
         self.local.early = True
-        self.times[name][1] = self._now()
+        self.times[name].started = self._now()
         try:
             return self.jobs[name](folder, 1)
         finally:
-            self.times[name][2] = self._now()
+            self.times[name].finished = self._now()
 
     def timeline(self) -> list[str]:
         """One line per job started early: when it was queued, ran and finished, and how long a
@@ -155,12 +165,11 @@ class Jobs:
             return "-" if t is None else f"{t:.0f}"
 
         lines = []
-        for name, (queued, started, finished, asked, answered) in sorted(
-                self.times.items(), key=lambda item: item[1][0]):
-            waited = "-" if asked is None or answered is None else f"{answered - asked:.1f}"
-            ran = "-" if started is None or finished is None else f"{finished - started:.0f}"
-            lines.append(f"{name:<30} queued {at(queued):>5}  ran {at(started):>5}-{at(finished):<5} "
-                         f"({ran:>4} s)  first asked {at(asked):>5}  waited {waited:>5} s")
+        for name, t in sorted(self.times.items(), key=lambda item: item[1].queued):
+            waited = "-" if t.asked is None or t.answered is None else f"{t.answered - t.asked:.1f}"
+            ran = "-" if t.started is None or t.finished is None else f"{t.finished - t.started:.0f}"
+            lines.append(f"{name:<30} queued {at(t.queued):>5}  ran {at(t.started):>5}-{at(t.finished):<5} "
+                         f"({ran:>4} s)  first asked {at(t.asked):>5}  waited {waited:>5} s")
         return lines
 
     def env(self) -> dict[str, str]:
@@ -216,13 +225,14 @@ class Jobs:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def report(module: str, function: str, *args) -> object:
-    """`module.function(*args)` (JSON in, JSON out) in a fresh interpreter started through `run`: for
-    jobs that compile (the AOT reports), which in a thread of this process would hold the GIL
-    through Triton's compiler passes and stall the tests' own thread."""
-    code = (f"import json, sys; from {module} import {function} as f; "
+def report(module: str, function: str, *args, path: Path | None = None) -> object:
+    """`module.function(*args)` (JSON in, JSON out) in a fresh interpreter started through `run`,
+    `path` (a folder such as bench/) first on its sys.path: for jobs that compile (the AOT reports),
+    which in a thread of this process would hold the GIL through Triton's compiler passes and stall
+    the tests' own thread."""
+    code = (f"import json, sys; sys.path[:0] = json.loads(sys.argv[2]); from {module} import {function} as f; "
             f"print(json.dumps(f(*json.loads(sys.argv[1]))))")
-    done = run([sys.executable, "-c", code, json.dumps(list(args))])
+    done = run([sys.executable, "-c", code, json.dumps(list(args)), json.dumps([] if path is None else [str(path)])])
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
 

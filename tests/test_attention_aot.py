@@ -5,7 +5,6 @@ no spills, Hopper's wgmma, and dropout costing at most 1.5x the instructions of 
 without it. A kernel change that moves these numbers must come with a fresh report."""
 
 import json
-import sys
 from pathlib import Path
 
 import early
@@ -61,23 +60,13 @@ def test_every_candidate_meets_the_static_targets(fresh):
                 assert row["registers"] <= 168, name
 
 
-_VARIANTS = """
-import json, sys
-sys.path.insert(0, {bench!r})
-from attention_dropout_variants import report
-print(json.dumps(report()))
-"""
-
-
 @early.job
 def dropout_variant_rows(folder, threads):
-    """bench/attention_dropout_variants.py's report() rows, computed in a subprocess of this
-    process's environment (which compiles in its own, as in pytest): an early job (tests/early.py)."""
+    """bench/attention_dropout_variants.py's report() rows, computed in a fresh interpreter: an early
+    job (tests/early.py)."""
     if aot.unavailable_reason() is not None:
         return None
-    done = early.run([sys.executable, "-c", _VARIANTS.format(bench=str(REPORT.parents[2]))])
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return early.report("attention_dropout_variants", "report", path=REPORT.parents[2])
 
 
 def test_regenerating_the_mask_beats_storing_it(dropout_variant_rows):

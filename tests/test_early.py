@@ -145,34 +145,10 @@ def test_each_runs_one_after_another_in_an_early_job_and_at_once_otherwise():
     assert early.each(0, lambda: barrier.wait() * 0 + 1, lambda: barrier.wait() * 0 + 2) == [1, 2]
 
 
-def test_first_jobs_are_queued_before_the_others_and_the_timeline_shows_each(tmp_path_factory, monkeypatch):
-    jobs, order = early.Jobs(workers=1), []
-
-    def early_user(folder, threads):
-        order.append("early_user")
-
-    def late_user(folder, threads):
-        order.append("late_user")
-
-    jobs.job(early_user)
-    jobs.job(late_user)
-    monkeypatch.setattr(early, "FIRST", ("late_user",))
-    try:
-        assert jobs.start(session(tmp_path_factory, ["early_user"], ["tmp_path"], ["late_user"])) == [
-            "late_user", "early_user"]
-        jobs.result("early_user", tmp_path_factory)
-        assert order == ["late_user", "early_user"]
-        lines = jobs.timeline()
-        assert [line.split()[0] for line in lines] == ["late_user", "early_user"]  # in the order queued
-        asked = {line.split()[0]: line for line in lines}
-        assert "waited" in asked["early_user"] and not asked["early_user"].endswith("waited     - s")
-        assert asked["late_user"].split("first asked")[1].split()[0] == "-"  # no test asked for it
-    finally:
-        jobs.stop()
-
-
-def test_report_returns_a_functions_json_result_from_a_fresh_interpreter():
+def test_report_returns_a_functions_json_result_from_a_fresh_interpreter(tmp_path):
     assert early.report("math", "hypot", 3, 4) == 5.0
+    (tmp_path / "beside.py").write_text("def rows(n):\n    return [{'n': i} for i in range(n)]\n")
+    assert early.report("beside", "rows", 2, path=tmp_path) == [{"n": 0}, {"n": 1}]
     assert early.report("os", "getpid") != os.getpid()
     with pytest.raises(AssertionError, match="ImportError"):
         early.report("math", "no_such_function")
@@ -209,7 +185,8 @@ def test_runs_get_the_sessions_environment_and_folder_and_are_killed_at_the_end(
     assert sleeping.wait(10) == -9  # SIGKILL, with its process group
 
 
-def test_other_jobs_wait_for_the_first_ones(tmp_path_factory, monkeypatch):
+def test_first_jobs_are_queued_first_the_others_wait_for_them_and_the_timeline_shows_each(tmp_path_factory,
+                                                                                          monkeypatch):
     jobs, order, release = early.Jobs(workers=2), [], threading.Event()
 
     def builds(folder, threads):
@@ -223,12 +200,18 @@ def test_other_jobs_wait_for_the_first_ones(tmp_path_factory, monkeypatch):
     jobs.job(loads)
     monkeypatch.setattr(early, "FIRST", ("builds",))
     try:
-        assert jobs.start(session(tmp_path_factory, ["loads"], ["builds"])) == ["builds", "loads"]
+        # `loads` is used first, but `builds` is FIRST.
+        assert jobs.start(session(tmp_path_factory, ["loads"], ["tmp_path"], ["builds"])) == ["builds", "loads"]
         time.sleep(0.3)  # a free worker would have run `loads` by now
         assert order == []
         release.set()
         jobs.result("loads", tmp_path_factory)
         assert order == ["builds", "loads"]
+        lines = jobs.timeline()
+        assert [line.split()[0] for line in lines] == ["builds", "loads"]  # in the order queued
+        asked = {line.split()[0]: line for line in lines}
+        assert "waited" in asked["loads"] and not asked["loads"].endswith("waited     - s")
+        assert asked["builds"].split("first asked")[1].split()[0] == "-"  # no test asked for it
     finally:
         release.set()
         jobs.stop()

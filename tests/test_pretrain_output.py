@@ -27,14 +27,12 @@ SMALL = ["train.micro_batch=8", "data.seq_length=32", "data.workers=0", "train.t
 OURS = re.compile(r"pretrain: |pretrain\.py: |\{\"kind\": |done: |  (output folder|last checkpoint|export): ")
 
 
-def _pretrain(*args: str, run=None) -> subprocess.CompletedProcess:
+def _pretrain(*args: str) -> subprocess.CompletedProcess:
     # As `make pretrain` runs on a machine without a GPU: no CUDA device, DS_ACCELERATOR unset.
     env = {k: v for k, v in early.environ().items() if k != "DS_ACCELERATOR"}
     env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     command = [sys.executable, "pretrain.py", "--config", RECIPE, *args]
-    if run is not None:  # early.run: output captured as text
-        return run(command, cwd=ROOT, env=env, timeout=600)
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return early.run(command, cwd=ROOT, env=env, timeout=600)  # output captured as text
 
 
 def _tree(folder: Path) -> dict:
@@ -58,7 +56,7 @@ def one_run(folder, threads):
                           "default_prepared(8192)"], cwd=ROOT)
     assert prepared.returncode == 0, prepared.stderr[-3000:]
     out = folder / "run"
-    done = _pretrain(f"train.output_dir={out}", *SMALL, "train.steps=2", run=early.run)
+    done = _pretrain(f"train.output_dir={out}", *SMALL, "train.steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
