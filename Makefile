@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny-cpu.yaml
 
-.PHONY: install pretrain test lint clean cuda-check
+.PHONY: install pretrain test lint clean cuda-check test-gpu-versions
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,23 @@ lint: install
 # nvcc and the CUDA headers from PyPI (setup.py, tools/pypi_cuda.py), output in build/cuda-check-pypi/.
 cuda-check:
 	$(PYTHON) tools/cuda_check.py $(if $(CUDA_CHECK_TORCH),--torch $(CUDA_CHECK_TORCH)) $(if $(filter pypi,$(CUDA_CHECK_NVCC)),--pypi-nvcc)
+
+# The CPU suite under the GPU machines' versions: Python 3.12, torch 2.11 (PyPI's CUDA 13.0 build, which
+# runs on a CPU) and its triton 3.6, in .venv-gpu-versions (about 5 GB, made once; the C++ ops of the
+# extension only). It catches what only those versions break before a GPU visit spends its minutes
+# on it (torch 2.11's Dynamo once lost every FP8 GEMM's gradient). Not in CI: a second whole suite.
+# PYTHON312 picks the interpreter (default: python3.12 on PATH, else pyenv's), GPU_TORCH the torch.
+PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python 2>/dev/null); do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
+GPU_TORCH ?= 2.11.0
+GPU_VENV ?= .venv-gpu-versions
+test-gpu-versions:
+	@test -n "$(PYTHON312)" || { echo "make test-gpu-versions: no Python 3.12 found (the GPU machines run 3.12); set PYTHON312=" >&2; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(PYTHON312) -m venv $(GPU_VENV)
+	grep -v -E '^(torch|triton)==' constraints.txt > $(GPU_VENV)/constraints.txt
+	$(GPU_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
+	$(GPU_VENV)/bin/pip install --quiet -c $(GPU_VENV)/constraints.txt torch==$(GPU_TORCH) numpy pybind11 ninja
+	BERT_FAST_CUDA=0 $(GPU_VENV)/bin/pip install --quiet -c $(GPU_VENV)/constraints.txt --no-build-isolation -e '.[test]'
+	$(GPU_VENV)/bin/python -m pytest
 
 clean:
 	rm -rf build *.egg-info bert_fast/_C*.so

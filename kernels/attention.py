@@ -35,13 +35,15 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from bert_fast.kernels import dropout
 from bert_fast.kernels.attention_bwd import _attn_bwd_kernel, _attn_bwd_preprocess_kernel
 from bert_fast.kernels.attention_tiles import _INTERPRET, LN2, LOG2E, autotuned, candidates
 from bert_fast.kernels.checks import check_same, check_tensor
+from bert_fast.kernels.launch import launch as _launch
+from bert_fast.kernels.launch import traced as _traced
+from bert_fast.kernels.launch import traced_body
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -158,11 +160,6 @@ def _seqlen_bucket(max_seqlen: int) -> int:
     return triton.next_power_of_2(max(max_seqlen, 16))
 
 
-def _launch(kernel, grid, traced: bool):
-    """kernel[grid] eagerly, or through wrap_triton inside a triton_op (tracing)."""
-    return wrap_triton(kernel)[grid] if traced else kernel[grid]
-
-
 def _forward(q, k, v, cu_seqlens, seed, max_seqlen: int, site: int, softmax_scale: float,
              dropout_p: float, traced: bool = False):
     """out [T, heads, head_dim], lse [heads, T] float32 in base 2 (what the backward reads)."""
@@ -263,7 +260,8 @@ class _AttentionQKV(torch.autograd.Function):
 def _attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                       seed: torch.Tensor, max_seqlen: int, site: int, softmax_scale: float,
                       dropout_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, cu_seqlens, seed, max_seqlen, site, softmax_scale, dropout_p, traced=True)
+    return _forward(q, k, v, cu_seqlens, seed, max_seqlen, site, softmax_scale, dropout_p,
+                    traced=traced_body(q))
 
 
 @triton_op("bert_fast::attention_varlen_bwd", mutates_args=())
@@ -273,7 +271,7 @@ def _attention_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                       dropout_p: float) -> torch.Tensor:
     dqkv = torch.empty((q.shape[0], 3, *q.shape[1:]), dtype=q.dtype, device=q.device)
     _backward(dout, q, k, v, out, lse, cu_seqlens, seed, max_seqlen, site, softmax_scale, dropout_p,
-              dqkv, traced=True)
+              dqkv, traced=traced_body(dqkv))
     return dqkv
 
 
@@ -292,12 +290,6 @@ def _op_backward(ctx, dout, _dlse):
 
 
 _attention_fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-def _traced(t: torch.Tensor) -> bool:
-    """Under torch.compile / export, or fake tensors (make_fx): the triton_op path. A plain eager
-    tensor skips the subclass check (a few microseconds per call)."""
-    return torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
 
 
 # -------------------------------------------------------------------------------------- public

@@ -30,12 +30,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from bert_fast.kernels import dropout
 from bert_fast.kernels import row_norm as rn
 from bert_fast.kernels.checks import INT_DTYPES, check_same, check_tensor
+from bert_fast.kernels.launch import launch as _launch
+from bert_fast.kernels.launch import traced as _traced
+from bert_fast.kernels.launch import traced_body
 from bert_fast.kernels.segment_sum import segment_sum
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -164,10 +166,6 @@ def _embeddings_bwd_kernel(
 
 # ----------------------------------------------------------------------------------- launchers
 
-def _launch(kernel, grid, traced: bool = False):
-    return wrap_triton(kernel)[grid] if traced else kernel[grid]
-
-
 def _forward(ids, types, positions, word, position, token_type, weight, bias, seed, eps: float,
              dropout_p: float, site: int, save: bool, traced: bool = False):
     """ids, types, positions: [M] contiguous. Returns y [M, N], and with `save` x-hat [M, N] and
@@ -248,7 +246,7 @@ def _embeddings_fwd(ids: torch.Tensor, types: torch.Tensor, positions: torch.Ten
                     bias: torch.Tensor, seed: torch.Tensor, eps: float, padding_idx: int, dropout_p: float,
                     site: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(ids, types, positions, word, position, token_type, weight, bias, seed, eps, dropout_p,
-                    site, save=True, traced=True)
+                    site, save=True, traced=traced_body(ids))
 
 
 @triton_op("bert_fast::embeddings_bwd", mutates_args=())
@@ -257,7 +255,7 @@ def _embeddings_bwd(dy: torch.Tensor, ids: torch.Tensor, types: torch.Tensor, po
                     vocab: int, positions_size: int, type_vocab: int, padding_idx: int, dropout_p: float,
                     site: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(dy, ids, types, positions, xhat, rstd, weight, vocab, positions_size, type_vocab, seed,
-                     padding_idx, dropout_p, site, (True, True, True), traced=True)
+                     padding_idx, dropout_p, site, (True, True, True), traced=traced_body(dy))
 
 
 def _setup_context(ctx, inputs, output):
@@ -281,10 +279,6 @@ _embeddings_fwd.register_autograd(_op_backward, setup_context=_setup_context)
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _traced(t: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
 
 
 # -------------------------------------------------------------------------------------- public

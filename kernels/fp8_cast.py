@@ -55,8 +55,11 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from bert_fast.kernels.launch import launch as _launch
+from bert_fast.kernels.launch import traced as _traced
+from bert_fast.kernels.launch import traced_body
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
@@ -363,11 +366,6 @@ def _fp8_cast_kernel(
 
 # ------------------------------------------------------------------------------------- launchers
 
-def _launch(kernel, grid, traced: bool):
-    """kernel[grid] eagerly, or through wrap_triton inside a triton_op (tracing)."""
-    return wrap_triton(kernel)[grid] if traced else kernel[grid]
-
-
 @functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -440,12 +438,8 @@ def _fp8_cast_op(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None
                  amax_now: torch.Tensor | None, slot: int, rows: int, cols: int, rowwise: bool,
                  transpose: bool, bias: torch.Tensor | None, pre: torch.Tensor | None, gelu_tanh: bool,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, True, bias, pre, gelu_tanh)
-
-
-def _traced(t: torch.Tensor) -> bool:
-    """Under torch.compile / export, or fake tensors (make_fx): the triton_op path."""
-    return torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
+    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, traced_body(x), bias, pre,
+                 gelu_tanh)
 
 
 # ---------------------------------------------------------------------------------------- public

@@ -36,12 +36,14 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch._subclasses.fake_tensor import is_fake
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from bert_fast.kernels import dropout
 from bert_fast.kernels import row_norm as rn
 from bert_fast.kernels.checks import check_same, check_tensor
+from bert_fast.kernels.launch import launch as _launch
+from bert_fast.kernels.launch import traced as _traced
+from bert_fast.kernels.launch import traced_body
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HIDDEN = rn.MAX_HIDDEN
@@ -203,11 +205,6 @@ def _add_layer_norm_bwd_kernel(
 
 # ----------------------------------------------------------------------------------- launchers
 
-def _launch(kernel, grid, traced: bool = False):
-    """kernel[grid] eagerly, or through wrap_triton inside a triton_op (tracing)."""
-    return wrap_triton(kernel)[grid] if traced else kernel[grid]
-
-
 def _plain(x_bias, residual, dropout_p: float) -> bool:
     """h is x itself: the forward saves the mean instead of x-hat and the backward reads x again."""
     return x_bias is None and residual is None and dropout_p == 0.0
@@ -286,7 +283,8 @@ def _add_layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         x_bias: torch.Tensor | None, residual: torch.Tensor | None, seed: torch.Tensor,
                         eps: float, dropout_p: float, site: int
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _forward(x, weight, bias, x_bias, residual, seed, eps, dropout_p, site, save=True, traced=True)
+    return _forward(x, weight, bias, x_bias, residual, seed, eps, dropout_p, site, save=True,
+                    traced=traced_body(x))
 
 
 @triton_op("bert_fast::add_layer_norm_bwd", mutates_args=())
@@ -297,7 +295,7 @@ def _add_layer_norm_bwd(dy: torch.Tensor, xhat: torch.Tensor, mean: torch.Tensor
     """(dh, dx or an empty tensor without dropout (an op may not return one tensor twice),
     dweight, dbias, dx_bias or an empty tensor)."""
     dh, dx, dweight, dbias, dx_bias = _backward(dy, xhat, mean, rstd, weight, x_bias, seed, dropout_p, site,
-                                                traced=True)
+                                                traced=traced_body(dy))
     empty = xhat.new_empty(0)
     return dh, dx if dx is not dh else empty, dweight, dbias, dx_bias if dx_bias is not None else empty
 
@@ -328,10 +326,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     """[..., N] -> [M, N] with unit stride along N (a view when possible)."""
     t = t.reshape(-1, t.shape[-1])
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _traced(t: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() or (type(t) is not torch.Tensor and is_fake(t))
 
 
 # -------------------------------------------------------------------------------------- public

@@ -50,7 +50,7 @@ the price is holding grad_hidden [N, H] and grad_weight [V, H] in float32 until 
 for BERT follows at once (the MLM loss is the last op). Without gradients (evaluation, no_grad)
 only the logits GEMM, the stats pass and the finish run.
 
-The forward is a `torch.library.triton_op` (kernels launched through `wrap_triton`) with its
+The forward is a `torch.library.triton_op` (its kernels traced through `wrap_triton`) with its
 backward registered by `register_autograd`, so torch.compile and torch.export see one op. The
 backward is one kernel: each stored gradient times `grad_loss / count` in float32, rounded once to
 its input's dtype. The 1/count factor is not folded into the 16-bit dlogits because small
@@ -79,9 +79,11 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from bert_fast.kernels.checks import INT_DTYPES, check_same, check_tensor
+from bert_fast.kernels.launch import launch as _launch
+from bert_fast.kernels.launch import traced_body
 from bert_fast.labels import IGNORE_INDEX
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -434,18 +436,19 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lab
     # One buffer for every chunk; the kernels take it whole (never a view), which keeps the op
     # simple to functionalize under torch.compile.
     buf = torch.empty((chunks[0][1] if chunks else 0, stride), device=device, dtype=hidden.dtype)
+    traced = traced_body(buf)
     weight_t = weight.t()
     for i, (start, rows) in enumerate(chunks):
         x = hidden[start:start + rows]
         logits = buf[:rows, :vocab]
         torch.mm(x, weight_t, out=logits)
-        wrap_triton(_mlm_stats_kernel)[(_cdiv(rows, stats["BLOCK_R"]),)](
+        _launch(_mlm_stats_kernel, (_cdiv(rows, stats["BLOCK_R"]),), traced)(
             buf, bias, labels, lse, loss_rows, correct_rows, shift, target, start, rows, stride, vocab,
             IGNORE_INDEX=IGNORE_INDEX, BLOCK_R=stats["BLOCK_R"], BLOCK_V=stats["BLOCK_V"],
             num_warps=stats["num_warps"])
         if not compute_grad:
             continue
-        wrap_triton(_mlm_grad_kernel)[(stride // grad["BLOCK_V"], _cdiv(rows, grad["BLOCK_M"]))](
+        _launch(_mlm_grad_kernel, (stride // grad["BLOCK_V"], _cdiv(rows, grad["BLOCK_M"])), traced)(
             buf, bias, shift, target, partial, start, rows, stride, vocab,
             BLOCK_M=grad["BLOCK_M"], SUB_M=grad["SUB_M"], BLOCK_V=grad["BLOCK_V"],
             HAS_BIAS_GRAD=grad_bias, ACCUMULATE=i > 0, num_warps=grad["num_warps"])
@@ -457,7 +460,7 @@ def _forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lab
     loss = torch.empty((), **f32)
     correct = torch.empty((), device=device, dtype=torch.int64)
     count = torch.empty((), **f32)
-    wrap_triton(_mlm_finish_kernel)[(_cdiv(vocab, FINISH_BLOCK) if grad_bias else 1,)](
+    _launch(_mlm_finish_kernel, (_cdiv(vocab, FINISH_BLOCK) if grad_bias else 1,), traced)(
         loss_rows, correct_rows, labels, partial, loss, correct, count, grad_b, n, vocab, blocks, stride,
         IGNORE_INDEX=IGNORE_INDEX, BLOCK=FINISH_BLOCK, ROW_BLOCK=FINISH_ROWS, HAS_BIAS_GRAD=grad_bias,
         num_warps=FINISH_WARPS)
@@ -492,8 +495,8 @@ def _backward(ctx, grad_loss, *_):
         args += [g, g if out is None else out, numel]
         programs += _cdiv(numel, SCALE_BLOCK)
     if programs:
-        wrap_triton(_mlm_scale_grads_kernel)[(programs,)](grad_loss, count, *args, BLOCK=SCALE_BLOCK,
-                                                           num_warps=SCALE_WARPS)
+        _launch(_mlm_scale_grads_kernel, (programs,), traced_body(count))(
+            grad_loss, count, *args, BLOCK=SCALE_BLOCK, num_warps=SCALE_WARPS)
     return *outs, None, None, None, None, None
 
 

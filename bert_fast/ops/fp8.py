@@ -389,7 +389,9 @@ def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: to
         emulate = emulated(a.device)
     if emulate:
         out = torch.mm(a.float(), b_t.float().t()) * (inv_a * inv_b)
-        return out.to(out_dtype)
+        # Not `out.to(out_dtype)` when that is a no-op: returned from an autograd.Function's forward,
+        # torch 2.11's Dynamo then loses the gradient (zero dX and dW; fixed in later releases).
+        return out if out.dtype == out_dtype else out.to(out_dtype)
     m, k = a.shape
     n = b_t.shape[0]
     pad = _pads(a.device) and bool(m % 16 or k % 16 or n % 16)

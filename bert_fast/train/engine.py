@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import random
 import re
@@ -78,6 +79,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+        # DeepSpeed builds its CPU shm op through torch.utils.cpp_extension, whose import logs "No
+        # CUDA runtime is found" under a CUDA build of torch on a machine without a GPU: not ours.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     with _dropping_stdout(_BUILT):
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    auto_mpi_discovery=False, verbose=False)
