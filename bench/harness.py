@@ -182,6 +182,8 @@ class Benchmark:
     # config; `--compile-report` writes them to bench/results/aot/<name>.json.
     aot_report: Callable[[], list[dict]] | None = None
     description: str = ""
+    # How many of the GPU cases (in the order given) --quick runs; of the CPU cases, two.
+    quick_gpu_cases: int = 2
     args: argparse.Namespace | None = None
 
     # ---- command line -------------------------------------------------------------------------
@@ -192,7 +194,8 @@ class Benchmark:
                        help="default: bf16 on CUDA, fp32 on the CPU")
         p.add_argument("--cases", choices=("cpu", "gpu"), default=None,
                        help="which size list to run (default: by device)")
-        p.add_argument("--quick", action="store_true", help="the first two cases only")
+        p.add_argument("--quick", action="store_true",
+                       help=f"the first {self.quick_gpu_cases} GPU cases only (CPU: 2)")
         p.add_argument("--providers", default=None, help="comma-separated subset")
         p.add_argument("--modes", default=None, help=f"comma-separated subset of {self.modes}")
         p.add_argument("--out", type=Path, default=None,
@@ -236,7 +239,7 @@ class Benchmark:
         kind = args.cases or ("gpu" if device.type == "cuda" else "cpu")
         cases = self.gpu_cases if kind == "gpu" else self.cpu_cases
         if args.quick:
-            cases = cases[:2]
+            cases = cases[:self.quick_gpu_cases if kind == "gpu" else 2]
         modes = args.modes.split(",") if args.modes else list(self.modes)
         bad = sorted(set(modes) - set(self.modes))
         if bad:

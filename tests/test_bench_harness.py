@@ -50,6 +50,27 @@ def test_cpu_runs_only_the_reference_providers(tmp_path, capsys):
     assert "triton need CUDA" in capsys.readouterr().out
 
 
+def test_quick_runs_the_first_cases(tmp_path):
+    """Two CPU cases; as many GPU cases as the benchmark says (`--cases gpu` runs them here)."""
+    bench = _bench({"eager": lambda i, c: i["x"] * 2}, ("eager",))
+    bench.cpu_cases = bench.gpu_cases = [dict(n=n) for n in (16, 32, 64, 128)]
+    bench.quick_gpu_cases = 3
+
+    def sizes(*args):
+        return {r["n"] for r in bench.main(["--out", str(tmp_path), "--modes", "forward", "--quick", *args])}
+
+    assert sizes() == {16, 32}
+    assert sizes("--cases", "gpu") == {16, 32, 64}
+
+
+def test_e2e_quick_keeps_issue_23s_three_cases():
+    import e2e
+
+    quick = e2e.bench.gpu_cases[:e2e.bench.quick_gpu_cases]
+    assert {(c["seq"], c["lengths"]) for c in quick if c["model"] == "large"} == {
+        (128, "full"), (512, "full"), (512, "pipeline")}
+
+
 def test_errors_are_recorded_or_raised_with_strict(tmp_path):
     def broken(inputs, case):
         raise RuntimeError("kernel exploded")
