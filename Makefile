@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 CONFIG ?= configs/tiny-cpu.yaml
+CONSTRAINTS ?= constraints.txt
 
 .PHONY: install pretrain test lint clean cuda-check test-gpu-versions
 
@@ -16,9 +17,9 @@ $(PY):
 # torch first (pinned in constraints.txt), then the package built against it without build
 # isolation, which would otherwise fetch a second, multi-GB torch (the test extra's DeepSpeed sdist
 # imports torch to build, too). Re-runs when sources change.
-$(STAMP): $(PY) setup.py constraints.txt $(wildcard csrc/*) $(wildcard csrc/data/*)
-	$(PIP) install -c constraints.txt torch numpy pybind11 ninja
-	$(PIP) install -c constraints.txt --no-build-isolation -e '.[test]'
+$(STAMP): $(PY) setup.py $(CONSTRAINTS) $(wildcard csrc/*) $(wildcard csrc/data/*)
+	$(PIP) install -c $(CONSTRAINTS) torch numpy pybind11 ninja
+	$(PIP) install -c $(CONSTRAINTS) --no-build-isolation -e '.[test]'
 	touch $@
 
 install: $(STAMP)
@@ -43,20 +44,24 @@ cuda-check:
 
 # The CPU suite under the GPU machines' versions: Python 3.12, torch 2.11 (PyPI's CUDA 13.0 build, which
 # runs on a CPU) and its triton 3.6, in .venv-gpu-versions (about 5 GB, made once; the C++ ops of the
-# extension only). It catches what only those versions break before a GPU visit spends its minutes
-# on it (torch 2.11's Dynamo once lost every FP8 GEMM's gradient). Not in CI: a second whole suite.
-# PYTHON312 picks the interpreter (default: python3.12 on PATH, else pyenv's), GPU_TORCH the torch.
+# extension only): `make test` with that venv, interpreter and torch pin. It catches what only those
+# versions break before a GPU visit spends its minutes on it (torch 2.11's Dynamo once lost every
+# FP8 GEMM's gradient). Not in CI: a second whole suite. PYTHON312 picks the interpreter (default:
+# python3.12 on PATH, else pyenv's), GPU_TORCH the torch.
 PYTHON312 ?= $(shell for p in python3.12 $$(ls -d $${PYENV_ROOT:-$$HOME/.pyenv}/versions/3.12*/bin/python 2>/dev/null); do $$p -c '' 2>/dev/null && { echo $$p; break; }; done)
 GPU_TORCH ?= 2.11.0
 GPU_VENV ?= .venv-gpu-versions
-test-gpu-versions:
+GPU_CONSTRAINTS := build/gpu-versions/constraints-torch-$(GPU_TORCH).txt
+
+# constraints.txt with torch pinned to GPU_TORCH and triton left to it (tools/cuda_check.py's rule).
+$(GPU_CONSTRAINTS): constraints.txt tools/cuda_check.py
+	mkdir -p $(@D)
+	$(PYTHON) -c 'import sys; sys.path.insert(0, "tools"); from pathlib import Path; import cuda_check; cuda_check.build_constraints(Path(sys.argv[1]))' $@
+	echo torch==$(GPU_TORCH) >> $@
+
+test-gpu-versions: $(GPU_CONSTRAINTS)
 	@test -n "$(PYTHON312)" || { echo "make test-gpu-versions: no Python 3.12 found (the GPU machines run 3.12); set PYTHON312=" >&2; exit 2; }
-	test -x $(GPU_VENV)/bin/python || $(PYTHON312) -m venv $(GPU_VENV)
-	grep -v -E '^(torch|triton)==' constraints.txt > $(GPU_VENV)/constraints.txt
-	$(GPU_VENV)/bin/pip install --quiet --upgrade pip setuptools wheel
-	$(GPU_VENV)/bin/pip install --quiet -c $(GPU_VENV)/constraints.txt torch==$(GPU_TORCH) numpy pybind11 ninja
-	BERT_FAST_CUDA=0 $(GPU_VENV)/bin/pip install --quiet -c $(GPU_VENV)/constraints.txt --no-build-isolation -e '.[test]'
-	$(GPU_VENV)/bin/python -m pytest
+	BERT_FAST_CUDA=0 $(MAKE) test VENV=$(GPU_VENV) PYTHON=$(PYTHON312) CONSTRAINTS=$(GPU_CONSTRAINTS)
 
 clean:
 	rm -rf build *.egg-info bert_fast/_C*.so

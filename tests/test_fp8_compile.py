@@ -136,7 +136,7 @@ def fp8_eager_and_compiled_records(root, threads) -> tuple[list, list]:
 
 
 @pytest.mark.slow
-def test_compiled_fp8_training_logs_the_eager_losses(fp8_eager_and_compiled_records):
+def test_compiled_fp8_training_logs_the_eager_losses_and_gradient_norms(fp8_eager_and_compiled_records):
     """Three steps of two micro-batches (DeepSpeed, float32, delayed scaling, emulated FP8 GEMMs),
     compiled by Inductor and eager. Inductor reorders float32 reductions (LayerNorm, softmax, the
     amax), so a value may differ in its last bit and, rarely, cross an FP8 rounding boundary: that
