@@ -97,16 +97,18 @@ def traces(folder, threads) -> dict[str, str]:
 @pytest.mark.parametrize("scaling", SCALINGS)
 def test_the_fused_casts_trace_into_the_graphs(scaling, traces):
     """As on CUDA: per layer the forward casts x and W (2 GEMMs' worth of launches each), the
-    backward dY, all through the bert_fast::fp8_cast triton_op (which mutates amax_now), no read."""
+    backward dY, all through the bert_fast::fp8_cast triton_op (which mutates amax_now); under
+    delayed scaling the forward first rolls each GEMM's state (bert_fast::fp8_roll); no read."""
     out = traces[scaling]
     graphs = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["forward"],
                                                                                                   ["backward"])}
     gemms = 4 * tiny("torch").config.num_hidden_layers
     per_cast = ["_fp8_amax_kernel", "_fp8_cast_kernel"]  # delayed scaling's finish: in the cast's last program
-    for name, casts in (("forward", 2 * gemms), ("backward", gemms)):
+    rolls = gemms if scaling == "delayed" else 0
+    for name, casts, rolled in (("forward", 2 * gemms, rolls), ("backward", gemms, 0)):
         syncs, *kernels = graphs[name]
         assert syncs == "0"
-        assert sorted(kernels) == sorted(per_cast * casts), (name, kernels)
+        assert sorted(kernels) == sorted(per_cast * casts + ["_fp8_roll_kernel"] * rolled), (name, kernels)
 
 
 def _pretrain(out: Path, compiled: bool) -> list[tuple[float, float]]:

@@ -242,3 +242,20 @@ def test_an_fp16_gemm_result_past_65504_is_inf_not_saturated():
     out = fp8.scaled_mm(a, b, one, one, torch.float16, emulate=False)  # 32 * 448^2 = 6.4e6
     emulated = fp8.scaled_mm(a, b, one, one, torch.float16, emulate=True)
     assert torch.isinf(emulated).all() and torch.isinf(out).all()
+
+
+def test_compiled_roll_equals_the_eager_ops_bit_for_bit():
+    """kernels/fp8_roll.py as built for the GPU (div.rn, the NaN flag beside a max that drops NaN)
+    against its eager ops, on tests/test_fp8_roll.py's random and edge-case buffers."""
+    from test_fp8_roll import _buffers, _edge_cases, _same
+
+    from bert_fast.kernels import fp8_roll
+
+    cases = [("random", _buffers(3, 16, seed)) for seed in range(4)] + _edge_cases(16) + _edge_cases(1)
+    for name, buffers in cases:
+        got = [t.cuda() for t in buffers]
+        want = [t.clone() for t in got]
+        for _ in range(3):
+            fp8_roll.roll(*got)
+            fp8_roll.roll_reference(*want)
+            assert _same(got, want), (name, got, want)
