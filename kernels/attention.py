@@ -226,6 +226,8 @@ class _Attention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, seed)
         ctx.args = (max_seqlen, site, softmax_scale, dropout_p)
         ctx.mark_non_differentiable(lse)
+        # No zero-filled gradient for lse (a [heads, T] float32 memset per layer and step).
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
@@ -246,6 +248,8 @@ class _AttentionQKV(torch.autograd.Function):
         ctx.save_for_backward(qkv, out, lse, cu_seqlens, seed)
         ctx.args = (max_seqlen, site, softmax_scale, dropout_p)
         ctx.mark_non_differentiable(lse)
+        # No zero-filled gradient for lse (a [heads, T] float32 memset per layer and step).
+        ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod

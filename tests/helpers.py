@@ -3,6 +3,7 @@ measures."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import sys
@@ -125,6 +126,51 @@ def count_launches_and_syncs(*kernel_modules):
         torch.Tensor.tolist = tolist
         for module, original in originals:
             module._launch = original
+
+
+class KernelCensus(TorchDispatchMode):
+    """Counts, inside the block, what would launch GPU work: aten ops that run kernels (not views,
+    not allocations) by op name (`aten`, e.g. "mm") and Triton launches by kernel name (`triton`,
+    the interpreter's runs). The interpreter runs a kernel through tensor ops of its own: those
+    are not counted."""
+
+    NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
+
+    def __init__(self):
+        super().__init__()
+        self.aten, self.triton, self.inside = collections.Counter(), collections.Counter(), 0
+
+    def __enter__(self):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        self._real = real = InterpretedFunction.run
+
+        def run(kernel, *args, **kwargs):
+            self.triton[kernel.fn.__name__] += 1
+            self.inside += 1
+            try:
+                return real(kernel, *args, **kwargs)
+            finally:
+                self.inside -= 1
+
+        InterpretedFunction.run = run
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        from triton.runtime.interpreter import InterpretedFunction
+
+        InterpretedFunction.run = self._real
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        alias = func._schema.returns[0].alias_info if func._schema.returns else None
+        name = func.overloadpacket.__name__
+        if not self.inside and not (alias is not None and not alias.is_write) and name not in self.NO_LAUNCH:
+            self.aten[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def total(self) -> int:
+        return sum(self.aten.values()) + sum(self.triton.values())
 
 
 def trace_with_fake_tensors(script: str) -> str:

@@ -9,15 +9,13 @@ against the same reference in tests/gpu/test_fp8_gpu.py."""
 
 from __future__ import annotations
 
-import collections
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bert_fast.kernels import fp8_cast as fc
 from bert_fast.ops import fp8
 from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
+from helpers import KernelCensus
 
 FORMATS = [fc.E4M3, fc.E5M2]
 # (shape, padded shape or None): one tile, odd sizes, several tiles per program, BERT-like widths.
@@ -170,51 +168,6 @@ def test_bad_arguments_are_named():
 
 # ---- launches per FP8 GEMM ----------------------------------------------------------------------
 
-# Allocations and aliasing launch nothing on a GPU.
-_NO_LAUNCH = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
-
-
-class _Launches(TorchDispatchMode):
-    """Counts, inside the block, the aten ops that launch work (not views, not allocations) and
-    the Triton launches of kernels/fp8_cast.py; the interpreter's own tensor ops inside a launch
-    are not counted."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops, self.kernels, self.inside = collections.Counter(), collections.Counter(), False
-
-    def __enter__(self):
-        self._original = original = fc._launch
-
-        def launch(kernel, grid, traced):
-            run = original(kernel, grid, traced)
-
-            def counted(*args, **kwargs):
-                self.kernels[kernel.fn.__name__] += 1
-                self.inside = True
-                try:
-                    return run(*args, **kwargs)
-                finally:
-                    self.inside = False
-            return counted
-
-        fc._launch = launch
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        fc._launch = self._original
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self.inside and not func.is_view and name not in _NO_LAUNCH:
-            self.ops[name] += 1
-        return func(*args, **(kwargs or {}))
-
-    def total(self) -> int:
-        return sum(self.ops.values()) + sum(self.kernels.values())
-
-
 def _count_step(monkeypatch, scaling: str, kernels: bool) -> list[dict]:
     """Launches of fp8_linear forward and backward (bf16 x [37, 64], W [48, 64], as CUDA runs it:
     `_scaled_mm`, dimensions padded to 16), three micro-batches on unchanged weights."""
@@ -227,15 +180,15 @@ def _count_step(monkeypatch, scaling: str, kernels: bool) -> list[dict]:
         x = torch.randn(37, 64).bfloat16().requires_grad_()
         if state.delayed:
             fp8.roll([state])
-        with _Launches() as forward:
+        with KernelCensus() as forward:
             y = fp8.fp8_linear(x, w, state, emulate=False)
         grad = torch.randn_like(y)
         w.grad = None
-        with _Launches() as backward:
+        with KernelCensus() as backward:
             y.backward(grad)
         counts.append({"forward": forward.total(), "backward": backward.total(),
-                       "kernels": sum(forward.kernels.values()) + sum(backward.kernels.values()),
-                       "ops": dict(forward.ops + backward.ops)})
+                       "kernels": sum(forward.triton.values()) + sum(backward.triton.values()),
+                       "ops": dict(forward.aten + backward.aten)})
     return counts
 
 

@@ -5,8 +5,6 @@ column blocks, partial row steps, bias partials added across chunks); argmax tie
 validation; no [N, vocab] allocation; the kernels each call launches and no host sync; the sm_90
 report (bench/results/aot/mlm_loss.json) against a fresh build and its targets."""
 
-import collections
-import contextlib
 import json
 import weakref
 from pathlib import Path
@@ -20,6 +18,7 @@ from bert_fast import ops
 from bert_fast.kernels import aot
 from bert_fast.kernels import mlm_loss as mlm
 from bert_fast.kernels.mlm_loss import mlm_loss, mlm_loss_reference
+from helpers import KernelCensus
 
 REPORT = Path(__file__).resolve().parents[1] / "bench" / "results" / "aot" / "mlm_loss.json"
 
@@ -311,44 +310,8 @@ def test_padded_stride_fits_both_kernels():
     assert mlm.padded_stride(30522) == 30720
 
 
-class LaunchCounter(TorchDispatchMode):
-    """aten ops that run kernels (not views, not allocations) and Triton launches, by name. The
-    interpreter runs a kernel through torch ops of its own: those are not counted."""
-
-    ALLOCATIONS = {"aten.empty.memory_format", "aten.empty_strided.default"}
-
-    def __init__(self):
-        super().__init__()
-        self.aten, self.triton, self.inside = collections.Counter(), collections.Counter(), 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        alias = func._schema.returns[0].alias_info if func._schema.returns else None
-        is_view = alias is not None and not alias.is_write
-        if not self.inside and not is_view and str(func) not in self.ALLOCATIONS:
-            self.aten[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @contextlib.contextmanager
-    def launches(self, monkeypatch):
-        from triton.runtime.interpreter import InterpretedFunction
-
-        real = InterpretedFunction.run
-
-        def run(kernel, *args, **kwargs):
-            self.triton[kernel.fn.__name__] += 1
-            self.inside += 1
-            try:
-                return real(kernel, *args, **kwargs)
-            finally:
-                self.inside -= 1
-
-        monkeypatch.setattr(InterpretedFunction, "run", run)
-        with self:
-            yield self
-
-
 @pytest.mark.parametrize("chunks, grad", [(1, True), (3, True), (1, False), (3, False)])
-def test_launches_per_call_and_no_host_sync(chunks, grad, monkeypatch):
+def test_launches_per_call_and_no_host_sync(chunks, grad):
     """Issue 20's static target: a fixed, small number of kernels per call. Forward: per chunk the
     logits GEMM and the stats pass, with gradients the gradient pass and the two gradient GEMMs;
     then one finish kernel. Backward: one kernel. Nothing reads the device on the host. (The
@@ -358,10 +321,9 @@ def test_launches_per_call_and_no_host_sync(chunks, grad, monkeypatch):
     leaves, labels = make_inputs(n, h, v, torch.float32, ignored=(3,))
     leaves = [t.detach().requires_grad_(grad) for t in leaves]
     args = (*leaves, labels, n // chunks, grad, grad, grad)
-    with LaunchCounter().launches(monkeypatch) as fwd:
+    with KernelCensus() as fwd:
         mlm._forward(*(t.detach() for t in leaves), *args[3:])
-    gemms = {"aten.mm.out": 3 * chunks - (chunks - 1), "aten.addmm_.default": chunks - 1} if grad else {
-        "aten.mm.out": chunks}
+    gemms = {"mm": 3 * chunks - (chunks - 1), "addmm_": chunks - 1} if grad else {"mm": chunks}
     assert dict(fwd.aten) == {k: c for k, c in gemms.items() if c}, fwd.aten
     kernels = {"_mlm_stats_kernel": chunks, "_mlm_finish_kernel": 1}
     if grad:
@@ -371,11 +333,11 @@ def test_launches_per_call_and_no_host_sync(chunks, grad, monkeypatch):
         return
     loss = mlm._mlm_loss_fwd(*args)[0]
     seed = torch.ones(())
-    with LaunchCounter().launches(monkeypatch) as bwd:
+    with KernelCensus() as bwd:
         torch.autograd.backward(loss, seed)
     assert dict(bwd.triton) == {"_mlm_scale_grads_kernel": 1}, bwd.triton
     assert dict(bwd.aten) == {}, bwd.aten  # autograd fills no zero gradients for the other outputs
-    syncs = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default"}
+    syncs = {"_local_scalar_dense", "nonzero", "item"}
     assert not syncs & (set(fwd.aten) | set(bwd.aten))
 
 

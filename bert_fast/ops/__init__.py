@@ -81,9 +81,10 @@ def linear(x, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fp8=Non
            record: bool = True) -> torch.Tensor:
     """`x @ weight.T (+ bias)`: every encoder GEMM. x [..., K], weight [N, K], bias [N] or None
     (left out where a fused epilogue adds it). `fp8`: None runs `F.linear`; an
-    `bert_fast.ops.fp8.Fp8State` runs the GEMM in FP8 with its scaling (bert_fast/ops/fp8.py; the bias is
-    then added in x's dtype), recording this step's amaxes when `record` (training). x may then be
-    the `Fp8Activation` `linear_gelu` returned, already cast under this state."""
+    `bert_fast.ops.fp8.Fp8State` runs the GEMM in FP8 with its scaling (bert_fast/ops/fp8.py; the
+    bias is then added to the GEMM's float32 result, in its epilogue on CUDA), recording this
+    step's amaxes when `record` (training). x may then be the `Fp8Activation` `linear_gelu`
+    returned, already cast under this state."""
     if fp8 is None:
         return F.linear(x, weight, bias)
     from bert_fast.ops import fp8 as _fp8
@@ -93,8 +94,7 @@ def linear(x, weight: torch.Tensor, bias: torch.Tensor | None = None, *, fp8=Non
     if isinstance(x, Fp8Activation):
         x, given = x
     _check_fp8_linear(x, weight, bias, fp8)
-    out = _fp8.fp8_linear(x, weight, fp8, record=record, given=given)
-    return out if bias is None else out + bias.to(out.dtype)
+    return _fp8.fp8_linear(x, weight, fp8, record=record, given=given, bias=bias)
 
 
 def _check_fp8_linear(x, weight, bias, state) -> None:

@@ -4,8 +4,10 @@ What: `fp8_linear(x, weight, state)` computes `x @ weight.T` with both operands 
 float8_e4m3fn under a per-tensor scale; its backward casts the incoming gradient to e5m2 (or e4m3,
 `precision.fp8_grad_format`) and runs both gradient GEMMs in FP8 on the quantised copies the forward
 saved (dX = q(dY) @ q(W), dW = q(dY)^T @ q(X)). The result comes back in the input's dtype, so the
-fused epilogues after it (`ops.bias_gelu`, `ops.add_layer_norm` with the GEMM's bias) run unchanged:
-the bias is never part of the FP8 GEMM. `bert_fast.ops.linear` is the one entry the model calls
+fused epilogues after it (`ops.bias_gelu`, `ops.add_layer_norm` with the GEMM's bias) run unchanged.
+A bias no such epilogue takes (the QKV GEMM's) is added to the GEMM's float32 result, in cuBLASLt's
+epilogue on CUDA (`scaled_mm`): adding it after would read and write the [tokens, 3 x hidden]
+output once more. `bert_fast.ops.linear` is the one entry the model calls
 (`ops.linear_gelu` for the FFN's first GEMM, whose bias + GELU run inside the casts instead:
 bert_fast/ops/fp8_ffn.py).
 
@@ -386,16 +388,22 @@ def emulated(device: torch.device) -> bool:
 
 
 def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
-              out_dtype: torch.dtype, emulate: bool | None = None, fast_accum: bool = False) -> torch.Tensor:
-    """`(a * inv_a) @ (b_t * inv_b).T` for fp8 a [M, K] and b_t [N, K], in `out_dtype`.
+              out_dtype: torch.dtype, emulate: bool | None = None, fast_accum: bool = False,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`(a * inv_a) @ (b_t * inv_b).T (+ bias)` for fp8 a [M, K] and b_t [N, K], in `out_dtype`.
     `torch._scaled_mm` (which takes its second operand column-major: b_t.T of a row-major b_t is
     that view, no copy), on CUDA with every dimension zero-padded to a multiple of 16 (the casts
     pad already there), with the tensor cores' fast accumulation when `fast_accum`; or the float32
-    emulation (`emulate`, default: off CUDA), any layout, always exact float32 sums."""
+    emulation (`emulate`, default: off CUDA), any layout, always exact float32 sums. `bias` [N]
+    is added to the float32 result before its one rounding to `out_dtype`: in cuBLASLt's epilogue
+    where `_scaled_mm` takes it (a bf16/fp16 result and a bias of its dtype), saving the pass over
+    the output that adding it after would cost; otherwise after the GEMM."""
     if emulate is None:
         emulate = emulated(a.device)
     if emulate:
         out = torch.mm(a.float(), b_t.float().t()) * (inv_a * inv_b)
+        if bias is not None:
+            out = out + bias.float()
         # Not `out.to(out_dtype)` when that is a no-op: returned from an autograd.Function's forward,
         # torch 2.11's Dynamo then loses the gradient (zero dX and dW; fixed in later releases).
         return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -404,23 +412,32 @@ def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: to
     pad = _pads(a.device) and bool(m % 16 or k % 16 or n % 16)
     if pad:
         a, b_t = _pad_to(a, _round16(m), _round16(k)), _pad_to(b_t, _round16(n), _round16(k))
-    out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), inv_a, inv_b, out_dtype=out_dtype,
-                           use_fast_accum=fast_accum)
-    return out[:m, :n] if pad else out
+    epilogue = bias is not None and out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype
+    fused = None
+    if epilogue:
+        fused = torch.nn.functional.pad(bias, (0, _round16(n) - n)) if pad and n % 16 else bias
+    out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), inv_a, inv_b, bias=fused,
+                           out_dtype=out_dtype, use_fast_accum=fast_accum)
+    out = out[:m, :n] if pad else out
+    return out + bias.to(out_dtype) if bias is not None and not epilogue else out
 
 
 def _gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a, inv_b, out_dtype, emulate, rows: int,
-          cols: int, fast_accum: bool = False) -> torch.Tensor:
-    """scaled_mm of possibly padded operands, the padding's rows and columns sliced off (a view)."""
-    out = scaled_mm(a, b_t, inv_a, inv_b, out_dtype, emulate, fast_accum)
+          cols: int, fast_accum: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """scaled_mm of possibly padded operands, the padding's rows and columns sliced off (a view);
+    `bias` [cols] as scaled_mm adds it (padded with zeros to the operands' columns)."""
+    if bias is not None and b_t.shape[0] != cols:
+        bias = torch.nn.functional.pad(bias, (0, b_t.shape[0] - cols))
+    out = scaled_mm(a, b_t, inv_a, inv_b, out_dtype, emulate, fast_accum, bias)
     return out if out.shape == (rows, cols) else out[:rows, :cols]
 
 
-def _forward_gemm(ctx, x2d, weight, state, record, emulate, given=None):
+def _forward_gemm(ctx, x2d, weight, state, record, emulate, given=None, bias=None):
     """The forward both FP8 autograd functions share: x cast (unless `given`: made, and recorded,
     by the op before, bert_fast/ops/fp8_ffn.py, whose x2d only carries the gradient) and W cast,
-    y = q(x) @ q(W)^T, and on ctx what `_backward_gemms` reads. Returns (y, the tensors to save
-    for it: q(X)^T and q(W)^T where a gradient needs them, and their inverse scales)."""
+    y = q(x) @ q(W)^T (+ bias, in the GEMM's epilogue where it can be), and on ctx what
+    `_backward_gemms` reads. Returns (y, the tensors to save for it: q(X)^T and q(W)^T where a
+    gradient needs them, and their inverse scales)."""
     grad_x, grad_w = ctx.needs_input_grad[:2]
     cx = given if given is not None else cast(x2d, E4M3, state, _INPUT, record, transpose=grad_w)
     cw = _cast_weight(weight, state, record, transpose=grad_x)
@@ -428,7 +445,7 @@ def _forward_gemm(ctx, x2d, weight, state, record, emulate, given=None):
     ctx.x_dtype, ctx.w_dtype = x2d.dtype, weight.dtype
     ctx.shapes = (x2d.shape[0], x2d.shape[1], weight.shape[0])
     y = _gemm(cx.q, cw.q, cx.inv, cw.inv, x2d.dtype, emulate, x2d.shape[0], weight.shape[0],
-              uses_fast_accum(state))
+              uses_fast_accum(state), None if bias is None else bias.to(x2d.dtype))
     return y, (cx.qt if grad_w else None, cw.qt if grad_x else None, cx.inv, cw.inv)
 
 
@@ -456,17 +473,21 @@ class _Fp8Linear(torch.autograd.Function):
     the casts wrote in the same pass as q(X) and q(W)."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, state, record, emulate, given):
-        y, saved = _forward_gemm(ctx, x2d, weight, state, record, emulate, given)
+    def forward(ctx, x2d, weight, state, record, emulate, given, bias):
+        y, saved = _forward_gemm(ctx, x2d, weight, state, record, emulate, given, bias)
         ctx.save_for_backward(*saved)
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
     @staticmethod
     def backward(ctx, grad):
         want_x, want_w = ctx.needs_input_grad[:2]
+        grad_b = grad.sum(0).to(ctx.bias_dtype) if ctx.needs_input_grad[6] else None
+        if not (want_x or want_w):
+            return None, None, None, None, None, None, grad_b
         cg = cast(grad, _grad_dtype(ctx.state), ctx.state, _GRAD, ctx.record, rowwise=want_x,
                   transpose=want_w)
-        return *_backward_gemms(ctx, cg, ctx.saved_tensors), None, None, None, None
+        return *_backward_gemms(ctx, cg, ctx.saved_tensors), None, None, None, None, grad_b
 
 
 def uses_fast_accum(state: Fp8State | None) -> bool:
@@ -475,13 +496,15 @@ def uses_fast_accum(state: Fp8State | None) -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, state: Fp8State | None = None, *,
-               record: bool = True, emulate: bool | None = None, given: Cast | None = None) -> torch.Tensor:
-    """`x @ weight.T` in FP8 (no bias: add it after, or let a fused epilogue take it). x [..., K],
-    weight [N, K]; the result has x's dtype. `state` None scales everything currently with e5m2
-    gradients; `record` False (evaluation) leaves a delayed state's amaxes alone. `given`: x
-    already cast (both layouts, by bert_fast/ops/fp8_ffn.py), x then only carries the gradient.
-    Arguments are checked by `bert_fast.ops.linear`."""
-    out = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, state, record, emulate, given)
+               record: bool = True, emulate: bool | None = None, given: Cast | None = None,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` in FP8. x [..., K], weight [N, K], bias [N] (added to the GEMM's
+    float32 result, in cuBLASLt's epilogue on CUDA with a bf16/fp16 result; leave it out where a
+    fused epilogue after the GEMM takes it); the result has x's dtype. `state` None scales
+    everything currently with e5m2 gradients; `record` False (evaluation) leaves a delayed state's
+    amaxes alone. `given`: x already cast (both layouts, by bert_fast/ops/fp8_ffn.py), x then only
+    carries the gradient. Arguments are checked by `bert_fast.ops.linear`."""
+    out = _Fp8Linear.apply(x.reshape(-1, x.shape[-1]), weight, state, record, emulate, given, bias)
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 

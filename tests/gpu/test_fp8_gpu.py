@@ -259,3 +259,29 @@ def test_compiled_roll_equals_the_eager_ops_bit_for_bit():
             fp8_roll.roll(*got)
             fp8_roll.roll_reference(*want)
             assert _same(got, want), (name, got, want)
+
+
+@pytest.mark.parametrize("shape", [(4096, 1024, 3072), (1000, 1024, 1032)], ids=lambda s: "x".join(map(str, s)))
+def test_the_bias_in_the_gemms_epilogue_equals_the_emulation(shape):
+    """The QKV GEMM's bias in cuBLASLt's epilogue (`_scaled_mm(bias=)`, bf16, N padded to 16 in the
+    second shape) against the emulation, which adds it to the float32 result before its rounding
+    too: one bf16 ulp apart at most; the bias gradient is dY's column sums either way."""
+    m, k, n = shape
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).bfloat16()
+    b = (torch.randn(n, device="cuda", generator=g) * 0.5).bfloat16()
+    dy = (torch.randn(m, n, device="cuda", generator=g) * 1e-4).bfloat16()
+    results = []
+    for emulate in (False, True):
+        state = fp8.Fp8State(fp8.Fp8Recipe())
+        xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
+        y = fp8.fp8_linear(xs, ws, state, emulate=emulate, bias=bs)
+        y.backward(dy)
+        results.append([y.float(), xs.grad.float(), ws.grad.float(), bs.grad.float()])
+    for got, want in zip(*results):
+        assert torch.isfinite(got).all()
+        assert ((got - want).abs() <= want.abs() * 2.0**-7 + 1e-6 * want.abs().max()).all()
+    # The bias is in: against the GEMM without it, the difference is the bias.
+    plain = fp8.fp8_linear(x, w, fp8.Fp8State(fp8.Fp8Recipe())).float()
+    assert ((results[0][0] - plain - b.float()).abs() <= 2.0**-7 * (plain.abs() + b.float().abs()) + 1e-3).all()
