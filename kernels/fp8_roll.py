@@ -1,4 +1,4 @@
-"""Delayed FP8 scaling's roll (bert_fast/ops/fp8.py `Fp8State.roll`) in one launch: the step's amaxes
+"""Delayed FP8 scaling's roll (bert_fast/ops/fp8_state.py `Fp8State.roll`) in one launch: the step's amaxes
 enter the history (newest first, the oldest dropped), the step's amaxes restart at 0, and each
 role's scale follows from its history's maximum.
 
@@ -98,7 +98,7 @@ def roll(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.Tensor,
 
 def roll_reference(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.Tensor,
                    format_max: torch.Tensor) -> None:
-    """`roll` in eager PyTorch (bert_fast/ops/fp8.py's ops before this kernel): the test oracle."""
+    """`roll` in eager PyTorch: the CPU's path (`Fp8State.roll`) and the test oracle."""
     history.copy_(torch.cat([amax_now[:, None], history[:, :-1]], dim=1))
     amax_now.zero_()
     amax = history.amax(dim=1)

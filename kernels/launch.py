@@ -1,6 +1,6 @@
 """How the kernel modules with a `torch.library.triton_op` launch: `kernel[grid]` eagerly, or through
 `wrap_triton` while the op's body is traced (torch.compile, export, make_fx), so the launch lands
-in the graph. One rule for all five."""
+in the graph. One rule for all of them."""
 
 from __future__ import annotations
 

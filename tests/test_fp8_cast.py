@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bert_fast.kernels import fp8_cast as fc
-from bert_fast.ops import fp8
+from bert_fast.ops import fp8, fp8_state
 from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
 from helpers import KernelCensus
 
@@ -172,7 +172,7 @@ def _count_step(monkeypatch, scaling: str, kernels: bool) -> list[dict]:
     """Launches of fp8_linear forward and backward (bf16 x [37, 64], W [48, 64], as CUDA runs it:
     `_scaled_mm`, dimensions padded to 16), three micro-batches on unchanged weights."""
     monkeypatch.setattr(fp8, "_pads", lambda device: True)
-    monkeypatch.setattr(fp8, "_use_kernels", lambda device: kernels)
+    monkeypatch.setattr(fp8_state, "_use_kernels", lambda device: kernels)
     state = Fp8State(Fp8Recipe(scaling))
     w = (torch.randn(48, 64) * 0.05).bfloat16().requires_grad_()
     counts = []

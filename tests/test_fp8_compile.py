@@ -65,8 +65,8 @@ def test_the_step_is_one_graph_each_way_and_reads_nothing_back(scaling):
 
 _TRACE = """
 import re, torch
-from bert_fast.ops import fp8
-fp8._use_kernels = lambda device: True  # the CUDA casts; fake tensors only: no kernel runs
+from bert_fast.ops import fp8, fp8_state
+fp8_state._use_kernels = lambda device: True  # the CUDA casts; fake tensors only: no kernel runs
 fp8._pads = lambda device: True
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table

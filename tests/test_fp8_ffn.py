@@ -15,7 +15,7 @@ import torch
 from bert_fast import ops
 from bert_fast.model import BertForPreTraining
 from bert_fast.model.config import BertConfig
-from bert_fast.ops import fp8, fp8_ffn
+from bert_fast.ops import fp8, fp8_ffn, fp8_state
 from bert_fast.ops.fp8 import Fp8Recipe, Fp8State
 from helpers import KernelCensus, mlm_batch
 
@@ -75,7 +75,7 @@ def test_the_kernel_path_matches_the_emulated_one(scaling, monkeypatch):
     """The casts through kernels/fp8_cast.py (interpreter; bf16 activations; operands padded to
     multiples of 16 as on CUDA): a transposed or mis-recorded operand would be off by 100%."""
     emulated = _run(scaling, True, monkeypatch, torch.bfloat16)
-    monkeypatch.setattr(fp8, "_use_kernels", lambda device: True)
+    monkeypatch.setattr(fp8_state, "_use_kernels", lambda device: True)
     monkeypatch.setattr(fp8, "_pads", lambda device: True)
     kernels = _run(scaling, True, monkeypatch, torch.bfloat16)
     for got, want in zip([kernels[0], *kernels[1]], [emulated[0], *emulated[1]]):
@@ -85,7 +85,7 @@ def test_the_kernel_path_matches_the_emulated_one(scaling, monkeypatch):
 
 
 def test_evaluation_records_nothing_and_makes_no_transpose(monkeypatch):
-    monkeypatch.setattr(fp8, "_use_kernels", lambda device: True)  # the CPU path's transpose is a view
+    monkeypatch.setattr(fp8_state, "_use_kernels", lambda device: True)  # the CPU path's transpose is a view
     params = _params()
     states = [Fp8State(Fp8Recipe("delayed")) for _ in range(2)]
     x = torch.randn(9, K)
@@ -105,7 +105,7 @@ def test_fusing_replaces_the_gelu_ops_and_allocates_no_zero_gradients(scaling, m
     place of bias + GELU, its backward and the bias sum (the same cast launches, 2 fewer ops),
     and autograd fills no zero gradients for the cast's outputs (4 [M, N]-sized memsets if it did).
     Measured, delayed: 23 launches against 25 unfused (29 and 31 with a finish launch per cast)."""
-    monkeypatch.setattr(fp8, "_use_kernels", lambda device: True)
+    monkeypatch.setattr(fp8_state, "_use_kernels", lambda device: True)
     monkeypatch.setattr(fp8, "_pads", lambda device: True)
     monkeypatch.setattr(fp8, "emulated", lambda device: False)  # torch._scaled_mm, as on CUDA
     counts = {}

@@ -7,7 +7,7 @@ test_train_compiled_gpu.py replay FP8 steps against eager ones on a device.
 - Inductor's CUDA graph trees record a compiled step only if every input it mutates has a static
   address: the compiled FP8 step mutates only module buffers, which Dynamo marks static.
 - The model's forward holds no collective on several ranks: the training loop max-reduces the
-  amaxes eagerly after each backward (bert_fast/ops/fp8.py `reduce_amaxes`), outside the graphs.
+  amaxes eagerly after each backward (bert_fast/ops/fp8_state.py `reduce_amaxes`), outside the graphs.
 - A captured forward casts the weights itself: a graph that read a cast made before the capture
   would replay that stale cast after every optimizer step.
 """
@@ -21,7 +21,7 @@ from test_compile import batch
 from test_fp8_compile import _fp8_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bert_fast.ops import fp8, fp8_ffn
+from bert_fast.ops import fp8, fp8_ffn, fp8_state
 
 # Device reads, and tensors made from host data (torch.tensor(...): aten.lift_fresh, then on CUDA a
 # host-to-device copy).
@@ -64,7 +64,7 @@ def test_the_fused_casts_read_nothing_back_and_copy_no_host_data_in(monkeypatch,
     """The CUDA path of one FP8 linear and of the FFN's fused pair (ops/fp8_ffn.py), forward and
     backward (kernels/fp8_cast.py under the Triton interpreter, with the padding CUDA's _scaled_mm
     needs), twice with a roll between: what the model's step runs per GEMM on a GPU."""
-    monkeypatch.setattr(fp8, "_use_kernels", lambda device: True)
+    monkeypatch.setattr(fp8_state, "_use_kernels", lambda device: True)
     monkeypatch.setattr(fp8, "_pads", lambda device: True)
     states = [fp8.Fp8State(fp8.Fp8Recipe(scaling)) for _ in range(2)]
     g = torch.Generator().manual_seed(0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bert_fast.kernels import fp8_roll
-from bert_fast.ops import fp8
+from bert_fast.ops import fp8, fp8_state
 from helpers import count_launches_and_syncs
 
 TOPS = {1: [448.0], 3: [448.0, 448.0, 57344.0], 5: [448.0, 57344.0, 448.0, 448.0, 57344.0]}
@@ -82,7 +82,7 @@ def test_the_state_rolls_in_one_launch_as_its_eager_ops_do(monkeypatch):
     for step in range(6):
         amaxes = torch.rand(3, generator=g) * 10.0 ** (step - 3)
         for on, state in states.items():
-            monkeypatch.setattr(fp8, "_use_kernels", lambda device, on=on: on)
+            monkeypatch.setattr(fp8_state, "_use_kernels", lambda device, on=on: on)
             for role in range(3):
                 state.record(role, amaxes[role])
             with count_launches_and_syncs(fp8_roll) as counts:

@@ -18,7 +18,7 @@ import torch
 from test_compile import batch
 
 from bert_fast import BertConfig, BertForPreTraining
-from bert_fast.ops import fp8
+from bert_fast.ops import fp8, fp8_state
 from helpers import KernelCensus
 
 TESTS = Path(__file__).resolve().parent
@@ -65,7 +65,7 @@ def _step_launches(layers: int, precision: str) -> collections.Counter:
 def per_layer(precision: str) -> dict[str, int]:
     """What a second encoder layer adds, in a fresh interpreter (the job below): the FP8 casts'
     kernels and `_scaled_mm`, as CUDA runs them, set for the whole process."""
-    fp8._use_kernels = lambda device: True
+    fp8_state._use_kernels = lambda device: True
     fp8._pads = lambda device: True
     fp8.emulated = lambda device: False
     one, two = _step_launches(1, precision), _step_launches(2, precision)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bert_fast import BertConfig, BertForPreTraining
-from bert_fast.ops import fp8
+from bert_fast.ops import fp8, fp8_state
 from helpers import padded_batch
 
 pytestmark = pytest.mark.gpu
@@ -158,7 +158,7 @@ def test_the_fused_casts_change_no_bit_of_the_gemms(scaling, monkeypatch):
     dy = (torch.randn(1000, 4096, device="cuda") * 1e-4).bfloat16()
     results = []
     for kernels in (True, False):
-        monkeypatch.setattr(fp8, "_use_kernels", lambda device, on=kernels: on)
+        monkeypatch.setattr(fp8_state, "_use_kernels", lambda device, on=kernels: on)
         state = fp8.Fp8State(fp8.Fp8Recipe(scaling)).cuda()
         for _ in range(2):  # the second step scales from the first one's history under delayed
             fp8.roll([state])
