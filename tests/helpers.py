@@ -82,6 +82,12 @@ def packed_from_padded(batch: dict, filler: int, empty_slots: int) -> dict:
                                                torch.full((empty_slots,), -100)]))
 
 
+def gradient_errors(reference: torch.nn.Module, model: torch.nn.Module) -> dict[str, float]:
+    """Per parameter of two copies of a model: |model's grad - reference's| / |reference's|, in norm."""
+    return {name: ((got.grad - want.grad).norm() / want.grad.norm()).item()
+            for (name, want), got in zip(reference.named_parameters(), model.parameters())}
+
+
 def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|: error relative to the tensor's scale."""
     scale = expected.abs().max().item()

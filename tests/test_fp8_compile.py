@@ -17,7 +17,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from bert_fast.ops import fp8
-from helpers import trace_with_fake_tensors
+from helpers import gradient_errors, trace_with_fake_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 IN_GRAPHS = ("aten._local_scalar_dense", "aten.nonzero", "aten.item")
@@ -54,10 +54,9 @@ def test_the_step_is_one_graph_each_way_and_reads_nothing_back(scaling):
             run(**batch(filler=5, seed=i), validate=False).loss.backward()
     assert len(graphs) == 2  # one forward, one backward: the same graphs serve the second step
     assert not any(name in code for code in graphs for name in IN_GRAPHS)
-    for (name, want), got in zip(eager.named_parameters(), model.parameters()):
-        # A last-bit difference in a scale may move an FP8 rounding: close, not equal.
-        error = (got.grad - want.grad).norm() / want.grad.norm()
-        assert error < 1e-3, (name, error.item())
+    # A last-bit difference in a scale may move an FP8 rounding: close, not equal.
+    errors = gradient_errors(eager, model)
+    assert max(errors.values()) < 1e-3, errors
     states = (eager.state_dict(), model.state_dict())
     for key in (k for k in states[0] if fp8.is_state_key(k)):
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-6, atol=0)
