@@ -265,15 +265,16 @@ def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: to
     that view, no copy), on CUDA with every dimension zero-padded to a multiple of 16 (the casts
     pad already there), with the tensor cores' fast accumulation when `fast_accum`; or the float32
     emulation (`emulate`, default: off CUDA), any layout, always exact float32 sums. `bias` [N]
-    is added to the float32 result before its one rounding to `out_dtype`: in cuBLASLt's epilogue
-    where `_scaled_mm` takes it (a bf16/fp16 result and a bias of its dtype), saving the pass over
-    the output that adding it after would cost; otherwise after the GEMM."""
+    (shorter when b_t's last rows are the casts' zero padding: zeros past it) is added to the
+    float32 result before its one rounding to `out_dtype`: in cuBLASLt's epilogue where
+    `_scaled_mm` takes it (a bf16/fp16 result and a bias of its dtype), saving the pass over the
+    output that adding it after would cost; otherwise after the GEMM."""
     if emulate is None:
         emulate = emulated(a.device)
     if emulate:
         out = torch.mm(a.float(), b_t.float().t()) * (inv_a * inv_b)
         if bias is not None:
-            out = out + bias.float()
+            out = out + _pad_bias(bias, out.shape[1]).float()
         # Not `out.to(out_dtype)` when that is a no-op: returned from an autograd.Function's forward,
         # torch 2.11's Dynamo then loses the gradient (zero dX and dW; fixed in later releases).
         return out if out.dtype == out_dtype else out.to(out_dtype)
@@ -283,21 +284,22 @@ def scaled_mm(a: torch.Tensor, b_t: torch.Tensor, inv_a: torch.Tensor, inv_b: to
     if pad:
         a, b_t = _pad_to(a, _round16(m), _round16(k)), _pad_to(b_t, _round16(n), _round16(k))
     epilogue = bias is not None and out_dtype in (torch.bfloat16, torch.float16) and bias.dtype == out_dtype
-    fused = None
-    if epilogue:
-        fused = torch.nn.functional.pad(bias, (0, _round16(n) - n)) if pad and n % 16 else bias
-    out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), inv_a, inv_b, bias=fused,
-                           out_dtype=out_dtype, use_fast_accum=fast_accum)
+    out = torch._scaled_mm(a.contiguous(), b_t.contiguous().t(), inv_a, inv_b,
+                           bias=_pad_bias(bias, b_t.shape[0]) if epilogue else None, out_dtype=out_dtype,
+                           use_fast_accum=fast_accum)
     out = out[:m, :n] if pad else out
-    return out + bias.to(out_dtype) if bias is not None and not epilogue else out
+    return out + _pad_bias(bias, n).to(out_dtype) if bias is not None and not epilogue else out
+
+
+def _pad_bias(bias: torch.Tensor, n: int) -> torch.Tensor:
+    """bias [N'] zero-padded to the GEMM's n >= N' output columns (operands the casts padded)."""
+    return bias if bias.shape[0] == n else torch.nn.functional.pad(bias, (0, n - bias.shape[0]))
 
 
 def _gemm(a: torch.Tensor, b_t: torch.Tensor, inv_a, inv_b, out_dtype, emulate, rows: int,
           cols: int, fast_accum: bool = False, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """scaled_mm of possibly padded operands, the padding's rows and columns sliced off (a view);
-    `bias` [cols] as scaled_mm adds it (padded with zeros to the operands' columns)."""
-    if bias is not None and b_t.shape[0] != cols:
-        bias = torch.nn.functional.pad(bias, (0, b_t.shape[0] - cols))
+    """scaled_mm of possibly padded operands (and `bias` [cols]), the padding's rows and columns
+    sliced off (a view)."""
     out = scaled_mm(a, b_t, inv_a, inv_b, out_dtype, emulate, fast_accum, bias)
     return out if out.shape == (rows, cols) else out[:rows, :cols]
 
