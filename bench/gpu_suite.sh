@@ -85,6 +85,7 @@ STEPS=(
     "bench-optim|30|0|$PY bench/optim.py $Q"
     "bench-embeddings|20|0|$PY bench/embeddings.py $Q"
     "bench-fp8_cast|20|0|$PY bench/fp8_cast.py $Q"
+    "bench-fp8_roll|15|0|$PY bench/fp8_roll.py $Q"
 )
 # Every bench/*.py that measures a GPU op appears above (tests/test_gpu_suite.py checks it).
 ALWAYS=" env install "  # every other step needs them

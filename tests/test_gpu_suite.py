@@ -139,10 +139,12 @@ def test_gather_keeps_the_end_of_a_huge_build_log(tmp_path, monkeypatch):
     assert text.startswith("[build.log: its first 911 bytes left out]") and text.endswith("the error\n")
 
 
-KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "e2e", "fp8_cast", "step_profile"]
+KERNEL_BENCHES = ["attention", "layernorm", "embeddings", "mlm_loss", "optim", "e2e", "fp8_cast", "fp8_roll",
+                  "step_profile"]
 # Two queues of about equal length, one core each: e2e alone (34 s at one thread) is about as long as
 # the other seven together (30 s, and 7 s of step_profile).
-_BENCH_QUEUES = (["e2e"], ["optim", "attention", "mlm_loss", "fp8_cast", "embeddings", "layernorm", "step_profile"])
+_BENCH_QUEUES = (["e2e"], ["optim", "attention", "mlm_loss", "fp8_cast", "fp8_roll", "embeddings", "layernorm",
+                          "step_profile"])
 
 
 @early.job
