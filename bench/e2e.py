@@ -205,8 +205,10 @@ def _hf(case, inputs):
 
 def training_step(build):
     """A provider: builds model + optimizer on its first call (kept in `inputs`, so they are freed
-    with the inputs before the next provider), runs one step (compiling, capturing, autotuning)
-    and counts the host syncs of the next; then every call is one step."""
+    with the inputs before the next provider), runs two steps (compiling, capturing, autotuning;
+    a graphed step under delayed FP8 scaling captures again on its second step, once the scaling
+    states are primed: bert_fast/train/cuda_graphs.py) and counts the host syncs of the next; then
+    every call is one step."""
 
     def step(state):
         state["optimizer"].zero_grad(set_to_none=not state["graphed"])  # a graph keeps its .grad
@@ -220,6 +222,7 @@ def training_step(build):
         state = inputs["state"]
         if not state:
             state.update(build(case, inputs))
+            step(state)
             step(state)
             with SyncCounter(next(state["model"].parameters()).device, state["compiled"]) as counter:
                 step(state)

@@ -26,7 +26,7 @@ def make_inputs(case: dict, device: torch.device, dtype: torch.dtype) -> dict:
     for s in states:
         s.amax_history.uniform_(0.5, 2.0)
         s.amax_now.uniform_(0.5, 2.0)
-    return {"buffers": [(s.amax_history, s.amax_now, s.scale, s.format_max) for s in states]}
+    return {"buffers": [(s.amax_history, s.amax_now, s.scale, s.format_max, s.rolls) for s in states]}
 
 
 def eager(inputs: dict, case: dict):
@@ -43,8 +43,8 @@ def fused(inputs: dict, case: dict):
 
 def bytes_moved(case: dict, mode: str) -> float:
     # Per state: the history read and written, the amaxes read and zeroed, the maxima read, the scales
-    # written.
-    return case["states"] * 3 * 4 * (2 * case["history"] + 2 + 2)
+    # written; the roll count read and written.
+    return case["states"] * (3 * 4 * (2 * case["history"] + 2 + 2) + 2 * 4)
 
 
 def aot_report() -> list[dict]:

@@ -8,10 +8,12 @@ What is fused, per operand of a GEMM (x, W, dY):
   before the first element is cast: an amax pass (read) and a cast pass (read, write): 2 launches.
   Delayed scaling knows its scale before the pass: the cast pass reads the tensor once, writes it
   once and records its amax on the way (per-program partials; the last program to finish its
-  tiles, found by an atomic ticket, reduces them, records the amax into the state's `amax_now` and
-  turns it into 1 / scale), plus the amax pass kept for a state whose history is empty (the first
-  step: current scaling), which otherwise only zeroes the ticket and returns: 2 launches. (A
-  separate one-program finish launch, as before, was 288 of a BERT-large step's launches.) Eager
+  tiles, found by the state's atomic ticket, reduces them, records the amax into the state's
+  `amax_now`, turns it into 1 / scale and puts the ticket back to 0): 1 launch. Until the state is
+  primed (its first training forward, whose history is empty: current scaling) an amax pass runs
+  before it, reading the tensor only where the state's scale is 0 (`scaled=False`; 2 launches).
+  (A separate one-program finish launch, as before, was 288 of a BERT-large step's launches, and
+  so was the amax pass that all later steps ran for nothing but zeroing the ticket.) Eager
   PyTorch spends 25-40 launches per operand on the same (abs, amax, the guards against 0 and
   non-finite amaxes, mul, clamp, cast; tests/test_fp8_cast.py counts them).
 - Each pass writes the row-major copy [rows, cols] and/or the transposed one [cols, rows] from the
@@ -237,18 +239,13 @@ def _fp8_amax_kernel(
     Pre, ColBias,  # the prologue's (_load_value): [n_rows, n_cols] like X, [n_cols]; unread for PROLOGUE 0
     Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (SKIP_IF_SCALED), else unread
     Partial,  # [programs] float32 out: each program's amax of |X| (NaN or inf: not finite)
-    Ticket,  # [1] int32 out, zeroed (SKIP_IF_SCALED): the delayed cast pass's arrival count
     n_rows, n_cols, stride_x_row, slot,
     SKIP_IF_SCALED: tl.constexpr, PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr, SOFT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """The amax pass: before a current-scaled cast, or for a delayed one whose history is empty
-    (Scale <= 0; with a scale it reads nothing). Before a delayed cast it also zeroes the cast's
-    ticket, which a fresh allocation would otherwise need a memset launch for."""
+    (Scale <= 0; with a scale it reads nothing)."""
     pid = tl.program_id(0)
-    if SKIP_IF_SCALED:
-        if pid == 0:
-            tl.store(Ticket, 0)
     tiles_n = tl.cdiv(n_cols, BLOCK_N)
     tiles = tl.cdiv(n_rows, BLOCK_M) * tiles_n
     if SKIP_IF_SCALED:
@@ -267,13 +264,18 @@ def _fp8_amax_kernel(
 # launches and graphs captured from them keep it; torch.compile re-emits helpers with a plain
 # @triton.jit and builds the inlined form (tests/test_fp8_cast_aot.py pins both).
 @triton.jit(noinline=True)
-def _finish(Partial, n_partial, Scale, AmaxNow, InvScale, AmaxOut, slot, FP8_MAX: tl.constexpr,
-            RECORD: tl.constexpr, BLOCK_F: tl.constexpr):
-    """After a delayed-scaled cast, in its last program: amax, 1 / scale (NaN for a non-finite
-    tensor), and the step's amax record (a non-finite one left out)."""
+def _finish(Partial, n_partial, Scale, Ticket, AmaxNow, InvScale, AmaxOut, slot, FP8_MAX: tl.constexpr,
+            SCALED: tl.constexpr, RECORD: tl.constexpr, BLOCK_F: tl.constexpr):
+    """After a delayed-scaled cast, in its last program: the ticket back to 0, the amax, 1 / scale
+    (NaN for a non-finite tensor), and the step's amax record (a non-finite one left out). The
+    scale is the one the pass cast with, found again (passed, it cost the gelu_grad cast a spilled
+    register): the state's if positive, else (an empty history) the current one, which the amax
+    pass's partials gave the pass and the partials of the cast give here, or 1 where no amax pass
+    ran (SCALED: the caller promised a positive scale, and it was not)."""
+    tl.store(Ticket, 0)  # every other program has drawn its ticket: back to 0 for the next cast
     amax = _max_partials(Partial, n_partial, BLOCK_F, True)
     stored = tl.load(Scale + slot)
-    scale = tl.where(stored > 0, stored, _scale_from_amax(amax, FP8_MAX))
+    scale = tl.where(stored > 0, stored, 1.0 if SCALED else _scale_from_amax(amax, FP8_MAX))
     finite = amax < float("inf")
     tl.store(InvScale, tl.where(finite, tl.math.div_rn(1.0, scale), float("nan")))
     tl.store(AmaxOut, amax)
@@ -289,17 +291,17 @@ def _fp8_cast_kernel(
     DBias,  # [cdiv(out_rows, BLOCK_M), out_cols] float32 out (PROLOGUE 2): per row block, column sums
     Q,  # [out_rows, out_cols] fp8 (uint8 under the interpreter), row-major (ROWWISE)
     QT,  # [out_cols, out_rows] the transposed copy (TRANSPOSE)
-    Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (DELAYED); <= 0: current from AmaxIn
-    AmaxIn,  # [n_amax_in] float32 partials of the amax pass (read under current scaling)
+    Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (DELAYED); <= 0: `_delayed_scale`
+    AmaxIn,  # [n_amax_in] float32 partials of the amax pass (unread under SCALED)
     Partial,  # [programs] float32 out: each program's amax, NaN kept (DELAYED)
-    Ticket,  # [1] int32, zero at launch (the amax pass zeroed it): programs done (DELAYED)
+    Ticket,  # [1] int32, 0 at launch and put back to 0 at the end: programs done (DELAYED)
     AmaxNow,  # [slot + 1] float32: AmaxNow[slot] is the state's amax of this step, max-updated (RECORD)
     InvScale,  # [1] float32 out: 1 / scale (NaN for a non-finite X under DELAYED)
     AmaxOut,  # [1] float32 out: amax of |X|, NaN kept
     n_rows, n_cols, out_rows, out_cols, stride_x_row, n_amax_in, slot,
     FP8_MAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, SOFT: tl.constexpr,
-    DELAYED: tl.constexpr, RECORD: tl.constexpr, ROWWISE: tl.constexpr, TRANSPOSE: tl.constexpr,
-    PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr,
+    DELAYED: tl.constexpr, SCALED: tl.constexpr, RECORD: tl.constexpr, ROWWISE: tl.constexpr,
+    TRANSPOSE: tl.constexpr, PROLOGUE: tl.constexpr, GELU_TANH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_F: tl.constexpr,
 ):
     """The cast pass over [out_rows, out_cols] tiles (zeros past [n_rows, n_cols]). Under PROLOGUE 2
@@ -309,9 +311,12 @@ def _fp8_cast_kernel(
     pid = tl.program_id(0)
     if DELAYED:
         stored = tl.load(Scale + slot)
-        empty = stored <= 0  # an empty history: the amax pass ran, scale currently
-        amax = _max_partials(AmaxIn, tl.where(empty, n_amax_in, 0), BLOCK_P)  # read only when empty
-        scale = tl.where(empty, _scale_from_amax(amax, FP8_MAX), stored)
+        # The amax pass's partials, read only for an empty history; none under SCALED (n_amax_in
+        # 0: amax 0, scale 1, as `_finish` has it). Not specialised on SCALED: without the
+        # division ptxas built the two-layout bf16 cast with 183 registers instead of 151 (2 CTAs
+        # per SM instead of 3).
+        amax = _max_partials(AmaxIn, tl.where(stored <= 0, n_amax_in, 0), BLOCK_P)
+        scale = tl.where(stored > 0, stored, _scale_from_amax(amax, FP8_MAX))
     else:
         amax = _max_partials(AmaxIn, n_amax_in, BLOCK_P)
         scale = _scale_from_amax(amax, FP8_MAX)
@@ -357,8 +362,8 @@ def _fp8_cast_kernel(
         tl.debug_barrier()
         done = tl.atomic_add(Ticket, 1, sem="acq_rel", scope="gpu")
         if done == tl.num_programs(0) - 1:
-            _finish(Partial, tl.num_programs(0), Scale, AmaxNow, InvScale, AmaxOut, slot, FP8_MAX, RECORD,
-                    BLOCK_F)
+            _finish(Partial, tl.num_programs(0), Scale, Ticket, AmaxNow, InvScale, AmaxOut, slot, FP8_MAX,
+                    SCALED, RECORD, BLOCK_F)
     elif pid == 0:
         tl.store(InvScale, tl.math.div_rn(1.0, scale))
         tl.store(AmaxOut, amax)
@@ -380,15 +385,10 @@ def programs(device: torch.device, rows: int, cols: int) -> int:
     return min(limit, tiles, FINISH_BLOCK)
 
 
-def _ticket(device: torch.device) -> torch.Tensor:
-    """The delayed cast pass's arrival count, allocated but not filled: the amax pass zeroes it
-    (a fill would be a launch of its own)."""
-    return torch.empty(1, dtype=torch.int32, device=device)
-
-
 def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_now: torch.Tensor | None,
-          slot: int, rows: int, cols: int, rowwise: bool, transpose: bool, traced: bool,
-          bias: torch.Tensor | None = None, pre: torch.Tensor | None = None, gelu_tanh: bool = False):
+          ticket: torch.Tensor | None, scaled: bool, slot: int, rows: int, cols: int, rowwise: bool,
+          transpose: bool, traced: bool, bias: torch.Tensor | None = None, pre: torch.Tensor | None = None,
+          gelu_tanh: bool = False):
     """The launches of `cast` and the GELU casts (arguments checked there); returns (q, qt, inv,
     amax, dbias): dbias [cols] float32 (only its first x.shape[1] entries are the bias gradient) when
     `pre` is given, else an empty tensor."""
@@ -410,43 +410,48 @@ def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_
                         device=device)
     prologue_flags = dict(PROLOGUE=prologue, GELU_TANH=gelu_tanh)
     n_amax = programs(device, n_rows, n_cols)
-    partial_in = torch.empty(n_amax, dtype=torch.float32, device=device)
-    ticket = _ticket(device)
-    _launch(_fp8_amax_kernel, (n_amax,), traced)(
-        x, pre_arg, bias_arg, scale if delayed else inv, partial_in, ticket, n_rows, n_cols, x.stride(0),
-        slot,
-        SKIP_IF_SCALED=delayed, SOFT=soft, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
-        **prologue_flags)
+    block_p = triton.next_power_of_2(n_amax)
+    if scaled:  # no amax pass: the cast reads no partials (a scale <= 0 would be taken as 1)
+        partial_in = inv
+    else:
+        partial_in = torch.empty(n_amax, dtype=torch.float32, device=device)
+        _launch(_fp8_amax_kernel, (n_amax,), traced)(
+            x, pre_arg, bias_arg, scale if delayed else inv, partial_in, n_rows, n_cols, x.stride(0), slot,
+            SKIP_IF_SCALED=delayed, SOFT=soft, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS,
+            **prologue_flags)
     n_cast = programs(device, rows, cols)
     partial = torch.empty(n_cast if delayed else 1, dtype=torch.float32, device=device)
     record = amax_now is not None
     _launch(_fp8_cast_kernel, (n_cast,), traced)(
         x, pre_arg, bias_arg, dbias if prologue == 2 else partial, q_arg if rowwise else qt_arg,
         qt_arg if transpose else q_arg, scale if delayed else inv,
-        partial_in, partial, ticket, amax_now if record else partial, inv, amax, n_rows, n_cols, rows, cols,
-        x.stride(0), n_amax, slot,
-        FP8_MAX=top, MANT=mant, BIAS=exp_bias, SOFT=soft, DELAYED=delayed, RECORD=record, ROWWISE=rowwise,
-        TRANSPOSE=transpose, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=triton.next_power_of_2(n_amax),
+        partial_in, partial, ticket if delayed else partial, amax_now if record else partial, inv, amax,
+        n_rows, n_cols, rows, cols, x.stride(0), 0 if scaled else n_amax, slot,
+        FP8_MAX=top, MANT=mant, BIAS=exp_bias, SOFT=soft, DELAYED=delayed, SCALED=scaled, RECORD=record,
+        ROWWISE=rowwise,
+        TRANSPOSE=transpose, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=block_p,
         BLOCK_F=triton.next_power_of_2(n_cast), num_warps=NUM_WARPS, **prologue_flags)
     if prologue == 2:  # the row blocks' column sums, added in a fixed order: deterministic
         dbias = dbias.sum(0)
     return q, qt, inv, amax, dbias
 
 
-@triton_op("bert_fast::fp8_cast", mutates_args=("amax_now",))
+@triton_op("bert_fast::fp8_cast", mutates_args=("amax_now", "ticket"))
 def _fp8_cast_op(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None,
-                 amax_now: torch.Tensor | None, slot: int, rows: int, cols: int, rowwise: bool,
-                 transpose: bool, bias: torch.Tensor | None, pre: torch.Tensor | None, gelu_tanh: bool,
+                 amax_now: torch.Tensor | None, ticket: torch.Tensor | None, scaled: bool, slot: int,
+                 rows: int, cols: int, rowwise: bool, transpose: bool, bias: torch.Tensor | None,
+                 pre: torch.Tensor | None, gelu_tanh: bool,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, traced_body(x), bias, pre,
-                 gelu_tanh)
+    return _cast(x, dtype, scale, amax_now, ticket, scaled, slot, rows, cols, rowwise, transpose,
+                 traced_body(x), bias, pre, gelu_tanh)
 
 
 # ---------------------------------------------------------------------------------------- public
 
 def cast(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = None,
-         amax_now: torch.Tensor | None = None, slot: int = 0, rows: int | None = None,
-         cols: int | None = None, rowwise: bool = True, transpose: bool = False):
+         amax_now: torch.Tensor | None = None, ticket: torch.Tensor | None = None, scaled: bool = False,
+         slot: int = 0, rows: int | None = None, cols: int | None = None, rowwise: bool = True,
+         transpose: bool = False):
     """x [M, N] (float32/16, bfloat16, unit column stride) cast to `dtype` (float8_e4m3fn or
     float8_e5m2) under a per-tensor scale. Returns (q, qt, inv_scale, amax):
 
@@ -457,32 +462,38 @@ def cast(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = No
     - Scaling: `scale` None scales currently (fp8_max / amax). Otherwise delayed: `scale` is the
       state's float32 buffer and `scale[slot]` is used when > 0 (else current scaling);
       `amax_now[slot]` (the state's buffer, or None) is raised to amax when that is finite: the
-      step's record.
+      step's record. `ticket`: the state's int32 [1] arrival count, 0 (and left 0) between
+      delayed casts on one stream (None: a fresh one, filled with 0: a launch). `scaled`: the
+      caller knows scale[slot] > 0 (a primed state, bert_fast/ops/fp8_state.py), so no amax pass
+      runs (were it <= 0 after all, x would be cast with scale 1).
     """
-    return _checked(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, None, None, "none")[:4]
+    return _checked(x, dtype, scale, amax_now, ticket, scaled, slot, rows, cols, rowwise, transpose, None,
+                    None, "none")[:4]
 
 
 def cast_gelu(y: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype, approximate: str = "none", *,
-              scale: torch.Tensor | None = None, amax_now: torch.Tensor | None = None, slot: int = 0,
+              scale: torch.Tensor | None = None, amax_now: torch.Tensor | None = None,
+              ticket: torch.Tensor | None = None, scaled: bool = False, slot: int = 0,
               rows: int | None = None, cols: int | None = None, rowwise: bool = True,
               transpose: bool = False):
     """`cast` of gelu(y + bias), computed in float32 and never stored in y's dtype: the FFN's first
     GEMM's epilogue and the second GEMM's input cast in one pass (bias [N], y's dtype; approximate
     'none' (erf) or 'tanh'). Returns (q, qt, inv_scale, amax) of the activation."""
-    return _checked(y, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bias, None,
-                    approximate)[:4]
+    return _checked(y, dtype, scale, amax_now, ticket, scaled, slot, rows, cols, rowwise, transpose, bias,
+                    None, approximate)[:4]
 
 
 def cast_gelu_grad(grad: torch.Tensor, y: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype,
                    approximate: str = "none", *, scale: torch.Tensor | None = None,
-                   amax_now: torch.Tensor | None = None, slot: int = 0, rows: int | None = None,
+                   amax_now: torch.Tensor | None = None, ticket: torch.Tensor | None = None,
+                   scaled: bool = False, slot: int = 0, rows: int | None = None,
                    cols: int | None = None, rowwise: bool = True, transpose: bool = False):
     """`cast` of grad * gelu'(y + bias), the gradient of `cast_gelu`'s activation taken back through
     the GELU (float32, never stored in grad's dtype), and the bias gradient: returns (q, qt,
     inv_scale, amax, dbias), dbias [N] float32 = that gradient's column sums (unscaled, before the
     cast; summed over row blocks in a fixed order, so it is deterministic). y: [M, N] like grad."""
-    q, qt, inv, amax, dbias = _checked(grad, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose,
-                                       bias, y, approximate)
+    q, qt, inv, amax, dbias = _checked(grad, dtype, scale, amax_now, ticket, scaled, slot, rows, cols,
+                                       rowwise, transpose, bias, y, approximate)
     return q, qt, inv, amax, dbias[:grad.shape[1]]
 
 
@@ -501,7 +512,8 @@ def _check_prologue(x: torch.Tensor, bias, pre, approximate: str) -> None:
                          f"{getattr(pre, 'dtype', type(pre).__name__)} {tuple(getattr(pre, 'shape', ()))}")
 
 
-def _checked(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bias, pre, approximate):
+def _checked(x, dtype, scale, amax_now, ticket, scaled, slot, rows, cols, rowwise, transpose, bias, pre,
+             approximate):
     """The checks every cast shares, then the launches (eagerly or through the triton_op)."""
     if dtype not in FORMATS:
         raise TypeError(f"dtype must be torch.float8_e4m3fn or torch.float8_e5m2, got {dtype}")
@@ -523,15 +535,25 @@ def _checked(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bi
                               or t.device != x.device or not 0 <= slot < t.numel()):
             raise ValueError(f"{name} must be a contiguous 1-D float32 tensor on {x.device} with an entry "
                              f"at slot {slot}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-    if amax_now is not None and scale is None:
-        raise ValueError("amax_now records delayed scaling's amax: give the state's scale too")
+    if scale is None and (amax_now is not None or ticket is not None or scaled):
+        raise ValueError("amax_now, ticket and scaled are delayed scaling's: give the state's scale too")
+    if ticket is not None and (not isinstance(ticket, torch.Tensor) or ticket.dtype != torch.int32
+                               or tuple(ticket.shape) != (1,) or ticket.device != x.device):
+        raise ValueError(f"ticket must be an int32 tensor of shape (1,) on {x.device}, got "
+                         f"{getattr(ticket, 'dtype', type(ticket).__name__)} "
+                         f"{tuple(getattr(ticket, 'shape', ()))} on {getattr(ticket, 'device', None)}")
+    if scale is not None and ticket is None:
+        ticket = torch.zeros(1, dtype=torch.int32, device=x.device)
     if not (rowwise or transpose):
         raise ValueError("rowwise and transpose are both False: nothing to write")
     bias = None if bias is None else bias.contiguous()
     tanh = approximate == "tanh"
+    scaled = bool(scaled)
     if _traced(x):
-        return _fp8_cast_op(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, bias, pre, tanh)
-    return _cast(x, dtype, scale, amax_now, slot, rows, cols, rowwise, transpose, False, bias, pre, tanh)
+        return _fp8_cast_op(x, dtype, scale, amax_now, ticket, scaled, slot, rows, cols, rowwise, transpose,
+                            bias, pre, tanh)
+    return _cast(x, dtype, scale, amax_now, ticket, scaled, slot, rows, cols, rowwise, transpose, False, bias,
+                 pre, tanh)
 
 
 def cast_reference(x: torch.Tensor, dtype: torch.dtype, *, scale: torch.Tensor | None = None,

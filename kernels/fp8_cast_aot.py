@@ -53,7 +53,7 @@ def _prologue_flags(prologue: str) -> dict:
 
 
 def _amax(dtype: str, delayed: bool, prologue: str = "-") -> aot.AotSpec:
-    sig = _signature(fc._fp8_amax_kernel, {**_inputs(dtype, prologue), "Ticket": "*i32"})
+    sig = _signature(fc._fp8_amax_kernel, _inputs(dtype, prologue))
     flags = dict(SKIP_IF_SCALED=delayed, SOFT=False, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N,
                  **_prologue_flags(prologue))
     return aot.AotSpec(fc._fp8_amax_kernel, sig, flags, fc.NUM_WARPS, 3, divisible=("n_cols",))
@@ -65,8 +65,10 @@ def _cast(dtype: str, fmt: str, delayed: bool, rowwise: bool, transpose: bool,
     sig = _signature(fc._fp8_cast_kernel,
                      {**_inputs(dtype, prologue), "Q": f"*{triton_fp8}", "QT": f"*{triton_fp8}",
                       "Ticket": "*i32"})
-    flags = dict(FP8_MAX=top, MANT=mant, BIAS=bias, SOFT=False, DELAYED=delayed, RECORD=delayed,
-                 ROWWISE=rowwise, TRANSPOSE=transpose, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N,
+    # Delayed: the primed state's cast (SCALED, no amax pass before it), what every step but the
+    # first runs.
+    flags = dict(FP8_MAX=top, MANT=mant, BIAS=bias, SOFT=False, DELAYED=delayed, SCALED=delayed,
+                 RECORD=delayed, ROWWISE=rowwise, TRANSPOSE=transpose, BLOCK_M=fc.BLOCK_M, BLOCK_N=fc.BLOCK_N,
                  BLOCK_P=fc.FINISH_BLOCK, BLOCK_F=fc.FINISH_BLOCK, **_prologue_flags(prologue))
     # Padded sizes are multiples of 16 (what _scaled_mm wants); the input's columns are BERT's widths.
     return aot.AotSpec(fc._fp8_cast_kernel, sig, flags, fc.NUM_WARPS, 3,

@@ -1,6 +1,7 @@
 """Delayed FP8 scaling's roll (bert_fast/ops/fp8_state.py `Fp8State.roll`) in one launch: the step's amaxes
-enter the history (newest first, the oldest dropped), the step's amaxes restart at 0, and each
-role's scale follows from its history's maximum.
+enter the history (newest first, the oldest dropped), the step's amaxes restart at 0, each
+role's scale follows from its history's maximum, and the state's roll count moves on (counted up
+to 2).
 
 Why a kernel: every training forward rolls every FP8 GEMM's state (4 per encoder layer, 96 in
 BERT-large) before it runs, and the eager ops of one roll are 17 CUDA kernels (cat, two copies,
@@ -10,8 +11,13 @@ a CUDA graph captured from it. This is one launch per state, one warp.
 
 Numerics are those of the eager ops, bit for bit (tests/test_fp8_roll.py): the maximum keeps NaN
 as `amax` does; scale = fp8_max / amax (IEEE division, `div_rn`, as tensor / tensor rounds) clamped
-to the float32 maximum where amax is finite and positive, else 0 (an empty history: the next cast
-scales currently).
+to the float32 maximum where amax is finite and positive. Where it is not (an empty history: every
+entry 0 or not finite), the scale is 0 until the history has taken in a step's record (the first
+two rolls: the first forward, with nothing recorded before it, scales currently, from the amax
+pass kernels/fp8_cast.py runs before a cast whose scale is 0), and 1 after (Transformer Engine's
+initial scale). So from the second training forward on every scale is positive, and the casts
+need no amax pass: the host knows it from its own count of the rolls, without reading the device
+(bert_fast/ops/fp8_state.py `Fp8State.primed`).
 
 Launches: eagerly `kernel[grid]`; under torch.compile / export inside the `bert_fast::fp8_roll`
 triton_op (it mutates the three buffers), so fullgraph traces have no break.
@@ -37,6 +43,7 @@ def _fp8_roll_kernel(
     AmaxNow,  # [ROLES] float32: the step's amaxes, zeroed
     Scale,  # [ROLES] float32 out
     FormatMax,  # [ROLES] float32: each role's fp8_max
+    Rolls,  # [1] float32: the rolls so far, counted up to 2 (in and out)
     ROLES: tl.constexpr, LENGTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     r = tl.arange(0, BLOCK_R)[:, None]
@@ -57,51 +64,65 @@ def _fp8_roll_kernel(
     top = tl.load(FormatMax + rows, mask=rows < ROLES, other=1.0)
     ok = (amax > 0) & (amax < float("inf"))
     scale = tl.minimum(tl.math.div_rn(top, tl.where(ok, amax, 1.0)), 3.4028234663852886e38)
-    tl.store(Scale + rows, tl.where(ok, scale, 0.0), mask=rows < ROLES)
+    rolls = tl.load(Rolls)
+    empty = tl.where(rolls >= 1.0, 1.0, 0.0)  # this roll brings in a step that could record
+    tl.store(Scale + rows, tl.where(ok, scale, empty), mask=rows < ROLES)
+    tl.store(Rolls, tl.minimum(rolls + 1.0, 2.0))
 
 
 def _roll(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.Tensor, format_max: torch.Tensor,
-          traced: bool) -> None:
+          rolls: torch.Tensor, traced: bool) -> None:
     roles, length = history.shape
     _launch(_fp8_roll_kernel, (1,), traced)(
-        history, amax_now, scale, format_max, ROLES=roles, LENGTH=length,
+        history, amax_now, scale, format_max, rolls, ROLES=roles, LENGTH=length,
         BLOCK_R=triton.next_power_of_2(roles), BLOCK_L=triton.next_power_of_2(length), num_warps=1)
 
 
-@triton_op("bert_fast::fp8_roll", mutates_args=("history", "amax_now", "scale"))
+@triton_op("bert_fast::fp8_roll", mutates_args=("history", "amax_now", "scale", "rolls"))
 def _fp8_roll_op(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.Tensor,
-                 format_max: torch.Tensor) -> None:
-    _roll(history, amax_now, scale, format_max, traced_body(history))
+                 format_max: torch.Tensor, rolls: torch.Tensor) -> None:
+    _roll(history, amax_now, scale, format_max, rolls, traced_body(history))
 
 
 def roll(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.Tensor,
-         format_max: torch.Tensor) -> None:
+         format_max: torch.Tensor, rolls: torch.Tensor) -> None:
     """In place: history [R, L] <- [amax_now, history[:, :-1]] per row, amax_now [R] <- 0, scale [R]
-    <- format_max / max(history row) (clamped to the float32 max; 0 where that maximum is 0 or not
-    finite). All contiguous float32 on one device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    <- format_max / max(history row) (clamped to the float32 max; where that maximum is 0 or not
+    finite: 0 while `rolls` [1] was 0 before this roll, else 1), rolls <- min(rolls + 1, 2). All
+    contiguous float32 on one device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     if not isinstance(history, torch.Tensor) or history.dim() != 2 or history.shape[1] < 1:
         raise ValueError(f"history must be a 2-D tensor [roles, length >= 1], got "
                          f"{tuple(getattr(history, 'shape', ()))}")
     roles = history.shape[0]
-    named = (("history", history), ("amax_now", amax_now), ("scale", scale), ("format_max", format_max))
+    named = (("history", history), ("amax_now", amax_now), ("scale", scale), ("format_max", format_max),
+             ("rolls", rolls))
     for name, t in named:
-        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != history.device \
-                or (t is not history and tuple(t.shape) != (roles,)):
+        shape = (roles, history.shape[1]) if t is history else (1,) if name == "rolls" else (roles,)
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or not t.is_contiguous() \
+                or t.device != history.device or tuple(t.shape) != shape:
             raise ValueError(f"{name} must be a contiguous float32 tensor on {history.device} of shape "
-                             f"{(roles, history.shape[1]) if t is history else (roles,)}, got {t.dtype} "
-                             f"{tuple(t.shape)} on {t.device}")
+                             f"{shape}, got {getattr(t, 'dtype', type(t).__name__)} "
+                             f"{tuple(getattr(t, 'shape', ()))} on {getattr(t, 'device', None)}")
     if _traced(history):
-        _fp8_roll_op(history, amax_now, scale, format_max)
+        _fp8_roll_op(history, amax_now, scale, format_max, rolls)
     else:
-        _roll(history, amax_now, scale, format_max, False)
+        _roll(history, amax_now, scale, format_max, rolls, False)
 
 
 def roll_reference(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.Tensor,
-                   format_max: torch.Tensor) -> None:
+                   format_max: torch.Tensor, rolls: torch.Tensor) -> None:
     """`roll` in eager PyTorch: the CPU's path (`Fp8State.roll`) and the test oracle."""
     history.copy_(torch.cat([amax_now[:, None], history[:, :-1]], dim=1))
     amax_now.zero_()
+    scale.copy_(scales_of(history, format_max, rolls.ge(1.0)))
+    rolls.copy_((rolls + 1.0).clamp(max=2.0))
+
+
+def scales_of(history: torch.Tensor, format_max: torch.Tensor, primed: torch.Tensor) -> torch.Tensor:
+    """format_max / max(history row) per row, clamped to the float32 max; where that maximum is 0 or
+    not finite (an empty history), 1 if `primed` (a bool tensor: the history has taken in a step
+    that could record), else 0: the scales `roll` writes, in eager PyTorch."""
     amax = history.amax(dim=1)
     ok = (amax > 0) & torch.isfinite(amax)
     new = (format_max / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
-    scale.copy_(torch.where(ok, new, torch.zeros_like(new)))
+    return torch.where(ok, new, primed.float())

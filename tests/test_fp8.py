@@ -186,8 +186,10 @@ def test_state_buffers_stay_float32_under_a_bf16_cast_and_are_named_as_state():
     assert len(states) == 4 * model.config.num_hidden_layers
     model.bfloat16()
     keys = [k for k in model.state_dict() if fp8.is_state_key(k)]
-    assert len(keys) == 3 * len(states) and "bert.layers.1.fp8.ffn_out.amax_history" in keys
+    assert len(keys) == 4 * len(states) and "bert.layers.1.fp8.ffn_out.amax_history" in keys
+    assert "bert.layers.1.fp8.ffn_out.rolls" in keys and not any(k.endswith(".ticket") for k in keys)
     assert all(model.state_dict()[k].dtype == torch.float32 for k in keys)
+    assert all(s.ticket.dtype == torch.int32 for s in states)  # not a float: bfloat16() leaves it
     assert not any(fp8.is_state_key(k) for k, _ in model.named_parameters())
     current = BertForPreTraining(BertConfig.from_preset("tiny", vocab_size=256))
     fp8.enable(current, Fp8Recipe("current"))

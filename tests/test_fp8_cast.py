@@ -58,14 +58,24 @@ def test_the_interpreted_rounding_is_torchs_for_every_neighbourhood_of_the_grid(
 
 def _state_args(mode: str, slot: int = 1):
     """cast()'s scaling arguments per mode: current; delayed with a scale; delayed with an empty
-    history (scale 0: the amax pass runs and it scales currently). Buffers of 3 slots, as a state's."""
+    history (scale 0: the amax pass runs and it scales currently); delayed with a scale the caller
+    vouches for (`scaled`: a primed state, no amax pass). Buffers of 3 slots, as a state's."""
     if mode == "current":
         return {}
     stored = 0.0 if mode == "delayed-empty" else 0.37
-    return dict(scale=torch.tensor([5.0, stored, 9.0]), amax_now=torch.tensor([1.0, 2.5, 3.0]), slot=slot)
+    return dict(scale=torch.tensor([5.0, stored, 9.0]), amax_now=torch.tensor([1.0, 2.5, 3.0]), slot=slot,
+                **({"scaled": True, "ticket": torch.zeros(1, dtype=torch.int32)} if mode == "scaled" else {}))
 
 
-@pytest.mark.parametrize("mode", ["current", "delayed", "delayed-empty"])
+def _reference_args(mode: str, slot: int = 1) -> dict:
+    args = _state_args(mode, slot)
+    return {k: v for k, v in args.items() if k not in ("scaled", "ticket")}
+
+
+MODES = ["current", "delayed", "delayed-empty", "scaled"]
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3", "e5m2"])
 @pytest.mark.parametrize("shape, padded", SHAPES, ids=lambda s: "x".join(map(str, s)) if s else "unpadded")
 def test_cast_equals_the_reference_bit_for_bit(shape, padded, dtype, mode):
@@ -73,7 +83,7 @@ def test_cast_equals_the_reference_bit_for_bit(shape, padded, dtype, mode):
     for x_dtype, magnitude in ((torch.float32, 3.0), (torch.bfloat16, 1e-3), (torch.float16, 40.0)):
         x = (torch.randn(*shape, generator=g) * magnitude).to(x_dtype)
         rows, cols = padded or shape
-        args, ref_args = _state_args(mode), _state_args(mode)
+        args, ref_args = _state_args(mode), _reference_args(mode)
         q, qt, inv, amax = fc.cast(x, dtype, rows=rows, cols=cols, transpose=True, **args)
         rq, rqt, rinv, ramax = fc.cast_reference(x, dtype, rows=rows, cols=cols, **ref_args)
         assert q.shape == (rows, cols) and qt.shape == (cols, rows) and q.dtype == qt.dtype == dtype
@@ -82,34 +92,44 @@ def test_cast_equals_the_reference_bit_for_bit(shape, padded, dtype, mode):
         if mode != "current":
             assert torch.equal(args["amax_now"], ref_args["amax_now"])
             assert args["amax_now"].tolist() == [1.0, max(2.5, amax.item()), 3.0]  # its slot only
+        if mode == "scaled":
+            assert args["ticket"].item() == 0  # put back for the state's next cast
 
 
 # 300 x 200 is 10 tiles over 3 interpreted programs, in order: tile 0 is the first's, tile 2 (rows
 # 64-127, columns 0-127) the last's.
-@pytest.mark.parametrize("peak", [(0, 0), (64, 0)], ids=["first-program", "last-program"])
-def test_a_delayed_cast_finishes_in_its_last_program_from_a_stale_ticket(monkeypatch, peak):
+def test_delayed_casts_finish_in_their_last_program_and_leave_the_ticket_at_zero():
     """Delayed scaling's finish (amax, 1 / scale, the record) runs in the cast pass's program that
-    takes the last ticket, reading every program's partial. The ticket comes unfilled: the amax
-    pass must zero it, or no program (or the wrong one, before the rest are done) would finish.
-    The amax sits in the first program's tiles (the finisher reads another's partial) or in the
-    last one's (a finisher too early would not have it)."""
-    tickets = []
+    takes the last ticket, reading every program's partial, and puts the ticket back to 0: casts
+    one after another share the state's ticket, with no amax pass or fill between them to zero it
+    (a ticket left at the count would let no program finish the next cast). The amax sits in the
+    first program's tiles (the finisher reads another's partial) or in the last one's (a finisher
+    too early would not have it)."""
+    ticket = torch.zeros(1, dtype=torch.int32)
+    assert fc.programs(ticket.device, 300, 200) > 1
+    for peak, scaled in (((0, 0), True), ((64, 0), True), ((0, 0), False), ((64, 0), True)):
+        x = torch.randn(300, 200)
+        x[peak] = 100.0
+        args, ref = _state_args("delayed"), _reference_args("delayed")
+        q, qt, inv, amax = fc.cast(x, fc.E4M3, transpose=True, ticket=ticket, scaled=scaled, **args)
+        rq, rqt, rinv, ramax = fc.cast_reference(x, fc.E4M3, **ref)
+        assert torch.equal(inv, rinv) and amax == ramax == 100.0, (peak, scaled)
+        assert torch.equal(args["amax_now"], ref["amax_now"]) and args["amax_now"][1] == 100.0
+        assert torch.equal(_bits(q), _bits(rq)) and torch.equal(_bits(qt), _bits(rqt))
+        assert ticket.item() == 0, (peak, scaled)
 
-    def stale(device):
-        tickets.append(torch.full((1,), 12345, dtype=torch.int32, device=device))
-        return tickets[-1]
 
-    monkeypatch.setattr(fc, "_ticket", stale)
-    x = torch.randn(300, 200)
-    x[peak] = 100.0
-    args, ref = _state_args("delayed"), _state_args("delayed")
-    q, qt, inv, amax = fc.cast(x, fc.E4M3, transpose=True, **args)
-    rq, rqt, rinv, ramax = fc.cast_reference(x, fc.E4M3, **ref)
-    assert torch.equal(inv, rinv) and amax == ramax == 100.0
-    assert torch.equal(args["amax_now"], ref["amax_now"]) and args["amax_now"][1] == 100.0
-    assert torch.equal(_bits(q), _bits(rq)) and torch.equal(_bits(qt), _bits(rqt))
-    programs = fc.programs(x.device, 300, 200)
-    assert programs > 1 and tickets[0].item() == programs  # each program arrived once, counted from 0
+@pytest.mark.parametrize("dtype", FORMATS, ids=["e4m3", "e5m2"])
+def test_a_scaled_cast_of_an_empty_slot_scales_by_one(dtype):
+    """`scaled` promises a positive scale; were the slot's scale 0 after all (a state whose host
+    count ran ahead of its buffers), no amax pass ran to scale currently: the pass and its inverse
+    scale both take 1, so the GEMM's result stays right, at FP8's range around 1."""
+    x = torch.randn(70, 50) * 30
+    args = _state_args("delayed-empty")
+    q, qt, inv, amax = fc.cast(x, dtype, transpose=True, scaled=True, **args)
+    rq, rqt, rinv, _ = fc.cast_reference(x, dtype, scale=torch.tensor([1.0]), slot=0)
+    assert inv == 1.0 and torch.equal(_bits(q), _bits(rq)) and torch.equal(_bits(qt), _bits(rqt))
+    assert args["amax_now"][1] == amax == x.abs().max()
 
 
 @pytest.mark.parametrize("rowwise, transpose", [(True, False), (False, True)])
@@ -127,7 +147,7 @@ def test_one_layout_alone_and_a_strided_input(rowwise, transpose):
 
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered")  # the interpreter's max over the NaN flag's input
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("mode", ["current", "delayed", "delayed-empty"])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_non_finite_tensor_gets_a_nan_inverse_scale_and_no_record(bad, mode):
     x = torch.randn(37, 40)
     x[20, 7] = bad
@@ -139,7 +159,7 @@ def test_a_non_finite_tensor_gets_a_nan_inverse_scale_and_no_record(bad, mode):
     # What any GEMM with it gives: NaN everywhere, as bert_fast.ops.fp8's eager path.
     assert torch.isnan(q.float()[:37, :40] * inv).all()
     assert not _bits(q)[37:].any() and not _bits(q)[:, 40:].any()  # the padding stays zeros
-    if mode != "delayed":  # scaled currently: the values themselves are NaN
+    if mode not in ("delayed", "scaled"):  # scaled currently: the values themselves are NaN
         assert torch.isnan(q.float()[:37, :40]).all() and torch.equal(_bits(qt), _bits(q).t())
 
 
@@ -160,8 +180,12 @@ def test_bad_arguments_are_named():
         fc.cast(x, fc.E4M3, rows=4)
     with pytest.raises(ValueError, match="scale must be a contiguous 1-D float32 tensor .* slot 3"):
         fc.cast(x, fc.E4M3, scale=torch.ones(3), slot=3)
-    with pytest.raises(ValueError, match="amax_now records delayed scaling"):
+    with pytest.raises(ValueError, match="amax_now, ticket and scaled are delayed scaling's"):
         fc.cast(x, fc.E4M3, amax_now=torch.ones(3))
+    with pytest.raises(ValueError, match="amax_now, ticket and scaled are delayed scaling's"):
+        fc.cast(x, fc.E4M3, scaled=True)
+    with pytest.raises(ValueError, match=r"ticket must be an int32 tensor of shape \(1,\)"):
+        fc.cast(x, fc.E4M3, scale=torch.ones(3), ticket=torch.zeros(1))
     with pytest.raises(ValueError, match="nothing to write"):
         fc.cast(x, fc.E4M3, rowwise=False)
 
@@ -196,21 +220,22 @@ def _count_step(monkeypatch, scaling: str, kernels: bool) -> list[dict]:
 def test_launches_per_gemm_fall_from_about_90_to_under_12(monkeypatch, scaling):
     """The eager casts (what CUDA ran before these kernels): 56 + 35 launches per micro-batch under
     current scaling, 76 + 45 under delayed (commit b424900, bf16, this shape). The kernel path: per
-    operand 2 cast launches (amax, cast; delayed scaling's finish runs in the cast's last program),
-    the weight's only on the first micro-batch
-    of an optimizer step (later ones reuse it; delayed scaling records its amax again: one op),
-    and the three `_scaled_mm`; no transposes, pads or clones."""
+    operand 2 cast launches (amax, cast) under current scaling and on delayed scaling's first
+    micro-batch (its history is empty), 1 after (the state is primed; the finish runs in the cast's
+    last program); the weight's only on the first micro-batch of an optimizer step (later ones
+    reuse it; delayed scaling records its amax again: one op, and on the first reuse one more to
+    keep it, 0 if not finite); and the three `_scaled_mm`; no transposes, pads or clones."""
     eager = _count_step(monkeypatch, scaling, kernels=False)
     fused = _count_step(monkeypatch, scaling, kernels=True)
-    per_cast = 2
-    assert [c["kernels"] for c in fused] == [3 * per_cast, 2 * per_cast, 2 * per_cast]
-    gemm_ops = {"_scaled_mm": 3}
-    # Delayed scaling keeps the weight's amax to record it again (0 if not finite): once per step.
-    assert fused[0]["ops"] == (gemm_ops if scaling == "current" else {**gemm_ops, "nan_to_num": 1})
-    assert fused[1]["ops"] == (gemm_ops if scaling == "current" else {**gemm_ops, "maximum": 1})
-    first, later = fused[0]["forward"] + fused[0]["backward"], fused[1]["forward"] + fused[1]["backward"]
     delayed = scaling == "delayed"
-    assert first == 3 * per_cast + 3 + delayed and later == 2 * per_cast + 3 + delayed
+    first, later = 2, 1 if delayed else 2  # cast launches per operand: unprimed, primed
+    assert [c["kernels"] for c in fused] == [3 * first, 2 * later, 2 * later]
+    gemm_ops = {"_scaled_mm": 3}
+    assert fused[0]["ops"] == gemm_ops
+    assert fused[1]["ops"] == (gemm_ops if not delayed else {**gemm_ops, "nan_to_num": 1, "maximum": 1})
+    assert fused[2]["ops"] == (gemm_ops if not delayed else {**gemm_ops, "maximum": 1})
+    assert [c["forward"] + c["backward"] for c in fused] == [3 * first + 3, 2 * later + 3 + 2 * delayed,
+                                                             2 * later + 3 + delayed]
     assert all(c["forward"] + c["backward"] >= 60 for c in eager), eager  # the eager casts, still on CPU
 
 
@@ -242,8 +267,8 @@ except ImportError:  # torch 2.11 (the GPU machines'): the same analysis, return
 
 x = torch.randn(64, 128, dtype=torch.bfloat16)
 tensors = dict(X=x, Pre=x.clone(), ColBias=torch.randn(128, dtype=torch.bfloat16), Scale=torch.ones(3),
-               Partial=torch.empty(4), Ticket=torch.empty(1, dtype=torch.int32))
-outputs = dict(DBias=torch.empty(1, 128), Q=torch.empty(64, 128, dtype=fc.E4M3),
+               Partial=torch.empty(4))
+outputs = dict(Ticket=torch.zeros(1, dtype=torch.int32), DBias=torch.empty(1, 128), Q=torch.empty(64, 128, dtype=fc.E4M3),
                QT=torch.empty(128, 64, dtype=fc.E4M3), AmaxIn=torch.empty(4), AmaxNow=torch.zeros(3),
                InvScale=torch.empty(()), AmaxOut=torch.empty(()))
 sizes = dict(n_rows=64, n_cols=128, stride_x_row=128, slot=1)
@@ -257,7 +282,8 @@ for prologue in (0, 1, 2):
             ((False, False), (True, False), (True, True)), ((True, False), (False, True), (True, True))):
         rows.append(["cast", prologue, delayed, record, rowwise, transpose, written(
             fc._fp8_cast_kernel, **tensors, **outputs, **sizes, **flags, out_rows=64, out_cols=128, n_amax_in=4,
-            FP8_MAX=448.0, MANT=3, BIAS=7, DELAYED=delayed, RECORD=record, ROWWISE=rowwise, TRANSPOSE=transpose,
+            FP8_MAX=448.0, MANT=3, BIAS=7, DELAYED=delayed, SCALED=False, RECORD=record, ROWWISE=rowwise,
+            TRANSPOSE=transpose,
             BLOCK_P=4, BLOCK_F=4)])
 print(json.dumps(rows))
 """
@@ -279,7 +305,7 @@ def test_torch_compile_sees_exactly_what_each_cast_kernel_writes():
     assert len(rows) == 3 * (2 + 9)
     for kernel, prologue, delayed, record, rowwise, transpose, written in rows:
         if kernel == "amax":
-            want = {"Partial", "Ticket"} if delayed else {"Partial"}
+            want = {"Partial"}
         else:
             want = {"InvScale", "AmaxOut"}.union(*(names for names, on in (
                 ({"Q"}, rowwise), ({"QT"}, transpose), ({"DBias"}, prologue == 2),

@@ -67,7 +67,7 @@ def test_fused_equals_the_unfused_fp8_ffn_in_float32(scaling, monkeypatch):
     torch.testing.assert_close(grad_b1, ref_b1, rtol=1e-6, atol=1e-9)
     assert all(torch.equal(a, b) for a, b in zip(fused[2], unfused[2]))  # histories, amaxes, scales
     if scaling == "delayed":
-        assert all(b.abs().sum() > 0 for b in fused[2])  # every row of both states recorded
+        assert all(b.abs().sum() > 0 for b in fused[2] if b.is_floating_point())  # every row recorded
 
 
 @pytest.mark.parametrize("scaling", ["current", "delayed"])

@@ -16,13 +16,14 @@ and the training loop do with the states (enable, roll, reduce_amaxes, ...): ber
 whose public names this module re-exports (`fp8.Fp8State`, `fp8.roll`, ...). A NaN or inf input
 gives a NaN output, so the loop's non-finite-loss check still fires.
 
-Casts: on CUDA kernels/fp8_cast.py (one pass under delayed scaling: cast with the state's scale
-and record the amax; two under current: amax, then cast), writing the row-major copy the forward
-GEMM reads and the transposed one the backward reads (q(X)^T, q(W)^T and q(dY)^T, which the forward
-saves instead of q(X), q(W)), zero-padded for `_scaled_mm`: 2 launches per operand against the
-25-40 eager ops elsewhere (tests/test_fp8_cast.py counts them). A training forward casts a weight
-once per optimizer step (`_cast_weight`: later micro-batches and activation checkpointing's
-recomputation reuse the cast; under delayed scaling with its scale of the step's first forward).
+Casts: on CUDA kernels/fp8_cast.py (one pass under delayed scaling once the state is primed: cast
+with the state's scale and record the amax; two under current: amax, then cast), writing the
+row-major copy the forward GEMM reads and the transposed one the backward reads (q(X)^T, q(W)^T and
+q(dY)^T, which the forward saves instead of q(X), q(W)), zero-padded for `_scaled_mm`: 1 or 2
+launches per operand against the 25-40 eager ops elsewhere (tests/test_fp8_cast.py counts them).
+A training forward casts a weight once per optimizer step (`_cast_weight`: later micro-batches and
+activation checkpointing's recomputation reuse the cast; under delayed scaling with its scale of
+the step's first forward).
 
 GEMM: `torch._scaled_mm` (second operand column-major; on CUDA every dimension a multiple of 16:
 operands are zero-padded where not, which changes no result). On the CPU torch 2.13 runs
@@ -78,22 +79,27 @@ from bert_fast.ops.fp8_state import (
     LossScaleFollower,
     _scale_from_amax,
     check_device,
+    count_rolls,
     enable,
     fp8_max,
+    host_rolls,
     is_state_key,
+    primed_after_roll,
     reduce_amaxes,
     rescale_gradients,
     roll,
+    set_host_rolls,
     states_of,
     weights_changed,
 )
 
 # Public names, fp8_state's among them: the model, the loop and the tests call `fp8.<name>`.
 __all__ = [
-    "E4M3", "E5M2", "EMULATE_ENV", "GEMMS", "GRAD_FORMATS", "SCALINGS", "Cast", "Fp8Recipe", "Fp8State",
-    "LossScaleFollower", "cast", "check_device", "emulated", "enable", "forget_weight_casts", "fp8_linear",
-    "fp8_max", "is_state_key", "linear_reference", "quantize", "reduce_amaxes", "rescale_gradients", "roll",
-    "scaled_mm", "states_of", "uses_fast_accum", "weights_changed"]
+    "E4M3", "E5M2", "EMULATE_ENV", "GEMMS", "GRAD_FORMATS", "SCALINGS", "Cast", "Fp8Recipe",
+    "Fp8State", "LossScaleFollower", "cast", "check_device", "count_rolls", "emulated", "enable",
+    "forget_weight_casts", "fp8_linear", "fp8_max", "host_rolls", "is_state_key", "linear_reference",
+    "primed_after_roll", "quantize", "reduce_amaxes", "rescale_gradients", "roll", "scaled_mm",
+    "set_host_rolls", "states_of", "uses_fast_accum", "weights_changed"]
 
 
 def quantize(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor) -> torch.Tensor:
@@ -122,10 +128,11 @@ def _scale_and_amax(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None,
 
 def _scale_for(x: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int,
                record: bool) -> torch.Tensor:
-    """The scale to cast `x` with: current, or delayed from `state` (current while its history is
-    empty); records x's amax into the state when `record`. NaN when x holds a NaN or inf (its amax
-    does), so the cast gives NaN rather than saturating an inf to a finite value: the loss turns
-    non-finite and the loop's check fires, at no extra pass over x."""
+    """The scale to cast `x` with: current, or delayed from `state` (current while its scale is 0:
+    an empty history before the state is primed, bert_fast/ops/fp8_state.py); records x's amax
+    into the state when `record`. NaN when x holds a NaN or inf (its amax does), so the cast gives
+    NaN rather than saturating an inf to a finite value: the loss turns non-finite and the loop's
+    check fires, at no extra pass over x."""
     return _scale_and_amax(x, dtype, state, role, record)[0]
 
 
@@ -157,8 +164,12 @@ def cast(t: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int,
 
         delayed = state is not None and state.delayed
         rows, cols = (_round16(n) for n in t.shape) if _pads(t.device) else t.shape
+        # A primed state's scales are all positive: no amax pass (not under torch.compile, where
+        # reading the host's count would make Dynamo guard on it).
+        scaled = delayed and not torch.compiler.is_compiling() and state.primed
         layout = dict(scale=state.scale if delayed else None,
-                      amax_now=state.amax_now if delayed and record else None, slot=role, rows=rows,
+                      amax_now=state.amax_now if delayed and record else None,
+                      ticket=state.ticket if delayed else None, scaled=scaled, slot=role, rows=rows,
                       cols=cols, rowwise=rowwise, transpose=transpose)
         dbias = None
         if bias is None:
@@ -198,7 +209,7 @@ class _CachedWeight(NamedTuple):
     key: tuple
     weight: weakref.ref
     cast: Cast
-    keep: torch.Tensor | None  # the amax a training forward records again (0 when not finite)
+    keep: torch.Tensor | None  # the amax a later training forward records again (0 when not finite)
 
 
 def _weight_key(weight: torch.Tensor) -> tuple:
@@ -223,13 +234,15 @@ def _cast_weight(weight: torch.Tensor, state: Fp8State | None, record: bool, tra
         return cast(weight, E4M3, state, _WEIGHT, record, transpose=transpose)
     key, hit = _weight_key(weight), state._cached_weight
     if hit is not None and hit.key == key and hit.weight() is weight:
-        if hit.keep is not None:
+        if state.delayed:
+            if hit.keep is None:  # made on the first reuse: a step of one micro-batch never needs it
+                hit = state._cached_weight = hit._replace(
+                    keep=torch.nan_to_num(hit.cast.amax, nan=0.0, posinf=0.0).reshape(1))
             now = state.amax_now.narrow(0, _WEIGHT, 1)
             torch.maximum(now, hit.keep, out=now)
         return hit.cast
     made = cast(weight, E4M3, state, _WEIGHT, record, transpose=True)  # the backward reads W^T
-    keep = torch.nan_to_num(made.amax, nan=0.0, posinf=0.0).reshape(1) if state.delayed else None
-    state._cached_weight = _CachedWeight(key, weakref.ref(weight), made, keep)
+    state._cached_weight = _CachedWeight(key, weakref.ref(weight), made, None)
     return made
 
 

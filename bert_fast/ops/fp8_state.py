@@ -11,9 +11,14 @@ Scaling (`precision.fp8_scaling`), per tensor role (input, weight, gradient) and
   the training loop has max-reduced it across data-parallel ranks (`reduce_amaxes`, after each
   backward), so every rank scales alike and the checkpoint rank 0 writes is every rank's. Values
   past the stale scale saturate to +-fp8_max. An empty
-  history (the first step) falls back to the current amax. The history and scales are module
-  buffers (`*.fp8.<gemm>.amax_history`, `.amax_now`, `.scale`, float32 whatever the model's
-  dtype), so DeepSpeed's checkpoints save and restore them and a resumed run is bit-exact.
+  history (the first step) falls back to the current amax; once the history has taken in a step
+  that could record (from the second training forward on), an empty one (every amax 0 or not
+  finite) scales by 1, Transformer Engine's initial scale. So from then on every scale is known
+  before its cast, and the casts skip the amax pass (kernels/fp8_cast.py) that current scaling
+  needs: the host knows it by counting the rolls (`Fp8State.primed`), without reading the device.
+  The history, scales and roll count are module buffers (`*.fp8.<gemm>.amax_history`,
+  `.amax_now`, `.scale`, `.rolls`, float32 whatever the model's dtype), so DeepSpeed's
+  checkpoints save and restore them and a resumed run is bit-exact.
 Non-finite values: a NaN or inf input gives a NaN output (its amax makes the scale NaN; a plain
 cast would saturate inf to 448 on the CPU, hiding it), so the loop's non-finite-loss check still
 fires; its amax is left out of the history, so one bad step does not poison the steps after it.
@@ -116,25 +121,40 @@ class Fp8Recipe:
 class Fp8State(nn.Module):
     """One FP8 GEMM's recipe and, under delayed scaling, its scaling state in float32 buffers
     (rows: input, weight, gradient): `amax_history` [3, L] of past steps (newest first),
-    `amax_now` [3] of this step so far, `scale` [3] from the history (0 while it is empty)."""
+    `amax_now` [3] of this step so far, `scale` [3] from the history (0 while it is empty and
+    the state not primed, see `primed`), `rolls` [1] the rolls so far, counted up to 2; and the
+    delayed casts' arrival ticket (kernels/fp8_cast.py: int32, 0 between casts)."""
 
     def __init__(self, recipe: Fp8Recipe):
         super().__init__()
         self.recipe = recipe
         self._cached_weight = None  # bert_fast/ops/fp8.py `_cast_weight`'s
+        self._host_rolls = 0  # `rolls` as the host counts it (`primed`)
         if recipe.scaling == "delayed":
             self.register_buffer("amax_history", torch.zeros(3, recipe.amax_history))
             self.register_buffer("amax_now", torch.zeros(3))
             self.register_buffer("scale", torch.zeros(3))
+            self.register_buffer("rolls", torch.zeros(1))
             # The roles' format maxima on the state's device, so a roll inside a CUDA graph makes
             # no tensor from host data (not saved: they follow from the recipe).
             self.register_buffer("format_max", torch.tensor([fp8_max(d) for d in self.dtypes]),
                                  persistent=False)
+            self.register_buffer("ticket", torch.zeros(1, dtype=torch.int32), persistent=False)
         _watch_optimizers()
 
     @property
     def delayed(self) -> bool:
         return self.recipe.scaling == "delayed"
+
+    @property
+    def primed(self) -> bool:
+        """Whether every scale is positive (rolled twice: the history has taken in a step that
+        could record), so the casts need no amax pass. Counted on the host, never read from the
+        device; a forward compiled by torch.compile counts nothing (its casts keep the amax pass,
+        and reading the count would make Dynamo guard on it), nor does a replayed CUDA graph
+        (bert_fast/train/cuda_graphs.py counts its replays with `count_rolls`). Behind the device
+        at worst, never ahead: where it is behind, an amax pass runs that reads nothing."""
+        return self.delayed and self._host_rolls >= 2
 
     @property
     def dtypes(self) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -146,27 +166,37 @@ class Fp8State(nn.Module):
         # state stays float32 (moves between devices still apply).
         super()._apply(fn, recurse)
         for name, buf in self._buffers.items():
-            if buf is not None and buf.dtype != torch.float32:
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
                 self._buffers[name] = buf.float()
         return self
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args,
+                              **kwargs):
         weights_changed()  # a model's load writes its weights too: no cached cast survives it
-        super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args,
+                                      **kwargs)
+        if self.delayed:
+            if prefix + "rolls" in missing_keys:  # saved before the count existed: it keeps its own
+                missing_keys.remove(prefix + "rolls")
+            self._host_rolls = int(self.rolls.item())  # a load may read the device
 
     @torch.no_grad()
     def roll(self) -> None:
         """The step's amaxes (`amax_now`, reduced across ranks by `reduce_amaxes` before) enter
-        the history; the scales follow from the new history; the next step's amaxes start at 0.
-        On CUDA one launch (kernels/fp8_roll.py) instead of the 17 of its eager ops
-        (`roll_reference`, the CPU's path): every training forward rolls every state."""
+        the history; the scales follow from the new history; the next step's amaxes start at 0;
+        the roll count moves on. On CUDA one launch (kernels/fp8_roll.py) instead of the 21 of
+        its eager ops (`roll_reference`, the CPU's path): every training forward rolls every state."""
         from bert_fast.kernels import fp8_roll
 
         run = fp8_roll.roll if _use_kernels(self.amax_now.device) else fp8_roll.roll_reference
-        run(self.amax_history, self.amax_now, self.scale, self.format_max)
+        run(self.amax_history, self.amax_now, self.scale, self.format_max, self.rolls)
+        if not torch.compiler.is_compiling():
+            self._host_rolls = min(self._host_rolls + 1, 2)
 
     def _update_scale(self) -> None:
-        self.scale.copy_(_scale_from_amax(self.amax_history.amax(dim=1), self.format_max, empty=0.0))
+        from bert_fast.kernels import fp8_roll
+
+        self.scale.copy_(fp8_roll.scales_of(self.amax_history, self.format_max, self.rolls.ge(2.0)))
 
     @torch.no_grad()
     def record(self, role: int, amax: torch.Tensor) -> None:
@@ -180,14 +210,12 @@ def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
-def _scale_from_amax(amax: torch.Tensor, top: torch.dtype | torch.Tensor, empty: float = 1.0) -> torch.Tensor:
-    """top / amax per entry (float32, finite); `empty` where amax is 0 or not finite. top: an FP8
-    format (its fp8_max) or a tensor of maxima broadcasting with amax."""
-    if isinstance(top, torch.dtype):
-        top = fp8_max(top)
+def _scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp8_max / amax (float32, finite), 1 where amax is 0 or not finite: current scaling's scale
+    (a delayed state's from its history: kernels/fp8_roll.py `scales_of`)."""
     ok = (amax > 0) & torch.isfinite(amax)
-    scale = (top / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
-    return torch.where(ok, scale, torch.full_like(scale, empty))
+    scale = (fp8_max(dtype) / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
+    return torch.where(ok, scale, torch.ones_like(scale))
 
 
 def enable(model: nn.Module, recipe: Fp8Recipe) -> list[Fp8State]:
@@ -236,6 +264,31 @@ def roll(states: list[Fp8State]) -> None:
     for s in states:
         if s.delayed:
             s.roll()
+
+
+def host_rolls(states: list[Fp8State]) -> list[int]:
+    """The host's count of each state's rolls (`Fp8State.primed`): for callers that run a forward
+    they then undo (bert_fast/train/cuda_graphs.py's warm-ups), with `set_host_rolls`."""
+    return [s._host_rolls for s in states]
+
+
+def set_host_rolls(states: list[Fp8State], counts: list[int]) -> None:
+    for s, count in zip(states, counts, strict=True):
+        s._host_rolls = count
+
+
+def primed_after_roll(states: list[Fp8State]) -> bool:
+    """Whether a training forward's casts would skip their amax passes (`Fp8State.primed`) after
+    its roll: a CUDA graph records the decision (bert_fast/train/cuda_graphs.py keys on it)."""
+    delayed = [s for s in states if s.delayed]
+    return bool(delayed) and all(s._host_rolls >= 1 for s in delayed)
+
+
+def count_rolls(states: list[Fp8State]) -> None:
+    """A roll ran on the device that the host did not see (a replayed CUDA graph's): counts it."""
+    for s in states:
+        if s.delayed:
+            s._host_rolls = min(s._host_rolls + 1, 2)
 
 
 @torch.no_grad()

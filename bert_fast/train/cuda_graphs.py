@@ -13,7 +13,11 @@ a loss scaler that reads the loss), tensors that change address, and the CPU. Th
 therefore graphs only where none of those apply (one rank, no ZeRO partitioning, bf16 or
 fp32) and refuses otherwise with the reason. precision.fp8 graphs too: its casts and scaling-state
 updates are device ops on module buffers, and a captured forward casts the weights itself rather
-than reuse a cast made outside the graph (bert_fast/ops/fp8.py).
+than reuse a cast made outside the graph (bert_fast/ops/fp8.py). Under delayed scaling the casts
+drop their amax pass once the states are primed (the second training forward on,
+bert_fast/ops/fp8_state.py): the host decides that, so a graph records one decision, and a shape's
+first step after priming captures that shape again (the graph of the unprimed steps is never
+replayed after). A replay rolls the states on the device only: the host counts it.
 
 The warm-up steps before a capture are not training steps: they leave the parameters' gradients,
 the dropout generator and the module's buffers (FP8 amax histories and scales) as they found them.
@@ -48,14 +52,18 @@ class GraphedStep:
         if not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1 (capture follows eager steps), got {warmup!r}")
         self.model, self.warmup, self.params = model, warmup, [p for p in params if p.requires_grad]
+        self.fp8_states = fp8.states_of(model)
         self.graphs: dict[tuple, tuple] = {}
         self.pool = torch.cuda.graph_pool_handle()  # graphs replay one at a time: one memory pool
 
     def __call__(self, batch: dict) -> dict:
-        key = (batch["max_seqlen"], *(tuple(batch[k].shape) for k in PACKED_TENSORS if k in batch))
+        key = (batch["max_seqlen"], *(tuple(batch[k].shape) for k in PACKED_TENSORS if k in batch),
+               fp8.primed_after_roll(self.fp8_states))
         if key not in self.graphs:
-            self.graphs[key] = self._capture(batch)
-        graph, inputs, outputs = self.graphs[key]
+            self.graphs[key] = self._capture(batch)  # its host code counted the step's roll
+        elif self.graphs[key][3]:
+            fp8.count_rolls(self.fp8_states)
+        graph, inputs, outputs, _ = self.graphs[key]
         for name, tensor in inputs.items():
             tensor.copy_(batch[name], non_blocking=True)
         graph.replay()
@@ -73,6 +81,7 @@ class GraphedStep:
                 p.grad = torch.zeros_like(p)
         kept = [p.grad.clone() for p in self.params]  # what the caller accumulated so far
         buffers = [(b, b.clone()) for b in self.model.buffers()]  # FP8 scaling state: warm-ups roll it
+        counts = fp8.host_rolls(self.fp8_states)
         rng = torch.cuda.get_rng_state()  # the warm-up's dropout draws must not shift this step's
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -81,13 +90,15 @@ class GraphedStep:
                 self._run(inputs, batch["max_seqlen"])
         torch.cuda.current_stream().wait_stream(side)
         fp8.forget_weight_casts(self.model)  # the warm-ups' casts: the graphs make their own
+        fp8.set_host_rolls(self.fp8_states, counts)  # the capture decides as the step it records
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self._run(inputs, batch["max_seqlen"])
+        rolled = fp8.host_rolls(self.fp8_states) != counts  # whether each replay must count a roll
         with torch.no_grad():  # undo the warm-up's gradients and buffer updates; capturing ran nothing
             for p, g in zip(self.params, kept):
                 p.grad.copy_(g)
             for b, saved in buffers:
                 b.copy_(saved)
         torch.cuda.set_rng_state(rng)
-        return graph, inputs, outputs
+        return graph, inputs, outputs, rolled

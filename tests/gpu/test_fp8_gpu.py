@@ -115,30 +115,36 @@ def test_compiled_cast_kernels_equal_the_reference_bit_for_bit(shape, padded, dt
 
 def test_every_delayed_cast_finishes_after_all_its_programs():
     """Delayed scaling's finish runs in the cast pass's program that takes the last ticket (an
-    acq_rel atomic at GPU scope), which must see every program's amax partial. 64 casts back to back
-    with the amax in a different program's tile each time, then 16 replays of one captured cast
-    (the amax pass zeroes the ticket on every replay): each amax, inverse scale and record exact."""
+    acq_rel atomic at GPU scope), which must see every program's amax partial, and puts the ticket
+    back to 0 for the next cast. 64 casts back to back sharing one ticket, half of them with no
+    amax pass before them (`scaled`, a primed state's), with the amax in a different program's
+    tile each time, then 16 replays of one captured cast without an amax pass (nothing but the
+    finish zeroes the ticket): each amax, inverse scale and record exact, the ticket 0 after."""
     from bert_fast.kernels import fp8_cast as fc
 
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(8192, 1024, device="cuda", generator=g).bfloat16()  # 1024 tiles, one per program
     scale, amax_now = torch.tensor([0.0, 4.0, 0.0], device="cuda"), torch.zeros(3, device="cuda")
+    ticket = torch.zeros(1, dtype=torch.int32, device="cuda")
     peaks = torch.randperm(x.numel(), device="cuda", generator=g)[:64]
     got, want = [], []
     for i, peak in enumerate(peaks.tolist()):
         y = x.clone()
         y.view(-1)[peak] = 100.0 + i
-        _, _, inv, amax = fc.cast(y, torch.float8_e4m3fn, scale=scale, amax_now=amax_now, slot=1, transpose=True)
+        _, _, inv, amax = fc.cast(y, torch.float8_e4m3fn, scale=scale, amax_now=amax_now, ticket=ticket,
+                                  scaled=i % 2 == 1, slot=1, transpose=True)
         got.append(torch.stack([amax, inv]))
         want.append(torch.stack([y.float().abs().max(), torch.tensor(0.25, device="cuda")]))
     assert torch.equal(torch.stack(got), torch.stack(want))
     assert amax_now.tolist() == [0.0, float(torch.stack(want)[:, 0].max()), 0.0]
+    assert ticket.item() == 0
 
     y = x.clone()
-    fc.cast(y, torch.float8_e4m3fn, scale=scale, slot=1, transpose=True)  # compiled before capture
+    args = dict(scale=scale, ticket=ticket, scaled=True, slot=1, transpose=True)
+    fc.cast(y, torch.float8_e4m3fn, **args)  # compiled before capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _, _, inv, amax = fc.cast(y, torch.float8_e4m3fn, scale=scale, slot=1, transpose=True)
+        _, _, inv, amax = fc.cast(y, torch.float8_e4m3fn, **args)
     got, want = [], []
     for i, peak in enumerate(peaks[:16].tolist()):
         y.copy_(x)
@@ -146,7 +152,7 @@ def test_every_delayed_cast_finishes_after_all_its_programs():
         graph.replay()
         got.append(torch.stack([amax, inv]))
         want.append(torch.stack([y.float().abs().max(), torch.tensor(0.25, device="cuda")]))
-    assert torch.equal(torch.stack(got), torch.stack(want))
+    assert torch.equal(torch.stack(got), torch.stack(want)) and ticket.item() == 0
 
 
 @pytest.mark.parametrize("scaling", ["current", "delayed"])
@@ -251,7 +257,8 @@ def test_compiled_roll_equals_the_eager_ops_bit_for_bit():
 
     from bert_fast.kernels import fp8_roll
 
-    cases = [("random", _buffers(3, 16, seed)) for seed in range(4)] + _edge_cases(16) + _edge_cases(1)
+    cases = [("random", _buffers(3, 16, seed, rolls=float(seed % 3))) for seed in range(4)]
+    cases += _edge_cases(16) + _edge_cases(16, rolls=1.0) + _edge_cases(1)
     for name, buffers in cases:
         got = [t.cuda() for t in buffers]
         want = [t.clone() for t in got]
