@@ -172,6 +172,39 @@ def test_delayed_scale_older_than_a_jump_saturates_instead_of_overflowing():
     assert y.abs().max() <= (448.0 / state.scale[0]) * w.abs().sum(1).max() * 1.001
 
 
+def test_an_empty_history_scales_currently_until_the_state_is_primed_then_by_one():
+    """The first training forward (one roll, nothing recorded before it) casts with the current
+    amax; from the second roll on the history holds a step, the state is primed (the host knows
+    it without reading the device) and a role whose history is empty (here the gradient: all
+    zeros) scales by 1, Transformer Engine's initial scale."""
+    state = Fp8State(Fp8Recipe("delayed"))
+    x, w, dy = _data(16, 32, 16)
+    fp8.roll([state])
+    assert not state.primed and state.scale.tolist() == [0.0, 0.0, 0.0]
+    y, _, _ = _run(x, w, dy * 0, state)
+    want = fp8.linear_reference(x, w, _current_scale(x, E4M3), _current_scale(w, E4M3))
+    assert (y.double() - want).abs().max() <= 64 * 2.0**-23 * want.abs().max()
+    fp8.roll([state])
+    assert state.primed and state.rolls.item() == 2.0
+    assert state.scale[2] == 1.0 and state.scale[0] == 448.0 / x.abs().max()
+    assert fp8.cast(dy, E5M2, state, 2, record=False).inv == 1.0  # not dy's current scale
+
+
+def test_the_roll_count_is_saved_and_a_state_saved_without_it_loads():
+    recipe = Fp8Recipe("delayed")
+    state = Fp8State(recipe)
+    for _ in range(3):
+        fp8.roll([state])
+    saved = state.state_dict()
+    assert saved["rolls"].item() == 2.0
+    resumed = Fp8State(recipe)
+    resumed.load_state_dict(saved)
+    assert resumed.primed  # the host's count follows the loaded buffer
+    older = Fp8State(recipe)
+    older.load_state_dict({k: v for k, v in saved.items() if k != "rolls"})  # strict: no error
+    assert not older.primed and older.rolls.item() == 0.0  # primes itself in two rolls
+
+
 def test_evaluation_reads_but_does_not_record():
     state = Fp8State(Fp8Recipe("delayed"))
     x, w, _ = _data(8, 32, 16)
