@@ -42,8 +42,9 @@ def fused(inputs: dict, case: dict):
     x, state = inputs["x"], inputs["state"]
     if x.device.type != "cuda":
         raise Unavailable("the Triton kernels need CUDA (the interpreter is for tests)")
-    if state.delayed:
-        return fc.cast(x, fc.E4M3, scale=state.scale, amax_now=state.amax_now, transpose=True)
+    if state.delayed:  # a primed state's cast (every step but the first): no amax pass
+        return fc.cast(x, fc.E4M3, scale=state.scale, amax_now=state.amax_now, ticket=state.ticket,
+                       scaled=True, transpose=True)
     return fc.cast(x, fc.E4M3, transpose=True)
 
 

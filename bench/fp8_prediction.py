@@ -69,7 +69,8 @@ TARGET_SPEEDUP = 1.3  # issue 23: fp8 >= 1.3x bf16 end to end
 TARGET_TOKENS_S = 250e3  # issue 23: real tokens/s per H200 at seq 512 (with the graphed step)
 GEMM_FRACTIONS = (0.9, 0.8, 0.7)
 # kernels/fp8_cast.py _cast: amax, cast; under delayed scaling the cast alone once the state is
-# primed (every step but the first), its last program finishing
+# primed (every step but the first; eager and GraphedStep runs: torch.compile keeps the amax pass),
+# its last program finishing
 LAUNCHES_PER_CAST = {"delayed": 1, "current": 2}
 # What the bf16 bias + GELU moves per [tokens, 4H] element (assumed inside the measured rest):
 # forward read y + write h, backward read dh and y + write g, bias-gradient sum read g.
@@ -110,8 +111,8 @@ def ffn_elements(config: BertConfig, tokens: int) -> int:
 
 def cast_passes(report: list[dict], scaling: str, fp8: str, prologue: str = "-") -> list[dict]:
     """The AOT report's rows of what casting a bf16 element costs under `scaling`: the cast pass
-    writing both layouts, plus the amax pass under current scaling (under delayed scaling it reads
-    nothing once the amax history holds a step). `prologue` "gelu" / "gelu_grad": the casts with
+    writing both layouts, plus the amax pass under current scaling (under delayed scaling a
+    primed state's casts run none). `prologue` "gelu" / "gelu_grad": the casts with
     the FFN's bias + GELU (its gradient) fused in, which read y (dh and y)."""
     rows = {row_key(r): r for r in report}
     keys = [("cast", "bf16", fp8, scaling, "both", prologue)]

@@ -13,7 +13,7 @@ The `prologue` column: "-" casts x itself; "gelu" casts gelu(y + b) (PROLOGUE 1,
 activation for ffn_out, e4m3) and "gelu_grad" casts dh * gelu'(y + b) while summing the bias
 gradient (PROLOGUE 2, ffn_in's output gradient, e5m2), both in bf16, both layouts, exact (erf)
 GELU, as bert_fast/ops/fp8_ffn.py launches them; with their amax passes under current scaling
-(under delayed scaling the amax pass returns at once once the history holds a step).
+(under delayed scaling a primed state's casts run none: the delayed rows are those casts).
 
 Per row: `instructions_per_iteration`, the SASS of the loop over tiles (one thread's share of a
 tile); `instructions_per_element` = that x threads / tile elements; `bytes_per_element`, what the

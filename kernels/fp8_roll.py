@@ -4,10 +4,10 @@ role's scale follows from its history's maximum, and the state's roll count move
 to 2).
 
 Why a kernel: every training forward rolls every FP8 GEMM's state (4 per encoder layer, 96 in
-BERT-large) before it runs, and the eager ops of one roll are 17 CUDA kernels (cat, two copies,
+BERT-large) before it runs, and the eager ops of one roll were 17 CUDA kernels (cat, two copies,
 the zero, the amax, six for isfinite and the masks, the division, the clamp, two wheres and their
-fills): 1632 launches a forward, more than the rest of the FP8 step launches, replayed as such by
-a CUDA graph captured from it. This is one launch per state, one warp.
+fills; 21 with the roll count's): 1632 launches a forward, more than the rest of the FP8 step
+launches, replayed as such by a CUDA graph captured from it. This is one launch per state, one warp.
 
 Numerics are those of the eager ops, bit for bit (tests/test_fp8_roll.py): the maximum keeps NaN
 as `amax` does; scale = fp8_max / amax (IEEE division, `div_rn`, as tensor / tensor rounds) clamped
@@ -17,10 +17,12 @@ two rolls: the first forward, with nothing recorded before it, scales currently,
 pass kernels/fp8_cast.py runs before a cast whose scale is 0), and 1 after (Transformer Engine's
 initial scale). So from the second training forward on every scale is positive, and the casts
 need no amax pass: the host knows it from its own count of the rolls, without reading the device
-(bert_fast/ops/fp8_state.py `Fp8State.primed`).
+(bert_fast/ops/fp8_state.py `Fp8State.primed`). What this costs: a role whose first recorded step
+had no finite amax (an fp16 overflow on step 1) scales by 1 on step 2 rather than currently; an
+e5m2 gradient at scale 1 keeps fp16's normal range, e4m3 saturates past 448 for that step.
 
 Launches: eagerly `kernel[grid]`; under torch.compile / export inside the `bert_fast::fp8_roll`
-triton_op (it mutates the three buffers), so fullgraph traces have no break.
+triton_op (it mutates the four buffers), so fullgraph traces have no break.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ from bert_fast.kernels.launch import traced as _traced
 from bert_fast.kernels.launch import traced_body
 
 _FLOAT32_MAX = 3.4028234663852886e38
+# The roll count at which a state is primed: its history has taken in a step that could record, and
+# an empty history scales by 1 (the count stops there).
+PRIMED = 2
 
 
 @triton.jit
@@ -43,8 +48,9 @@ def _fp8_roll_kernel(
     AmaxNow,  # [ROLES] float32: the step's amaxes, zeroed
     Scale,  # [ROLES] float32 out
     FormatMax,  # [ROLES] float32: each role's fp8_max
-    Rolls,  # [1] float32: the rolls so far, counted up to 2 (in and out)
+    Rolls,  # [1] float32: the rolls so far, counted up to PRIMED (in and out)
     ROLES: tl.constexpr, LENGTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    PRIMED: tl.constexpr,
 ):
     r = tl.arange(0, BLOCK_R)[:, None]
     c = tl.arange(0, BLOCK_L)[None, :]
@@ -64,17 +70,17 @@ def _fp8_roll_kernel(
     top = tl.load(FormatMax + rows, mask=rows < ROLES, other=1.0)
     ok = (amax > 0) & (amax < float("inf"))
     scale = tl.minimum(tl.math.div_rn(top, tl.where(ok, amax, 1.0)), 3.4028234663852886e38)
-    rolls = tl.load(Rolls)
-    empty = tl.where(rolls >= 1.0, 1.0, 0.0)  # this roll brings in a step that could record
+    rolls = tl.minimum(tl.load(Rolls) + 1.0, PRIMED)  # this roll's count
+    empty = tl.where(rolls >= PRIMED, 1.0, 0.0)
     tl.store(Scale + rows, tl.where(ok, scale, empty), mask=rows < ROLES)
-    tl.store(Rolls, tl.minimum(rolls + 1.0, 2.0))
+    tl.store(Rolls, rolls)
 
 
 def _roll(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.Tensor, format_max: torch.Tensor,
           rolls: torch.Tensor, traced: bool) -> None:
     roles, length = history.shape
     _launch(_fp8_roll_kernel, (1,), traced)(
-        history, amax_now, scale, format_max, rolls, ROLES=roles, LENGTH=length,
+        history, amax_now, scale, format_max, rolls, ROLES=roles, LENGTH=length, PRIMED=PRIMED,
         BLOCK_R=triton.next_power_of_2(roles), BLOCK_L=triton.next_power_of_2(length), num_warps=1)
 
 
@@ -88,8 +94,8 @@ def roll(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.Tensor,
          format_max: torch.Tensor, rolls: torch.Tensor) -> None:
     """In place: history [R, L] <- [amax_now, history[:, :-1]] per row, amax_now [R] <- 0, scale [R]
     <- format_max / max(history row) (clamped to the float32 max; where that maximum is 0 or not
-    finite: 0 while `rolls` [1] was 0 before this roll, else 1), rolls <- min(rolls + 1, 2). All
-    contiguous float32 on one device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
+    finite: 1 once primed, else 0), rolls [1] <- min(rolls + 1, PRIMED) first. All contiguous
+    float32 on one device (CUDA, or the CPU under TRITON_INTERPRET=1)."""
     if not isinstance(history, torch.Tensor) or history.dim() != 2 or history.shape[1] < 1:
         raise ValueError(f"history must be a 2-D tensor [roles, length >= 1], got "
                          f"{tuple(getattr(history, 'shape', ()))}")
@@ -114,15 +120,21 @@ def roll_reference(history: torch.Tensor, amax_now: torch.Tensor, scale: torch.T
     """`roll` in eager PyTorch: the CPU's path (`Fp8State.roll`) and the test oracle."""
     history.copy_(torch.cat([amax_now[:, None], history[:, :-1]], dim=1))
     amax_now.zero_()
-    scale.copy_(scales_of(history, format_max, rolls.ge(1.0)))
-    rolls.copy_((rolls + 1.0).clamp(max=2.0))
+    rolls.copy_((rolls + 1.0).clamp(max=PRIMED))
+    scale.copy_(scales_of(history, format_max, rolls))
 
 
-def scales_of(history: torch.Tensor, format_max: torch.Tensor, primed: torch.Tensor) -> torch.Tensor:
-    """format_max / max(history row) per row, clamped to the float32 max; where that maximum is 0 or
-    not finite (an empty history), 1 if `primed` (a bool tensor: the history has taken in a step
-    that could record), else 0: the scales `roll` writes, in eager PyTorch."""
-    amax = history.amax(dim=1)
+def scales_of(history: torch.Tensor, format_max: torch.Tensor, rolls: torch.Tensor) -> torch.Tensor:
+    """The scales `roll` writes, in eager PyTorch, from a history and the count after the roll:
+    per row scale_from_amax(max(row), its format_max, empty= 1 once primed, else 0)."""
+    return scale_from_amax(history.amax(dim=1), format_max, rolls.ge(PRIMED).float())
+
+
+def scale_from_amax(amax: torch.Tensor, top: float | torch.Tensor,
+                    empty: float | torch.Tensor) -> torch.Tensor:
+    """top / amax (float32, as torch rounds the division) clamped to the float32 max, and `empty`
+    where amax is 0 or not finite: delayed scaling's scale from a history's maximum, and current
+    scaling's (empty 1) from a tensor's amax (bert_fast/ops/fp8_state.py)."""
     ok = (amax > 0) & torch.isfinite(amax)
-    new = (format_max / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
-    return torch.where(ok, new, primed.float())
+    scale = (top / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
+    return torch.where(ok, scale, empty)

@@ -17,7 +17,8 @@ LENGTHS = (16, 20)
 
 def _spec(length: int) -> aot.AotSpec:
     signature = dict.fromkeys(("History", "AmaxNow", "Scale", "FormatMax", "Rolls"), "*fp32")
-    constexprs = dict(ROLES=ROLES, LENGTH=length, BLOCK_R=4, BLOCK_L=1 << (length - 1).bit_length())
+    constexprs = dict(ROLES=ROLES, LENGTH=length, PRIMED=fp8_roll.PRIMED, BLOCK_R=4,
+                      BLOCK_L=1 << (length - 1).bit_length())
     return aot.AotSpec(fp8_roll._fp8_roll_kernel, signature, constexprs, num_warps=1, num_stages=1)
 
 

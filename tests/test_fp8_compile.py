@@ -73,6 +73,7 @@ from test_compile import tiny, traced_graphs
 
 model = tiny("torch")
 fp8.enable(model, fp8.Fp8Recipe({scaling!r}))
+fp8.set_host_rolls(fp8.states_of(model), [5] * len(fp8.states_of(model)))  # primed, as after eager steps
 graphs = traced_graphs(model, min_cut_rematerialization_partition, keep_inference_input_mutations=True)
 for name, code in graphs.items():
     kernels = [kernel_side_table.get_kernel(int(i)).fn.__name__ for i in re.findall(r"kernel_idx = (\\d+)", code)]
@@ -97,7 +98,9 @@ def traces(folder, threads) -> dict[str, str]:
 def test_the_fused_casts_trace_into_the_graphs(scaling, traces):
     """As on CUDA: per layer the forward casts x and W (2 GEMMs' worth of launches each), the
     backward dY, all through the bert_fast::fp8_cast triton_op (which mutates amax_now); under
-    delayed scaling the forward first rolls each GEMM's state (bert_fast::fp8_roll); no read."""
+    delayed scaling the forward first rolls each GEMM's state (bert_fast::fp8_roll); no read. The
+    states are primed on the host, yet every cast keeps its amax pass: a compiled step never
+    reads the host's count (Dynamo would guard on it and recompile as it moved)."""
     out = traces[scaling]
     graphs = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["forward"],
                                                                                                   ["backward"])}

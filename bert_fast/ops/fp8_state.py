@@ -16,6 +16,7 @@ Scaling (`precision.fp8_scaling`), per tensor role (input, weight, gradient) and
   finite) scales by 1, Transformer Engine's initial scale. So from then on every scale is known
   before its cast, and the casts skip the amax pass (kernels/fp8_cast.py) that current scaling
   needs: the host knows it by counting the rolls (`Fp8State.primed`), without reading the device.
+  (What scale 1 costs: kernels/fp8_roll.py.)
   The history, scales and roll count are module buffers (`*.fp8.<gemm>.amax_history`,
   `.amax_now`, `.scale`, `.rolls`, float32 whatever the model's dtype), so DeepSpeed's
   checkpoints save and restore them and a resumed run is bit-exact.
@@ -48,7 +49,6 @@ EMULATE_ENV = "BERT_FAST_FP8_EMULATE"  # test-only: lets a training run use FP8 
 _INPUT, _WEIGHT, _GRAD = 0, 1, 2  # rows of an Fp8State's buffers
 # The four encoder GEMMs of a layer that run in FP8 (BertLayer's Linear children of these names).
 GEMMS = ("qkv", "attn_out", "ffn_in", "ffn_out")
-_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 # The weights' generation: every optimizer step (a global torch.optim hook: DeepSpeed writes the
@@ -122,14 +122,15 @@ class Fp8State(nn.Module):
     """One FP8 GEMM's recipe and, under delayed scaling, its scaling state in float32 buffers
     (rows: input, weight, gradient): `amax_history` [3, L] of past steps (newest first),
     `amax_now` [3] of this step so far, `scale` [3] from the history (0 while it is empty and
-    the state not primed, see `primed`), `rolls` [1] the rolls so far, counted up to 2; and the
-    delayed casts' arrival ticket (kernels/fp8_cast.py: int32, 0 between casts)."""
+    the state not primed, see `primed`), `rolls` [1] the rolls so far, counted up to
+    kernels/fp8_roll.py's PRIMED; and the delayed casts' arrival ticket (kernels/fp8_cast.py:
+    int32, 0 between casts)."""
 
     def __init__(self, recipe: Fp8Recipe):
         super().__init__()
         self.recipe = recipe
         self._cached_weight = None  # bert_fast/ops/fp8.py `_cast_weight`'s
-        self._host_rolls = 0  # `rolls` as the host counts it (`primed`)
+        self._host_rolls = 0  # the rolls the host has seen (`primed`), not capped as `rolls` is
         if recipe.scaling == "delayed":
             self.register_buffer("amax_history", torch.zeros(3, recipe.amax_history))
             self.register_buffer("amax_now", torch.zeros(3))
@@ -148,13 +149,15 @@ class Fp8State(nn.Module):
 
     @property
     def primed(self) -> bool:
-        """Whether every scale is positive (rolled twice: the history has taken in a step that
-        could record), so the casts need no amax pass. Counted on the host, never read from the
-        device; a forward compiled by torch.compile counts nothing (its casts keep the amax pass,
-        and reading the count would make Dynamo guard on it), nor does a replayed CUDA graph
+        """Whether every scale is positive (rolled PRIMED times: the history has taken in a step
+        that could record), so the casts need no amax pass. Counted on the host, never read from
+        the device; a forward compiled by torch.compile counts nothing (its casts keep the amax
+        pass, and reading the count would make Dynamo guard on it), nor does a replayed CUDA graph
         (bert_fast/train/cuda_graphs.py counts its replays with `count_rolls`). Behind the device
         at worst, never ahead: where it is behind, an amax pass runs that reads nothing."""
-        return self.delayed and self._host_rolls >= 2
+        from bert_fast.kernels.fp8_roll import PRIMED
+
+        return self.delayed and self._host_rolls >= PRIMED
 
     @property
     def dtypes(self) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -176,9 +179,11 @@ class Fp8State(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args,
                                       **kwargs)
         if self.delayed:
-            if prefix + "rolls" in missing_keys:  # saved before the count existed: it keeps its own
+            if prefix + "rolls" in missing_keys:  # saved before the count existed: count afresh
                 missing_keys.remove(prefix + "rolls")
+                self.rolls.zero_()  # (its loaded scales may be 0: never count past them)
             self._host_rolls = int(self.rolls.item())  # a load may read the device
+            self.ticket.zero_()  # whatever happened to the last cast, the next one counts from 0
 
     @torch.no_grad()
     def roll(self) -> None:
@@ -191,12 +196,12 @@ class Fp8State(nn.Module):
         run = fp8_roll.roll if _use_kernels(self.amax_now.device) else fp8_roll.roll_reference
         run(self.amax_history, self.amax_now, self.scale, self.format_max, self.rolls)
         if not torch.compiler.is_compiling():
-            self._host_rolls = min(self._host_rolls + 1, 2)
+            self._host_rolls += 1
 
     def _update_scale(self) -> None:
         from bert_fast.kernels import fp8_roll
 
-        self.scale.copy_(fp8_roll.scales_of(self.amax_history, self.format_max, self.rolls.ge(2.0)))
+        self.scale.copy_(fp8_roll.scales_of(self.amax_history, self.format_max, self.rolls))
 
     @torch.no_grad()
     def record(self, role: int, amax: torch.Tensor) -> None:
@@ -213,9 +218,9 @@ def fp8_max(dtype: torch.dtype) -> float:
 def _scale_from_amax(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """fp8_max / amax (float32, finite), 1 where amax is 0 or not finite: current scaling's scale
     (a delayed state's from its history: kernels/fp8_roll.py `scales_of`)."""
-    ok = (amax > 0) & torch.isfinite(amax)
-    scale = (fp8_max(dtype) / torch.where(ok, amax, torch.ones_like(amax))).clamp(max=_FLOAT32_MAX)
-    return torch.where(ok, scale, torch.ones_like(scale))
+    from bert_fast.kernels.fp8_roll import scale_from_amax
+
+    return scale_from_amax(amax, fp8_max(dtype), 1.0)
 
 
 def enable(model: nn.Module, recipe: Fp8Recipe) -> list[Fp8State]:
@@ -280,15 +285,17 @@ def set_host_rolls(states: list[Fp8State], counts: list[int]) -> None:
 def primed_after_roll(states: list[Fp8State]) -> bool:
     """Whether a training forward's casts would skip their amax passes (`Fp8State.primed`) after
     its roll: a CUDA graph records the decision (bert_fast/train/cuda_graphs.py keys on it)."""
+    from bert_fast.kernels.fp8_roll import PRIMED
+
     delayed = [s for s in states if s.delayed]
-    return bool(delayed) and all(s._host_rolls >= 1 for s in delayed)
+    return bool(delayed) and all(s._host_rolls + 1 >= PRIMED for s in delayed)
 
 
 def count_rolls(states: list[Fp8State]) -> None:
     """A roll ran on the device that the host did not see (a replayed CUDA graph's): counts it."""
     for s in states:
         if s.delayed:
-            s._host_rolls = min(s._host_rolls + 1, 2)
+            s._host_rolls += 1
 
 
 @torch.no_grad()

@@ -94,7 +94,7 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             outputs = self._run(inputs, batch["max_seqlen"])
-        rolled = fp8.host_rolls(self.fp8_states) != counts  # whether each replay must count a roll
+        rolled = fp8.host_rolls(self.fp8_states) != counts  # the capture rolled: so does each replay
         with torch.no_grad():  # undo the warm-up's gradients and buffer updates; capturing ran nothing
             for p, g in zip(self.params, kept):
                 p.grad.copy_(g)
