@@ -162,7 +162,12 @@ def _ours(backend: str, attention_impl: str = "auto", form: str = "padded", run:
             return dict(model=model, optimizer=optimizer, loss=lambda: graphed(inputs["packed"])["loss"],
                         graphed=True, compiled=False)
         batch = dict(inputs[form], **({"validate": False} if form == "packed" else {}))
-        forward = torch.compile(model, fullgraph=True, dynamic=False) if run == "compiled" else model
+        forward = model
+        if run == "compiled":  # as train.compile does: eager until delayed FP8 states are primed
+            from bert_fast.train.compiled import eager_until_primed
+
+            forward = eager_until_primed(model, torch.compile(model, fullgraph=True, dynamic=False),
+                                         fp8.states_of(model))
         loss = (lambda: forward(**batch).loss) if fuse_gelu else _unfused(lambda: forward(**batch).loss)
         return dict(model=model, optimizer=optimizer, loss=loss, graphed=False, compiled=run == "compiled")
 
@@ -205,10 +210,11 @@ def _hf(case, inputs):
 
 def training_step(build):
     """A provider: builds model + optimizer on its first call (kept in `inputs`, so they are freed
-    with the inputs before the next provider), runs two steps (compiling, capturing, autotuning;
-    a graphed step under delayed FP8 scaling captures again on its second step, once the scaling
-    states are primed: bert_fast/train/cuda_graphs.py) and counts the host syncs of the next; then
-    every call is one step."""
+    with the inputs before the next provider), runs three steps (compiling, capturing, autotuning;
+    under delayed FP8 scaling a graphed step captures again on its second step, once the scaling
+    states are primed, and a compiled one compiles on its third, after two eager ones:
+    bert_fast/train/cuda_graphs.py, compiled.py) and counts the host syncs of the next; then every
+    call is one step."""
 
     def step(state):
         state["optimizer"].zero_grad(set_to_none=not state["graphed"])  # a graph keeps its .grad
@@ -222,8 +228,8 @@ def training_step(build):
         state = inputs["state"]
         if not state:
             state.update(build(case, inputs))
-            step(state)
-            step(state)
+            for _ in range(3):
+                step(state)
             with SyncCounter(next(state["model"].parameters()).device, state["compiled"]) as counter:
                 step(state)
             inputs["row"]["syncs"] = "fullgraph" if counter.count is None else counter.count

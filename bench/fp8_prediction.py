@@ -69,7 +69,7 @@ TARGET_SPEEDUP = 1.3  # issue 23: fp8 >= 1.3x bf16 end to end
 TARGET_TOKENS_S = 250e3  # issue 23: real tokens/s per H200 at seq 512 (with the graphed step)
 GEMM_FRACTIONS = (0.9, 0.8, 0.7)
 # kernels/fp8_cast.py _cast: amax, cast; under delayed scaling the cast alone once the state is
-# primed (every step but the first; eager and GraphedStep runs: torch.compile keeps the amax pass),
+# primed (every step but the first; train.compile runs its first two eagerly, then compiles primed),
 # its last program finishing
 LAUNCHES_PER_CAST = {"delayed": 1, "current": 2}
 # What the bf16 bias + GELU moves per [tokens, 4H] element (assumed inside the measured rest):

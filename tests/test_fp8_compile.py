@@ -62,6 +62,32 @@ def test_the_step_is_one_graph_each_way_and_reads_nothing_back(scaling):
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-6, atol=0)
 
 
+def test_train_compile_runs_eagerly_until_the_delayed_states_are_primed():
+    """bert_fast/train/compiled.py: a graph traced before the states are primed would keep every
+    cast's amax pass (a compiled forward never counts its rolls), so the first two training
+    forwards, and evaluations before them, run eagerly; from the third on the compiled forward runs.
+    Without delayed states the compiled forward is used from the start."""
+    from bert_fast.train.compiled import eager_until_primed
+
+    model = _fp8_tiny("delayed").train()
+    calls = []
+
+    def compiled(*args, **kwargs):
+        calls.append("compiled")
+        return model.__class__.forward(model, *args, **kwargs)
+
+    forward = eager_until_primed(model.forward, compiled, fp8.states_of(model))
+    data = batch(filler=5)
+    with torch.no_grad():
+        forward(**data, validate=False)  # a training-mode forward without gradients does not roll
+    for step in range(3):
+        forward(**data, validate=False).loss.backward()
+        assert calls == ["compiled"] * (step == 2), step
+    assert all(s.primed for s in fp8.states_of(model))
+    plain = _fp8_tiny("current")
+    assert eager_until_primed(plain.forward, compiled, fp8.states_of(plain)) is compiled
+
+
 _TRACE = """
 import re, torch
 from bert_fast.ops import fp8, fp8_state
@@ -98,14 +124,15 @@ def traces(folder, threads) -> dict[str, str]:
 def test_the_fused_casts_trace_into_the_graphs(scaling, traces):
     """As on CUDA: per layer the forward casts x and W (2 GEMMs' worth of launches each), the
     backward dY, all through the bert_fast::fp8_cast triton_op (which mutates amax_now); under
-    delayed scaling the forward first rolls each GEMM's state (bert_fast::fp8_roll); no read. The
-    states are primed on the host, yet every cast keeps its amax pass: a compiled step never
-    reads the host's count (Dynamo would guard on it and recompile as it moved)."""
+    delayed scaling the forward first rolls each GEMM's state (bert_fast::fp8_roll), and the states
+    are primed on the host (as bert_fast/train/compiled.py compiles them): its casts run no amax
+    pass; no read."""
     out = traces[scaling]
     graphs = {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.split()[:1] in (["forward"],
                                                                                                   ["backward"])}
     gemms = 4 * tiny("torch").config.num_hidden_layers
-    per_cast = ["_fp8_amax_kernel", "_fp8_cast_kernel"]  # delayed scaling's finish: in the cast's last program
+    # Delayed scaling's finish: in the cast's last program.
+    per_cast = ["_fp8_cast_kernel"] if scaling == "delayed" else ["_fp8_amax_kernel", "_fp8_cast_kernel"]
     rolls = gemms if scaling == "delayed" else 0
     for name, casts, rolled in (("forward", 2 * gemms, rolls), ("backward", gemms, 0)):
         syncs, *kernels = graphs[name]

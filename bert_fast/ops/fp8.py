@@ -164,9 +164,9 @@ def cast(t: torch.Tensor, dtype: torch.dtype, state: Fp8State | None, role: int,
 
         delayed = state is not None and state.delayed
         rows, cols = (_round16(n) for n in t.shape) if _pads(t.device) else t.shape
-        # A primed state's scales are all positive: no amax pass (not under torch.compile, where
-        # reading the host's count would make Dynamo guard on it).
-        scaled = delayed and not torch.compiler.is_compiling() and state.primed
+        # A primed state's scales are all positive: no amax pass. (Under torch.compile a guard on
+        # the bool, which flips once: bert_fast/train/compiled.py compiles once primed.)
+        scaled = delayed and state.primed
         layout = dict(scale=state.scale if delayed else None,
                       amax_now=state.amax_now if delayed and record else None,
                       ticket=state.ticket if delayed else None, scaled=scaled, slot=role, rows=rows,

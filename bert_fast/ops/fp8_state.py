@@ -130,7 +130,8 @@ class Fp8State(nn.Module):
         super().__init__()
         self.recipe = recipe
         self._cached_weight = None  # bert_fast/ops/fp8.py `_cast_weight`'s
-        self._host_rolls = 0  # the rolls the host has seen (`primed`), not capped as `rolls` is
+        self._host_rolls = 0  # the rolls the host has seen, not capped as `rolls` is
+        self._primed = False  # `primed`: a bool, so a compiled graph's guard on it never fails again
         if recipe.scaling == "delayed":
             self.register_buffer("amax_history", torch.zeros(3, recipe.amax_history))
             self.register_buffer("amax_now", torch.zeros(3))
@@ -151,13 +152,20 @@ class Fp8State(nn.Module):
     def primed(self) -> bool:
         """Whether every scale is positive (rolled PRIMED times: the history has taken in a step
         that could record), so the casts need no amax pass. Counted on the host, never read from
-        the device; a forward compiled by torch.compile counts nothing (its casts keep the amax
-        pass, and reading the count would make Dynamo guard on it), nor does a replayed CUDA graph
-        (bert_fast/train/cuda_graphs.py counts its replays with `count_rolls`). Behind the device
-        at worst, never ahead: where it is behind, an amax pass runs that reads nothing."""
+        the device. Neither a compiled forward nor a replayed CUDA graph counts its roll (a graph
+        runs no Python; a count traced by Dynamo would be guarded on and recompile at every step):
+        torch.compile records the value it traces with (bert_fast/train/compiled.py runs the first
+        forwards eagerly until the states are primed, then compiles), and
+        bert_fast/train/cuda_graphs.py counts its replays with `count_rolls`. Behind the device at
+        worst, never ahead: where it is behind, an amax pass runs that reads nothing."""
+        return self.delayed and self._primed
+
+    def _count_roll(self, count: int | None = None) -> None:
+        """The host's count of the rolls: one more, or `count`."""
         from bert_fast.kernels.fp8_roll import PRIMED
 
-        return self.delayed and self._host_rolls >= PRIMED
+        self._host_rolls = self._host_rolls + 1 if count is None else count
+        self._primed = self._host_rolls >= PRIMED
 
     @property
     def dtypes(self) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -182,7 +190,7 @@ class Fp8State(nn.Module):
             if prefix + "rolls" in missing_keys:  # saved before the count existed: count afresh
                 missing_keys.remove(prefix + "rolls")
                 self.rolls.zero_()  # (its loaded scales may be 0: never count past them)
-            self._host_rolls = int(self.rolls.item())  # a load may read the device
+            self._count_roll(int(self.rolls.item()))  # a load may read the device
             self.ticket.zero_()  # whatever happened to the last cast, the next one counts from 0
 
     @torch.no_grad()
@@ -196,7 +204,7 @@ class Fp8State(nn.Module):
         run = fp8_roll.roll if _use_kernels(self.amax_now.device) else fp8_roll.roll_reference
         run(self.amax_history, self.amax_now, self.scale, self.format_max, self.rolls)
         if not torch.compiler.is_compiling():
-            self._host_rolls += 1
+            self._count_roll()
 
     def _update_scale(self) -> None:
         from bert_fast.kernels import fp8_roll
@@ -279,7 +287,7 @@ def host_rolls(states: list[Fp8State]) -> list[int]:
 
 def set_host_rolls(states: list[Fp8State], counts: list[int]) -> None:
     for s, count in zip(states, counts, strict=True):
-        s._host_rolls = count
+        s._count_roll(count)
 
 
 def primed_after_roll(states: list[Fp8State]) -> bool:
@@ -295,7 +303,7 @@ def count_rolls(states: list[Fp8State]) -> None:
     """A roll ran on the device that the host did not see (a replayed CUDA graph's): counts it."""
     for s in states:
         if s.delayed:
-            s._host_rolls += 1
+            s._count_roll()
 
 
 @torch.no_grad()

@@ -13,20 +13,25 @@ around the graphs, so gradient reduction must not happen inside the backward: Ze
 (which reduce and partition gradients during it) are refused, as are the CPU and fp16's loss
 scaler (the scaler reads the loss). precision.fp8 graphs: its casts and scaling-state updates are
 device ops on module buffers, and the amax all-reduce runs eagerly after each backward, outside the
-graphs (bert_fast/ops/fp8.py, tests/test_fp8_graphs.py). bert_fast/train/cuda_graphs.py captures
-the eager model directly; bench/e2e.py compares the two.
+graphs (bert_fast/ops/fp8.py, tests/test_fp8_graphs.py). Under delayed scaling the casts drop their
+amax pass once the states are primed (bert_fast/ops/fp8_state.py), which the host decides and a
+graph records: the training forwards run eagerly until then (the first two), and the model
+compiles primed. bert_fast/train/cuda_graphs.py captures the eager model directly; bench/e2e.py
+compares the two.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
+from bert_fast.ops import fp8
 from bert_fast.train.config import model_config
 from bert_fast.train.recipe import Recipe
 
-__all__ = ["check_compile", "compile_model"]
+__all__ = ["check_compile", "compile_model", "eager_until_primed"]
 
 
 def check_compile(recipe: Recipe, device: torch.device) -> None:
@@ -68,5 +73,22 @@ def compile_model(module: torch.nn.Module, recipe: Recipe) -> None:
     if not (t.compile or t.cuda_graphs):
         return
     _allow_recompiles(4 * recipe.data.buckets + 4)
-    module.forward = torch.compile(module.forward, fullgraph=True, dynamic=False,
-                                   mode="reduce-overhead" if t.cuda_graphs else None)
+    compiled = torch.compile(module.forward, fullgraph=True, dynamic=False,
+                             mode="reduce-overhead" if t.cuda_graphs else None)
+    module.forward = eager_until_primed(module.forward, compiled, fp8.states_of(module))
+
+
+def eager_until_primed(eager, compiled, states: list):
+    """`compiled`, but `eager` while a delayed FP8 state is not primed: a graph traced then would
+    keep every cast's amax pass for good (the host decides it, and a compiled forward never counts
+    its rolls), and one traced on the next forward would be traced again once primed. Without
+    delayed FP8 states, `compiled` itself."""
+    delayed = [s for s in states if s.delayed]
+    if not delayed:
+        return compiled
+
+    @functools.wraps(eager)
+    def forward(*args, **kwargs):
+        return compiled(*args, **kwargs) if all(s.primed for s in delayed) else eager(*args, **kwargs)
+
+    return forward
