@@ -47,15 +47,33 @@ def _fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 
 
+def _spy_on_captured_casts(monkeypatch, m) -> dict[bool, set]:
+    """The names of the FP8 cast kernels launched while a CUDA graph is being captured, by whether
+    the model's states were primed then (kernels/fp8_cast.py's launches, through its `_launch`)."""
+    from bert_fast.kernels import fp8_cast
+
+    seen, launch, states = {False: set(), True: set()}, fp8_cast._launch, fp8.states_of(m)
+
+    def spy(kernel, grid, traced=False):
+        if torch.cuda.is_current_stream_capturing():
+            fn = getattr(kernel, "fn", kernel)
+            seen[all(s.primed for s in states)].add(fn.__name__)
+        return launch(kernel, grid, traced)
+
+    monkeypatch.setattr(fp8_cast, "_launch", spy)
+    return seen
+
+
 @pytest.mark.parametrize("dtype, fp8_scaling", [
     (torch.float32, None), (torch.bfloat16, None),
     pytest.param(torch.bfloat16, "delayed", marks=pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 GEMMs")),
     pytest.param(torch.bfloat16, "current", marks=pytest.mark.skipif(not _fp8_gpu(), reason="needs FP8 GEMMs"))],
     ids=["fp32", "bf16", "bf16-fp8-delayed", "bf16-fp8-current"])
-def test_graphed_steps_equal_eager_steps(dtype, fp8_scaling):
+def test_graphed_steps_equal_eager_steps(dtype, fp8_scaling, monkeypatch):
     eager, graphed = model(dtype, fp8_scaling), model(dtype, fp8_scaling)
     data = batches(eager.config)
     step = GraphedStep(graphed, warmup=2)
+    captured = _spy_on_captured_casts(monkeypatch, graphed)
     optimizers = [FusedLAMB(m.parameters(), lr=1e-3) for m in (eager, graphed)]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     first = _weight_amaxes(graphed) if fp8_scaling == "delayed" else {}
@@ -87,6 +105,9 @@ def test_graphed_steps_equal_eager_steps(dtype, fp8_scaling):
     assert len(step.graphs) == (3 if fp8_scaling == "delayed" else 2)
     if fp8_scaling == "delayed":
         assert all(s.primed for s in fp8.states_of(graphed)) and fp8.primed_after_roll(fp8.states_of(graphed))
+        # What the graphs recorded: amax passes in the unprimed capture only.
+        assert "_fp8_amax_kernel" in captured[False] and "_fp8_cast_kernel" in captured[True]
+        assert "_fp8_amax_kernel" not in captured[True], captured[True]
     assert all(s._cached_weight is None for s in fp8.states_of(graphed))  # the warm-ups' casts freed
     if first:  # the check above could tell a stale cast: the weights' amaxes did move
         assert any(not torch.equal(first[k][0], now) for k, (now, _) in _weight_amaxes(graphed).items())
