@@ -160,12 +160,12 @@ class Fp8State(nn.Module):
         worst, never ahead: where it is behind, an amax pass runs that reads nothing."""
         return self.delayed and self._primed
 
-    def _count_roll(self, count: int | None = None) -> None:
-        """The host's count of the rolls: one more, or `count`."""
+    def _set_host_rolls(self, count: int) -> None:
+        """The host's count of the rolls, and `primed` with it."""
         from bert_fast.kernels.fp8_roll import PRIMED
 
-        self._host_rolls = self._host_rolls + 1 if count is None else count
-        self._primed = self._host_rolls >= PRIMED
+        self._host_rolls = count
+        self._primed = count >= PRIMED
 
     @property
     def dtypes(self) -> tuple[torch.dtype, torch.dtype, torch.dtype]:
@@ -190,7 +190,7 @@ class Fp8State(nn.Module):
             if prefix + "rolls" in missing_keys:  # saved before the count existed: count afresh
                 missing_keys.remove(prefix + "rolls")
                 self.rolls.zero_()  # (its loaded scales may be 0: never count past them)
-            self._count_roll(int(self.rolls.item()))  # a load may read the device
+            self._set_host_rolls(int(self.rolls.item()))  # a load may read the device
             self.ticket.zero_()  # whatever happened to the last cast, the next one counts from 0
 
     @torch.no_grad()
@@ -204,7 +204,7 @@ class Fp8State(nn.Module):
         run = fp8_roll.roll if _use_kernels(self.amax_now.device) else fp8_roll.roll_reference
         run(self.amax_history, self.amax_now, self.scale, self.format_max, self.rolls)
         if not torch.compiler.is_compiling():
-            self._count_roll()
+            self._set_host_rolls(self._host_rolls + 1)
 
     def _update_scale(self) -> None:
         from bert_fast.kernels import fp8_roll
@@ -287,7 +287,7 @@ def host_rolls(states: list[Fp8State]) -> list[int]:
 
 def set_host_rolls(states: list[Fp8State], counts: list[int]) -> None:
     for s, count in zip(states, counts, strict=True):
-        s._count_roll(count)
+        s._set_host_rolls(count)
 
 
 def primed_after_roll(states: list[Fp8State]) -> bool:
@@ -303,7 +303,7 @@ def count_rolls(states: list[Fp8State]) -> None:
     """A roll ran on the device that the host did not see (a replayed CUDA graph's): counts it."""
     for s in states:
         if s.delayed:
-            s._count_roll()
+            s._set_host_rolls(s._host_rolls + 1)
 
 
 @torch.no_grad()
