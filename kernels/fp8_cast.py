@@ -291,7 +291,7 @@ def _fp8_cast_kernel(
     DBias,  # [cdiv(out_rows, BLOCK_M), out_cols] float32 out (PROLOGUE 2): per row block, column sums
     Q,  # [out_rows, out_cols] fp8 (uint8 under the interpreter), row-major (ROWWISE)
     QT,  # [out_cols, out_rows] the transposed copy (TRANSPOSE)
-    Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (DELAYED); <= 0: `_delayed_scale`
+    Scale,  # [slot + 1] float32: Scale[slot] is the delayed scale (DELAYED); <= 0: current from AmaxIn
     AmaxIn,  # [n_amax_in] float32 partials of the amax pass (unread under SCALED)
     Partial,  # [programs] float32 out: each program's amax, NaN kept (DELAYED)
     Ticket,  # [1] int32, 0 at launch and put back to 0 at the end: programs done (DELAYED)
@@ -428,8 +428,7 @@ def _cast(x: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor | None, amax_
         partial_in, partial, ticket if delayed else partial, amax_now if record else partial, inv, amax,
         n_rows, n_cols, rows, cols, x.stride(0), 0 if scaled else n_amax, slot,
         FP8_MAX=top, MANT=mant, BIAS=exp_bias, SOFT=soft, DELAYED=delayed, SCALED=scaled, RECORD=record,
-        ROWWISE=rowwise,
-        TRANSPOSE=transpose, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=block_p,
+        ROWWISE=rowwise, TRANSPOSE=transpose, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_P=block_p,
         BLOCK_F=triton.next_power_of_2(n_cast), num_warps=NUM_WARPS, **prologue_flags)
     if prologue == 2:  # the row blocks' column sums, added in a fixed order: deterministic
         dbias = dbias.sum(0)
